@@ -1,0 +1,3 @@
+from ncfast.cli import main
+
+main(prog_name="ncfast")

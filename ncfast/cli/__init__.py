@@ -1,0 +1,16 @@
+"""The ``ncfast`` command line: a thin layer over the library (each command in its own module)."""
+
+from __future__ import annotations
+
+import click
+
+from ncfast import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ncfast")
+def main() -> None:
+    """Measure Neural Collapse exactly and fast (Han, Papyan & Donoho, ICLR 2022)."""
+
+
+# Subcommands register themselves here, one import per module.

@@ -1,0 +1,155 @@
+"""Neural Collapse metrics (SPEC §2–§4) from streamed :class:`~ncfast.stats.ClassStats`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ncfast import ops
+from ncfast.stats import ClassStats
+
+DEFAULT_RTOL = 1e-10
+
+
+def mse_lambda(sgd_weight_decay: float, num_classes: int) -> float:
+    """λ of seed Eq. 3 for a training loss ``MSELoss()`` (mean over B×C entries) with SGD weight
+    decay ``wd`` on every parameter: the objective is (2/C)·L(W̃) when λ = C·wd/2 (SPEC §3).
+    """
+    return num_classes * sgd_weight_decay / 2.0
+
+
+def _require_two_classes(stats: ClassStats, where: str) -> None:
+    if not isinstance(stats, ClassStats):
+        raise TypeError(f"{where}: stats must be a ClassStats, got {type(stats).__name__}")
+    present = stats.classes_present
+    if present < 2:
+        raise ValueError(
+            f"{where}: needs at least two classes with samples; {present} of "
+            f"{stats.num_classes} classes were seen ({stats.num_samples} samples)"
+        )
+
+
+def _check_classifier(stats: ClassStats, weight, bias, where: str):
+    c, p = stats.num_classes, stats.dim
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{where}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.shape != (c, p):
+        raise ValueError(
+            f"{where}: weight must have shape [num_classes, dim] = [{c}, {p}], "
+            f"got {list(weight.shape)}"
+        )
+    if bias is None:
+        bias = weight.new_zeros(c)
+    if not isinstance(bias, torch.Tensor) or bias.shape != (c,):
+        raise ValueError(
+            f"{where}: bias must be a tensor of shape [{c}] or None, "
+            f"got {list(getattr(bias, 'shape', [])) or type(bias).__name__}"
+        )
+    weight = weight.detach().to(stats.device, torch.float64)
+    bias = bias.detach().to(stats.device, torch.float64)
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise ValueError(f"{where}: weight or bias contains NaN/inf")
+    return weight, bias
+
+
+def _check_lambda(weight_decay: float, where: str) -> float:
+    lam = float(weight_decay)
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"{where}: weight_decay (λ of SPEC §3) must be ≥ 0, got {weight_decay!r}")
+    return lam
+
+
+def _means_and_priors(stats: ClassStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means with zero rows for absent classes (they carry prior 0), and priors."""
+    means = torch.nan_to_num(stats.class_means, nan=0.0)
+    return means, stats.priors
+
+
+def least_squares_classifier(
+    stats: ClassStats, weight_decay: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_LS ``[C, P]``, b_LS ``[C]``) minimising seed Eq. 3 with λ = ``weight_decay`` (SPEC §3).
+
+    Rows of absent classes are zero (their target is always 0). With λ = 0 and a singular
+    second-moment matrix, the minimum-norm minimiser.
+    """
+    _require_two_classes(stats, "least_squares_classifier")
+    lam = _check_lambda(weight_decay, "least_squares_classifier")
+    means, priors = _means_and_priors(stats)
+    return ops.least_squares(means, priors, stats.sigma_w, lam)
+
+
+def whiten(stats: ClassStats) -> torch.Tensor:
+    """Σ_W^{-1/2} ``[P, P]``: the symmetric (pseudo-)inverse square root (SPEC §4)."""
+    return ops.psd_inv_sqrt(stats.sigma_w)[0]
+
+
+def snr(stats: ClassStats) -> torch.Tensor:
+    """SNR = Σ_W^{-1/2} M̄ ``[P, C_present]`` (SPEC §4)."""
+    _require_two_classes(stats, "snr")
+    return whiten(stats) @ stats.centered_means
+
+
+def nc_metrics(
+    stats: ClassStats,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    weight_decay: float = 0.0,
+    ncc_mismatch: float | None = None,
+    rtol: float = DEFAULT_RTOL,
+) -> dict:
+    """Every SPEC §2–§4 key the inputs allow, plus ``classes_present``, ``sigma_b_rank``,
+    ``sigma_w_rank``, ``weight_decay`` (λ of Eq. 3) and ``num_samples``.
+
+    Classifier keys (``nc2_*_classifiers``, ``nc3_self_duality``, ``loss_*``) need ``weight``
+    ``[C, P]`` (``bias`` ``[C]`` defaults to zero). ``nc4_ncc_mismatch`` needs a per-sample pass:
+    pass the result of :class:`ncfast.nc4.NCCMismatch` (or use :class:`ncfast.Measurement`,
+    which does both). Scalars are Python floats; ``snr_singular_values`` is a float64 tensor.
+
+    Absent classes are left out of class-indexed quantities (C below means classes present);
+    the MSE decomposition keeps all C outputs of the classifier, as the training loss does.
+    """
+    _require_two_classes(stats, "nc_metrics")
+    lam = _check_lambda(weight_decay, "nc_metrics")
+    present = stats.present
+    c = int(present.sum())
+    mbar = stats.centered_means  # [P, C]
+    sigma_w = stats.sigma_w
+
+    out: dict = {
+        "num_samples": stats.num_samples,
+        "classes_present": c,
+        "weight_decay": lam,
+    }
+    nc1_value, sigma_b_rank = ops.nc1(sigma_w, mbar, rtol)
+    out["nc1"] = nc1_value / c
+    out["sigma_b_rank"] = sigma_b_rank
+
+    norms = mbar.norm(dim=0)
+    out["nc2_equinorm_means"] = float(norms.std() / norms.mean())
+    out["nc2_equiangular_means"], out["nc2_maxangle_means"] = ops.pairwise_cosine_stats(mbar.T)
+
+    inv_sqrt, sigma_w_rank = ops.psd_inv_sqrt(sigma_w)
+    out["sigma_w_rank"] = sigma_w_rank
+    omega = ops.snr_singular_values(inv_sqrt, mbar, rtol)
+    out["snr_singular_values"] = omega.cpu()
+    out["snr_condition"] = float(omega[0] / omega[-1]) if omega.numel() else float("nan")
+
+    if weight is not None:
+        weight, bias = _check_classifier(stats, weight, bias, "nc_metrics")
+        w_present = weight[present]
+        w_norms = w_present.norm(dim=1)
+        out["nc2_equinorm_classifiers"] = float(w_norms.std() / w_norms.mean())
+        eq, mx = ops.pairwise_cosine_stats(w_present)
+        out["nc2_equiangular_classifiers"], out["nc2_maxangle_classifiers"] = eq, mx
+        dual = w_present.T / w_present.norm() - mbar / mbar.norm()
+        out["nc3_self_duality"] = float(dual.square().sum())
+        means, priors = _means_and_priors(stats)
+        out.update(ops.mse_decomposition(weight, bias, means, priors, sigma_w, lam))
+    elif bias is not None:
+        raise ValueError("nc_metrics: bias was given without weight")
+
+    if ncc_mismatch is not None:
+        out["nc4_ncc_mismatch"] = float(ncc_mismatch)
+    return out

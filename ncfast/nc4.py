@@ -1,0 +1,137 @@
+"""NC4 (nearest-class-centre mismatch) in the same pass as the class statistics.
+
+NC4 compares each sample's classifier decision with its nearest class mean, and those means are
+only known at the end of the pass. While the features fit ``memory_budget_bytes`` they are kept,
+in their input dtype, on their own device for the duration of one measurement (never written to
+disk or host memory) and NC4 is finished from them once the means are known. Past the budget the
+buffer is dropped and :meth:`NCCMismatch.compute` asks for a second streaming pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ncfast import ops
+from ncfast.stats import ClassStats, check_batch
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes
+
+
+class NCCMismatch:
+    """Streaming NC4: ``update(features, labels)`` per batch, then ``compute(stats)``.
+
+    ``weight [C, P]`` and ``bias [C]`` are the classifier whose argmax is compared with the
+    nearest class centre; samples with invalid labels or non-finite features are ignored, as in
+    :class:`~ncfast.stats.ClassStats`.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+    ):
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(
+                "NCCMismatch: weight must be a [num_classes, dim] tensor, got "
+                f"{list(getattr(weight, 'shape', [])) or type(weight).__name__}"
+            )
+        self.num_classes, self.dim = weight.shape
+        if bias is None:
+            bias = weight.new_zeros(self.num_classes)
+        if not isinstance(bias, torch.Tensor) or bias.shape != (self.num_classes,):
+            raise ValueError(
+                f"NCCMismatch: bias must have shape [{self.num_classes}], "
+                f"got {list(getattr(bias, 'shape', [])) or type(bias).__name__}"
+            )
+        if memory_budget_bytes < 0:
+            raise ValueError(f"NCCMismatch: memory_budget_bytes must be ≥ 0, got {memory_budget_bytes}")
+        self.weight = weight.detach().to(torch.float64)
+        self.bias = bias.detach().to(weight.device, torch.float64)
+        self.memory_budget_bytes = int(memory_budget_bytes)
+        self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffered_bytes = 0
+        self.overflowed = False
+
+    @property
+    def needs_second_pass(self) -> bool:
+        """True once the features seen exceed the memory budget (known without a device sync)."""
+        return self.overflowed
+
+    def _valid(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        in_range = (labels >= 0) & (labels < self.num_classes)
+        return in_range & torch.isfinite(features).all(dim=1)
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        check_batch(features, labels, self.num_classes, self.dim, "NCCMismatch.update")
+        if self.overflowed or features.shape[0] == 0:
+            return
+        size = features.numel() * features.element_size()
+        if self._buffered_bytes + size > self.memory_budget_bytes:
+            self._batches.clear()
+            self._buffered_bytes = 0
+            self.overflowed = True
+            return
+        self._batches.append((features.detach().clone(), self._valid(features, labels)))
+        self._buffered_bytes += size
+
+    def compute(
+        self,
+        stats: ClassStats,
+        second_pass: Iterable | Callable[[], Iterable] | None = None,
+    ) -> float:
+        """Fraction of valid samples whose classifier decision differs from the nearest class
+        centre, with the means of ``stats`` (which must come from the same samples).
+
+        ``second_pass`` (needed only when :attr:`needs_second_pass`): an iterable of
+        ``(features, labels)`` batches over the same samples, or a callable returning one.
+        """
+        means = torch.nan_to_num(stats.class_means, nan=0.0)
+        present = stats.present
+        device = means.device
+        weight, bias = self.weight.to(device), self.bias.to(device)
+        if self.overflowed:
+            if second_pass is None:
+                raise ValueError(
+                    "NCCMismatch.compute: the features exceeded memory_budget_bytes="
+                    f"{self.memory_budget_bytes}, so NC4 needs a second pass: pass second_pass="
+                    "an iterable (or a callable returning one) of (features, labels) batches"
+                )
+            batches = second_pass() if callable(second_pass) else second_pass
+            pairs = (
+                (f, self._valid(f, y))
+                for f, y in _checked(batches, self.num_classes, self.dim)
+            )
+        else:
+            pairs = iter(self._batches)
+        mismatches = torch.zeros((), dtype=torch.int64, device=device)
+        total = torch.zeros((), dtype=torch.int64, device=device)
+        for features, valid in pairs:
+            features, valid = features.to(device), valid.to(device)
+            mismatches += ops.ncc_mismatch_count(features, valid, weight, bias, means, present)
+            total += valid.sum()
+        n_total = int(total)
+        if n_total != stats.num_samples:
+            raise ValueError(
+                f"NCCMismatch.compute: saw {n_total} valid samples but the statistics hold "
+                f"{stats.num_samples}; NC4 needs the means of the same samples"
+            )
+        return int(mismatches) / max(n_total, 1)
+
+    def reset(self) -> None:
+        self._batches.clear()
+        self._buffered_bytes = 0
+        self.overflowed = False
+
+
+def _checked(batches: Iterable, num_classes: int, dim: int):
+    for batch in batches:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(
+                "NCCMismatch.compute: second_pass must yield (features, labels) pairs, "
+                f"got {type(batch).__name__}"
+            )
+        check_batch(batch[0], batch[1], num_classes, dim, "NCCMismatch.compute(second_pass)")
+        yield batch

@@ -1,0 +1,299 @@
+"""Pure-torch float64 implementations of every op: the oracle and the benchmark baseline.
+
+Each function here has a native twin in ``ncfast._C`` (same arguments, same results to
+rounding). ``ncfast.ops`` chooses between them; tests compare both against float64 numpy.
+
+Accumulator state of the streamed statistics (SPEC §1), all on one device:
+
+- ``counts``  int64   [C]     samples seen per class
+- ``shift``   float64 [C, P]  per-class shift s_c: the class mean of the first batch holding class c
+- ``sums``    float64 [C, P]  d_c = Σ_{i in c} (h_i − s_c)
+- ``scatter`` float64 [P, P]  S = Σ_i (h_i − s_{y_i})(h_i − s_{y_i})ᵀ
+- ``invalid`` int64   [2]     samples dropped: [label out of range, non-finite features]
+
+Then μ_c = s_c + d_c / n_c and N Σ_W = S − Σ_c d_c d_cᵀ / n_c. Because s_c lies within the
+within-class spread of μ_c, every subtraction above involves numbers of the size of that spread,
+not of the means: this is what keeps the statistics exact near collapse (SPEC §1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+INVALID_LABEL = 0
+INVALID_NONFINITE = 1
+_WELL_CONDITIONED = 1e-8  # smallest/largest squared Cholesky pivot for a trusted solve
+
+
+def update_stats_(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    counts: torch.Tensor,
+    shift: torch.Tensor,
+    sums: torch.Tensor,
+    scatter: torch.Tensor,
+    invalid: torch.Tensor,
+) -> None:
+    """Add one batch ``features [B, P]``, ``labels [B]`` to the accumulator state, in place.
+
+    Invalid rows (label outside [0, C) or any non-finite feature) are counted in ``invalid`` and
+    contribute nothing. No host synchronisation: every decision is a device-side ``where``.
+    """
+    num_classes = counts.shape[0]
+    x = features.to(torch.float64)
+    label_ok = (labels >= 0) & (labels < num_classes)
+    finite = torch.isfinite(x).all(dim=1)
+    valid = label_ok & finite
+    invalid[INVALID_LABEL] += (~label_ok).sum()
+    invalid[INVALID_NONFINITE] += (label_ok & ~finite).sum()
+
+    y = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    x = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    batch_counts = torch.zeros_like(counts).index_add_(0, y, valid.long())
+    batch_sums = torch.zeros_like(shift).index_add_(0, y, x)
+    # A class seen for the first time takes this batch's class mean as its shift.
+    first_seen = (counts == 0) & (batch_counts > 0)
+    batch_means = batch_sums / batch_counts.clamp(min=1).to(x.dtype)[:, None]
+    shift.copy_(torch.where(first_seen[:, None], batch_means, shift))
+
+    centered = (x - shift.index_select(0, y)) * valid.to(x.dtype)[:, None]
+    sums.index_add_(0, y, centered)
+    scatter.addmm_(centered.T, centered)
+    counts += batch_counts
+
+
+def finalize_stats(
+    counts: torch.Tensor, shift: torch.Tensor, sums: torch.Tensor, scatter: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means ``[C, P]`` (zero rows for absent classes) and Σ_W ``[P, P]`` from the state."""
+    n = counts.to(torch.float64)
+    inv_n = torch.where(n > 0, 1.0 / n.clamp(min=1), torch.zeros_like(n))
+    means = torch.where((n > 0)[:, None], shift + sums * inv_n[:, None], torch.zeros_like(shift))
+    within = scatter - (sums * inv_n[:, None]).T @ sums
+    within = 0.5 * (within + within.T) / n.sum().clamp(min=1)
+    return means, within
+
+
+def reshift(
+    counts: torch.Tensor,
+    shift: torch.Tensor,
+    sums: torch.Tensor,
+    scatter: torch.Tensor,
+    new_shift: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Express ``sums`` and ``scatter`` relative to ``new_shift`` instead of ``shift``.
+
+    With δ_c = s_c − s'_c: d'_c = d_c + n_c δ_c and S' = S + Σ_c (δ_c d_cᵀ + d_c δ_cᵀ + n_c δ_c δ_cᵀ).
+    Exact when δ_c is of the size of the within-class spread (both shifts near μ_c).
+    """
+    n = counts.to(torch.float64)
+    delta = torch.where((n > 0)[:, None], shift - new_shift, torch.zeros_like(shift))
+    cross = delta.T @ sums
+    new_scatter = scatter + cross + cross.T + (delta * n[:, None]).T @ delta
+    new_sums = sums + delta * n[:, None]
+    return new_sums, new_scatter
+
+
+def psd_inv_sqrt(matrix: torch.Tensor, rel_eps: float | None = None) -> tuple[torch.Tensor, int]:
+    """Symmetric (pseudo-)inverse square root of a PSD matrix and its numerical rank (SPEC §4).
+
+    Eigenvalues ≤ ``rel_eps · λ_max`` (default ``P · eps64``) count as zero.
+    """
+    p = matrix.shape[0]
+    if rel_eps is None:
+        rel_eps = p * torch.finfo(torch.float64).eps
+    evals, evecs = torch.linalg.eigh(matrix.to(torch.float64))
+    lam_max = evals.abs().max() if p else evals.new_zeros(())
+    keep = evals > rel_eps * lam_max
+    inv_sqrt = torch.where(keep, evals.clamp(min=0).rsqrt(), torch.zeros_like(evals))
+    return (evecs * inv_sqrt) @ evecs.T, int(keep.sum())
+
+
+def class_space_svd(
+    mbar: torch.Tensor, rtol: float = 1e-10
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of M̄ ``[P, C]`` keeping singular values above ``rtol · max``: (U, s, V).
+
+    Thin SVD costs O(P·C·min(P, C)): never a P×P decomposition when C < P, and fine for C ≥ P.
+    (A C×C Gram eigendecomposition would square the condition number and could not honour
+    rtol = 1e-10: the exact null direction of M̄ would show up as an eigenvalue ~ eps·max.)
+    """
+    u, s, vh = torch.linalg.svd(mbar, full_matrices=False)
+    keep = s > rtol * s.max() if s.numel() else s > 0
+    return u[:, keep], s[keep], vh[keep].T
+
+
+def nc1(sigma_w: torch.Tensor, mbar: torch.Tensor, rtol: float = 1e-10) -> tuple[float, int]:
+    """NC1 = tr(Σ_W Σ_B^†) / C with Σ_B = M̄M̄ᵀ/C, in class space: Σ_j u_jᵀ Σ_W u_j / s_j²."""
+    u, s, _ = class_space_svd(mbar, rtol)
+    value = ((sigma_w @ u) * u).sum(0) / s.square()
+    return float(value.sum()), int(s.numel())
+
+
+def snr_singular_values(
+    sigma_w_inv_sqrt: torch.Tensor, mbar: torch.Tensor, rtol: float = 1e-10
+) -> torch.Tensor:
+    """Nonzero singular values of SNR = Σ_W^{-1/2} M̄, descending (SPEC §4)."""
+    s = torch.linalg.svdvals(sigma_w_inv_sqrt @ mbar)
+    if s.numel() == 0:
+        return s
+    return s[s > rtol * s.max()]
+
+
+def pairwise_cosine_stats(vectors: torch.Tensor, tile: int = 0) -> tuple[float, float]:
+    """Over unordered pairs of rows of ``vectors [C, P]``: (std of cosines with Bessel's
+    correction, mean of |cos + 1/(C−1)|), accumulated in row tiles so no C×C matrix exists
+    when ``tile`` < C. Sums are taken of cos + 1/(C−1), which is small near a simplex ETF, so
+    the variance does not cancel catastrophically.
+    """
+    c = vectors.shape[0]
+    unit = vectors.to(torch.float64)
+    unit = unit / unit.norm(dim=1, keepdim=True)
+    target = -1.0 / (c - 1)
+    tile = tile if tile > 0 else max(1, min(c, (1 << 24) // max(c, 1)))
+    total = unit.new_zeros(())
+    total_sq = unit.new_zeros(())
+    total_abs = unit.new_zeros(())
+    cols = torch.arange(c, device=unit.device)
+    for start in range(0, c, tile):
+        stop = min(c, start + tile)
+        dev = unit[start:stop] @ unit.T - target
+        upper = cols[None, :] > torch.arange(start, stop, device=unit.device)[:, None]
+        dev = torch.where(upper, dev, torch.zeros((), dtype=dev.dtype, device=dev.device))
+        total += dev.sum()
+        total_sq += dev.square().sum()
+        total_abs += dev.abs().sum()
+    pairs = c * (c - 1) / 2
+    mean_dev = total / pairs
+    var = (total_sq - pairs * mean_dev.square()) / max(pairs - 1, 1)
+    return float(var.clamp(min=0).sqrt()), float(total_abs / pairs)
+
+
+def least_squares(
+    class_means: torch.Tensor,
+    priors: torch.Tensor,
+    sigma_w: torch.Tensor,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W̃_LS = R A⁻¹ of SPEC §3 as (W_LS ``[C, P]``, b_LS ``[C]``).
+
+    ``class_means [C, P]`` and ``priors [C]`` (π_c, zero for absent classes). Solved in centred
+    coordinates: with T = [[I, μ_G], [0, 1]], A = T (D + λ T⁻¹T⁻ᵀ) Tᵀ where D = diag(Σ_T, 1), so
+    V = W̃ T solves V K = R_c with K = D + λ T⁻¹T⁻ᵀ and R_c = [Π M̄ᵀ, π]. K is far better
+    conditioned than A when the global mean is large (post-ReLU features): for λ = 0 it is Σ_T.
+    """
+    c, p = class_means.shape
+    k, r_c, mu_g = _centred_normal_equations(class_means, priors, sigma_w, lam)
+    v = _solve_psd_right(k, r_c, positive_definite=lam > 0)
+    weight = v[:, :p]
+    bias = v[:, p] - weight @ mu_g
+    return weight, bias
+
+
+def _centred_normal_equations(
+    class_means: torch.Tensor, priors: torch.Tensor, sigma_w: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    c, p = class_means.shape
+    mu_g = priors @ class_means
+    centred = class_means - mu_g
+    sigma_t = sigma_w + (centred * priors[:, None]).T @ centred
+    k = sigma_t.new_zeros(p + 1, p + 1)
+    k[:p, :p] = sigma_t
+    k[p, p] = 1.0
+    if lam:
+        # λ T⁻¹T⁻ᵀ with T⁻¹ = [[I, −μ_G], [0, 1]]
+        k[:p, :p] += lam * (torch.eye(p, dtype=k.dtype, device=k.device) + torch.outer(mu_g, mu_g))
+        k[:p, p] -= lam * mu_g
+        k[p, :p] -= lam * mu_g
+        k[p, p] += lam
+    r_c = torch.cat([centred * priors[:, None], priors[:, None]], dim=1)
+    return k, r_c, mu_g
+
+
+def _solve_psd_right(k: torch.Tensor, rhs: torch.Tensor, positive_definite: bool) -> torch.Tensor:
+    """X with X K = rhs for symmetric PSD K; the minimum-norm solution when K is singular.
+
+    On a singular K, Cholesky can succeed on rounding noise and return a huge, meaningless
+    solution; so without λ > 0 (K positive definite in exact arithmetic) it is used only when
+    its pivots stay well away from zero, and an eigendecomposition is used otherwise.
+    """
+    chol, info = torch.linalg.cholesky_ex(k)
+    if int(info) == 0:
+        pivots = torch.diagonal(chol).square()
+        # Without λ, Cholesky is trusted only when its pivots show K is well away from singular
+        # (it also keeps the common case differentiable: eigh's backward fails on repeated
+        # eigenvalues, e.g. Σ_W = I in the theory simulator).
+        if positive_definite or bool(pivots.min() > _WELL_CONDITIONED * pivots.max()):
+            return torch.cholesky_solve(rhs.T, chol).T
+    evals, evecs = torch.linalg.eigh(k)
+    keep = evals > k.shape[0] * torch.finfo(k.dtype).eps * evals.abs().max()
+    inv = torch.where(keep, 1.0 / evals.clamp(min=torch.finfo(k.dtype).tiny), 0.0)
+    return ((rhs @ evecs) * inv) @ evecs.T
+
+
+def mse_decomposition(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    class_means: torch.Tensor,
+    priors: torch.Tensor,
+    sigma_w: torch.Tensor,
+    lam: float,
+) -> dict[str, float]:
+    """SPEC §3 terms for classifier (weight ``[C, P]``, bias ``[C]``): loss_mse, loss_ls,
+    loss_nc1, loss_nc23, loss_ls_perp. All sums of non-negative terms in centred coordinates.
+    """
+    c, p = class_means.shape
+    k, r_c, mu_g = _centred_normal_equations(class_means, priors, sigma_w, lam)
+    v_ls = _solve_psd_right(k, r_c, positive_definite=lam > 0)
+    w_ls = v_ls[:, :p]
+    b_ls = v_ls[:, p] - w_ls @ mu_g
+    weight = weight.to(torch.float64)
+    bias = bias.to(torch.float64)
+    v = torch.cat([weight, (bias + weight @ mu_g)[:, None]], dim=1)
+    g = torch.cat([class_means - mu_g, torch.ones_like(priors)[:, None]], dim=1)  # g̃_c
+    eye = torch.eye(c, dtype=torch.float64, device=weight.device)
+
+    def fit(v_: torch.Tensor) -> torch.Tensor:  # Σ_c π_c ‖V g̃_c − e_c‖²
+        return (priors * ((g @ v_.T) - eye).square().sum(1)).sum()
+
+    def spread(w_: torch.Tensor) -> torch.Tensor:  # tr(W Σ_W Wᵀ)
+        return ((w_ @ sigma_w) * w_).sum()
+
+    sq_norm = weight.square().sum() + bias.square().sum()
+    sq_norm_ls = w_ls.square().sum() + b_ls.square().sum()
+    delta = v - v_ls
+    loss_mse = 0.5 * (fit(v) + spread(weight) + lam * sq_norm)
+    loss_nc1 = 0.5 * (spread(w_ls) + lam * sq_norm_ls)
+    loss_nc23 = 0.5 * fit(v_ls)
+    loss_ls_perp = 0.5 * ((delta @ k) * delta).sum()
+    return {
+        "loss_mse": float(loss_mse),
+        "loss_ls": float(loss_nc1 + loss_nc23),
+        "loss_nc1": float(loss_nc1),
+        "loss_nc23": float(loss_nc23),
+        "loss_ls_perp": float(loss_ls_perp.clamp(min=0)),
+    }
+
+
+def ncc_mismatch_count(
+    features: torch.Tensor,
+    valid: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    class_means: torch.Tensor,
+    present: torch.Tensor,
+) -> torch.Tensor:
+    """Number of rows with ``valid`` set where argmax_c (w_c·h + b_c) differs from the
+    argmin over present classes c of ‖h − μ_c‖ (SPEC §2, NC4), as a device int64 scalar.
+    Ties go to the lowest index (torch's argmax/argmin). Distances are taken after centring on
+    the mean of the present class means so that a large common offset does not swamp them.
+    """
+    x = torch.where(valid[:, None], features.to(torch.float64), 0.0)
+    mask = present.to(torch.float64)
+    centre = (class_means * mask[:, None]).sum(0) / mask.sum().clamp(min=1)
+    mu = class_means - centre
+    scores = (x - centre) @ mu.T * -2.0 + mu.square().sum(1)
+    scores = torch.where(present[None, :], scores, torch.full_like(scores, float("inf")))
+    ncc = scores.argmin(1)
+    logits = x @ weight.to(torch.float64).T + bias.to(torch.float64)
+    return ((logits.argmax(1) != ncc) & valid).sum()

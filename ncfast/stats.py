@@ -1,0 +1,365 @@
+"""Streamed, exact per-class statistics (SPEC §1)."""
+
+from __future__ import annotations
+
+import torch
+
+from ncfast import ops
+from ncfast.reference import INVALID_LABEL, INVALID_NONFINITE
+
+_STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
+_ON_INVALID = ("raise", "skip")
+
+
+class InvalidInputError(ValueError):
+    """Raised when streamed samples had labels out of range or non-finite features."""
+
+
+def check_batch(features, labels, num_classes: int, dim: int, where: str) -> None:
+    """Host-side shape/dtype checks of one batch; never reads tensor values."""
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"{where}: features must be a torch.Tensor, got {type(features).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{where}: labels must be a torch.Tensor, got {type(labels).__name__}")
+    if features.dim() != 2 or features.shape[1] != dim:
+        raise ValueError(
+            f"{where}: features must have shape [B, {dim}] (dim={dim}), "
+            f"got {list(features.shape)}"
+        )
+    if not features.is_floating_point():
+        raise TypeError(
+            f"{where}: features must be a floating dtype (float16, bfloat16, float32, float64), "
+            f"got {features.dtype}"
+        )
+    if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"{where}: labels must have shape [B] = [{features.shape[0]}] to match features, "
+            f"got {list(labels.shape)}"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{where}: labels must be an integer tensor, got {labels.dtype}")
+    if labels.device != features.device:
+        raise ValueError(
+            f"{where}: labels are on {labels.device} but features on {features.device}"
+        )
+    if num_classes < 1:
+        raise ValueError(f"{where}: num_classes must be ≥ 1, got {num_classes}")
+
+
+class ClassStats:
+    """One-pass accumulator of class counts, means and within-class scatter, in float64.
+
+    ``update(features [B, P], labels [B])`` takes any float dtype on any device and keeps no
+    per-sample data. On CUDA it never synchronises with the host: invalid samples (label outside
+    ``[0, num_classes)``, non-finite features) are counted on the device and reported when a
+    result is first read, as :class:`InvalidInputError`, unless ``on_invalid="skip"``, which drops
+    them and counts them in :attr:`skipped`. On the CPU the check is free and happens at once; the
+    offending batch is then not added.
+
+    ``device=None`` places the state on the device of the first batch.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        device: torch.device | str | None = None,
+        on_invalid: str = "raise",
+    ):
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if on_invalid not in _ON_INVALID:
+            raise ValueError(f"on_invalid must be one of {_ON_INVALID}, got {on_invalid!r}")
+        self.num_classes = num_classes
+        self.dim = dim
+        self.on_invalid = on_invalid
+        self._state: dict[str, torch.Tensor] | None = None
+        if device is not None:
+            self._allocate(torch.device(device))
+
+    # ------------------------------------------------------------------ state
+    def _allocate(self, device: torch.device) -> None:
+        c, p = self.num_classes, self.dim
+        f64 = {"dtype": torch.float64, "device": device}
+        self._state = {
+            "counts": torch.zeros(c, dtype=torch.int64, device=device),
+            "shift": torch.zeros(c, p, **f64),
+            "sums": torch.zeros(c, p, **f64),
+            "scatter": torch.zeros(p, p, **f64),
+            "invalid": torch.zeros(2, dtype=torch.int64, device=device),
+        }
+        self._cache: dict[str, object] = {}
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self._state is None else self._state["counts"].device
+
+    def reset(self) -> ClassStats:
+        """Forget everything seen; keep device and settings."""
+        if self._state is not None:
+            for t in self._state.values():
+                t.zero_()
+            self._cache = {}
+        return self
+
+    def _require_state(self) -> dict[str, torch.Tensor]:
+        if self._state is None:
+            self._allocate(torch.device("cpu"))
+        return self._state
+
+    # ----------------------------------------------------------------- update
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> ClassStats:
+        check_batch(features, labels, self.num_classes, self.dim, "ClassStats.update")
+        if self._state is None:
+            self._allocate(features.device)
+        state = self._state
+        if features.device != self.device:
+            raise ValueError(
+                f"ClassStats.update: features are on {features.device} but the statistics live "
+                f"on {self.device}; move the batch or create ClassStats(device=...)"
+            )
+        if features.shape[0] == 0:
+            return self
+        if self.device.type == "cpu" and self.on_invalid == "raise":
+            # Free on the CPU: reject the batch before it touches the state.
+            bad = torch.zeros(2, dtype=torch.int64)
+            _count_invalid(features, labels, self.num_classes, bad)
+            if bad.any():
+                raise InvalidInputError(_describe_invalid(bad, self.num_classes, "this batch"))
+        ops.update_stats_(features, labels, *(state[k] for k in _STATE_KEYS))
+        self._cache = {}
+        return self
+
+    # ---------------------------------------------------------- merge, reduce
+    def merge(self, other: ClassStats) -> ClassStats:
+        """Add the statistics of ``other`` (same classes and dim) to these, exactly."""
+        if not isinstance(other, ClassStats):
+            raise TypeError(f"merge: other must be a ClassStats, got {type(other).__name__}")
+        if (other.num_classes, other.dim) != (self.num_classes, self.dim):
+            raise ValueError(
+                f"merge: other has num_classes={other.num_classes}, dim={other.dim}; "
+                f"these statistics have num_classes={self.num_classes}, dim={self.dim}"
+            )
+        if other._state is None:
+            return self
+        mine = self._require_state()
+        theirs = {k: v.to(self.device) for k, v in other._state.items()}
+        common = _pooled_means(
+            [mine["counts"], theirs["counts"]],
+            [_means_or_shift(mine), _means_or_shift(theirs)],
+        )
+        self._set_common_shift(common)
+        sums, scatter = ops.reshift(
+            theirs["counts"], theirs["shift"], theirs["sums"], theirs["scatter"], common
+        )
+        mine["sums"] += sums
+        mine["scatter"] += scatter
+        mine["counts"] += theirs["counts"]
+        mine["invalid"] += theirs["invalid"]
+        self._cache = {}
+        return self
+
+    def all_reduce(self, group=None) -> ClassStats:
+        """Make these statistics, on every process of ``group``, equal to one stream over all
+        the data the processes saw (torch.distributed must be initialised). Collective: every
+        rank must call it.
+        """
+        import torch.distributed as dist  # noqa: PLC0415
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "ClassStats.all_reduce needs torch.distributed to be initialised "
+                "(torch.distributed.init_process_group)"
+            )
+        state = self._require_state()
+        counts = state["counts"].clone()
+        dist.all_reduce(counts, group=group)
+        weighted = _means_or_shift(state) * state["counts"].to(torch.float64)[:, None]
+        dist.all_reduce(weighted, group=group)
+        common = _divide_or_keep(weighted, counts, state["shift"])
+        self._set_common_shift(common)
+        for key in ("sums", "scatter", "invalid"):
+            dist.all_reduce(state[key], group=group)
+        state["counts"].copy_(counts)
+        self._cache = {}
+        return self
+
+    def _set_common_shift(self, new_shift: torch.Tensor) -> None:
+        state = self._require_state()
+        state["sums"], state["scatter"] = ops.reshift(
+            state["counts"], state["shift"], state["sums"], state["scatter"], new_shift
+        )
+        state["shift"] = new_shift.clone()
+
+    # ------------------------------------------------------- (de)serialisation
+    def state_dict(self) -> dict:
+        state = self._require_state()
+        out = {k: v.clone() for k, v in state.items()}
+        out.update(num_classes=self.num_classes, dim=self.dim, on_invalid=self.on_invalid)
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> ClassStats:
+        missing = [k for k in (*_STATE_KEYS, "num_classes", "dim") if k not in state_dict]
+        if missing:
+            raise KeyError(f"load_state_dict: state_dict lacks {missing}")
+        if (state_dict["num_classes"], state_dict["dim"]) != (self.num_classes, self.dim):
+            raise ValueError(
+                f"load_state_dict: state is for num_classes={state_dict['num_classes']}, "
+                f"dim={state_dict['dim']}; these statistics have "
+                f"num_classes={self.num_classes}, dim={self.dim}"
+            )
+        state = self._require_state()
+        for k in _STATE_KEYS:
+            v = state_dict[k]
+            if not isinstance(v, torch.Tensor) or v.shape != state[k].shape:
+                raise ValueError(
+                    f"load_state_dict: {k!r} must be a tensor of shape {list(state[k].shape)}, "
+                    f"got {getattr(v, 'shape', type(v).__name__)}"
+                )
+            state[k].copy_(v.to(state[k].device, state[k].dtype))
+        self._cache = {}
+        return self
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, device=None) -> ClassStats:
+        stats = cls(
+            int(state_dict["num_classes"]),
+            int(state_dict["dim"]),
+            device=device or state_dict["counts"].device,
+            on_invalid=state_dict.get("on_invalid", "raise"),
+        )
+        return stats.load_state_dict(state_dict)
+
+    # ------------------------------------------------------------- validation
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples left out so far: ``{"label_out_of_range": n, "non_finite": n}``."""
+        invalid = self._require_state()["invalid"].tolist()
+        return {
+            "label_out_of_range": invalid[INVALID_LABEL],
+            "non_finite": invalid[INVALID_NONFINITE],
+        }
+
+    def check(self) -> None:
+        """Raise :class:`InvalidInputError` if invalid samples arrived and ``on_invalid='raise'``."""
+        invalid = self._require_state()["invalid"]
+        if self.on_invalid == "raise" and bool(invalid.any()):
+            raise InvalidInputError(
+                _describe_invalid(invalid.cpu(), self.num_classes, "the streamed batches")
+            )
+
+    # ---------------------------------------------------------------- results
+    def _finalized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if "final" not in self._cache:
+            self.check()
+            s = self._require_state()
+            self._cache["final"] = ops.finalize_stats(
+                s["counts"], s["shift"], s["sums"], s["scatter"]
+            )
+        return self._cache["final"]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """n_c, int64 ``[C]``."""
+        self.check()
+        return self._require_state()["counts"].clone()
+
+    @property
+    def num_samples(self) -> int:
+        """N = Σ n_c (valid samples only)."""
+        return int(self.counts.sum())
+
+    @property
+    def present(self) -> torch.Tensor:
+        """bool ``[C]``: classes with at least one sample."""
+        return self.counts > 0
+
+    @property
+    def classes_present(self) -> int:
+        return int(self.present.sum())
+
+    @property
+    def priors(self) -> torch.Tensor:
+        """π_c = n_c / N, float64 ``[C]``."""
+        n = self.counts.to(torch.float64)
+        return n / n.sum().clamp(min=1)
+
+    @property
+    def class_means(self) -> torch.Tensor:
+        """μ_c, float64 ``[C, P]``; NaN rows for absent classes."""
+        means, _ = self._finalized()
+        return torch.where(self.present[:, None], means, torch.full_like(means, float("nan")))
+
+    @property
+    def global_mean(self) -> torch.Tensor:
+        """μ_G = Σ_c π_c μ_c (sample-weighted), float64 ``[P]``."""
+        means, _ = self._finalized()
+        return self.priors @ means
+
+    @property
+    def centered_means(self) -> torch.Tensor:
+        """M̄ = [μ_c − μ_G] over present classes, float64 ``[P, C_present]``."""
+        means, _ = self._finalized()
+        return (means[self.present] - self.global_mean).T
+
+    @property
+    def sigma_w(self) -> torch.Tensor:
+        """Σ_W = (1/N) Σ_i (h_i − μ_{y_i})(h_i − μ_{y_i})ᵀ, float64 ``[P, P]``."""
+        return self._finalized()[1].clone()
+
+    @property
+    def sigma_b(self) -> torch.Tensor:
+        """Σ_B = M̄ M̄ᵀ / C over present classes, float64 ``[P, P]``."""
+        mbar = self.centered_means
+        return mbar @ mbar.T / mbar.shape[1]
+
+    @property
+    def sigma_t(self) -> torch.Tensor:
+        """Σ_T = (1/N) Σ_i (h_i − μ_G)(h_i − μ_G)ᵀ = Σ_W + Σ_c π_c (μ_c − μ_G)(μ_c − μ_G)ᵀ."""
+        mbar = self.centered_means
+        pi = self.priors[self.present]
+        return self.sigma_w + (mbar * pi) @ mbar.T
+
+    def __repr__(self) -> str:
+        where = "unallocated" if self._state is None else str(self.device)
+        return f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, {where})"
+
+
+def _count_invalid(features, labels, num_classes, out) -> None:
+    label_ok = (labels >= 0) & (labels < num_classes)
+    finite = torch.isfinite(features).all(dim=1)
+    out[INVALID_LABEL] += (~label_ok).sum()
+    out[INVALID_NONFINITE] += (label_ok & ~finite).sum()
+
+
+def _describe_invalid(invalid: torch.Tensor, num_classes: int, where: str) -> str:
+    bad_labels, non_finite = (int(v) for v in invalid.tolist())
+    problems = []
+    if bad_labels:
+        problems.append(f"{bad_labels} sample(s) with labels outside [0, {num_classes})")
+    if non_finite:
+        problems.append(f"{non_finite} sample(s) with non-finite (NaN/inf) features")
+    return (
+        f"ClassStats: {' and '.join(problems)} in {where}; they were left out of the "
+        "statistics. Fix the input, or create ClassStats(..., on_invalid='skip') to skip and "
+        "count them (see .skipped)."
+    )
+
+
+def _means_or_shift(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-class means where a class was seen, the (unused) shift elsewhere."""
+    n = state["counts"].to(torch.float64)
+    return state["shift"] + state["sums"] / n.clamp(min=1)[:, None]
+
+
+def _divide_or_keep(weighted: torch.Tensor, counts: torch.Tensor, fallback: torch.Tensor):
+    n = counts.to(torch.float64)
+    return torch.where((n > 0)[:, None], weighted / n.clamp(min=1)[:, None], fallback)
+
+
+def _pooled_means(counts: list[torch.Tensor], means: list[torch.Tensor]) -> torch.Tensor:
+    total = sum(c.to(torch.float64) for c in counts)
+    weighted = sum(m * c.to(torch.float64)[:, None] for m, c in zip(means, counts, strict=True))
+    return _divide_or_keep(weighted, total, means[0])
