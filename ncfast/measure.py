@@ -32,9 +32,7 @@ class Measurement:
     ):
         self.stats = ClassStats(num_classes, dim, device=device, on_invalid=on_invalid)
         self.weight, self.bias, self.weight_decay = weight, bias, weight_decay
-        self.ncc = (
-            NCCMismatch(weight, bias, memory_budget_bytes) if weight is not None else None
-        )
+        self.ncc = NCCMismatch(weight, bias, memory_budget_bytes) if weight is not None else None
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         self.stats.update(features, labels)

@@ -122,8 +122,7 @@ def nc_metrics(
         "classes_present": c,
         "weight_decay": lam,
     }
-    nc1_value, sigma_b_rank = ops.nc1(sigma_w, mbar, rtol)
-    out["nc1"] = nc1_value / c
+    out["nc1"], sigma_b_rank = ops.nc1(sigma_w, mbar, rtol)
     out["sigma_b_rank"] = sigma_b_rank
 
     norms = mbar.norm(dim=0)

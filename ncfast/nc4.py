@@ -47,7 +47,9 @@ class NCCMismatch:
                 f"got {list(getattr(bias, 'shape', [])) or type(bias).__name__}"
             )
         if memory_budget_bytes < 0:
-            raise ValueError(f"NCCMismatch: memory_budget_bytes must be ≥ 0, got {memory_budget_bytes}")
+            raise ValueError(
+                f"NCCMismatch: memory_budget_bytes must be ≥ 0, got {memory_budget_bytes}"
+            )
         self.weight = weight.detach().to(torch.float64)
         self.bias = bias.detach().to(weight.device, torch.float64)
         self.memory_budget_bytes = int(memory_budget_bytes)
@@ -101,8 +103,7 @@ class NCCMismatch:
                 )
             batches = second_pass() if callable(second_pass) else second_pass
             pairs = (
-                (f, self._valid(f, y))
-                for f, y in _checked(batches, self.num_classes, self.dim)
+                (f, self._valid(f, y)) for f, y in _checked(batches, self.num_classes, self.dim)
             )
         else:
             pairs = iter(self._batches)

@@ -17,7 +17,7 @@ _BACKENDS = ("reference", "native")
 
 def _load_native() -> tuple[ModuleType | None, str]:
     try:
-        from ncfast import _native  # noqa: PLC0415 (optional compiled extension)
+        from ncfast import _native  # optional compiled extension
     except ImportError as exc:  # no extension built: the reference is complete on its own
         return None, f"{type(exc).__name__}: {exc}"
     return _native, ""

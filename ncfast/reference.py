@@ -83,7 +83,8 @@ def reshift(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Express ``sums`` and ``scatter`` relative to ``new_shift`` instead of ``shift``.
 
-    With δ_c = s_c − s'_c: d'_c = d_c + n_c δ_c and S' = S + Σ_c (δ_c d_cᵀ + d_c δ_cᵀ + n_c δ_c δ_cᵀ).
+    With δ_c = s_c − s'_c: d'_c = d_c + n_c δ_c and
+    S' = S + Σ_c (δ_c d_cᵀ + d_c δ_cᵀ + n_c δ_c δ_cᵀ).
     Exact when δ_c is of the size of the within-class spread (both shifts near μ_c).
     """
     n = counts.to(torch.float64)
@@ -182,7 +183,7 @@ def least_squares(
     V = W̃ T solves V K = R_c with K = D + λ T⁻¹T⁻ᵀ and R_c = [Π M̄ᵀ, π]. K is far better
     conditioned than A when the global mean is large (post-ReLU features): for λ = 0 it is Σ_T.
     """
-    c, p = class_means.shape
+    p = class_means.shape[1]
     k, r_c, mu_g = _centred_normal_equations(class_means, priors, sigma_w, lam)
     v = _solve_psd_right(k, r_c, positive_definite=lam > 0)
     weight = v[:, :p]
@@ -193,7 +194,7 @@ def least_squares(
 def _centred_normal_equations(
     class_means: torch.Tensor, priors: torch.Tensor, sigma_w: torch.Tensor, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    c, p = class_means.shape
+    p = class_means.shape[1]
     mu_g = priors @ class_means
     centred = class_means - mu_g
     sigma_t = sigma_w + (centred * priors[:, None]).T @ centred

@@ -23,8 +23,7 @@ def check_batch(features, labels, num_classes: int, dim: int, where: str) -> Non
         raise TypeError(f"{where}: labels must be a torch.Tensor, got {type(labels).__name__}")
     if features.dim() != 2 or features.shape[1] != dim:
         raise ValueError(
-            f"{where}: features must have shape [B, {dim}] (dim={dim}), "
-            f"got {list(features.shape)}"
+            f"{where}: features must have shape [B, {dim}] (dim={dim}), got {list(features.shape)}"
         )
     if not features.is_floating_point():
         raise TypeError(
@@ -166,7 +165,7 @@ class ClassStats:
         the data the processes saw (torch.distributed must be initialised). Collective: every
         rank must call it.
         """
-        import torch.distributed as dist  # noqa: PLC0415
+        import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -243,7 +242,7 @@ class ClassStats:
         }
 
     def check(self) -> None:
-        """Raise :class:`InvalidInputError` if invalid samples arrived and ``on_invalid='raise'``."""
+        """Raise :class:`InvalidInputError` if invalid samples arrived (``on_invalid='raise'``)."""
         invalid = self._require_state()["invalid"]
         if self.on_invalid == "raise" and bool(invalid.any()):
             raise InvalidInputError(

@@ -1,0 +1,244 @@
+"""ClassStats: merging, distributed reduction, serialisation and bad input."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ncfast
+from ncfast.stats import ClassStats, InvalidInputError
+from tests.test_metrics import make_data
+
+
+def _fresh_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
+def assert_same_stats(a: ClassStats, b: ClassStats, rtol: float):
+    assert torch.equal(a.counts, b.counts)
+    present = a.present
+    torch.testing.assert_close(a.class_means[present], b.class_means[present], rtol=rtol, atol=0)
+    scale = a.sigma_w.abs().max()
+    torch.testing.assert_close(a.sigma_w, b.sigma_w, rtol=0, atol=rtol * float(scale))
+
+
+def test_merge_of_seven_random_splits_equals_one_stream():
+    features, labels, _, _ = make_data([90, 0, 150, 60, 33], 9, seed=_fresh_seed(), offset=50.0)
+    one = ClassStats(5, 9)
+    for chunk in torch.split(torch.arange(len(labels)), 40):
+        one.update(features[chunk], labels[chunk])
+    cuts = torch.sort(torch.randperm(len(labels) - 1)[:6] + 1).values.tolist()
+    bounds = [0, *cuts, len(labels)]
+    parts = []
+    for lo, hi in itertools.pairwise(bounds):
+        part = ClassStats(5, 9)
+        for chunk in torch.split(torch.arange(lo, hi), 17):
+            part.update(features[chunk], labels[chunk])
+        parts.append(part)
+    merged = ClassStats(5, 9)
+    for part in parts:
+        merged.merge(part)
+    assert_same_stats(one, merged, rtol=1e-12)
+    r1, r2 = ncfast.nc_metrics(one), ncfast.nc_metrics(merged)
+    assert r1["nc1"] == pytest.approx(r2["nc1"], rel=1e-12)
+
+
+def test_merge_near_collapse_keeps_precision():
+    """Different first-batch shifts in each part must not cost precision when merged."""
+    g = torch.Generator().manual_seed(1)
+    means = torch.randn(3, 8, generator=g, dtype=torch.float64) * 1e4 + 1e6
+    labels = torch.arange(3).repeat(300)
+    features = means[labels] + 1e-2 * torch.randn(900, 8, generator=g, dtype=torch.float64)
+    one = ClassStats(3, 8).update(features, labels)
+    merged = ClassStats(3, 8).update(features[:1], labels[:1])
+    merged.merge(ClassStats(3, 8).update(features[1:500], labels[1:500]))
+    merged.merge(ClassStats(3, 8).update(features[500:], labels[500:]))
+    assert_same_stats(one, merged, rtol=1e-9)
+
+
+def test_state_dict_round_trip_through_safe_torch_load():
+    features, labels, _, _ = make_data([30, 40], 4, seed=2)
+    stats = ClassStats(2, 4).update(features, labels)
+    buffer = io.BytesIO()
+    torch.save(stats.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = ClassStats.from_state_dict(torch.load(buffer, weights_only=True))
+    assert_same_stats(stats, loaded, rtol=0)
+    # Continuing the stream after a reload equals one uninterrupted stream.
+    more, more_labels, _, _ = make_data([10, 20], 4, seed=3)
+    stats.update(more, more_labels)
+    loaded.update(more, more_labels)
+    assert_same_stats(stats, loaded, rtol=0)
+
+
+def test_load_state_dict_rejects_mismatch():
+    stats = ClassStats(3, 4).update(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(ValueError, match="num_classes=3, dim=4"):
+        ClassStats(3, 5).load_state_dict(stats.state_dict())
+    bad = stats.state_dict()
+    bad["scatter"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="'scatter'"):
+        ClassStats(3, 4).load_state_dict(bad)
+    del bad["scatter"]
+    with pytest.raises(KeyError, match="scatter"):
+        ClassStats(3, 4).load_state_dict(bad)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _all_reduce_worker(rank, world, port, features, labels, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        stats = ClassStats(4, features.shape[1])
+        # Unequal, interleaved shards: rank 0 never sees class 3.
+        mine = torch.arange(len(labels))[rank::world]
+        if rank == 0:
+            mine = mine[labels[mine] != 3]
+        else:
+            extra = torch.arange(len(labels))[0::world]
+            mine = torch.cat([mine, extra[labels[extra] == 3]])
+        for chunk in torch.split(mine, 23):
+            stats.update(features[chunk], labels[chunk])
+        stats.all_reduce()
+        torch.save(stats.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_across_two_gloo_processes_equals_one_stream(tmp_path):
+    features, labels, _, _ = make_data([50, 70, 40, 60], 6, seed=_fresh_seed(), offset=1e3)
+    mp.spawn(
+        _all_reduce_worker,
+        args=(2, _free_port(), features, labels, str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    one = ClassStats(4, 6).update(features, labels)
+    reduced = [
+        ClassStats.from_state_dict(torch.load(tmp_path / f"rank{r}.pt", weights_only=True))
+        for r in range(2)
+    ]
+    for stats in reduced:
+        assert_same_stats(one, stats, rtol=1e-12)
+    # Every rank holds identical statistics.
+    for key, value in reduced[0].state_dict().items():
+        other = reduced[1].state_dict()[key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+def test_all_reduce_without_process_group_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ClassStats(2, 3).all_reduce()
+
+
+# ------------------------------------------------------------------ bad input
+def test_labels_out_of_range_raise_and_batch_is_not_added():
+    stats = ClassStats(3, 2)
+    stats.update(torch.randn(4, 2), torch.tensor([0, 1, 2, 1]))
+    with pytest.raises(InvalidInputError, match=r"2 sample\(s\) with labels outside \[0, 3\)"):
+        stats.update(torch.randn(3, 2), torch.tensor([0, 3, -1]))
+    assert stats.num_samples == 4  # nothing lost, nothing added
+
+
+def test_non_finite_features_raise():
+    features = torch.randn(5, 3)
+    features[1, 2] = float("nan")
+    features[3, 0] = float("inf")
+    with pytest.raises(InvalidInputError, match=r"2 sample\(s\) with non-finite"):
+        ClassStats(2, 3).update(features, torch.tensor([0, 1, 0, 1, 0]))
+
+
+def test_skip_mode_counts_and_drops_invalid_samples():
+    features, labels, _, _ = make_data([20, 30, 25], 4, seed=4)
+    dirty_f = torch.cat([features, torch.full((2, 4), float("nan")), torch.randn(3, 4)])
+    dirty_y = torch.cat([labels, torch.tensor([0, 1]), torch.tensor([7, -2, 3])])
+    skip = ClassStats(3, 4, on_invalid="skip").update(dirty_f, dirty_y)
+    clean = ClassStats(3, 4).update(features, labels)
+    assert skip.skipped == {"label_out_of_range": 3, "non_finite": 2}
+    assert_same_stats(clean, skip, rtol=1e-13)
+
+
+def test_deferred_invalid_counts_are_reported_when_results_are_read():
+    """The device path (CUDA) only counts invalid samples; reading a result raises."""
+    stats = ClassStats(2, 3).update(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    state = stats.state_dict()
+    state["invalid"] = torch.tensor([5, 1])
+    deferred = ClassStats(2, 3).load_state_dict(state)
+    with pytest.raises(InvalidInputError, match=r"5 sample\(s\) with labels outside.*1 sample"):
+        ncfast.nc_metrics(deferred)
+    with pytest.raises(InvalidInputError):
+        _ = deferred.sigma_w
+
+
+@pytest.mark.parametrize(
+    ("features", "labels", "match"),
+    [
+        (torch.randn(4), torch.zeros(4, dtype=torch.long), r"shape \[B, 3\]"),
+        (torch.randn(4, 5), torch.zeros(4, dtype=torch.long), r"shape \[B, 3\].*\[4, 5\]"),
+        (torch.randn(4, 3), torch.zeros(5, dtype=torch.long), r"labels must have shape \[B\]"),
+        (torch.randn(4, 3), torch.zeros(4), "labels must be an integer tensor"),
+        (torch.ones(4, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long), "floating dtype"),
+        (np.zeros((4, 3)), torch.zeros(4, dtype=torch.long), "features must be a torch.Tensor"),
+        (torch.randn(4, 3), [0, 1, 0, 1], "labels must be a torch.Tensor"),
+    ],
+)
+def test_wrong_shapes_and_types_name_the_argument(features, labels, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ClassStats(2, 3).update(features, labels)
+
+
+def test_constructor_arguments_are_checked():
+    with pytest.raises(ValueError, match="num_classes"):
+        ClassStats(0, 3)
+    with pytest.raises(ValueError, match="dim"):
+        ClassStats(2, -1)
+    with pytest.raises(ValueError, match="on_invalid"):
+        ClassStats(2, 3, on_invalid="ignore")
+
+
+def test_fewer_than_two_classes_is_an_error():
+    stats = ClassStats(4, 3).update(torch.randn(5, 3), torch.full((5,), 2))
+    with pytest.raises(ValueError, match="at least two classes.*1 of 4"):
+        ncfast.nc_metrics(stats)
+    with pytest.raises(ValueError, match="at least two classes.*0 of 4"):
+        ncfast.nc_metrics(ClassStats(4, 3))
+
+
+def test_merge_rejects_other_shapes():
+    with pytest.raises(ValueError, match="num_classes=3"):
+        ClassStats(2, 3).merge(ClassStats(3, 3))
+    with pytest.raises(TypeError, match="ClassStats"):
+        ClassStats(2, 3).merge({"counts": 1})
+
+
+def test_classifier_shape_and_lambda_are_checked():
+    stats = ClassStats(3, 2).update(torch.randn(9, 2), torch.arange(3).repeat(3))
+    with pytest.raises(ValueError, match=r"weight must have shape \[num_classes, dim\] = \[3, 2\]"):
+        ncfast.nc_metrics(stats, torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \[3\]"):
+        ncfast.nc_metrics(stats, torch.randn(3, 2), torch.randn(2))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        ncfast.nc_metrics(stats, torch.full((3, 2), float("nan")))
+    with pytest.raises(ValueError, match="weight_decay"):
+        ncfast.nc_metrics(stats, torch.randn(3, 2), weight_decay=-1.0)
+    with pytest.raises(ValueError, match="bias was given without weight"):
+        ncfast.nc_metrics(stats, None, torch.randn(3))
+
+
+def test_device_mismatch_is_a_clear_error():
+    stats = ClassStats(2, 3, device="meta")
+    with pytest.raises(ValueError, match="statistics live on meta"):
+        stats.update(torch.randn(2, 3), torch.tensor([0, 1]))
