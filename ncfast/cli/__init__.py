@@ -14,3 +14,4 @@ def main() -> None:
 
 
 # Subcommands register themselves here, one import per module.
+from ncfast.cli import theory as _theory  # noqa: E402, F401

@@ -1,0 +1,623 @@
+"""Dynamics on the central path (SPEC §5; seed Thm. 3, Prop. 2, Cors. 1–2), λ = 0, balanced.
+
+Two independent routes to the SNR singular values ω_j(t):
+
+- :func:`snr_closed_form` solves the implicit law
+  ``C² log ω + C ω² + ω⁴/4 = a_j + t/N`` (a_j fixed by ω_j(0)) for ω(t).
+- :func:`simulate_central_path` integrates the continually renormalized gradient flow (seed Eq. 5)
+  on the unconstrained-features model: L_LS is computed by the SPEC §3 code
+  (:func:`ncfast.reference.least_squares` plus the §3 loss formulas), differentiated with autograd
+  with respect to the features, projected on the tangent space of {X : Σ_W(X) = I}, stepped
+  (classical RK4) and renormalized back onto that manifold.
+
+Features are a matrix ``H [P, C·N]`` whose columns are grouped by class: column ``c·N + i`` is
+sample i of class c (balanced, N per class).
+
+Time units. t is the time of the gradient flow ``dX/dt = −Π_X ∇_X L_LS(X)`` where L_LS is the
+SPEC §3 loss (per-sample *averaged*, with the ½: ``½ (1/CN) Σ_i ‖W̃_LS h̃_i − e_{y_i}‖²``) and ∇ is
+the Euclidean (Frobenius) gradient with respect to the P×CN feature matrix. Then
+``dω_j/dt = (1/N) ω_j / (C + ω_j²)²``. A loss summed over samples instead of averaged runs CN
+times faster (t_sum = t / CN); a loss without the ½ runs twice as fast.
+
+Derivation (checked numerically by tests/test_theory.py). Let Z be the within-class deviations
+(columns z_{ci} = x_{ci} − μ_c) and K = Z Zᵀ (= CN·I on the manifold).
+
+- Tangent space of {Σ_W = const} at X: Σ_W = Z Zᵀ/CN and Σ_i z_{ci} = 0 give
+  dΣ_W = (ξZᵀ + Zξᵀ)/CN, so T_X = {ξ : sym(ξ Zᵀ) = 0}; its Frobenius-orthogonal complement is
+  {S Z : S symmetric} (⟨ξ, SZ⟩ = tr(S · sym(Zξᵀ)) = 0).
+- Projection: Π_X G = G − S Z with S symmetric solving the Lyapunov equation
+  S K + K S = G Zᵀ + Z Gᵀ (solved in the eigenbasis of K: S_ab = B_ab / (k_a + k_b)).
+- The gradient of L_LS(μ, Σ_W) at sample (c, i) is (1/N) g_c + (2/CN) Γ z_{ci}, where
+  g_c = ∂L/∂μ_c and Γ = ∂L/∂Σ_W (∂Σ_W/∂μ_c = 0 because Σ_i z_{ci} = 0). On the manifold
+  G Zᵀ = 2Γ, hence S = 2Γ/CN and Π G has columns (1/N) g_c: the flow moves the class means only,
+  every sample of class c by the same amount, and Σ_W is a first integral.
+- With Σ_W = I, zero global mean and M̄ = U diag(ω) Vᵀ: W_LS = V diag(ω/(C+ω²)) Uᵀ and
+  L_LS = ½ Σ_j 1/(C + ω_j²), so ∂L/∂M̄ = −U diag(ω/(C+ω²)²) Vᵀ (Vᵀ1 = 0: the centring is
+  inert) and dM̄/dt = (1/N) U diag(ω/(C+ω²)²) Vᵀ: U, V fixed, dω_j/dt = (1/N) ω_j/(C+ω_j²)².
+  Separating variables, (C²/ω + 2Cω + ω³) dω = dt/N integrates to the law above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ncfast import reference
+
+__all__ = [
+    "CentralPathRun",
+    "central_path_potential",
+    "feature_statistics",
+    "fit_central_path",
+    "initial_features",
+    "least_squares_loss",
+    "renormalize",
+    "simulate_central_path",
+    "snr_closed_form",
+    "snr_of_features",
+    "tangent_projection",
+]
+
+_F64 = torch.float64
+_NEWTON_MAX_ITER = 200
+# Below this many feature entries every op is tiny and intra-op threads only add overhead (and
+# spin against other processes on a loaded machine: 10× slower on 2 shared cores).
+_SINGLE_THREAD_NUMEL = 1 << 16
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_count(value, name: str, minimum: int, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{where}: {name} must be ≥ {minimum}, got {value}")
+    return value
+
+
+def _as_vector(values, name: str, where: str) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        tensor = values.detach()
+    else:
+        try:
+            tensor = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{where}: {name} must be a 1-D tensor of numbers") from exc
+    if tensor.dim() != 1:
+        raise ValueError(f"{where}: {name} must be 1-D, got a tensor of shape {list(tensor.shape)}")
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{where}: {name} must hold real numbers, got dtype {tensor.dtype}")
+    tensor = tensor.to(_F64)
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{where}: {name} contains NaN or inf")
+    return tensor
+
+
+def _check_features(features, num_classes: int, where: str) -> tuple[int, int]:
+    """(P, N) of a balanced, class-grouped feature matrix ``[P, C·N]``."""
+    _check_count(num_classes, "num_classes", 2, where)
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"{where}: features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 2 or features.shape[1] % num_classes or features.shape[1] == 0:
+        raise ValueError(
+            f"{where}: features must have shape [P, C·N] with C = {num_classes} classes of N "
+            f"samples each (columns grouped by class), got {list(features.shape)}"
+        )
+    if not features.dtype.is_floating_point:
+        raise TypeError(f"{where}: features must be floating point, got {features.dtype}")
+    if not torch.isfinite(features.detach()).all():
+        raise ValueError(f"{where}: features contain NaN or inf")
+    return features.shape[0], features.shape[1] // num_classes
+
+
+# ----------------------------------------------------------------------------- closed form
+
+
+def central_path_potential(omega: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Left side of the SPEC §5 law, ``C² log ω + C ω² + ω⁴/4``, elementwise (float64)."""
+    c = float(num_classes)
+    omega = omega.to(_F64)
+    return c * c * omega.log() + c * omega.square() + omega.square().square() / 4.0
+
+
+def _solve_potential(
+    base: torch.Tensor, increment: torch.Tensor, c1: float, c2: float, c3: float
+) -> torch.Tensor:
+    """ω ≥ 0 with F(log ω) = F(log base) + increment, F(u) = c1 u + c2 e^{2u} + c3 e^{4u}
+    (c_k ≥ 0, not all zero), elementwise; ``base`` > 0 broadcasts against ``increment``.
+
+    Solved for the increment δ = log ω − log base of G(δ) = F(u0 + δ) − F(u0) =
+    c1 δ + c2 e^{2u0} expm1(2δ) + c3 e^{4u0} expm1(4δ): no cancellation against F(u0), so ω is
+    accurate to rounding even when the increment is far below F(u0)'s ulp. G is increasing and
+    convex: Newton from an analytic upper bracket descends monotonically to the root; a bisection
+    safeguard keeps every iterate inside the bracket under rounding. Where c1 = 0 and the target
+    F(u0) + increment ≤ 0 there is no solution (F > 0) and ω = 0 (the limit) is returned.
+    """
+    base, s = torch.broadcast_tensors(base.to(_F64), increment.to(_F64))
+    u0 = base.log()
+    e2, e4 = torch.exp(2.0 * u0), torch.exp(4.0 * u0)
+    r = c1 * u0 + c2 * e2 + c3 * e4 + s  # target of F, only for the bracket
+
+    def excess_and_slope(d):
+        value = c1 * d - s
+        slope = torch.full_like(d, c1)
+        if c2:
+            value = value + c2 * e2 * torch.expm1(2.0 * d)
+            slope = slope + 2.0 * c2 * e2 * torch.exp(2.0 * d)
+        if c3:
+            value = value + c3 * e4 * torch.expm1(4.0 * d)
+            slope = slope + 4.0 * c3 * e4 * torch.exp(4.0 * d)
+        return value, slope
+
+    # Upper bracket on u: for u ≥ 0 the largest-power term alone bounds F from below.
+    big = r.clamp(min=1.0)
+    if c3:
+        hi = (big / c3).log().clamp(min=0.0) / 4.0 + 1.0
+    elif c2:
+        hi = (big / c2).log().clamp(min=0.0) / 2.0 + 1.0
+    else:
+        hi = (r / c1).clamp(min=0.0) + 1.0
+    # Lower bracket on u: for u ≤ 0, F(u) ≤ c1 u + c2 + c3 (c1 > 0) or (c2 + c3) e^{2u} (c1 = 0).
+    unsolvable = torch.zeros_like(r, dtype=torch.bool)
+    if c1:
+        lo = ((r - c2 - c3) / c1).clamp(max=0.0) - 1.0
+    else:
+        unsolvable = r <= 0
+        safe = torch.where(unsolvable, torch.ones_like(r), r)
+        lo = ((safe / (c2 + c3)).log() / 2.0).clamp(max=0.0) - 1.0
+    # In δ, and with the sign of the increment (G(0) = 0, G increasing).
+    hi = torch.where(s > 0, (hi - u0).clamp(min=0.0), torch.zeros_like(s))
+    lo = torch.where(s < 0, (lo - u0).clamp(max=0.0), torch.zeros_like(s))
+    d = hi.clone()
+    tol = 4 * torch.finfo(_F64).eps
+    for _ in range(_NEWTON_MAX_ITER):
+        excess, slope = excess_and_slope(d)
+        lo = torch.where(excess < 0, d, lo)
+        hi = torch.where(excess > 0, d, hi)
+        newton = d - excess / slope
+        inside = (newton >= lo) & (newton <= hi)
+        new_d = torch.where(inside, newton, 0.5 * (lo + hi))
+        new_d = torch.where(unsolvable | (excess == 0), d, new_d)
+        step = (new_d - d).abs()
+        d = new_d
+        if bool((step <= 1e-17 + tol * d.abs()).all()):
+            break
+    return torch.where(unsolvable, torch.zeros_like(d), base * d.exp())
+
+
+def snr_closed_form(
+    omega0: torch.Tensor, t: torch.Tensor, num_classes: int, per_class: int
+) -> torch.Tensor:
+    """SNR singular values ω_j(t) on the central path: ``[len(t), len(omega0)]``, float64.
+
+    Solves ``C² log ω + C ω² + ω⁴/4 = a_j + t/N`` with ``a_j`` fixed by ``ω_j(0) = omega0[j]``
+    (SPEC §5; C = ``num_classes``, N = ``per_class``). t is the time of the gradient flow of the
+    per-sample averaged SPEC §3 loss with respect to the features (module docstring), the time
+    of :func:`simulate_central_path`. Vectorised over t and j; Newton in log ω, float64, accurate
+    to rounding (the law holds to ~1e-15 relative at the returned ω).
+    """
+    where = "snr_closed_form"
+    c = _check_count(num_classes, "num_classes", 2, where)
+    n = _check_count(per_class, "per_class", 1, where)
+    omega0_vec = _as_vector(omega0, "omega0", where)
+    t_vec = _as_vector(t, "t", where)
+    if omega0_vec.numel() > c - 1:
+        raise ValueError(
+            f"{where}: omega0 has {omega0_vec.numel()} values but the SNR matrix of "
+            f"{c} classes has at most {c - 1} nonzero singular values"
+        )
+    if (omega0_vec <= 0).any():
+        raise ValueError(f"{where}: omega0 must be > 0 (nonzero SNR singular values)")
+    if (t_vec < 0).any():
+        raise ValueError(f"{where}: t must be ≥ 0 (time since entering the central path)")
+    device = omega0.device if isinstance(omega0, torch.Tensor) else None
+    omega0_vec = omega0_vec.to(device)
+    t_vec = t_vec.to(device)
+    if not torch.isfinite(central_path_potential(omega0_vec, c)).all():
+        raise ValueError(f"{where}: omega0 is too large (ω⁴ overflows float64)")
+    return _solve_potential(omega0_vec[None, :], t_vec[:, None] / n, float(c * c), float(c), 0.25)
+
+
+# ----------------------------------------------------------------------------- features model
+
+
+def _class_blocks(features: torch.Tensor, num_classes: int) -> torch.Tensor:
+    p = features.shape[0]
+    return features.reshape(p, num_classes, -1)  # [P, C, N], column c·N + i → [:, c, i]
+
+
+def feature_statistics(
+    features: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(class means ``[C, P]``, Σ_W ``[P, P]``, within-class deviations Z ``[P, C·N]``).
+
+    Differentiable (plain tensor ops, float64): the statistics of SPEC §1 for balanced,
+    class-grouped features, Σ_W divided by the number of samples.
+    """
+    x = _class_blocks(features.to(_F64), num_classes)
+    means = x.mean(dim=2)  # [P, C]
+    deviations = (x - means[:, :, None]).reshape(features.shape[0], -1)
+    sigma_w = deviations @ deviations.T / deviations.shape[1]
+    return means.T, sigma_w, deviations
+
+
+def _loss_ls(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    class_means: torch.Tensor,
+    priors: torch.Tensor,
+    sigma_w: torch.Tensor,
+) -> torch.Tensor:
+    """loss_nc1 + loss_nc23 of SPEC §3 at (W_LS, b_LS), λ = 0, as a differentiable tensor.
+
+    The same centred-coordinate formulas as :func:`ncfast.reference.mse_decomposition` (which
+    returns Python floats): ½ tr(W Σ_W Wᵀ) + ½ Σ_c π_c ‖V g̃_c − e_c‖² with V = [W, b + W μ_G]
+    and g̃_c = [μ_c − μ_G; 1].
+    """
+    c = class_means.shape[0]
+    mu_g = priors @ class_means
+    g = torch.cat([class_means - mu_g, torch.ones_like(priors)[:, None]], dim=1)
+    v = torch.cat([weight, (bias + weight @ mu_g)[:, None]], dim=1)
+    eye = torch.eye(c, dtype=_F64, device=weight.device)
+    fit = (priors * ((g @ v.T) - eye).square().sum(1)).sum()
+    spread = ((weight @ sigma_w) * weight).sum()
+    return 0.5 * (fit + spread)
+
+
+def least_squares_loss(features: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """L_LS(H) of SPEC §3 (λ = 0) for balanced class-grouped features ``[P, C·N]``.
+
+    W̃_LS comes from :func:`ncfast.reference.least_squares` (differentiable: a Cholesky solve
+    whenever Σ_T is well conditioned); autograd through it gives ∇_H L_LS. Equals the
+    ``loss_ls`` of :func:`ncfast.nc_metrics` (tested to 1e-12).
+    """
+    _check_features(features, num_classes, "least_squares_loss")
+    class_means, sigma_w, _ = feature_statistics(features, num_classes)
+    priors = torch.full((num_classes,), 1.0 / num_classes, dtype=_F64, device=features.device)
+    weight, bias = reference.least_squares(class_means, priors, sigma_w, 0.0)
+    return _loss_ls(weight, bias, class_means, priors, sigma_w)
+
+
+def tangent_projection(
+    gradient: torch.Tensor, features: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Orthogonal (Frobenius) projection of ``gradient [P, C·N]`` on the tangent space at
+    ``features`` of the level set {X : Σ_W(X) = Σ_W(features)} (= {Σ_W = I} on the manifold).
+
+    Π G = G − S Z with S symmetric solving S K + K S = G Zᵀ + Z Gᵀ, K = Z Zᵀ (module docstring).
+    """
+    p, _ = _check_features(features, num_classes, "tangent_projection")
+    if gradient.shape != features.shape:
+        raise ValueError(
+            f"tangent_projection: gradient must have the shape of features "
+            f"{list(features.shape)}, got {list(gradient.shape)}"
+        )
+    _, _, z = feature_statistics(features.detach(), num_classes)
+    g = gradient.to(_F64)
+    k_evals, k_evecs = torch.linalg.eigh(z @ z.T)
+    if not bool(k_evals.min() > p * torch.finfo(_F64).eps * k_evals.max()):
+        raise ValueError(
+            "tangent_projection: Σ_W of features is singular; the manifold {Σ_W = I} needs "
+            "C·(N−1) ≥ P within-class deviations spanning R^P"
+        )
+    b = g @ z.T
+    b = k_evecs.T @ (b + b.T) @ k_evecs
+    s = k_evecs @ (b / (k_evals[:, None] + k_evals[None, :])) @ k_evecs.T
+    return g - s @ z
+
+
+def renormalize(features: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Renormalized features Σ_W^{-1/2} (H − μ_G 1ᵀ) (seed §3.1): zero global mean, Σ_W = I.
+
+    The retraction of the simulator; it leaves the SNR singular values unchanged (invariance).
+    """
+    p, _ = _check_features(features, num_classes, "renormalize")
+    x = features.detach().to(_F64)
+    _, sigma_w, _ = feature_statistics(x, num_classes)
+    inv_sqrt, rank = reference.psd_inv_sqrt(sigma_w)
+    if rank < p:
+        raise ValueError(
+            f"renormalize: Σ_W has rank {rank} < P = {p}; renormalization needs C·(N−1) ≥ P "
+            "within-class deviations spanning R^P"
+        )
+    return inv_sqrt @ (x - x.mean(dim=1, keepdim=True))
+
+
+def snr_of_features(features: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """SNR = Σ_W^{-1/2} M̄ ``[P, C]`` (SPEC §4) of balanced class-grouped features."""
+    _check_features(features, num_classes, "snr_of_features")
+    class_means, sigma_w, _ = feature_statistics(features.detach(), num_classes)
+    mbar = (class_means - class_means.mean(dim=0)).T
+    return reference.psd_inv_sqrt(sigma_w)[0] @ mbar
+
+
+def initial_features(
+    num_classes: int,
+    per_class: int,
+    dim: int,
+    omega0: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A random point ``[P, C·N]`` of the manifold {Σ_W = I} with zero global mean.
+
+    With ``omega0`` (C−1 positive values), the SNR singular values are exactly ``omega0`` and the
+    singular vectors random; otherwise Gaussian features, renormalized.
+    """
+    where = "initial_features"
+    c = _check_count(num_classes, "num_classes", 2, where)
+    n = _check_count(per_class, "per_class", 2, where)
+    p = _check_count(dim, "dim", 1, where)
+    _check_dims(c, n, p, where)
+    if omega0 is None:
+        h = torch.randn(p, c * n, dtype=_F64, generator=generator)
+        return renormalize(h, c)
+    omega = _as_vector(omega0, "omega0", where)
+    if omega.numel() != c - 1 or (omega <= 0).any():
+        raise ValueError(f"{where}: omega0 must hold {c - 1} positive values, got {omega.tolist()}")
+    # V: an orthonormal basis of 1⊥ in R^C (centred means); U: orthonormal in R^P.
+    basis = torch.linalg.qr(
+        torch.cat(
+            [torch.ones(c, 1, dtype=_F64), torch.randn(c, c - 1, dtype=_F64, generator=generator)],
+            dim=1,
+        )
+    )[0][:, 1:]
+    u = torch.linalg.qr(torch.randn(p, c - 1, dtype=_F64, generator=generator))[0]
+    mbar = u @ torch.diag(omega) @ basis.T  # [P, C]
+    z = torch.randn(p, c, n, dtype=_F64, generator=generator)
+    z = (z - z.mean(dim=2, keepdim=True)).reshape(p, c * n)
+    z = reference.psd_inv_sqrt(z @ z.T / (c * n))[0] @ z
+    return (mbar[:, :, None] + z.reshape(p, c, n)).reshape(p, c * n)
+
+
+def _check_dims(c: int, n: int, p: int, where: str) -> None:
+    if p < c - 1:
+        raise ValueError(
+            f"{where}: dim P = {p} must be ≥ C − 1 = {c - 1} so the SNR has C − 1 nonzero "
+            "singular values"
+        )
+    if c * (n - 1) < p:
+        raise ValueError(
+            f"{where}: Σ_W needs C·(N−1) = {c * (n - 1)} ≥ P = {p} within-class degrees of "
+            "freedom to be invertible; use more samples per class or a smaller dim"
+        )
+
+
+# ----------------------------------------------------------------------------- simulator
+
+
+@dataclass
+class CentralPathRun:
+    """Record of :func:`simulate_central_path`; index k is time ``times[k]`` (k = 0 initial).
+
+    - ``omega [S+1, C−1]``: SNR singular values (descending) of the renormalized features
+    - ``loss_ls [S+1]``: L_LS of SPEC §3 at each recorded point
+    - ``alignment [S+1]``: ‖SNR_t / ω_max(t) − Û_0 V̂_0ᵀ‖_F (Corollary 2, Eq. 10)
+    - ``feature_alignment [S+1]``: ‖X_t/ω_max(t) − (Û_0V̂_0ᵀ)⊗1_Nᵀ‖_F / ‖(Û_0V̂_0ᵀ)⊗1_Nᵀ‖_F
+      (Eq. 11)
+    - ``manifold_drift [S]``: max |Σ_W − I| after each step, before renormalization
+    - ``u0 [P, C−1]``, ``v0 [C, C−1]``: singular vectors of SNR at t = 0; ``features``: final X
+    """
+
+    num_classes: int
+    per_class: int
+    dim: int
+    times: torch.Tensor
+    omega: torch.Tensor
+    loss_ls: torch.Tensor
+    alignment: torch.Tensor
+    feature_alignment: torch.Tensor
+    manifold_drift: torch.Tensor
+    u0: torch.Tensor
+    v0: torch.Tensor
+    features: torch.Tensor = field(repr=False)
+
+    def to_dict(self) -> dict:
+        """JSON-ready series (lists of floats)."""
+        return {
+            "num_classes": self.num_classes,
+            "per_class": self.per_class,
+            "dim": self.dim,
+            "times": self.times.tolist(),
+            "omega": self.omega.tolist(),
+            "loss_ls": self.loss_ls.tolist(),
+            "alignment": self.alignment.tolist(),
+            "feature_alignment": self.feature_alignment.tolist(),
+            "manifold_drift": self.manifold_drift.tolist(),
+        }
+
+
+def _flow(x: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The continually renormalized flow's velocity −Π_X ∇_X L_LS(X) (seed Eq. 5)."""
+    x = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(least_squares_loss(x, num_classes), x)
+    return -tangent_projection(grad, x.detach(), num_classes)
+
+
+def _rk4_step(x: torch.Tensor, dt: float, num_classes: int) -> torch.Tensor:
+    k1 = _flow(x, num_classes)
+    k2 = _flow(x + 0.5 * dt * k1, num_classes)
+    k3 = _flow(x + 0.5 * dt * k2, num_classes)
+    k4 = _flow(x + dt * k3, num_classes)
+    return x + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+
+
+def simulate_central_path(
+    features: torch.Tensor,
+    num_classes: int,
+    steps: int,
+    dt: float | None = None,
+    max_log_step: float = 0.02,
+    progress: bool = False,
+) -> CentralPathRun:
+    """Integrate the continually renormalized gradient flow from ``features [P, C·N]``.
+
+    Each step: classical RK4 on dX/dt = −Π_X ∇_X L_LS(X) (autograd through the SPEC §3 code,
+    projection of :func:`tangent_projection`), then renormalization back to Σ_W = I, zero global
+    mean (:func:`renormalize`). The features are renormalized once before the first step.
+
+    ``dt``: fixed step in flow time t (the time of :func:`snr_closed_form`). ``dt=None`` picks
+    ``dt_k = max_log_step · N · (C + ω_min²)²`` per step, which bounds the growth of every log ω_j
+    per step by ``max_log_step`` (the relative rate is 1/(N(C+ω_j²)²) ≤ 1/(N(C+ω_min²)²)) and
+    makes t grow geometrically once ω ≫ √C: long runs (Corollaries 1–2) in few steps.
+    """
+    where = "simulate_central_path"
+    p, n = _check_features(features, num_classes, where)
+    c = num_classes
+    _check_count(steps, "steps", 0, where)
+    _check_dims(c, n, p, where)
+    if dt is not None and not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
+        raise ValueError(f"{where}: dt must be a positive finite number or None, got {dt!r}")
+    if not (math.isfinite(max_log_step) and 0 < max_log_step <= 0.5):
+        raise ValueError(f"{where}: max_log_step must be in (0, 0.5], got {max_log_step!r}")
+
+    small = features.numel() < _SINGLE_THREAD_NUMEL
+    with _single_thread() if small else contextlib.nullcontext():
+        return _simulate(features, c, n, p, steps, dt, max_log_step, progress)
+
+
+@contextlib.contextmanager
+def _single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _simulate(features, c, n, p, steps, dt, max_log_step, progress) -> CentralPathRun:
+    x = renormalize(features, c)
+    snr0 = snr_of_features(x, c)
+    u_full, _, vh0 = torch.linalg.svd(snr0, full_matrices=False)
+    u0, v0 = u_full[:, : c - 1], vh0[: c - 1].T
+    target = u0 @ v0.T  # Û_0 V̂_0ᵀ, [P, C]
+    target_features = target.repeat_interleave(n, dim=1)  # (Û_0V̂_0ᵀ) ⊗ 1_Nᵀ
+
+    def record(x_):
+        snr_t = snr_of_features(x_, c)
+        omega_t = torch.linalg.svdvals(snr_t)[: c - 1]
+        w_max = omega_t[0]
+        align = (snr_t / w_max - target).norm()
+        feat = (x_ / w_max - target_features).norm() / target_features.norm()
+        return omega_t, least_squares_loss(x_, c).detach(), align, feat
+
+    times = [0.0]
+    records = [record(x)]
+    drift = []
+    eye = torch.eye(p, dtype=_F64)
+    t = 0.0
+    for _ in tqdm(range(steps), desc="central path", disable=not progress, leave=False):
+        omega_min = float(records[-1][0][-1])
+        step = dt if dt is not None else max_log_step * n * (c + omega_min**2) ** 2
+        x_new = _rk4_step(x, float(step), c)
+        _, sigma_w, _ = feature_statistics(x_new, c)
+        drift.append(float((sigma_w - eye).abs().max()))
+        x = renormalize(x_new, c)
+        t += float(step)
+        times.append(t)
+        records.append(record(x))
+    omega, loss, align, feat = (torch.stack(list(col)) for col in zip(*records, strict=True))
+    return CentralPathRun(
+        num_classes=c,
+        per_class=n,
+        dim=p,
+        times=torch.tensor(times, dtype=_F64),
+        omega=omega,
+        loss_ls=loss,
+        alignment=align,
+        feature_alignment=feat,
+        manifold_drift=torch.tensor(drift, dtype=_F64),
+        u0=u0,
+        v0=v0,
+        features=x,
+    )
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def fit_central_path(times, omega) -> dict:
+    """Fit ``c1 log ω + c2 ω² + c3 ω⁴ = a_j + κ t`` to measured SNR singular values.
+
+    ``times [T]`` (epochs or steps, any units) and ``omega [T, J]`` (positive). Linear least
+    squares in the time direction over all (k, j): unknowns c1, c2, c3 ≥ 0 (shared) and one
+    offset a_j per singular value. The law is invariant to a common scale of (c, a, κ): it is
+    fixed by κ = 1, so the c's are in units of the given time (on the SPEC §5 central path with
+    flow time t, c = N·(C², C, ¼)); the scale-free shape is reported as c1/c3 and c2/c3 (SPEC:
+    4C² and 4C). c ≥ 0 is enforced exactly by trying every face of the constraint set.
+
+    Returns ``c1, c2, c3, kappa`` (floats), ``a [J]``, ``c1_over_c3``, ``c2_over_c3``
+    (nan if c3 = 0), ``r2_time`` (R² of the law's time prediction), ``r2_omega`` (R² of the
+    predicted ω over all entries), ``spread [T]`` (ω_max/ω_min per time), ``predicted_omega
+    [T, J]`` (the fitted law solved for ω at each time).
+    """
+    where = "fit_central_path"
+    t = _as_vector(times, "times", where)
+    if not isinstance(omega, torch.Tensor):
+        omega = torch.as_tensor(omega)
+    w = omega.detach().to(_F64).cpu()
+    if w.dim() != 2 or w.shape[0] != t.numel():
+        raise ValueError(
+            f"{where}: omega must have shape [len(times), J] = [{t.numel()}, J], "
+            f"got {list(w.shape)}"
+        )
+    num_t, num_j = w.shape
+    if num_j == 0:
+        raise ValueError(f"{where}: omega has no singular values (J = 0)")
+    if not torch.isfinite(w).all() or (w <= 0).any():
+        raise ValueError(f"{where}: omega must be positive and finite")
+    if num_t * num_j < num_j + 4 or num_t < 3:
+        raise ValueError(
+            f"{where}: need at least 3 times and more equations (T·J = {num_t * num_j}) than "
+            f"unknowns (3 + J = {3 + num_j}) plus one"
+        )
+    t = t.cpu()
+    if float(t.max() - t.min()) <= 0:
+        raise ValueError(f"{where}: times must not all be equal")
+
+    features = torch.stack([w.log(), w.square(), w.square().square()], dim=-1).reshape(-1, 3)
+    offsets = -torch.eye(num_j, dtype=_F64).repeat(num_t, 1)  # −a_j column per j
+    target = t.repeat_interleave(num_j)
+    best = None
+    for size in (3, 2, 1):
+        for face in itertools.combinations(range(3), size):
+            design = torch.cat([features[:, list(face)], offsets], dim=1)
+            scale = design.norm(dim=0).clamp(min=torch.finfo(_F64).tiny)
+            sol = torch.linalg.lstsq(design / scale, target[:, None], driver="gelsd").solution
+            sol = sol[:, 0] / scale
+            if (sol[:size] < 0).any():
+                continue
+            residual = float((design @ sol - target).square().sum())
+            if best is None or residual < best[0] * (1 - 1e-12):
+                coeffs = [0.0, 0.0, 0.0]
+                for i, k in enumerate(face):
+                    coeffs[k] = float(sol[i])
+                best = (residual, coeffs, sol[size:])
+    if best is None:  # every face negative: data decreasing in time
+        raise ValueError(f"{where}: no fit with c ≥ 0 exists (ω decreasing over time?)")
+    residual, (c1, c2, c3), a = best
+    total = float((target - target.mean()).square().sum())
+    # Solve the fitted law from base ω = 1 (F(0) = c2 + c3).
+    increment = a[None, :] + t[:, None] - (c2 + c3)
+    predicted = _solve_potential(torch.ones_like(increment), increment, c1, c2, c3)
+    w_total = float((w - w.mean()).square().sum())
+    w_res = float((predicted - w).square().sum())
+    return {
+        "c1": c1,
+        "c2": c2,
+        "c3": c3,
+        "kappa": 1.0,
+        "a": a,
+        "c1_over_c3": c1 / c3 if c3 > 0 else float("nan"),
+        "c2_over_c3": c2 / c3 if c3 > 0 else float("nan"),
+        "r2_time": 1.0 - residual / total,
+        "r2_omega": 1.0 - w_res / w_total if w_total > 0 else float("nan"),
+        "spread": w.max(dim=1).values / w.min(dim=1).values,
+        "predicted_omega": predicted,
+    }
