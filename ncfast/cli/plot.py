@@ -1,0 +1,44 @@
+"""``ncfast plot RUN_DIR [RUN_DIR ...] --out DIR``: the seed's figures from run directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ncfast.cli import main
+
+
+@main.command("plot")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the figures (created if missing).",
+)
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    type=click.Choice(["png", "pdf", "svg"]),
+    default=("png", "pdf"),
+    show_default=True,
+    help="Figure format; repeat for several.",
+)
+def plot_command(run_dirs: tuple[Path, ...], out: Path, formats: tuple[str, ...]) -> None:
+    """Plot the runs in RUN_DIR... (written by `ncfast train --out`) in the style of the seed's
+    Figs. 2–12: one panel per dataset × network, runs of a cell overlaid (e.g. MSE vs CE)."""
+    from ncfast.plots import plot_runs
+    from ncfast.runs import RunError, load_run
+
+    try:
+        runs = [load_run(p) for p in run_dirs]
+    except RunError as exc:
+        raise click.ClickException(str(exc)) from None
+    if out.exists() and not out.is_dir():
+        raise click.UsageError(f"--out: {out} exists and is not a directory")
+    paths = plot_runs(runs, out, formats)
+    for path in paths:
+        click.echo(str(path))
+    click.echo(f"{len(paths)} files from {len(runs)} run(s) in {out}")

@@ -1,0 +1,35 @@
+"""``ncfast table RUN_DIR ...``: the seed's Table 1 (test accuracy at zero error vs at the end)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ncfast.cli import main
+
+
+@main.command("table")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for table1.md and table1.csv.",
+)
+def table_command(run_dirs: tuple[Path, ...], out: Path) -> None:
+    """Print and write Table 1 for the runs in RUN_DIR...: test accuracy at the first epoch of
+    zero training error vs at the last epoch, with the median and mean improvement."""
+    from ncfast.runs import RunError, load_run
+    from ncfast.tables import write_table1
+
+    try:
+        runs = [load_run(p) for p in run_dirs]
+    except RunError as exc:
+        raise click.ClickException(str(exc)) from None
+    if out.exists() and not out.is_dir():
+        raise click.UsageError(f"--out: {out} exists and is not a directory")
+    markdown, paths = write_table1(runs, out)
+    click.echo(markdown, nl=False)
+    click.echo("written: " + ", ".join(str(p) for p in paths))

@@ -1,0 +1,508 @@
+"""Figures in the style of the seed's Figs. 2–12 from training runs (matplotlib, Agg backend).
+
+Every figure is a grid with one panel per (dataset, network) cell — datasets as columns,
+networks as rows, as in the seed's Fig. 2 — and the runs of a cell overlaid in one colour per
+variant (the loss: MSE vs CE as in Figs. 10–11, or the run's directory name when a cell holds
+several runs of the same loss). Epochs are on a log scale; a vertical line marks each run's
+zero-training-error epoch (red, as in the seed, when there is one variant). Within a panel the
+line style says which quantity: solid for class means / the training set, dashed for
+classifiers / the test set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator, NullFormatter
+
+from ncfast.runs import Run, central_path_fit
+
+FORMATS = ("png", "pdf")
+ZERO_ERROR_COLOR = "#d62728"
+LOSS_COLORS = {"mse": "#1f77b4", "ce": "#ff7f0e", "mse-rescaled": "#2ca02c"}
+OTHER_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+DECOMPOSITION_TERMS = (
+    ("loss_mse", r"$\mathcal{L}$ (MSE)", "black"),
+    ("loss_ls", r"$\mathcal{L}_{LS} = \mathcal{L}_{NC1} + \mathcal{L}_{NC2/3}$", "#1f77b4"),
+    ("loss_nc1", r"$\mathcal{L}_{NC1}$", "#2ca02c"),
+    ("loss_nc23", r"$\mathcal{L}_{NC2/3}$", "#ff7f0e"),
+    ("loss_ls_perp", r"$\mathcal{L}^{\perp}_{LS}$", "#9467bd"),
+)
+
+
+@dataclass(frozen=True)
+class Curve:
+    key: str
+    split: str
+    style: str
+    meaning: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class MetricFigure:
+    name: str
+    title: str
+    ylabel: str
+    curves: tuple[Curve, ...]
+    logy: bool = False
+
+
+MEANS_AND_CLASSIFIERS = ("-", "--")
+METRIC_FIGURES = (
+    MetricFigure(
+        "error",
+        "Training and test error",
+        "error (%)",
+        (Curve("error", "train", "-", "train", 100.0), Curve("error", "test", "--", "test", 100.0)),
+    ),
+    MetricFigure(
+        "equinorm",
+        "Equinorm (seed Fig. 3)",
+        r"std$_c$ / avg$_c$ of norm",
+        (
+            Curve("nc2_equinorm_means", "train", "-", r"class means $\|\mu_c-\mu_G\|$"),
+            Curve("nc2_equinorm_classifiers", "train", "--", r"classifiers $\|w_c\|$"),
+        ),
+    ),
+    MetricFigure(
+        "equiangularity",
+        "Equiangularity (seed Fig. 4)",
+        r"std$_{c\neq c'}$ cos",
+        (
+            Curve("nc2_equiangular_means", "train", "-", "class means"),
+            Curve("nc2_equiangular_classifiers", "train", "--", "classifiers"),
+        ),
+    ),
+    MetricFigure(
+        "maxangle",
+        "Maximal-angle equiangularity (seed Fig. 5)",
+        r"avg$_{c\neq c'}$ |cos + 1/(C−1)|",
+        (
+            Curve("nc2_maxangle_means", "train", "-", "class means"),
+            Curve("nc2_maxangle_classifiers", "train", "--", "classifiers"),
+        ),
+    ),
+    MetricFigure(
+        "self_duality",
+        "Self-duality (seed Fig. 6)",
+        r"$\| W^\top/\|W\|_F - \bar M/\|\bar M\|_F \|_F^2$",
+        (Curve("nc3_self_duality", "train", "-", "train"),),
+    ),
+    MetricFigure(
+        "nc1",
+        "Variability collapse (seed Figs. 7 and 12)",
+        r"tr$(\Sigma_W \Sigma_B^\dagger)/C$",
+        (Curve("nc1", "train", "-", "train"), Curve("nc1", "test", "--", "test")),
+        logy=True,
+    ),
+    MetricFigure(
+        "ncc_mismatch",
+        "Convergence to nearest class centre (seed Fig. 8)",
+        "proportion mismatch",
+        (
+            Curve("nc4_ncc_mismatch", "train", "-", "train"),
+            Curve("nc4_ncc_mismatch", "test", "--", "test"),
+        ),
+    ),
+    MetricFigure(
+        "robustness",
+        "DeepFool robustness (seed Fig. 9)",
+        r"avg $\|r\|_2 / \|x\|_2$",
+        (Curve("robustness", "test", "-", "test"),),
+        logy=True,
+    ),
+    MetricFigure(
+        "snr_condition",
+        "Spread of the SNR singular values (seed Cor. 1)",
+        r"$\omega_{\max}/\omega_{\min}$",
+        (
+            Curve("snr_condition", "train", "-", "train"),
+            Curve("snr_condition", "test", "--", "test"),
+        ),
+        logy=True,
+    ),
+    MetricFigure(
+        "ls_perp_ratio",
+        "Proximity to the central path (seed Fig. 2)",
+        r"$\mathcal{L}^{\perp}_{LS} / \mathcal{L}_{LS}$",
+        (Curve("ls_perp_ratio", "train", "-", "train"),),
+        logy=True,
+    ),
+)
+FIGURE_NAMES = (
+    *(f.name for f in METRIC_FIGURES if f.name != "ls_perp_ratio"),
+    "decomposition",
+    "ls_perp_ratio",
+    "snr",
+)
+
+
+def _history(run: Run, split: str) -> dict[str, np.ndarray]:
+    hist = dict(run.history(split))
+    if "loss_ls_perp" in hist and "loss_ls" in hist:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            hist["ls_perp_ratio"] = hist["loss_ls_perp"] / hist["loss_ls"]
+    return hist
+
+
+def _has_data(run: Run, key: str, split: str) -> bool:
+    values = _history(run, split).get(key)
+    return values is not None and values.size > 0 and bool(np.isfinite(values).any())
+
+
+def _cells(runs: Sequence[Run]):
+    """Grid layout: datasets as columns, networks as rows, in order of first appearance."""
+    datasets = list(dict.fromkeys(r.dataset for r in runs))
+    nets = list(dict.fromkeys(r.net for r in runs))
+    cells = {(r.dataset, r.net) for r in runs}
+    return datasets, nets, cells
+
+
+def _variants(runs: Sequence[Run]) -> dict[int, tuple[str, str]]:
+    """Per run (by position): (legend label, colour). The loss unless a cell repeats it."""
+    counts: dict[tuple, int] = {}
+    for r in runs:
+        counts[(r.dataset, r.net, r.loss)] = counts.get((r.dataset, r.net, r.loss), 0) + 1
+    repeated = any(n > 1 for n in counts.values())
+    labels = [f"{r.loss.upper()} ({r.name})" if repeated else r.loss.upper() for r in runs]
+    colors: dict[str, str] = {}
+    spare = iter(OTHER_COLORS * 10)
+    for r, label in zip(runs, labels, strict=True):
+        if label not in colors:
+            colors[label] = (
+                LOSS_COLORS.get(r.loss.lower(), next(spare)) if not repeated else next(spare)
+            )
+    if repeated:  # several runs per loss: spread the palette, loss colours first
+        palette = list(LOSS_COLORS.values()) + OTHER_COLORS
+        colors = {label: palette[i % len(palette)] for i, label in enumerate(colors)}
+    return {i: (label, colors[label]) for i, label in enumerate(labels)}
+
+
+def _epoch_axis(ax) -> None:
+    """Log-scale epochs labelled 1, 10, 100 (not 10⁰, 10¹), light grid."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", axis="x", alpha=0.1)
+    ax.tick_params(which="both", labelsize=8)
+
+
+def _log_y(ax) -> None:
+    """Log y; within two decades plain numbers (2, 3, 20, 30) read better than 3×10¹."""
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    if low > 0 and high / low < 100:
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def _figsize(nrows: int, ncols: int, panel_w: float, panel_h: float) -> tuple[float, float]:
+    # A single panel still needs room for the title and the legend below it.
+    return max(panel_w * ncols + 0.6, 5.2), panel_h * nrows + 1.2
+
+
+def _ordered_labels(variants: dict[int, tuple[str, str]]) -> list[str]:
+    """Variant labels, MSE first, then CE, then the rest in order of appearance."""
+    labels = list(dict.fromkeys(v[0] for v in variants.values()))
+    known = [k.upper() for k in LOSS_COLORS]
+    return sorted(labels, key=lambda lab: known.index(lab) if lab in known else len(known))
+
+
+def _grid(runs: Sequence[Run], title: str, panel_w=3.4, panel_h=2.6):
+    datasets, nets, cells = _cells(runs)
+    losses = {r.loss for r in runs}
+    suffix = f" · {next(iter(losses))}" if len(losses) == 1 else ""
+    nrows, ncols = len(nets), len(datasets)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=_figsize(nrows, ncols, panel_w, panel_h),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    panel = {}
+    for i, net in enumerate(nets):
+        for j, ds in enumerate(datasets):
+            ax = axes[i][j]
+            if (ds, net) not in cells:
+                ax.set_axis_off()
+                continue
+            ax.set_title(f"{ds} · {net}{suffix}", fontsize=9)
+            _epoch_axis(ax)
+            panel[(ds, net)] = ax
+    for ds in datasets:
+        for i in range(nrows - 1, -1, -1):
+            if (ds, nets[i]) in cells:
+                axes[i][datasets.index(ds)].set_xlabel("epoch", fontsize=8)
+                break
+    fig.suptitle(title, fontsize=11)
+    return fig, panel
+
+
+def _plot_series(ax, epochs, values, *, logy, **kwargs) -> bool:
+    mask = np.isfinite(values) & (epochs > 0)
+    if logy:
+        mask &= values > 0
+    if not mask.any():
+        return False
+    ax.plot(epochs[mask], values[mask], marker="o", markersize=2.5, linewidth=1.3, **kwargs)
+    return True
+
+
+def _zero_error_line(ax, run: Run, color: str, style: str = "-") -> None:
+    epoch = run.zero_error_epoch
+    if epoch is not None and epoch > 0:
+        ax.axvline(epoch, color=color, linewidth=1.0, linestyle=style, alpha=0.8, zorder=0)
+
+
+def _figure_legend(fig, handles) -> None:
+    # As many columns as fit the figure's width (about 1.8 inch per entry).
+    per_row = max(1, int(fig.get_figwidth() / 1.8))
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=min(len(handles), per_row),
+        fontsize=8,
+        frameon=False,
+    )
+
+
+def _legend(fig, variants: dict[int, tuple[str, str]], styles, one_variant: bool) -> None:
+    colors = {label: color for label, color in variants.values()}
+    handles = [
+        Line2D([], [], color=colors[lab], linewidth=2, label=lab)
+        for lab in _ordered_labels(variants)
+    ]
+    handles += [Line2D([], [], color="0.3", linestyle=s, label=m) for s, m in styles]
+    handles.append(
+        Line2D(
+            [],
+            [],
+            color=ZERO_ERROR_COLOR if one_variant else "0.3",
+            linewidth=1,
+            linestyle="-" if one_variant else ":",
+            label="zero training error",
+        )
+    )
+    _figure_legend(fig, handles)
+
+
+def _save(fig, out_dir: Path, name: str, formats: Sequence[str]) -> list[Path]:
+    paths = []
+    for fmt in formats:
+        path = out_dir / f"{name}.{fmt}"
+        fig.savefig(path, dpi=150 if fmt == "png" else None)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _ylabel(panel: dict, text: str) -> None:
+    # Label the left-most panel of each row only.
+    rows: dict[str, tuple] = {}
+    for (_, net), ax in panel.items():
+        if net not in rows or ax.get_subplotspec().colspan.start < rows[net][1]:
+            rows[net] = (ax, ax.get_subplotspec().colspan.start)
+    for ax, _ in rows.values():
+        ax.set_ylabel(text, fontsize=8)
+
+
+def metric_figure(runs: Sequence[Run], spec: MetricFigure):
+    """One metric figure (runs of a cell overlaid); None when no run has the data."""
+    if not any(_has_data(r, c.key, c.split) for r in runs for c in spec.curves):
+        return None
+    variants = _variants(runs)
+    one_variant = len({v[0] for v in variants.values()}) == 1
+    fig, panel = _grid(runs, spec.title)
+    used_styles = {}
+    for i, run in enumerate(runs):
+        color = variants[i][1]
+        ax = panel[(run.dataset, run.net)]
+        for curve in spec.curves:
+            hist = _history(run, curve.split)
+            if curve.key not in hist:
+                continue
+            if _plot_series(
+                ax,
+                hist["epoch"],
+                hist[curve.key] * curve.scale,
+                logy=spec.logy,
+                color=color,
+                linestyle=curve.style,
+            ):
+                used_styles[curve.style] = curve.meaning
+        _zero_error_line(
+            ax, run, ZERO_ERROR_COLOR if one_variant else color, "-" if one_variant else ":"
+        )
+    for ax in panel.values():
+        if spec.logy and ax.has_data():
+            _log_y(ax)
+    _ylabel(panel, spec.ylabel)
+    styles = list(used_styles.items()) if len(spec.curves) > 1 else []
+    _legend(fig, variants, styles, one_variant)
+    return fig
+
+
+def decomposition_figure(runs: Sequence[Run]):
+    """Seed Fig. 2: the MSE decomposition terms over epochs (training set), log–log; None
+    when no run has them."""
+    if not any(_has_data(r, "loss_mse", "train") for r in runs):
+        return None
+    variants = _variants(runs)
+    labels = _ordered_labels(variants)
+    styles = ["-", "--", ":", "-."]
+    title = (
+        r"MSE decomposition (seed Fig. 2): $\mathcal{L} = \mathcal{L}_{NC1} + "
+        r"\mathcal{L}_{NC2/3} + \mathcal{L}^{\perp}_{LS}$"
+    )
+    fig, panel = _grid(runs, title)
+    for i, run in enumerate(runs):
+        ax = panel[(run.dataset, run.net)]
+        style = styles[labels.index(variants[i][0]) % len(styles)]
+        hist = _history(run, "train")
+        for key, _, color in DECOMPOSITION_TERMS:
+            if key in hist:
+                _plot_series(ax, hist["epoch"], hist[key], logy=True, color=color, linestyle=style)
+        _zero_error_line(ax, run, ZERO_ERROR_COLOR, style)
+    for ax in panel.values():
+        if ax.has_data():
+            _log_y(ax)
+    _ylabel(panel, "loss (training set)")
+    handles = [Line2D([], [], color=c, linewidth=2, label=lab) for _, lab, c in DECOMPOSITION_TERMS]
+    if len(labels) > 1:
+        handles += [
+            Line2D([], [], color="0.3", linestyle=styles[k % len(styles)], label=lab)
+            for k, lab in enumerate(labels)
+        ]
+    handles.append(Line2D([], [], color=ZERO_ERROR_COLOR, linewidth=1, label="zero training error"))
+    _figure_legend(fig, handles)
+    return fig
+
+
+def snr_figure(runs: Sequence[Run], fits: dict[int, dict] | None = None):
+    """SNR singular values ω_j(t) (training set), measured (dots) and central-path fit (lines).
+
+    One panel per run. ``fits`` maps a run's position to its
+    :func:`ncfast.runs.central_path_fit` result (computed here when None). None when no run
+    logged SNR singular values.
+    """
+    runs_with = [(i, r) for i, r in enumerate(runs) if _has_data(r, "snr_singular_values", "train")]
+    if not runs_with:
+        return None
+    n = len(runs_with)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=_figsize(nrows, ncols, 4.0, 3.1),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    for k in range(n, nrows * ncols):
+        axes[k // ncols][k % ncols].set_axis_off()
+    any_fit = False
+    for k, (i, run) in enumerate(runs_with):
+        ax = axes[k // ncols][k % ncols]
+        hist = _history(run, "train")
+        epochs, omega = hist["epoch"], hist["snr_singular_values"]
+        cmap = plt.get_cmap("viridis")
+        num = omega.shape[1]
+        colors = [cmap(j / max(num - 1, 1) * 0.9) for j in range(num)]
+        for j in range(num):
+            _plot_series(ax, epochs, omega[:, j], logy=True, color=colors[j], linestyle="none")
+        fit = fits.get(i) if fits is not None else central_path_fit(run)
+        if fit is not None and fit.get("fitted"):
+            t, pred = np.asarray(fit["epochs"]), np.asarray(fit["predicted_omega"])
+            for j in range(min(num, pred.shape[1])):
+                ax.plot(t, pred[:, j], color=colors[j], linewidth=1.0)
+            any_fit = True
+            note = (
+                f"fit from epoch {fit['start_epoch']}: R²(ω) = {fit['r2_omega']:.3f}\n"
+                f"c₁/c₃ = {fit['c1_over_c3']:.3g}, c₂/c₃ = {fit['c2_over_c3']:.3g}"
+            )
+        else:
+            note = "no central-path fit" + (f": {fit['reason']}" if fit else "")
+        ax.text(0.02, 0.97, note, transform=ax.transAxes, fontsize=7, va="top", wrap=True)
+        _zero_error_line(ax, run, ZERO_ERROR_COLOR)
+        _epoch_axis(ax)
+        if ax.has_data():
+            _log_y(ax)
+        ax.set_title(f"{run.label} ({run.name})", fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        if k % ncols == 0:
+            ax.set_ylabel(r"SNR singular values $\omega_j$", fontsize=8)
+    handles = [
+        Line2D(
+            [],
+            [],
+            color="0.3",
+            marker="o",
+            markersize=3,
+            linestyle="none",
+            label=r"measured $\omega_j$ (colour: j)",
+        ),
+    ]
+    if any_fit:
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color="0.3",
+                linewidth=1,
+                label=r"fit $c_1\log\omega + c_2\omega^2 + c_3\omega^4 = a_j + "
+                r"\kappa t$",
+            )
+        )
+    handles.append(Line2D([], [], color=ZERO_ERROR_COLOR, linewidth=1, label="zero training error"))
+    _figure_legend(fig, handles)
+    fig.suptitle("SNR singular values (seed §3, SPEC §5)", fontsize=11)
+    return fig
+
+
+def plot_runs(
+    runs: Sequence[Run],
+    out_dir: str | Path,
+    formats: Sequence[str] = FORMATS,
+    fits: dict[int, dict] | None = None,
+) -> list[Path]:
+    """Every figure of :data:`FIGURE_NAMES` the runs have data for, written to ``out_dir`` as
+    ``<name>.<format>``; returns the paths. ``fits``: as in :func:`snr_figure`."""
+    if not runs:
+        raise ValueError("plot_runs: no runs given")
+    bad = [f for f in formats if f not in ("png", "pdf", "svg")]
+    if bad:
+        raise ValueError(f"plot_runs: formats must be among png, pdf, svg; got {bad}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for name in FIGURE_NAMES:
+        fig = figure(runs, name, fits)
+        if fig is not None:
+            paths += _save(fig, out_dir, name, formats)
+    return paths
+
+
+def figure(runs: Sequence[Run], name: str, fits: dict[int, dict] | None = None):
+    """The figure ``name`` (one of :data:`FIGURE_NAMES`) for ``runs``, or None without data.
+    The caller closes it (``plt.close(fig)``)."""
+    if name == "decomposition":
+        return decomposition_figure(runs)
+    if name == "snr":
+        return snr_figure(runs, fits)
+    specs = {spec.name: spec for spec in METRIC_FIGURES}
+    if name not in specs:
+        raise ValueError(f"figure: name must be one of {list(FIGURE_NAMES)}, got {name!r}")
+    return metric_figure(runs, specs[name])

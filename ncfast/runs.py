@@ -1,0 +1,252 @@
+"""Reading training-run directories: ``metrics.jsonl`` and ``config.json`` (written by
+``ncfast train``), with errors that say which file and line was wrong.
+
+A run's history is one flat record per measured epoch and split (``train``/``test``); here it
+becomes, per split, an array per key over the measured epochs (``snr_singular_values`` a
+``[T, J]`` array padded with NaN where the rank changed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+SPLITS = ("train", "test")
+REQUIRED_KEYS = ("epoch", "split", "error")
+
+
+class RunError(ValueError):
+    """A run directory, metrics log or config that cannot be read; the message says why."""
+
+
+def _check_record(rec, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise RunError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in rec]
+    if missing:
+        raise RunError(f"{where}: missing key(s) {', '.join(missing)}")
+    epoch = rec["epoch"]
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise RunError(f"{where}: 'epoch' must be an integer ≥ 0, got {epoch!r}")
+    if rec["split"] not in SPLITS:
+        raise RunError(f"{where}: 'split' must be 'train' or 'test', got {rec['split']!r}")
+    err = rec["error"]
+    if not isinstance(err, (int, float)) or isinstance(err, bool) or not 0 <= err <= 1:
+        raise RunError(f"{where}: 'error' must be a fraction in [0, 1], got {err!r}")
+    return rec
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file, validated, in file order.
+
+    A malformed *last* line (a run killed while writing) is skipped with a warning; a malformed
+    line anywhere else is an error naming the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"metrics log not found: {path} (expected a file written by ncfast train)")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        where = f"{path}, line {i + 1}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i == last:
+                warnings.warn(f"{where}: incomplete last line skipped ({exc.msg})", stacklevel=2)
+                continue
+            raise RunError(f"{where}: not valid JSON ({exc.msg})") from None
+        records.append(_check_record(rec, where))
+    if not records:
+        raise RunError(f"{path}: no measurements logged yet")
+    return records
+
+
+def read_config(path: str | Path) -> dict:
+    """The run's ``config.json`` as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"run config not found: {path}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise RunError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _to_float(value) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return math.nan
+
+
+def history_arrays(records: list[dict], split: str) -> dict[str, np.ndarray]:
+    """Per-key arrays over the measured epochs of ``split``, sorted by epoch.
+
+    Scalars become float64 arrays (NaN where a record lacks the key); list-valued keys (the SNR
+    singular values) become ``[T, J]`` arrays padded with NaN. A repeated epoch (a resumed run
+    that logged it twice) keeps the last record. ``epoch`` is an int array.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"history_arrays: split must be 'train' or 'test', got {split!r}")
+    by_epoch: dict[int, dict] = {}
+    for rec in records:
+        if rec.get("split") == split:
+            by_epoch[int(rec["epoch"])] = rec
+    epochs = sorted(by_epoch)
+    rows = [by_epoch[e] for e in epochs]
+    out: dict[str, np.ndarray] = {"epoch": np.asarray(epochs, dtype=np.int64)}
+    keys: list[str] = []
+    for rec in rows:
+        keys.extend(k for k in rec if k not in keys and k not in ("epoch", "split"))
+    for key in keys:
+        values = [rec.get(key) for rec in rows]
+        if any(isinstance(v, (list, tuple)) for v in values):
+            width = max((len(v) for v in values if isinstance(v, (list, tuple))), default=0)
+            arr = np.full((len(rows), width), np.nan)
+            for t, v in enumerate(values):
+                if isinstance(v, (list, tuple)):
+                    arr[t, : len(v)] = [_to_float(x) for x in v]
+            out[key] = arr
+        elif all(v is None or isinstance(v, (int, float)) for v in values):
+            out[key] = np.asarray([_to_float(v) for v in values], dtype=np.float64)
+        # other types (strings) are not history curves and are left out
+    return out
+
+
+def zero_error_epoch(records_or_history) -> int | None:
+    """The first measured epoch with training error exactly 0, or None if never reached."""
+    hist = (
+        records_or_history
+        if isinstance(records_or_history, dict)
+        else history_arrays(records_or_history, "train")
+    )
+    epochs, errors = hist.get("epoch"), hist.get("error")
+    if epochs is None or errors is None:
+        return None
+    hit = np.flatnonzero(errors == 0)
+    return int(epochs[hit[0]]) if hit.size else None
+
+
+@dataclass
+class Run:
+    """A training run: its directory, config and validated metrics records."""
+
+    path: Path
+    config: dict
+    records: list[dict]
+    _history: dict = field(default_factory=dict, repr=False)
+
+    def history(self, split: str = "train") -> dict[str, np.ndarray]:
+        if split not in self._history:
+            self._history[split] = history_arrays(self.records, split)
+        return self._history[split]
+
+    @property
+    def zero_error_epoch(self) -> int | None:
+        return zero_error_epoch(self.history("train"))
+
+    @property
+    def last_epoch(self) -> int:
+        return max(int(r["epoch"]) for r in self.records)
+
+    def last_record(self, split: str) -> dict | None:
+        """The record of the last measured epoch of ``split`` (None if never measured)."""
+        recs = [r for r in self.records if r["split"] == split]
+        return max(recs, key=lambda r: r["epoch"]) if recs else None
+
+    @property
+    def dataset(self) -> str:
+        return str(self.config.get("dataset", "?"))
+
+    @property
+    def net(self) -> str:
+        return str(self.config.get("net", "?"))
+
+    @property
+    def loss(self) -> str:
+        return str(self.config.get("loss", "?"))
+
+    @property
+    def name(self) -> str:
+        return self.path.name or str(self.path)
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset} · {self.net} · {self.loss}"
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory (``metrics.jsonl`` required; ``config.json`` if present)."""
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"run directory not found: {path}")
+    if not path.is_dir():
+        raise RunError(
+            f"not a run directory: {path} (expected a directory written by ncfast "
+            f"train --out, holding {METRICS_FILE})"
+        )
+    records = read_metrics(path / METRICS_FILE)
+    config_path = path / CONFIG_FILE
+    config = read_config(config_path) if config_path.exists() else {}
+    return Run(path=path, config=config, records=records)
+
+
+def run_from_history(records: list[dict], config: dict, path: str | Path = ".") -> Run:
+    """A :class:`Run` from in-memory records (e.g. a checkpoint's ``history``)."""
+    if not isinstance(records, list) or not records:
+        raise RunError("history: expected a non-empty list of metric records")
+    checked = [_check_record(r, f"history record {i}") for i, r in enumerate(records)]
+    return Run(path=Path(path), config=dict(config or {}), records=checked)
+
+
+def central_path_fit(run: Run, split: str = "train", start_epoch: int | None = None) -> dict:
+    """The SPEC §5 central-path law fitted to the run's logged SNR singular values.
+
+    Fitted over the terminal phase (epochs ≥ the zero-error epoch, where the seed's theory
+    applies; all epochs if zero error was never reached; or from ``start_epoch``) by
+    :func:`ncfast.theory.fit_central_path` with t = epoch. Returns ``fitted`` (bool), ``epochs``
+    (the t used), ``start_epoch``, and, when fitted, that function's result with tensors as
+    numpy arrays (``c1, c2, c3, kappa, a, c1_over_c3, c2_over_c3, r2_time, r2_omega, spread,
+    predicted_omega``); otherwise ``reason``.
+    """
+    hist = run.history(split)
+    omega = hist.get("snr_singular_values")
+    if start_epoch is None:
+        start_epoch = run.zero_error_epoch if run.zero_error_epoch is not None else 0
+    out: dict = {"fitted": False, "start_epoch": int(start_epoch), "epochs": np.zeros(0, int)}
+    if omega is None or omega.ndim != 2 or omega.shape[1] == 0:
+        out["reason"] = f"no snr_singular_values logged on the {split} split"
+        return out
+    epochs = hist["epoch"]
+    # Rows where the rank dropped (NaN padding) or ω is not positive cannot enter the law.
+    keep = (epochs >= start_epoch) & np.isfinite(omega).all(axis=1) & (omega > 0).all(axis=1)
+    out["epochs"] = epochs[keep]
+    if keep.sum() < 3:
+        out["reason"] = f"only {int(keep.sum())} measured epochs ≥ {start_epoch} (need 3)"
+        return out
+    from ncfast.theory import fit_central_path
+
+    try:
+        fit = fit_central_path(epochs[keep].astype(np.float64), omega[keep])
+    except ValueError as exc:
+        out["reason"] = str(exc)
+        return out
+    for key, value in fit.items():
+        out[key] = value.numpy() if hasattr(value, "numpy") else value
+    out["fitted"] = True
+    return out
