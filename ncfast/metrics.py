@@ -61,9 +61,18 @@ def _check_lambda(weight_decay: float, where: str) -> float:
 
 
 def _means_and_priors(stats: ClassStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class means with zero rows for absent classes (they carry prior 0), and priors."""
-    means = torch.nan_to_num(stats.class_means, nan=0.0)
+    """Class means with zero rows for absent classes (they carry prior 0), and priors.
+
+    The finalized means are used as they are (read-only): ``stats.class_means`` would add a
+    NaN-masked copy and ``nan_to_num`` another, each [C, P] (docs/memory.md).
+    """
+    means, _ = stats._finalized()
     return means, stats.priors
+
+
+def _sigma_w(stats: ClassStats) -> torch.Tensor:
+    """Σ_W as cached by the statistics, read-only: ``stats.sigma_w`` returns a [P, P] copy."""
+    return stats._finalized()[1]
 
 
 def least_squares_classifier(
@@ -77,12 +86,12 @@ def least_squares_classifier(
     _require_two_classes(stats, "least_squares_classifier")
     lam = _check_lambda(weight_decay, "least_squares_classifier")
     means, priors = _means_and_priors(stats)
-    return ops.least_squares(means, priors, stats.sigma_w, lam)
+    return ops.least_squares(means, priors, _sigma_w(stats), lam)
 
 
 def whiten(stats: ClassStats) -> torch.Tensor:
     """Σ_W^{-1/2} ``[P, P]``: the symmetric (pseudo-)inverse square root (SPEC §4)."""
-    return ops.psd_inv_sqrt(stats.sigma_w)[0]
+    return ops.psd_inv_sqrt(_sigma_w(stats))[0]
 
 
 def snr(stats: ClassStats) -> torch.Tensor:
@@ -115,7 +124,7 @@ def nc_metrics(
     present = stats.present
     c = int(present.sum())
     mbar = stats.centered_means  # [P, C]
-    sigma_w = stats.sigma_w
+    sigma_w = _sigma_w(stats)
 
     out: dict = {
         "num_samples": stats.num_samples,
@@ -132,6 +141,7 @@ def nc_metrics(
     inv_sqrt, sigma_w_rank = ops.psd_inv_sqrt(sigma_w)
     out["sigma_w_rank"] = sigma_w_rank
     omega = ops.snr_singular_values(inv_sqrt, mbar, rtol)
+    del inv_sqrt  # [P, P], not needed below: keeps it out of the peak (docs/memory.md)
     out["snr_singular_values"] = omega.cpu()
     out["snr_condition"] = float(omega[0] / omega[-1]) if omega.numel() else float("nan")
 
@@ -144,6 +154,7 @@ def nc_metrics(
         out["nc2_equiangular_classifiers"], out["nc2_maxangle_classifiers"] = eq, mx
         dual = w_present.T / w_present.norm() - mbar / mbar.norm()
         out["nc3_self_duality"] = float(dual.square().sum())
+        del w_present, dual  # [C, P] each, not needed by the decomposition
         means, priors = _means_and_priors(stats)
         out.update(ops.mse_decomposition(weight, bias, means, priors, sigma_w, lam))
     elif bias is not None:

@@ -50,13 +50,25 @@ def update_stats_(
     y = torch.where(valid, labels, torch.zeros_like(labels)).long()
     x = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     batch_counts = torch.zeros_like(counts).index_add_(0, y, valid.long())
-    batch_sums = torch.zeros_like(shift).index_add_(0, y, x)
-    # A class seen for the first time takes this batch's class mean as its shift.
+    # A class seen for the first time takes this batch's class mean as its shift. The batch's
+    # class sums live in a [B, P] buffer, one row per class at the row of its first sample, so
+    # no [C, P] temporary exists per batch (C can be tens of thousands).
     first_seen = (counts == 0) & (batch_counts > 0)
-    batch_means = batch_sums / batch_counts.clamp(min=1).to(x.dtype)[:, None]
-    shift.copy_(torch.where(first_seen[:, None], batch_means, shift))
+    rows = torch.arange(x.shape[0], device=x.device)
+    first_row = torch.full_like(counts, x.shape[0]).scatter_reduce_(0, y, rows, "amin")
+    slot = first_row.index_select(0, y)
+    slot_sums = torch.zeros_like(x).index_add_(0, slot, x)
+    batch_means = (
+        slot_sums.index_select(0, slot)
+        / batch_counts.index_select(0, y).clamp(min=1).to(x.dtype)[:, None]
+    )
+    row_shift = torch.where(
+        first_seen.index_select(0, y)[:, None], batch_means, shift.index_select(0, y)
+    )
+    # Every row of a class carries the same shift, so duplicate indices write identical values.
+    shift.index_copy_(0, y, row_shift)
 
-    centered = (x - shift.index_select(0, y)) * valid.to(x.dtype)[:, None]
+    centered = (x - row_shift) * valid.to(x.dtype)[:, None]
     sums.index_add_(0, y, centered)
     scatter.addmm_(centered.T, centered)
     counts += batch_counts
@@ -68,10 +80,28 @@ def finalize_stats(
     """Class means ``[C, P]`` (zero rows for absent classes) and Σ_W ``[P, P]`` from the state."""
     n = counts.to(torch.float64)
     inv_n = torch.where(n > 0, 1.0 / n.clamp(min=1), torch.zeros_like(n))
-    means = torch.where((n > 0)[:, None], shift + sums * inv_n[:, None], torch.zeros_like(shift))
-    within = scatter - (sums * inv_n[:, None]).T @ sums
-    within = 0.5 * (within + within.T) / n.sum().clamp(min=1)
+    # In place where possible: one [C, P] and one [P, P] result, no temporaries of those sizes
+    # beyond the scaled sums (docs/memory.md).
+    means = torch.addcmul(shift, sums, inv_n[:, None])
+    means.masked_fill_((n <= 0)[:, None], 0.0)
+    within = torch.addmm(scatter, (sums * inv_n[:, None]).T, sums, alpha=-1.0)
+    _symmetrize_(within)
+    within.div_(n.sum().clamp(min=1))
     return means, within
+
+
+def _symmetrize_(matrix: torch.Tensor, tile: int = 512) -> None:
+    """matrix ← (matrix + matrixᵀ) / 2 in place, in row tiles: no second [P, P] matrix.
+
+    Tile t averages rows t with columns t onward and mirrors them; both blocks it reads are
+    untouched by earlier tiles, which only wrote rows and columns before t.
+    """
+    p = matrix.shape[0]
+    for start in range(0, p, tile):
+        stop = min(p, start + tile)
+        block = (matrix[start:stop, start:] + matrix[start:, start:stop].T) * 0.5
+        matrix[start:stop, start:] = block
+        matrix[start:, start:stop] = block.T
 
 
 def reshift(
@@ -107,7 +137,12 @@ def psd_inv_sqrt(matrix: torch.Tensor, rel_eps: float | None = None) -> tuple[to
     lam_max = evals.abs().max() if p else evals.new_zeros(())
     keep = evals > rel_eps * lam_max
     inv_sqrt = torch.where(keep, evals.clamp(min=0).rsqrt(), torch.zeros_like(evals))
-    return (evecs * inv_sqrt) @ evecs.T, int(keep.sum())
+    # V D^{-1/2} Vᵀ in row tiles: no scaled copy of V next to V and the result.
+    out = torch.empty_like(evecs)
+    for start in range(0, p, 512):
+        stop = min(p, start + 512)
+        torch.mm(evecs[start:stop] * inv_sqrt, evecs.T, out=out[start:stop])
+    return out, int(keep.sum())
 
 
 def class_space_svd(
@@ -124,9 +159,28 @@ def class_space_svd(
     return u[:, keep], s[keep], vh[keep].T
 
 
+def left_singular_pairs(
+    mbar: torch.Tensor, rtol: float = 1e-10
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, s) of the thin SVD of M̄ ``[P, C]`` above ``rtol · max``, without the right factor.
+
+    With C > P the right factor [P, C] and its SVD workspace would dominate memory (1 GiB each
+    at C = 32000, P = 4096), so M̄ᵀ = QR is reduced to R ``[P, P]`` first (only R is formed):
+    M̄ = Rᵀ Qᵀ has the left singular vectors and singular values of Rᵀ. Householder QR is
+    backward stable, so this is as accurate as the direct SVD (LAPACK's gesdd does the same
+    internally when C ≫ P).
+    """
+    p, c = mbar.shape
+    if c > p:
+        mbar = torch.linalg.qr(mbar.T, mode="r").R.T
+    u, s, _ = torch.linalg.svd(mbar, full_matrices=False)
+    keep = s > rtol * s.max() if s.numel() else s > 0
+    return u[:, keep], s[keep]
+
+
 def nc1(sigma_w: torch.Tensor, mbar: torch.Tensor, rtol: float = 1e-10) -> tuple[float, int]:
     """NC1 = tr(Σ_W Σ_B^†) / C with Σ_B = M̄M̄ᵀ/C, in class space: Σ_j u_jᵀ Σ_W u_j / s_j²."""
-    u, s, _ = class_space_svd(mbar, rtol)
+    u, s = left_singular_pairs(mbar, rtol)
     value = ((sigma_w @ u) * u).sum(0) / s.square()
     return float(value.sum()), int(s.numel())
 
@@ -197,13 +251,17 @@ def _centred_normal_equations(
     p = class_means.shape[1]
     mu_g = priors @ class_means
     centred = class_means - mu_g
-    sigma_t = sigma_w + (centred * priors[:, None]).T @ centred
-    k = sigma_t.new_zeros(p + 1, p + 1)
-    k[:p, :p] = sigma_t
+    # K is assembled in place: Σ_T = Σ_W + Σ_c π_c (μ_c − μ_G)(μ_c − μ_G)ᵀ and the λ terms go
+    # straight into K's [P, P] block, so K is the only [P, P]-sized allocation here.
+    k = sigma_w.new_zeros(p + 1, p + 1)
+    top = k[:p, :p]
+    top.copy_(sigma_w)
+    top.addmm_((centred * priors[:, None]).T, centred)
     k[p, p] = 1.0
     if lam:
         # λ T⁻¹T⁻ᵀ with T⁻¹ = [[I, −μ_G], [0, 1]]
-        k[:p, :p] += lam * (torch.eye(p, dtype=k.dtype, device=k.device) + torch.outer(mu_g, mu_g))
+        top.diagonal().add_(lam)
+        top.addr_(mu_g, mu_g, alpha=lam)
         k[:p, p] -= lam * mu_g
         k[p, :p] -= lam * mu_g
         k[p, p] += lam
@@ -225,7 +283,9 @@ def _solve_psd_right(k: torch.Tensor, rhs: torch.Tensor, positive_definite: bool
         # (it also keeps the common case differentiable: eigh's backward fails on repeated
         # eigenvalues, e.g. Σ_W = I in the theory simulator).
         if positive_definite or bool(pivots.min() > _WELL_CONDITIONED * pivots.max()):
-            return torch.cholesky_solve(rhs.T, chol).T
+            # X L Lᵀ = rhs as two triangular solves: cholesky_solve would copy L.
+            y = torch.linalg.solve_triangular(chol.mT, rhs, upper=True, left=False)
+            return torch.linalg.solve_triangular(chol, y, upper=False, left=False)
     evals, evecs = torch.linalg.eigh(k)
     keep = evals > k.shape[0] * torch.finfo(k.dtype).eps * evals.abs().max()
     inv = torch.where(keep, 1.0 / evals.clamp(min=torch.finfo(k.dtype).tiny), 0.0)
@@ -246,6 +306,7 @@ def mse_decomposition(
     c, p = class_means.shape
     k, r_c, mu_g = _centred_normal_equations(class_means, priors, sigma_w, lam)
     v_ls = _solve_psd_right(k, r_c, positive_definite=lam > 0)
+    del r_c  # [C, P + 1]: keeps it out of the peak below
     w_ls = v_ls[:, :p]
     b_ls = v_ls[:, p] - w_ls @ mu_g
     weight = weight.to(torch.float64)
@@ -266,7 +327,7 @@ def mse_decomposition(
     loss_mse = 0.5 * (fit(v) + spread(weight) + lam * sq_norm)
     loss_nc1 = 0.5 * (spread(w_ls) + lam * sq_norm_ls)
     loss_nc23 = 0.5 * fit(v_ls)
-    loss_ls_perp = 0.5 * ((delta @ k) * delta).sum()
+    loss_ls_perp = 0.5 * (delta @ k).mul_(delta).sum()
     return {
         "loss_mse": float(loss_mse),
         "loss_ls": float(loss_nc1 + loss_nc23),

@@ -1,0 +1,148 @@
+"""Large C and P: no per-batch [C, P], no C×C for many classes, no [P, C] right factor, and the
+memory-saving code paths (tiled symmetrisation, tiled inverse square root, QR before the SVD)
+against direct float64 computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import ncfast
+from ncfast import reference
+from tests import oracle
+from tests.test_metrics import make_data
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any op allocates (outputs that are not views of, or in-place
+    results on, its inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+        self.op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                if t.numel() > self.numel:
+                    self.numel, self.op = t.numel(), func
+        return out
+
+
+def _seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
+def test_update_allocates_nothing_of_size_classes_by_dim():
+    num_classes, dim, batch = 2000, 64, 64
+    g = torch.Generator().manual_seed(_seed())
+    stats = ncfast.ClassStats(num_classes, dim)
+    labels = torch.randint(0, 40, (batch,), generator=g)
+    stats.update(torch.randn(batch, dim, generator=g), labels)  # allocates the state
+    with LargestAllocation() as probe:
+        stats.update(torch.randn(batch, dim, generator=g), labels.flip(0))
+    # The largest temporaries are [B, P] rows and [C] counters, never [C, P].
+    assert probe.numel <= max(batch * dim, num_classes) < num_classes * dim, (probe.numel, probe.op)
+
+
+def test_update_with_repeated_new_classes_and_skipped_rows_matches_numpy():
+    """First-seen shifts come from the batch's own class means; rows of one class in one batch,
+    invalid rows mapped to class 0 and classes first seen later must all come out exact."""
+    seed = _seed()
+    features, labels, _, _ = make_data([30, 25, 40, 35, 20], 6, seed, offset=50.0)
+    bad = labels.clone()
+    bad[::7] = -1  # dropped
+    bad[3::11] = 9  # out of range, dropped
+    stats = ncfast.ClassStats(5, 6, on_invalid="skip")
+    order = torch.argsort(labels, stable=True)  # classes arrive one after another
+    for chunk in torch.split(order, 17):
+        stats.update(features[chunk], bad[chunk])
+    keep = (bad >= 0) & (bad < 5)
+    expected = oracle.statistics(features[keep].numpy(), labels[keep].numpy(), 5)
+    np.testing.assert_allclose(stats.class_means.numpy(), expected["means"], rtol=1e-12)
+    np.testing.assert_allclose(
+        stats.sigma_w.numpy(), expected["sigma_w"], rtol=0, atol=1e-12 * expected["sigma_w"].max()
+    )
+    assert stats.num_samples == int(keep.sum()), f"seed {seed}"
+
+
+@pytest.mark.parametrize("size, tile", [(10, 3), (1030, 512), (7, 512)])
+def test_symmetrize_in_tiles_equals_half_sum(size, tile):
+    a = torch.randn(size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = (a + a.T) / 2
+    reference._symmetrize_(a, tile)
+    assert torch.equal(a, a.T)
+    torch.testing.assert_close(a, expected, rtol=0, atol=0)
+
+
+def test_finalize_and_inverse_square_root_beyond_one_tile():
+    """P = 560 > 512 rows per tile: Σ_W and Σ_W^{-1/2} against numpy."""
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    dim, n = 560, 800
+    labels = torch.randint(0, 3, (n,), generator=g)
+    features = torch.randn(n, dim, generator=g, dtype=torch.float64) + labels[:, None] * 0.5
+    stats = ncfast.ClassStats(3, dim)
+    for chunk in torch.split(torch.arange(n), 300):
+        stats.update(features[chunk], labels[chunk])
+    expected = oracle.statistics(features.numpy(), labels.numpy(), 3)
+    sigma_w = stats.sigma_w
+    assert torch.equal(sigma_w, sigma_w.T)
+    np.testing.assert_allclose(sigma_w.numpy(), expected["sigma_w"], rtol=0, atol=1e-12)
+    inv_sqrt, rank = reference.psd_inv_sqrt(sigma_w)
+    expected_inv, expected_rank = oracle.inv_sqrt(expected["sigma_w"])
+    assert rank == expected_rank == dim
+    np.testing.assert_allclose(inv_sqrt.numpy(), expected_inv, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("dim, classes", [(30, 200), (50, 20)])
+def test_left_singular_pairs_match_svd(dim, classes):
+    """C > P goes through R of M̄ᵀ = QR; U and s as the direct SVD's (signs free), rank-deficient
+    M̄ (centred: rank ≤ C − 1) keeps only the nonzero directions."""
+    g = torch.Generator().manual_seed(_seed())
+    raw = torch.randn(dim, classes, generator=g, dtype=torch.float64)
+    mbar = raw - raw.mean(dim=1, keepdim=True)
+    u, s = reference.left_singular_pairs(mbar)
+    u_ref, s_ref, _ = np.linalg.svd(mbar.numpy(), full_matrices=False)
+    rank = min(dim, classes - 1)
+    assert s.numel() == rank
+    np.testing.assert_allclose(s.numpy(), s_ref[:rank], rtol=1e-12)
+    np.testing.assert_allclose(np.abs(u.T.numpy() @ u_ref[:, :rank]), np.eye(rank), atol=1e-10)
+
+
+def test_nc1_with_more_classes_than_dimensions_matches_dense_pinv():
+    seed = _seed()
+    features, labels, _, _ = make_data([6] * 150, 20, seed)
+    stats = ncfast.ClassStats(150, 20).update(features, labels)
+    got = ncfast.nc_metrics(stats)
+    expected = oracle.nc_metrics(features.numpy(), labels.numpy(), 150)
+    np.testing.assert_allclose(got["nc1"], expected["nc1"], rtol=1e-9, err_msg=f"seed {seed}")
+    assert got["sigma_b_rank"] == 20
+
+
+def test_pairwise_cosines_in_tiles_never_form_classes_by_classes():
+    """C = 4500: the default tile keeps every block under 2^24 entries, so no C×C matrix (and for
+    C ≥ 20,000 none either: blocks are ⌊2^24 / C⌋ × C). Against a direct dense computation."""
+    classes, dim = 4500, 6
+    g = torch.Generator().manual_seed(_seed())
+    vectors = torch.randn(classes, dim, generator=g, dtype=torch.float64)
+    vectors[:, 0] += 0.3  # cosines not centred on -1/(C-1)
+    with LargestAllocation() as probe:
+        std, max_angle = reference.pairwise_cosine_stats(vectors)
+    assert probe.numel <= 1 << 24 < classes * classes, (probe.numel, probe.op)
+    unit = vectors.numpy() / np.linalg.norm(vectors.numpy(), axis=1, keepdims=True)
+    cos = unit @ unit.T
+    upper = cos[np.triu_indices(classes, 1)]
+    np.testing.assert_allclose(std, np.std(upper, ddof=1), rtol=1e-9)
+    np.testing.assert_allclose(max_angle, np.mean(np.abs(upper + 1 / (classes - 1))), rtol=1e-9)
+    assert (1 << 24) // 20_000 * 20_000 < 20_000**2
