@@ -199,13 +199,29 @@ def _epoch_axis(ax) -> None:
     ax.tick_params(which="both", labelsize=8)
 
 
+class _PlainLogFormatter(LogFormatter):
+    """LogFormatter's choice of ticks, written as plain numbers (0.06, 30) not 6e−02, 3×10¹."""
+
+    def _num_to_string(self, x, vmin, vmax):
+        return f"{x:g}"
+
+
 def _log_y(ax) -> None:
-    """Log y; within two decades plain numbers (2, 3, 20, 30) read better than 3×10¹."""
+    """Log y; within two decades plain numbers on the minor ticks too."""
     ax.set_yscale("log")
     low, high = ax.get_ylim()
     if low > 0 and high / low < 100:
-        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.yaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(
+            _PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
+        )
+
+
+def _epoch_limits(ax, runs: Sequence[Run]) -> None:
+    """The x range of the runs' measured epochs (so a lone point still sits in its run)."""
+    epochs = [int(r["epoch"]) for run in runs for r in run.records if r["epoch"] > 0]
+    if epochs:
+        ax.set_xlim(min(epochs) / 1.15, max(epochs) * 1.15)
 
 
 def _figsize(nrows: int, ncols: int, panel_w: float, panel_h: float) -> tuple[float, float]:
@@ -346,7 +362,8 @@ def metric_figure(runs: Sequence[Run], spec: MetricFigure):
         _zero_error_line(
             ax, run, ZERO_ERROR_COLOR if one_variant else color, "-" if one_variant else ":"
         )
-    for ax in panel.values():
+    for cell, ax in panel.items():
+        _epoch_limits(ax, [r for r in runs if (r.dataset, r.net) == cell])
         if spec.logy and ax.has_data():
             _log_y(ax)
     _ylabel(panel, spec.ylabel)
@@ -376,7 +393,8 @@ def decomposition_figure(runs: Sequence[Run]):
             if key in hist:
                 _plot_series(ax, hist["epoch"], hist[key], logy=True, color=color, linestyle=style)
         _zero_error_line(ax, run, ZERO_ERROR_COLOR, style)
-    for ax in panel.values():
+    for cell, ax in panel.items():
+        _epoch_limits(ax, [r for r in runs if (r.dataset, r.net) == cell])
         if ax.has_data():
             _log_y(ax)
     _ylabel(panel, "loss (training set)")
@@ -389,6 +407,11 @@ def decomposition_figure(runs: Sequence[Run]):
     handles.append(Line2D([], [], color=ZERO_ERROR_COLOR, linewidth=1, label="zero training error"))
     _figure_legend(fig, handles)
     return fig
+
+
+def _fit_range(fit: dict) -> str:
+    start = fit["start_epoch"]
+    return f"from epoch {start}" if start > 0 else "over all epochs"
 
 
 def snr_figure(runs: Sequence[Run], fits: dict[int, dict] | None = None):
@@ -430,14 +453,16 @@ def snr_figure(runs: Sequence[Run], fits: dict[int, dict] | None = None):
                 ax.plot(t, pred[:, j], color=colors[j], linewidth=1.0)
             any_fit = True
             note = (
-                f"fit from epoch {fit['start_epoch']}: R²(ω) = {fit['r2_omega']:.3f}\n"
-                f"c₁/c₃ = {fit['c1_over_c3']:.3g}, c₂/c₃ = {fit['c2_over_c3']:.3g}"
+                f"fit {_fit_range(fit)}: R²(ω) = {fit['r2_omega']:.3f}, "
+                f"R²(t) = {fit['r2_time']:.3f}\n"
+                f"c₁, c₂, c₃ = {fit['c1']:.3g}, {fit['c2']:.3g}, {fit['c3']:.3g} (κ = 1/epoch)"
             )
         else:
             note = "no central-path fit" + (f": {fit['reason']}" if fit else "")
         ax.text(0.02, 0.97, note, transform=ax.transAxes, fontsize=7, va="top", wrap=True)
         _zero_error_line(ax, run, ZERO_ERROR_COLOR)
         _epoch_axis(ax)
+        _epoch_limits(ax, [run])
         if ax.has_data():
             _log_y(ax)
         ax.set_title(f"{run.label} ({run.name})", fontsize=9)

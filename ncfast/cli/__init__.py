@@ -17,3 +17,4 @@ def main() -> None:
 from ncfast.cli import theory as _theory  # noqa: E402, F401
 from ncfast.cli import plot as _plot  # noqa: E402, F401
 from ncfast.cli import table as _table  # noqa: E402, F401
+from ncfast.cli import analyze as _analyze  # noqa: E402, F401

@@ -1,0 +1,85 @@
+"""``ncfast analyze CHECKPOINT.pt``: measure a trained network and report what the seed reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ncfast.cli import main
+
+
+@main.command("analyze")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder with the dataset files (default: the run's, then $NCFAST_DATA_ROOT).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory for report.json, summary.md and figures/ (default: <checkpoint dir>/analysis).",
+)
+@click.option(
+    "--robustness-samples",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="Test images attacked with DeepFool (a seeded sample); 0 skips it.",
+)
+@click.option(
+    "--robustness-seed", type=int, default=0, show_default=True, help="Seed of that sample."
+)
+@click.option(
+    "--device",
+    default=None,
+    help="cpu, cuda or cuda:N (default: cuda when available).",
+)
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    type=click.Choice(["png", "pdf", "svg"]),
+    default=("png", "pdf"),
+    show_default=True,
+    help="Figure format; repeat for several.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def analyze_command(
+    checkpoint: Path,
+    data_root: Path | None,
+    out: Path | None,
+    robustness_samples: int,
+    robustness_seed: int,
+    device: str | None,
+    formats: tuple[str, ...],
+    quiet: bool,
+) -> None:
+    """Load CHECKPOINT (safely: weights only), rebuild its network and data, measure every NC
+    quantity on the training and test sets, DeepFool robustness and the central-path fit; write
+    report.json, summary.md and the run's figures, and print a compact table."""
+    from ncfast.analyze import analyze, format_table
+    from ncfast.checkpoint import CheckpointError
+    from ncfast.data import DatasetError
+
+    try:
+        report = analyze(
+            checkpoint,
+            data_root=data_root,
+            out_dir=out,
+            robustness_samples=robustness_samples,
+            device=device,
+            robustness_seed=robustness_seed,
+            formats=formats,
+            progress=not quiet,
+        )
+    except (CheckpointError, DatasetError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(format_table(report), nl=False)
+    files = report["files"]
+    click.echo(f"written: {files['report']}, {files['summary']}, {len(files['figures'])} figures")
