@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ncfast.metrics import nc_metrics
-from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, NCCMismatch
+from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, NCCMismatch, mismatch_fraction
 from ncfast.stats import ClassStats
 
 
@@ -33,8 +33,14 @@ class Measurement:
         self.stats = ClassStats(num_classes, dim, device=device, on_invalid=on_invalid)
         self.weight, self.bias, self.weight_decay = weight, bias, weight_decay
         self.ncc = NCCMismatch(weight, bias, memory_budget_bytes) if weight is not None else None
+        self.reduced = False  # the statistics hold every rank's samples (compute(distributed=True))
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.reduced:
+            raise ValueError(
+                "Measurement.update: the statistics were already all-reduced across processes by "
+                "compute(distributed=True); start a new Measurement for a new pass"
+            )
         self.stats.update(features, labels)
         if self.ncc is not None:
             self.ncc.update(features, labels)
@@ -43,9 +49,30 @@ class Measurement:
     def needs_second_pass(self) -> bool:
         return self.ncc is not None and self.ncc.needs_second_pass
 
-    def compute(self, second_pass: Iterable | Callable[[], Iterable] | None = None) -> dict:
-        """The SPEC dict; ``second_pass`` as in :meth:`ncfast.nc4.NCCMismatch.compute`."""
-        mismatch = self.ncc.compute(self.stats, second_pass) if self.ncc is not None else None
+    def compute(
+        self,
+        second_pass: Iterable | Callable[[], Iterable] | None = None,
+        distributed: bool = False,
+        group=None,
+    ) -> dict:
+        """The SPEC dict; ``second_pass`` as in :meth:`ncfast.nc4.NCCMismatch.compute`.
+
+        ``distributed=True`` (torch.distributed initialised; collective, every rank of ``group``
+        calls it): the statistics are all-reduced first (:meth:`ClassStats.all_reduce`, once per
+        Measurement), NC4 counts each rank's own samples against those global means and sums the
+        counts, so every rank returns the metrics of all the samples of all ranks.
+        """
+        if distributed and not self.reduced:
+            self.stats.all_reduce(group)
+            self.reduced = True
+        mismatch = None
+        if self.ncc is not None:
+            counts = torch.stack(self.ncc.count(self.stats, second_pass))
+            if distributed:
+                import torch.distributed as dist
+
+                dist.all_reduce(counts, group=group)
+            mismatch = mismatch_fraction(counts[0], counts[1], self.stats)
         return nc_metrics(
             self.stats, self.weight, self.bias, self.weight_decay, ncc_mismatch=mismatch
         )

@@ -79,16 +79,14 @@ class NCCMismatch:
         self._batches.append((features.detach().clone(), self._valid(features, labels)))
         self._buffered_bytes += size
 
-    def compute(
+    def count(
         self,
         stats: ClassStats,
         second_pass: Iterable | Callable[[], Iterable] | None = None,
-    ) -> float:
-        """Fraction of valid samples whose classifier decision differs from the nearest class
-        centre, with the means of ``stats`` (which must come from the same samples).
-
-        ``second_pass`` (needed only when :attr:`needs_second_pass`): an iterable of
-        ``(features, labels)`` batches over the same samples, or a callable returning one.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mismatches, valid samples) of the samples this object saw, as device int64 scalars,
+        with the means of ``stats``. :meth:`compute` divides them; a distributed measurement sums
+        them over ranks first (the means then come from the all-reduced statistics).
         """
         means = torch.nan_to_num(stats.class_means, nan=0.0)
         present = stats.present
@@ -113,18 +111,37 @@ class NCCMismatch:
             features, valid = features.to(device), valid.to(device)
             mismatches += ops.ncc_mismatch_count(features, valid, weight, bias, means, present)
             total += valid.sum()
-        n_total = int(total)
-        if n_total != stats.num_samples:
-            raise ValueError(
-                f"NCCMismatch.compute: saw {n_total} valid samples but the statistics hold "
-                f"{stats.num_samples}; NC4 needs the means of the same samples"
-            )
-        return int(mismatches) / max(n_total, 1)
+        return mismatches, total
+
+    def compute(
+        self,
+        stats: ClassStats,
+        second_pass: Iterable | Callable[[], Iterable] | None = None,
+    ) -> float:
+        """Fraction of valid samples whose classifier decision differs from the nearest class
+        centre, with the means of ``stats`` (which must come from the same samples).
+
+        ``second_pass`` (needed only when :attr:`needs_second_pass`): an iterable of
+        ``(features, labels)`` batches over the same samples, or a callable returning one.
+        """
+        mismatches, total = self.count(stats, second_pass)
+        return mismatch_fraction(mismatches, total, stats)
 
     def reset(self) -> None:
         self._batches.clear()
         self._buffered_bytes = 0
         self.overflowed = False
+
+
+def mismatch_fraction(mismatches: torch.Tensor, total: torch.Tensor, stats: ClassStats) -> float:
+    """mismatches / total, after checking that ``total`` is the number of samples in ``stats``."""
+    n_total = int(total)
+    if n_total != stats.num_samples:
+        raise ValueError(
+            f"NCCMismatch.compute: saw {n_total} valid samples but the statistics hold "
+            f"{stats.num_samples}; NC4 needs the means of the same samples"
+        )
+    return int(mismatches) / max(n_total, 1)
 
 
 def _checked(batches: Iterable, num_classes: int, dim: int):
