@@ -1,0 +1,525 @@
+"""Neural Collapse inside your own training loop: a forward hook feeds :class:`ncfast.Measurement`.
+
+Attach to any ``nn.Module`` by naming its final linear layer (and, optionally, the module whose
+output is the feature); the hook exists only while a measurement pass is open, so training
+forward passes cost nothing::
+
+    monitor = NCMonitor(model, classifier=model.fc)           # features = the input of model.fc
+    metrics = monitor.evaluate(val_loader)                    # eval mode, no grad, SPEC dict
+
+or, in a loop you write yourself::
+
+    model.eval()
+    with torch.no_grad(), monitor.measure() as nc:
+        for x, y in loader:
+            nc.labels(y)                                      # labels of the next forward pass
+            model(x)
+    print(nc.metrics["nc1"])
+
+With ``torch.distributed`` initialised, each rank feeds its own shard and every rank gets the
+metrics of all ranks' samples (statistics through :meth:`ClassStats.all_reduce`).
+:func:`log_to_tensorboard` / :class:`TensorBoardLogger` write every scalar of the result.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ncfast.measure import Measurement
+from ncfast.metrics import _check_lambda
+from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
+
+__all__ = ["MonitorPass", "NCMonitor", "TensorBoardLogger", "log_to_tensorboard"]
+
+
+def _is_submodule(model: nn.Module, module: nn.Module) -> bool:
+    return any(m is module for m in model.modules())
+
+
+def _distributed_now() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+class NCMonitor:
+    """Measures Neural Collapse (every SPEC key, NC4 included) of ``model`` through forward hooks.
+
+    - ``classifier``: the final ``nn.Linear`` of ``model`` (W ``[C, P]`` and b of the SPEC).
+    - ``penultimate``: optional module of ``model`` whose output, flattened per sample to ``P``
+      values, is the feature. Default: the input of ``classifier`` itself; inputs ``[..., P]``
+      count every leading position as a sample (tokens of a sequence model), and the labels
+      given for that forward pass must have the same leading shape.
+    - ``weight_decay``: λ of seed Eq. 3 for the MSE decomposition (:func:`ncfast.mse_lambda`
+      converts an SGD weight decay).
+    - ``distributed``: all-reduce over ``group`` when the pass ends; ``None`` (default) does so
+      exactly when ``torch.distributed`` is initialised.
+    - ``on_invalid``, ``memory_budget_bytes``: as in :class:`ncfast.Measurement`.
+
+    The classifier's weight and bias are read when a pass starts and must not change until its
+    metrics are computed (checked). Statistics live on the classifier's device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        classifier: nn.Linear,
+        penultimate: nn.Module | None = None,
+        *,
+        weight_decay: float = 0.0,
+        distributed: bool | None = None,
+        group=None,
+        on_invalid: str = "raise",
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"NCMonitor: model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(classifier, nn.Linear):
+            raise TypeError(
+                "NCMonitor: classifier must be the model's final nn.Linear, got "
+                f"{type(classifier).__name__}"
+            )
+        if not _is_submodule(model, classifier):
+            raise ValueError(
+                "NCMonitor: classifier is not a submodule of model (pass the layer object itself, "
+                "e.g. model.fc, not a copy)"
+            )
+        if penultimate is not None:
+            if not isinstance(penultimate, nn.Module):
+                raise TypeError(
+                    "NCMonitor: penultimate must be an nn.Module or None, got "
+                    f"{type(penultimate).__name__}"
+                )
+            if not _is_submodule(model, penultimate):
+                raise ValueError("NCMonitor: penultimate is not a submodule of model")
+            if penultimate is model:
+                raise ValueError(
+                    "NCMonitor: penultimate is the model itself, whose output is the logits; pass "
+                    "the module whose output feeds the classifier"
+                )
+        if distributed not in (None, True, False):
+            raise TypeError(
+                f"NCMonitor: distributed must be None, True or False, not {distributed!r}"
+            )
+        self.model = model
+        self.classifier = classifier
+        self.penultimate = penultimate
+        self.num_classes = classifier.out_features
+        self.dim = classifier.in_features
+        self.weight_decay = _check_lambda(weight_decay, "NCMonitor")
+        self.distributed = distributed
+        self.group = group
+        self.on_invalid = on_invalid
+        self.memory_budget_bytes = memory_budget_bytes
+        self._open: MonitorPass | None = None
+        # Fail at construction, not at the first batch, on bad settings.
+        Measurement(self.num_classes, self.dim, on_invalid=on_invalid)
+        if memory_budget_bytes < 0:
+            raise ValueError(
+                f"NCMonitor: memory_budget_bytes must be ≥ 0, got {memory_budget_bytes}"
+            )
+
+    # ------------------------------------------------------------------ passes
+    def measure(self) -> MonitorPass:
+        """A measurement pass, to be used as a context manager (see the module docstring)."""
+        return MonitorPass(self)
+
+    def evaluate(
+        self,
+        batches: Iterable | Callable[[], Iterable],
+        forward: Callable | None = None,
+    ) -> dict:
+        """Measure over ``batches`` of ``(inputs, labels)`` in eval mode without gradients, with
+        a second pass over them if NC4 needs one (then ``batches`` must be re-iterable, like a
+        DataLoader, or a callable returning a fresh iterable). ``forward(inputs)`` runs the model
+        (default: ``model(inputs)``, tensors moved to the classifier's device). The model's
+        train/eval mode is restored. Returns the SPEC dict.
+        """
+        forward = forward or self._default_forward
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.measure() as nc:
+                for inputs, labels in _pairs(batches, "NCMonitor.evaluate"):
+                    nc.labels(labels)
+                    forward(inputs)
+            if nc.needs_second_pass:
+                return nc.compute(second_pass=batches, forward=forward)
+            return nc.metrics
+        finally:
+            self.model.train(was_training)
+
+    def _default_forward(self, inputs):
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.to(self.classifier.weight.device, non_blocking=True)
+        return self.model(inputs)
+
+    # ------------------------------------------------------------------- hooks
+    def _register(self, sink: Callable[[torch.Tensor], None]):
+        if self.penultimate is None:
+
+            def pre_hook(module, args):
+                sink(self._features(args[0] if args else None))
+
+            return self.classifier.register_forward_pre_hook(pre_hook)
+
+        def hook(module, args, output):
+            sink(self._features(output))
+
+        return self.penultimate.register_forward_hook(hook)
+
+    def _features(self, value) -> torch.Tensor:
+        what = (
+            "input of the classifier"
+            if self.penultimate is None
+            else f"output of the penultimate module ({type(self.penultimate).__name__})"
+        )
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"NCMonitor: the {what} is a {type(value).__name__}, not a tensor; pass "
+                "penultimate= a module whose output is the feature tensor"
+            )
+        if self.penultimate is None:
+            features = value.detach().reshape(-1, value.shape[-1])
+        else:
+            if value.dim() < 2:
+                raise ValueError(
+                    f"NCMonitor: the {what} has shape {list(value.shape)}; features need a batch "
+                    "dimension and at least one feature dimension"
+                )
+            features = value.detach().flatten(1)
+        if features.shape[1] != self.dim:
+            raise ValueError(
+                f"NCMonitor: the {what} has {features.shape[1]} values per sample (shape "
+                f"{list(value.shape)}) but the classifier takes {self.dim}; pass the module whose "
+                "output feeds the classifier"
+            )
+        return features
+
+    def _flat_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        # With the classifier's input as the feature, [..., P] inputs pair with [...] labels.
+        return labels.reshape(-1) if self.penultimate is None else labels
+
+
+class MonitorPass:
+    """One measurement pass of an :class:`NCMonitor`: a context manager that holds the hook.
+
+    Inside the ``with`` block, call :meth:`labels` before each forward pass of the model; the
+    hook pairs the features of that pass with those labels and feeds
+    :class:`ncfast.Measurement`. When the block ends the hook is removed and the metrics are
+    computed (in distributed mode this is collective: every rank leaves the block).
+    """
+
+    def __init__(self, monitor: NCMonitor):
+        self.monitor = monitor
+        self.measurement: Measurement | None = None
+        self.batches = 0
+        self._pending: torch.Tensor | None = None
+        self._handle = None
+        self._state = "new"
+        self._metrics: dict | None = None
+        self._distributed = False
+        self._needs_second_pass = False
+
+    # ----------------------------------------------------------- context
+    def __enter__(self) -> MonitorPass:
+        mon = self.monitor
+        if self._state != "new":
+            raise RuntimeError("MonitorPass: a pass can be entered once; call monitor.measure()")
+        if mon._open is not None:
+            raise RuntimeError("NCMonitor: a measurement pass is already open on this monitor")
+        weight, bias = mon.classifier.weight, mon.classifier.bias
+        self._versions = _versions(weight, bias)
+        self.measurement = Measurement(
+            mon.num_classes,
+            mon.dim,
+            weight=weight.detach(),
+            bias=None if bias is None else bias.detach(),
+            weight_decay=mon.weight_decay,
+            device=weight.device,
+            on_invalid=mon.on_invalid,
+            memory_budget_bytes=mon.memory_budget_bytes,
+        )
+        self._distributed = _distributed_now() if mon.distributed is None else mon.distributed
+        if self._distributed and not _distributed_now():
+            raise RuntimeError(
+                "NCMonitor(distributed=True) needs torch.distributed to be initialised "
+                "(torch.distributed.init_process_group) before a pass starts"
+            )
+        self._handle = mon._register(self._on_features)
+        mon._open = self
+        self._state = "open"
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._close()
+        if exc_type is not None:
+            self._state = "failed"
+            return
+        if self._pending is not None:
+            self._state = "failed"
+            raise ValueError(
+                "MonitorPass: labels() was called for a batch but no forward pass of the model "
+                "followed before the pass ended"
+            )
+        self._state = "done"
+        self._needs_second_pass = self._agree_on_second_pass()
+        if not self._needs_second_pass:
+            self._metrics = self._compute(None, None)
+
+    def _close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self.monitor._open is self:
+            self.monitor._open = None
+
+    # ------------------------------------------------------------- feeding
+    def labels(self, labels) -> None:
+        """Labels of the samples of the next forward pass (a tensor, list or array of ints;
+        any device: they are moved to the features' device)."""
+        if self._state != "open":
+            raise RuntimeError(
+                "MonitorPass.labels: the pass is not open; use it inside "
+                "`with monitor.measure() as nc:`"
+            )
+        if self._pending is not None:
+            raise ValueError(
+                "MonitorPass.labels: the labels of the previous call were never used: no "
+                f"features reached the hook ({self._hooked_what()}) since then. Call labels(y) "
+                "once before each forward pass, and check that this module runs in the forward"
+            )
+        if not isinstance(labels, torch.Tensor):
+            try:
+                labels = torch.as_tensor(labels)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TypeError(
+                    "MonitorPass.labels: labels must be a tensor (or a list/array) of integer "
+                    f"class indices, got {type(labels).__name__}"
+                ) from exc
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(
+                f"MonitorPass.labels: labels must be integer class indices, got {labels.dtype}"
+            )
+        self._pending = self.monitor._flat_labels(labels)
+
+    def _on_features(self, features: torch.Tensor) -> None:
+        labels, self._pending = self._pending, None
+        if labels is None:
+            raise RuntimeError(
+                f"NCMonitor: features reached the hook ({self._hooked_what()}) without labels. "
+                "Inside a measurement pass call nc.labels(y) before every forward pass; if the "
+                "hooked module runs more than once per forward, hook a module that runs once"
+            )
+        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"MonitorPass.labels: got labels of shape {list(labels.shape)} for a batch of "
+                f"{features.shape[0]} samples (features {list(features.shape)} at the "
+                f"{self._hooked_what()}); the labels must match the samples of the forward pass"
+            )
+        self.measurement.update(features, labels.to(features.device, non_blocking=True))
+        self.batches += 1
+
+    def _hooked_what(self) -> str:
+        mon = self.monitor
+        if mon.penultimate is None:
+            return f"input of the classifier {type(mon.classifier).__name__}"
+        return f"output of {type(mon.penultimate).__name__}"
+
+    # ------------------------------------------------------------- results
+    @property
+    def needs_second_pass(self) -> bool:
+        """True when the pass has ended, its features exceeded ``memory_budget_bytes`` and NC4
+        needs a second pass (on any rank, in distributed mode): see :meth:`compute`."""
+        return self._needs_second_pass
+
+    def _agree_on_second_pass(self) -> bool:
+        need = self.measurement.needs_second_pass
+        if self._distributed:
+            import torch.distributed as dist
+
+            flag = torch.tensor(int(need), device=self.measurement.stats.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.monitor.group)
+            need = bool(flag)
+        return need
+
+    @property
+    def metrics(self) -> dict:
+        """The SPEC dict of this pass (available once the ``with`` block has ended)."""
+        if self._metrics is not None:
+            return self._metrics
+        if self._state == "done":
+            raise ValueError(
+                "MonitorPass.metrics: the features exceeded memory_budget_bytes="
+                f"{self.monitor.memory_budget_bytes}, so NC4 needs a second pass over the same "
+                "data: call nc.compute(second_pass=loader) (the monitor runs the model on it), "
+                "use monitor.evaluate(loader), or raise memory_budget_bytes"
+            )
+        raise RuntimeError(
+            "MonitorPass.metrics: the measurement pass has not ended (or ended with an error)"
+        )
+
+    def compute(
+        self,
+        second_pass: Iterable | Callable[[], Iterable] | None = None,
+        forward: Callable | None = None,
+    ) -> dict:
+        """The SPEC dict, running ``second_pass`` (``(inputs, labels)`` batches over the same
+        samples, or a callable returning them) through the model if NC4 needs it; ``forward``
+        as in :meth:`NCMonitor.evaluate`. Collective in distributed mode."""
+        if self._state != "done":
+            raise RuntimeError("MonitorPass.compute: the measurement pass has not ended yet")
+        if self._metrics is None:
+            self._metrics = self._compute(second_pass, forward)
+        return self._metrics
+
+    def _compute(self, second_pass, forward) -> dict:
+        mon = self.monitor
+        if _versions(mon.classifier.weight, mon.classifier.bias) != self._versions:
+            raise RuntimeError(
+                "NCMonitor: the classifier's weight or bias changed during the measurement pass "
+                "(e.g. an optimizer step); measure with fixed parameters"
+            )
+        features = None
+        if second_pass is not None:
+            features = _SecondPass(mon, second_pass, forward or mon._default_forward)
+        return self.measurement.compute(
+            second_pass=features, distributed=self._distributed, group=mon.group
+        )
+
+
+class _SecondPass:
+    """Iterable of (features, labels) obtained by running ``(inputs, labels)`` batches through
+    the model with the monitor's hook capturing the features (no gradients)."""
+
+    def __init__(self, monitor: NCMonitor, batches, forward):
+        self.monitor, self.batches, self.forward = monitor, batches, forward
+
+    def __iter__(self):
+        mon = self.monitor
+        captured: list[torch.Tensor] = []
+        handle = mon._register(captured.append)
+        try:
+            for inputs, labels in _pairs(self.batches, "MonitorPass.compute(second_pass)"):
+                with torch.no_grad():
+                    self.forward(inputs)
+                if len(captured) != 1:
+                    raise RuntimeError(
+                        f"NCMonitor: the second pass hooked {len(captured)} feature batches for "
+                        "one forward pass; hook a module that runs exactly once per forward"
+                    )
+                features = captured.pop()
+                labels = mon._flat_labels(torch.as_tensor(labels)).to(features.device)
+                yield features, labels
+        finally:
+            handle.remove()
+
+
+def _versions(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    return (weight._version, None if bias is None else bias._version)
+
+
+def _pairs(batches, where: str):
+    iterable = batches() if callable(batches) else batches
+    try:
+        iterator = iter(iterable)
+    except TypeError:
+        raise TypeError(
+            f"{where}: batches must be an iterable of (inputs, labels), got "
+            f"{type(iterable).__name__}"
+        ) from None
+    for batch in iterator:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(
+                f"{where}: each batch must be an (inputs, labels) pair, got "
+                f"{type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            )
+        yield batch
+
+
+# ------------------------------------------------------------------ TensorBoard
+def log_to_tensorboard(writer, metrics: dict, step: int, prefix: str = "nc") -> int:
+    """Write every scalar of ``metrics`` (a SPEC dict) as ``{prefix}/{key}`` at ``step``, and each
+    entry of a vector value (``snr_singular_values``) as ``{prefix}/{key}/{j}``, j from 1.
+    ``writer``: anything with ``add_scalar(tag, value, step)`` (a
+    ``torch.utils.tensorboard.SummaryWriter``). Returns the number of scalars written.
+    """
+    if not callable(getattr(writer, "add_scalar", None)):
+        raise TypeError(
+            "log_to_tensorboard: writer must have add_scalar(tag, value, step), e.g. a "
+            f"torch.utils.tensorboard.SummaryWriter; got {type(writer).__name__}"
+        )
+    if not isinstance(metrics, dict):
+        raise TypeError(f"log_to_tensorboard: metrics must be a dict, got {type(metrics).__name__}")
+    written = 0
+    for key, value in metrics.items():
+        tag = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            value = value.item()
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, numbers.Real):
+            writer.add_scalar(tag, float(value), step)
+            written += 1
+            continue
+        values = _vector(value)
+        if values is None:
+            raise TypeError(
+                f"log_to_tensorboard: metrics[{key!r}] is a {type(value).__name__}; only numbers "
+                "and 1-d sequences of numbers can be logged"
+            )
+        for j, v in enumerate(values, start=1):
+            writer.add_scalar(f"{tag}/{j}", v, step)
+            written += 1
+    return written
+
+
+def _vector(value) -> list[float] | None:
+    if isinstance(value, torch.Tensor):
+        return value.detach().double().cpu().tolist() if value.dim() == 1 else None
+    try:
+        import numpy as np
+
+        if isinstance(value, np.ndarray):
+            return value.astype(float).tolist() if value.ndim == 1 else None
+    except ImportError:  # numpy is a dependency; keep the helper usable without it anyway
+        pass
+    if isinstance(value, (list, tuple)) and all(isinstance(v, numbers.Real) for v in value):
+        return [float(v) for v in value]
+    return None
+
+
+class TensorBoardLogger:
+    """A ``SummaryWriter`` on ``log_dir`` that logs SPEC dicts: ``log(metrics, step)``.
+
+    TensorBoard is optional (``pip install 'ncfast[tensorboard]'``); it is imported here, on
+    first use, and its absence is a clear ImportError.
+    """
+
+    def __init__(self, log_dir: str, prefix: str = "nc", **writer_kwargs):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError(
+                "TensorBoardLogger needs the tensorboard package, which is not installed: "
+                "pip install 'ncfast[tensorboard]' (or pip install tensorboard)"
+            ) from exc
+        self.writer = SummaryWriter(log_dir=str(log_dir), **writer_kwargs)
+        self.prefix = prefix
+
+    def log(self, metrics: dict, step: int) -> int:
+        return log_to_tensorboard(self.writer, metrics, step, self.prefix)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def __enter__(self) -> TensorBoardLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
