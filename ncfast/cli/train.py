@@ -1,0 +1,195 @@
+"""``ncfast train``: the paper's experiment with Neural Collapse measured in the loop."""
+
+from __future__ import annotations
+
+import click
+
+from ncfast.checkpoint import CheckpointError
+from ncfast.cli import main
+from ncfast.data import DATASETS, DatasetError
+from ncfast.losses import LOSSES, parse_mse_scale
+from ncfast.models import FAMILIES, NETS
+from ncfast.train import PRESETS, RunDirectoryError, TrainConfig, resume_config, train
+
+
+def _int_list(ctx, param, value):
+    """'116,233' -> (116, 233); 'all' (for --measure-epochs) -> every epoch."""
+    if value is None:
+        return None
+    if value.strip().lower() == "all" and param.name == "measure_epochs":
+        return "all"
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"expected comma-separated epochs such as '116,233', got {value!r}"
+        ) from None
+
+
+@main.command("train")
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default=None,
+    help="Named settings: 'demo' (embedded MNIST subset, minutes on a CPU) or 'paper' "
+    "(SPEC §6). Explicit options override them.",
+)
+@click.option(
+    "--dataset",
+    type=click.Choice(sorted(DATASETS)),
+    default=None,
+    help="Dataset; mnist5k is embedded and needs no files.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder with the dataset files in torchvision's layout "
+    "(default $NCFAST_DATA_ROOT or ~/.cache/ncfast/data).",
+)
+@click.option(
+    "--download",
+    is_flag=True,
+    default=None,
+    help="Download missing dataset files first (needs a network).",
+)
+@click.option(
+    "--per-class",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training images per class (default min(5000, rarest class)).",
+)
+@click.option(
+    "--net",
+    type=click.Choice(sorted(NETS) + list(FAMILIES)),
+    default=None,
+    help="Network, or a family (vgg, resnet, densenet) for the paper's depth on this "
+    "dataset (seed Table A.2). Default: resnet.",
+)
+@click.option("--width", type=float, default=None, help="Channel width multiplier (default 1).")
+@click.option("--loss", type=click.Choice(LOSSES), default=None, help="Loss (default mse).")
+@click.option(
+    "--mse-scale",
+    default=None,
+    metavar="K,M",
+    help="Hui & Belkin's scaling for --loss mse-rescaled, e.g. '1,15'.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default 350).")
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="Learning rate (default: SPEC §6's reference, 0.0184 for mse, 0.0679 for ce).",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=None, help="SGD batch size (default 128)."
+)
+@click.option("--weight-decay", type=float, default=None, help="SGD weight decay (default 5e-4).")
+@click.option("--momentum", type=float, default=None, help="SGD momentum (default 0.9).")
+@click.option(
+    "--lr-milestones",
+    callback=_int_list,
+    default=None,
+    metavar="E1,E2,...",
+    help="Epochs after which the learning rate is multiplied by --lr-gamma "
+    "(default epochs//3, 2·epochs//3).",
+)
+@click.option("--lr-gamma", type=float, default=None, help="Learning-rate decay (default 0.1).")
+@click.option(
+    "--measure-epochs",
+    callback=_int_list,
+    default=None,
+    metavar="E1,E2,...|all",
+    help="Epochs to measure (default: SPEC §6's 50 epochs scaled to --epochs).",
+)
+@click.option(
+    "--measure-batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Batch size of the measurement passes (default 500).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run directory (default runs/<dataset>-<net>-<loss>-seed<seed>).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    default=False,
+    help="Continue the run in --out from its checkpoint, with its options.",
+)
+@click.option("--overwrite", is_flag=True, default=False, help="Replace a run already in --out.")
+@click.option("--device", default=None, help="cpu or cuda (default cuda if available).")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Random seed (default 0).")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default=None,
+    help="bf16 autocast for the network; statistics stay float64 (default fp32).",
+)
+@click.option(
+    "--measure-overhead",
+    is_flag=True,
+    default=None,
+    help="Time plain forward passes at each measurement and print the measurement's "
+    "cost beyond them next to the epoch's.",
+)
+@click.option("--quiet", is_flag=True, default=False, help="No progress bar or summaries.")
+def train_command(preset, resume, overwrite, quiet, measure_epochs, **options) -> None:
+    """Train a network with Neural Collapse measured at the measurement epochs.
+
+    Writes config.json, metrics.jsonl (one line per measured epoch and split) and
+    checkpoint.pt to --out.
+    """
+    if options["mse_scale"] is not None:
+        options["mse_scale"] = _parse_scale(options["mse_scale"])
+    if measure_epochs == "all":
+        epochs = options["epochs"] or PRESETS.get(preset, {}).get("epochs")
+        if epochs is None:
+            raise click.UsageError("--measure-epochs all needs --epochs (or a --preset with it)")
+        measure_epochs = tuple(range(1, epochs + 1))
+    options["measure_epochs"] = measure_epochs
+    if options["dataset"] is None and preset is None and not resume:
+        raise click.UsageError(
+            f"give --dataset (one of {', '.join(sorted(DATASETS))}) or --preset "
+            f"({', '.join(sorted(PRESETS))})"
+        )
+    try:
+        if resume:
+            config = _resumed(preset, options)
+        else:
+            config = TrainConfig.from_preset(preset, overwrite=overwrite, **options)
+        config.resolved()  # option errors before anything is loaded
+    except CheckpointError as err:
+        raise click.ClickException(f"cannot resume: {err}") from None
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    try:
+        out = train(config, progress=not quiet)
+    except (DatasetError, CheckpointError, RunDirectoryError, FloatingPointError) as err:
+        raise click.ClickException(str(err)) from None
+    if not quiet:
+        click.echo(f"run written to {out}/ (config.json, metrics.jsonl, checkpoint.pt)")
+
+
+def _parse_scale(text: str) -> tuple[float, float]:
+    try:
+        return parse_mse_scale(text)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--mse-scale") from None
+
+
+def _resumed(preset, options) -> TrainConfig:
+    """The stored configuration of the run in --out, with the options given now on top (the
+    library refuses a resumption whose options differ in anything but runtime settings)."""
+    out = options["out"] or PRESETS.get(preset, {}).get("out")
+    if out is None:
+        if options["dataset"] is None:
+            raise click.UsageError("--resume needs --out (the run directory to continue)")
+        out = TrainConfig.from_preset(preset, **options).resolved().out
+    stored = resume_config(out).to_json()
+    given = {k: v for k, v in options.items() if v is not None}
+    stored.update(given, out=out, resume=True, overwrite=False)
+    return TrainConfig.from_json(stored)

@@ -1,0 +1,146 @@
+"""One measurement of a network on one split: NC statistics, loss and error from the same passes.
+
+:func:`measure_split` is what training calls at its measurement epochs and what
+``ncfast analyze`` calls on a saved checkpoint, so both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ncfast.losses import check_loss, compute_loss
+from ncfast.measure import Measurement
+from ncfast.metrics import mse_lambda
+from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+
+
+def network_autocast(device: torch.device, precision: str):
+    """bf16 autocast for the network's forward pass, or nothing for fp32."""
+    check_precision(precision)
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def split_batches(num_samples: int, batch_size: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive batches in the split's fixed order."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    for start in range(0, num_samples, batch_size):
+        yield start, min(start + batch_size, num_samples)
+
+
+def split_features(
+    model: nn.Module,
+    data,
+    batch_size: int,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(features float32 [B, P], labels [B])`` over ``data`` in fixed order (no grad; the
+    caller sets eval mode)."""
+    device = data.images.device
+    with torch.no_grad():
+        for start, stop in split_batches(len(data), batch_size):
+            x, y = data.batch(torch.arange(start, stop, device=device))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with network_autocast(device, precision):
+                h = model.features(x)
+            yield h.float(), y
+
+
+def measure_split(
+    model: nn.Module,
+    data,
+    *,
+    loss: str,
+    sgd_weight_decay: float,
+    batch_size: int,
+    precision: str = "fp32",
+    mse_scale: tuple[float, float] | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+    channels_last: bool = False,
+) -> dict:
+    """Measure ``model`` on ``data`` (a :class:`ncfast.data.LabeledImages`) in eval mode.
+
+    One streamed pass in the split's order: features from ``model.features`` (upcast to float32,
+    statistics in float64), logits from ``model.classifier`` applied to those features, loss and
+    error from the same logits, NC statistics and NC4 through :class:`ncfast.Measurement` with
+    the classifier's weight and bias and λ = :func:`ncfast.mse_lambda` (``sgd_weight_decay``, C).
+
+    Returns a flat dict: ``error`` (fraction misclassified), ``loss`` (mean per-sample loss, for
+    ``mse`` the mean over the N×C entries as PyTorch's ``MSELoss``), and every key of
+    :meth:`ncfast.Measurement.compute` (``snr_singular_values`` a float64 tensor). The model's
+    train/eval mode is restored afterwards.
+    """
+    scale = check_loss(loss, mse_scale)
+    check_precision(precision)
+    for attr in ("features", "classifier"):
+        if not hasattr(model, attr):
+            raise TypeError(
+                f"measure_split: model must have .features(x) and .classifier (an nn.Linear); "
+                f"{type(model).__name__} lacks .{attr}"
+            )
+    classifier = model.classifier
+    if not isinstance(classifier, nn.Linear):
+        raise TypeError(
+            f"measure_split: model.classifier must be an nn.Linear, got {type(classifier).__name__}"
+        )
+    num_classes = data.num_classes
+    if classifier.out_features != num_classes:
+        raise ValueError(
+            f"measure_split: the classifier has {classifier.out_features} outputs but the "
+            f"{data.name} data has {num_classes} classes"
+        )
+    if len(data) == 0:
+        raise ValueError(f"measure_split: the {data.name} {data.split} split is empty")
+    device = data.images.device
+    was_training = model.training
+    model.eval()
+    try:
+        weight = classifier.weight.detach().float()
+        bias = (
+            classifier.bias.detach().float()
+            if classifier.bias is not None
+            else weight.new_zeros(num_classes)
+        )
+        measurement = Measurement(
+            num_classes,
+            classifier.in_features,
+            weight=weight,
+            bias=bias,
+            weight_decay=mse_lambda(sgd_weight_decay, num_classes),
+            device=device,
+            memory_budget_bytes=memory_budget_bytes,
+        )
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        wrong = torch.zeros((), dtype=torch.int64, device=device)
+        for h, y in split_features(model, data, batch_size, precision, channels_last):
+            with torch.no_grad():
+                logits = F.linear(h, weight, bias)  # = model.classifier(h)
+                loss_sum += compute_loss(loss, logits, y, scale, reduction="sum").double()
+                wrong += (logits.argmax(1) != y).sum()
+            measurement.update(h, y)
+
+        def second_pass():
+            return split_features(model, data, batch_size, precision, channels_last)
+
+        result = measurement.compute(second_pass=second_pass)
+        loss_total, wrong_total = torch.stack([loss_sum, wrong.double()]).tolist()
+    finally:
+        model.train(was_training)
+    n = len(data)
+    return {"error": wrong_total / n, "loss": loss_total / n, **result}

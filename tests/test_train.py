@@ -1,0 +1,442 @@
+"""Training with in-loop measurement (ncfast.train, ncfast.evaluate, ncfast.checkpoint) and the
+``ncfast train`` command. Tiny networks and a few dozen images keep every run to seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ncfast import ClassStats, mse_lambda, nc_metrics
+from ncfast.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
+from ncfast.cli import main
+from ncfast.data import LabeledImages
+from ncfast.evaluate import measure_split
+from ncfast.losses import compute_loss
+from ncfast.models import build
+from ncfast.train import (
+    PAPER_MEASURE_EPOCHS,
+    PRESETS,
+    REFERENCE_LR,
+    ROW_KEYS,
+    RunDirectoryError,
+    TrainConfig,
+    default_measure_epochs,
+    epoch_batches,
+    epoch_permutation,
+    train,
+)
+from tests import oracle
+
+NUM_CLASSES = 4
+SPEC_KEYS = (
+    "nc1",
+    "nc2_equinorm_means",
+    "nc2_equinorm_classifiers",
+    "nc2_equiangular_means",
+    "nc2_equiangular_classifiers",
+    "nc2_maxangle_means",
+    "nc2_maxangle_classifiers",
+    "nc3_self_duality",
+    "nc4_ncc_mismatch",
+    "loss_mse",
+    "loss_ls",
+    "loss_nc1",
+    "loss_nc23",
+    "loss_ls_perp",
+    "snr_singular_values",
+    "snr_condition",
+    "weight_decay",
+    "sigma_b_rank",
+    "sigma_w_rank",
+    "classes_present",
+    "num_samples",
+    "error",
+    "loss",
+)
+TIMING_KEYS = ("wall_time", "epoch_time", "measure_time")
+
+
+def synthetic_split(split: str, per_class: int, seed: int, channels: int = 1) -> LabeledImages:
+    """Class-dependent blobs plus noise, uint8 32×32, so a tiny network learns something."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+    yy, xx = np.mgrid[0:32, 0:32]
+    images = rng.integers(0, 60, size=(labels.size, channels, 32, 32)).astype(np.float64)
+    for i, c in enumerate(labels):
+        cy, cx = 8 + 16 * (c // 2), 8 + 16 * (c % 2)
+        images[i] += 180 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 30.0)
+    images = torch.from_numpy(np.clip(images, 0, 255).astype(np.uint8))
+    return LabeledImages(
+        images,
+        torch.from_numpy(labels).long(),
+        NUM_CLASSES,
+        torch.full((channels,), 0.3),
+        torch.full((channels,), 0.3),
+        "synthetic",
+        split,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return synthetic_split("train", 20, 0), synthetic_split("test", 6, 1)
+
+
+def tiny_config(out: Path, **overrides) -> TrainConfig:
+    values = {
+        "dataset": "synthetic",
+        "net": "vgg11",
+        "width": 0.0625,
+        "epochs": 2,
+        "lr": 0.05,
+        "batch_size": 16,
+        "measure_batch_size": 32,
+        "device": "cpu",
+        "out": str(out),
+    }
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+# ----------------------------------------------------------------------------- configuration
+def test_paper_defaults():
+    c = TrainConfig(dataset="svhn", net="vgg").resolved()
+    assert c.net == "vgg13"  # seed Table A.2
+    assert (c.epochs, c.batch_size, c.weight_decay, c.momentum) == (350, 128, 5e-4, 0.9)
+    assert c.lr_milestones == (116, 233) and c.lr_gamma == 0.1
+    assert c.measure_epochs == PAPER_MEASURE_EPOCHS and len(PAPER_MEASURE_EPOCHS) == 50
+    assert c.lr == REFERENCE_LR["mse"] == 0.0184
+    assert TrainConfig(dataset="mnist", loss="ce").resolved().lr == 0.0679
+    assert TrainConfig(dataset="cifar10").resolved().net == "resnet50"
+
+
+def test_measure_epochs_scale():
+    assert default_measure_epochs(350) == PAPER_MEASURE_EPOCHS
+    for epochs in (1, 2, 7, 35, 100, 700):
+        got = default_measure_epochs(epochs)
+        assert got == tuple(sorted(set(got)))
+        assert got[-1] == epochs and all(1 <= e <= epochs for e in got)
+        assert got[0] == 1 or epochs > 350
+    # 700 epochs: every paper epoch doubled.
+    assert default_measure_epochs(700) == tuple(2 * e for e in PAPER_MEASURE_EPOCHS)
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    a = epoch_permutation(50, 3, 7, "cpu")
+    assert torch.equal(a, epoch_permutation(50, 3, 7, "cpu"))
+    assert sorted(a.tolist()) == list(range(50))
+    assert not torch.equal(a, epoch_permutation(50, 3, 8, "cpu"))
+    assert not torch.equal(a, epoch_permutation(50, 4, 7, "cpu"))
+    assert epoch_batches(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert epoch_batches(9, 4) == [(0, 4), (4, 8)]  # no single-sample batch for batch norm
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"net": "alexnet"}, "net must be one of"),
+        ({"loss": "hinge"}, "loss must be one of"),
+        ({"loss": "mse-rescaled"}, "needs mse_scale"),
+        ({"epochs": 0}, "epochs"),
+        ({"lr": -1.0}, "lr"),
+        ({"lr_milestones": (0,)}, "lr_milestones"),
+        ({"measure_epochs": (3,)}, "measure_epochs"),
+        ({"precision": "fp16"}, "precision"),
+        ({"device": "tpu"}, "device"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_config_errors_name_the_option(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(tmp_path, **overrides).resolved()
+
+
+def test_presets():
+    demo = TrainConfig.from_preset("demo").resolved()
+    assert demo.dataset == "mnist5k" and demo.net == PRESETS["demo"]["net"]
+    assert TrainConfig.from_preset("demo", epochs=3).resolved().epochs == 3
+    with pytest.raises(ValueError, match="preset"):
+        TrainConfig.from_preset("fast")
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    payload = {
+        "format": FORMAT,
+        "ncfast_version": "x",
+        "epoch": 3,
+        "config": {"a": [1, 2]},
+        "model": {"w": torch.arange(3.0)},
+        "optimizer": {},
+        "scheduler": {},
+        "rng": {"torch": torch.get_rng_state()},
+        "history": [{"epoch": 1, "nc1": 0.5, "snr_singular_values": [2.0, 1.0]}],
+    }
+    path = save_checkpoint(tmp_path / "c.pt", payload)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
+    loaded = load_checkpoint(path)
+    assert loaded["history"] == payload["history"]
+    assert torch.equal(loaded["model"]["w"], payload["model"]["w"])
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    data = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"format": FORMAT, "obj": argparse_namespace()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="untrusted"):
+        load_checkpoint(tmp_path / "evil.pt")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an ncfast checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    torch.save({"format": FORMAT, "epoch": 1}, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match="lacks"):
+        load_checkpoint(tmp_path / "partial.pt")
+    write_text_atomic(tmp_path / "t.txt", "é\n")
+    assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "é\n"
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(x=1)
+
+
+# --------------------------------------------------------------------------------- training
+def test_two_epoch_run_writes_every_output(tmp_path, tiny_data):
+    out = train(tiny_config(tmp_path / "run"), progress=False, data=tiny_data)
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["epochs"] == 2 and config["net"] == "vgg11" and config["num_classes"] == 4
+    assert config["lambda"] == pytest.approx(mse_lambda(5e-4, 4))
+    rows = read_rows(out)
+    assert [(r["epoch"], r["split"]) for r in rows] == [
+        (1, "train"),
+        (1, "test"),
+        (2, "train"),
+        (2, "test"),
+    ]
+    for row in rows:
+        missing = set(SPEC_KEYS) | set(ROW_KEYS)
+        missing -= set(row)
+        assert not missing, f"missing keys {missing}"
+        assert isinstance(row["snr_singular_values"], list)
+        assert len(row["snr_singular_values"]) == NUM_CLASSES - 1
+        assert row["weight_decay"] == pytest.approx(mse_lambda(5e-4, NUM_CLASSES))
+        assert row["num_samples"] == (80 if row["split"] == "train" else 24)
+        assert 0 <= row["error"] <= 1 and row["loss"] > 0 and math.isfinite(row["nc1"])
+    assert rows[0]["lr"] == 0.05 and rows[2]["lr"] == pytest.approx(0.005)  # milestone at 1
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert checkpoint["epoch"] == 2 and checkpoint["history"] == rows
+    assert checkpoint["config"]["out"] == str(tmp_path / "run")
+    # A second run into the same directory is refused unless asked for.
+    with pytest.raises(RunDirectoryError, match="--resume"):
+        train(tiny_config(tmp_path / "run"), progress=False, data=tiny_data)
+
+
+def test_resume_after_kill_gives_the_same_metrics(tmp_path, tiny_data, monkeypatch):
+    kwargs = {"epochs": 4, "measure_epochs": (1, 2, 3, 4), "lr_milestones": (2,)}
+    whole = read_rows(train(tiny_config(tmp_path / "a", **kwargs), progress=False, data=tiny_data))
+
+    import ncfast.train as train_module
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(path, payload):
+        real_save(path, payload)
+        if payload["epoch"] == 2:
+            raise KeyboardInterrupt  # killed right after the epoch-2 checkpoint
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "b", **kwargs), progress=False, data=tiny_data)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    # A line half-written after the checkpoint, as a kill can leave it.
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 3, "split": "tr')
+    resumed_config = tiny_config(tmp_path / "b", resume=True, **kwargs)
+    resumed = read_rows(train(resumed_config, progress=False, data=tiny_data))
+    assert without_timing(resumed) == without_timing(whole)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 4
+
+    # Resuming with other options is refused, naming them.
+    with pytest.raises(RunDirectoryError, match="lr"):
+        train(tiny_config(tmp_path / "b", resume=True, lr=0.1, **kwargs), data=tiny_data)
+
+
+def test_measured_metrics_equal_a_separate_pass_from_the_checkpoint(tmp_path, tiny_data):
+    out = train(tiny_config(tmp_path / "run", epochs=3), progress=False, data=tiny_data)
+    last = {r["split"]: r for r in read_rows(out) if r["epoch"] == 3}
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    config = TrainConfig.from_json(checkpoint["config"])
+    model = build(config.net, NUM_CLASSES, 1, 32, config.width)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    weight, bias = model.classifier.weight.detach(), model.classifier.bias.detach()
+    lam = mse_lambda(config.weight_decay, NUM_CLASSES)
+    for split, data in zip(("train", "test"), tiny_data, strict=True):
+        stats = ClassStats(NUM_CLASSES, model.feature_dim)
+        features, labels = [], []
+        with torch.no_grad():
+            for start in range(0, len(data), config.measure_batch_size):
+                index = torch.arange(start, min(start + config.measure_batch_size, len(data)))
+                x, y = data.batch(index)
+                h = model.features(x)
+                stats.update(h, y)
+                features.append(h.double())
+                labels.append(y)
+        h, y = torch.cat(features), torch.cat(labels)
+        expected = nc_metrics(stats, weight, bias, lam)
+        logits = h @ weight.double().T + bias.double()
+        expected["error"] = float((logits.argmax(1) != y).double().mean())
+        expected["loss"] = float(compute_loss("mse", logits, y))
+        brute = oracle.nc_metrics(h.numpy(), y.numpy(), NUM_CLASSES, weight, bias, lam)
+        expected["nc4_ncc_mismatch"] = brute["nc4_ncc_mismatch"]
+        got = last[split]
+        for key, value in expected.items():
+            if key == "snr_singular_values":
+                np.testing.assert_allclose(got[key], value.numpy(), rtol=1e-6)
+            else:
+                assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+        assert got["loss_mse"] == pytest.approx(brute["loss_mse"], rel=1e-6)
+        # The logged loss is the MSELoss of the network; seed Eq. 3 is (C/2) of it plus the
+        # weight-decay term (SPEC §3).
+        w_tilde_sq = float(weight.double().square().sum() + bias.double().square().sum())
+        assert got["loss_mse"] == pytest.approx(
+            NUM_CLASSES / 2 * got["loss"] + lam / 2 * w_tilde_sq, rel=1e-6
+        )
+
+
+def test_measure_split_restores_mode_and_checks_its_model(tiny_data):
+    train_data, _ = tiny_data
+    torch.manual_seed(0)
+    model = build("resnet18", NUM_CLASSES, 1, 32, 0.0625)
+    model.train()
+    kwargs = {"loss": "ce", "sgd_weight_decay": 5e-4, "batch_size": 30}
+    result = measure_split(model, train_data, **kwargs)
+    assert model.training
+    assert result["num_samples"] == len(train_data) and "nc4_ncc_mismatch" in result
+    # A budget too small for the features forces NC4's second pass: same numbers.
+    small = measure_split(model, train_data, memory_budget_bytes=0, **kwargs)
+    assert small["nc4_ncc_mismatch"] == result["nc4_ncc_mismatch"]
+    assert small["nc1"] == pytest.approx(result["nc1"], rel=1e-12)
+    with pytest.raises(TypeError, match="features"):
+        measure_split(torch.nn.Linear(3, 4), train_data, **kwargs)
+    wrong_classes = build("vgg11", 7, 1, 32, 0.0625)
+    with pytest.raises(ValueError, match="7 outputs"):
+        measure_split(wrong_classes, train_data, **kwargs)
+
+
+def test_bf16_and_other_losses_run(tmp_path, tiny_data):
+    for i, extra in enumerate(
+        (
+            {"precision": "bf16"},
+            {"loss": "ce"},
+            {"loss": "mse-rescaled", "mse_scale": (2.0, 3.0), "net": "resnet18"},
+        )
+    ):
+        config = tiny_config(tmp_path / f"r{i}", epochs=1, **extra)
+        rows = read_rows(train(config, progress=False, data=tiny_data))
+        assert len(rows) == 2 and all(math.isfinite(r["nc1"]) for r in rows)
+
+
+# ------------------------------------------------------------------------------------- CLI
+def cli_args(out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--dataset",
+        "mnist5k",
+        "--per-class",
+        "6",
+        "--net",
+        "vgg11",
+        "--width",
+        "0.0625",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "20",
+        "--measure-batch-size",
+        "500",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
+def test_cli_train_and_resume(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(main, cli_args(out, "--epochs", "1", "--measure-epochs", "1"))
+    assert result.exit_code == 0, result.output
+    assert len(read_rows(out)) == 2
+    # Continue the same run for one more epoch: only --out and the new total given.
+    result = runner.invoke(
+        main, ["train", "--resume", "--out", str(out), "--epochs", "2", "--quiet"]
+    )
+    # The epoch count is part of the run's identity (it sets the schedule): refused.
+    assert result.exit_code != 0 and "epochs" in result.output
+    result = runner.invoke(main, ["train", "--resume", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, cli_args(out))
+    assert result.exit_code != 0 and "already holds a run" in result.output
+
+
+def test_cli_errors(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "--dataset", "imagenet"])
+    assert result.exit_code == 2 and "'imagenet' is not one of" in result.output
+
+    empty = tmp_path / "data"
+    empty.mkdir()
+    result = runner.invoke(
+        main, ["train", "--dataset", "mnist", "--data-root", str(empty), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 1, result.output
+    assert "--download" in result.output and "train-images-idx3-ubyte" in result.output
+    assert "Traceback" not in result.output
+
+    run = tmp_path / "corrupt"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"\x00" * 100)
+    result = runner.invoke(main, ["train", "--resume", "--out", str(run)])
+    assert result.exit_code == 1 and "corrupt" in result.output, result.output
+
+    result = runner.invoke(main, ["train", "--resume", "--out", str(tmp_path / "none")])
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+    result = runner.invoke(main, cli_args(tmp_path / "x", "--loss", "mse-rescaled"))
+    assert result.exit_code == 2 and "mse_scale" in result.output
+    result = runner.invoke(main, cli_args(tmp_path / "x", "--mse-scale", "a,b"))
+    assert result.exit_code == 2 and "--mse-scale" in result.output
+    result = runner.invoke(main, cli_args(tmp_path / "x", "--lr-milestones", "x"))
+    assert result.exit_code == 2 and "--lr-milestones" in result.output
+    result = runner.invoke(main, cli_args(tmp_path / "x", "--measure-epochs", "5"))
+    assert result.exit_code == 2 and "measure_epochs" in result.output
