@@ -347,6 +347,7 @@ def _distributed_worker(rank, world, port, seed, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes importing torch: ~5 s on 2 cores
 def test_two_gloo_ranks_give_the_metrics_of_all_samples(tmp_path):
     seed = _seed()
     mp.spawn(
