@@ -330,7 +330,9 @@ def summary_lines(report: dict) -> list[str]:
         )
     zero = report.get("zero_error_epoch")
     row = report.get("table1") or {}
-    if zero is None:
+    if not report.get("history_epochs"):
+        lines.append("the checkpoint's history holds no measurements (no Table 1, fit or figures)")
+    elif zero is None:
         lines.append("zero training error: not reached at any measured epoch")
     else:
         lines.append(
@@ -341,7 +343,7 @@ def summary_lines(report: dict) -> list[str]:
     fit = report.get("central_path")
     if fit and fit.get("fitted"):
         lines.append(
-            f"central-path fit (epochs ≥ {fit['start_epoch']}, {len(fit['epochs'])} points): "
+            f"central-path fit ({_fit_range(fit)}, {len(fit['epochs'])} epochs): "
             f"R²(ω) = {_fmt(fit['r2_omega'])}, R²(t) = {_fmt(fit['r2_time'])}, "
             f"c1, c2, c3 = {_fmt(fit['c1'])}, {_fmt(fit['c2'])}, {_fmt(fit['c3'])} (κ = 1 per "
             f"epoch; SPEC §5 predicts c1 : c2 : c3 = C² : C : 1/4)"
@@ -363,6 +365,11 @@ def summary_lines(report: dict) -> list[str]:
     else:
         lines.append(f"the log has no measurement at the checkpoint's epoch {report['epoch']}")
     return lines
+
+
+def _fit_range(fit: dict) -> str:
+    start = fit["start_epoch"]
+    return f"epochs ≥ {start}, from zero training error" if start > 0 else "all measured epochs"
 
 
 def format_table(report: dict) -> str:

@@ -176,15 +176,15 @@ def _variants(runs: Sequence[Run]) -> dict[int, tuple[str, str]]:
     repeated = any(n > 1 for n in counts.values())
     labels = [f"{r.loss.upper()} ({r.name})" if repeated else r.loss.upper() for r in runs]
     colors: dict[str, str] = {}
-    spare = iter(OTHER_COLORS * 10)
-    for r, label in zip(runs, labels, strict=True):
-        if label not in colors:
-            colors[label] = (
-                LOSS_COLORS.get(r.loss.lower(), next(spare)) if not repeated else next(spare)
-            )
-    if repeated:  # several runs per loss: spread the palette, loss colours first
+    if repeated:  # several runs per loss: one palette colour per run, loss colours first
         palette = list(LOSS_COLORS.values()) + OTHER_COLORS
-        colors = {label: palette[i % len(palette)] for i, label in enumerate(colors)}
+        for label in dict.fromkeys(labels):
+            colors[label] = palette[len(colors) % len(palette)]
+    else:  # the loss's own colour; other losses take the spare ones in turn
+        for r, label in zip(runs, labels, strict=True):
+            if label not in colors:
+                spare = OTHER_COLORS[sum(c in OTHER_COLORS for c in colors.values()) % 6]
+                colors[label] = LOSS_COLORS.get(r.loss.lower(), spare)
     return {i: (label, colors[label]) for i, label in enumerate(labels)}
 
 

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from ncfast.cli import main
 from ncfast.plots import FIGURE_NAMES, figure, plot_runs
 from ncfast.runs import (
+    SPLITS,
     RunError,
     central_path_fit,
     history_arrays,
@@ -344,3 +345,16 @@ def test_commands_reject_bad_input(tmp_path, grid_dirs):
     (tmp_path / "afile").write_text("x")
     res = cli.invoke(main, ["table", str(grid_dirs[0]), "--out", str(tmp_path / "afile")])
     assert res.exit_code != 0
+
+
+def test_two_runs_of_one_loss_in_a_cell_are_told_apart(tmp_path):
+    runs = []
+    for name, err in (("seed0", 0.2), ("seed1", 0.3)):
+        recs = [{"epoch": e, "split": s, "error": err / e} for e in (1, 2, 4) for s in SPLITS]
+        runs.append(load_run(write_run_dir(tmp_path / name, records=recs, loss="mse")))
+    fig = figure(runs, "error")
+    curves = [line for line in _lines(fig) if len(line.get_xdata()) > 2]
+    assert len({line.get_color() for line in curves}) == 2
+    legend_text = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert {"MSE (seed0)", "MSE (seed1)"} <= legend_text
+    plt.close(fig)
