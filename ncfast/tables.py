@@ -82,8 +82,11 @@ def _cell(value) -> str:
 def to_markdown(rows: Sequence[dict]) -> str:
     """Table 1 as a Markdown table followed by the median and mean improvement."""
     head = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    rule = "|" + "|".join("---" if k in ("dataset", "net", "loss", "run") else "---:"
-                          for k, _ in COLUMNS) + "|"
+    rule = (
+        "|"
+        + "|".join("---" if k in ("dataset", "net", "loss", "run") else "---:" for k, _ in COLUMNS)
+        + "|"
+    )
     body = ["| " + " | ".join(_cell(r[k]) for k, _ in COLUMNS) + " |" for r in rows]
     s = summary(rows)
     foot = (

@@ -21,11 +21,29 @@ from ncfast.train import TrainConfig, train
 
 # Every key of SPEC §2–§4 as measure_split returns it.
 SPEC_KEYS = (
-    "nc1", "nc2_equinorm_means", "nc2_equinorm_classifiers", "nc2_equiangular_means",
-    "nc2_equiangular_classifiers", "nc2_maxangle_means", "nc2_maxangle_classifiers",
-    "nc3_self_duality", "nc4_ncc_mismatch", "loss_mse", "loss_ls", "loss_nc1", "loss_nc23",
-    "loss_ls_perp", "snr_singular_values", "snr_condition", "sigma_b_rank", "sigma_w_rank",
-    "classes_present", "weight_decay", "num_samples", "error", "loss",
+    "nc1",
+    "nc2_equinorm_means",
+    "nc2_equinorm_classifiers",
+    "nc2_equiangular_means",
+    "nc2_equiangular_classifiers",
+    "nc2_maxangle_means",
+    "nc2_maxangle_classifiers",
+    "nc3_self_duality",
+    "nc4_ncc_mismatch",
+    "loss_mse",
+    "loss_ls",
+    "loss_nc1",
+    "loss_nc23",
+    "loss_ls_perp",
+    "snr_singular_values",
+    "snr_condition",
+    "sigma_b_rank",
+    "sigma_w_rank",
+    "classes_present",
+    "weight_decay",
+    "num_samples",
+    "error",
+    "loss",
 )
 SGD_WEIGHT_DECAY = 5e-4
 
@@ -44,9 +62,19 @@ def one_thread():
 def run_dir(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("run") / "mnist5k-vgg11"
     config = TrainConfig(
-        dataset="mnist5k", net="vgg11", width=0.125, per_class=10, epochs=14, lr=0.07,
-        batch_size=25, lr_milestones=(14,), measure_epochs=(1, 2, 4, 7, 9, 11, 12, 13, 14),
-        weight_decay=SGD_WEIGHT_DECAY, out=str(out), device="cpu", seed=0,
+        dataset="mnist5k",
+        net="vgg11",
+        width=0.125,
+        per_class=10,
+        epochs=14,
+        lr=0.07,
+        batch_size=25,
+        lr_milestones=(14,),
+        measure_epochs=(1, 2, 4, 7, 9, 11, 12, 13, 14),
+        weight_decay=SGD_WEIGHT_DECAY,
+        out=str(out),
+        device="cpu",
+        seed=0,
     )
     train(config, progress=False)
     return out
@@ -64,8 +92,20 @@ def _close(a, b, rtol=1e-6):
 def test_analyze_plot_table_end_to_end(tmp_path, run_dir, one_thread):
     cli = CliRunner()
     out = tmp_path / "analysis"
-    res = cli.invoke(main, ["analyze", str(run_dir / "checkpoint.pt"), "--out", str(out),
-                            "--robustness-samples", "6", "--format", "png", "--quiet"])
+    res = cli.invoke(
+        main,
+        [
+            "analyze",
+            str(run_dir / "checkpoint.pt"),
+            "--out",
+            str(out),
+            "--robustness-samples",
+            "6",
+            "--format",
+            "png",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "NC1" in res.output and "DeepFool robustness" in res.output
 
@@ -108,8 +148,9 @@ def test_analyze_plot_table_end_to_end(tmp_path, run_dir, one_thread):
         assert len(fit["predicted_omega"]) == len(fit["epochs"])
 
     # plot and table on the run directory
-    res = cli.invoke(main, ["plot", str(run_dir), "--out", str(tmp_path / "fig"),
-                            "--format", "pdf"])
+    res = cli.invoke(
+        main, ["plot", str(run_dir), "--out", str(tmp_path / "fig"), "--format", "pdf"]
+    )
     assert res.exit_code == 0, res.output
     expected = {f"{n}.pdf" for n in FIGURE_NAMES if n != "robustness"}
     assert {p.name for p in (tmp_path / "fig").iterdir()} == expected
