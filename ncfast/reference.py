@@ -313,10 +313,18 @@ def mse_decomposition(
     bias = bias.to(torch.float64)
     v = torch.cat([weight, (bias + weight @ mu_g)[:, None]], dim=1)
     g = torch.cat([class_means - mu_g, torch.ones_like(priors)[:, None]], dim=1)  # g̃_c
-    eye = torch.eye(c, dtype=torch.float64, device=weight.device)
+    tile = max(1, min(c, (1 << 24) // max(c, 1)))
 
     def fit(v_: torch.Tensor) -> torch.Tensor:  # Σ_c π_c ‖V g̃_c − e_c‖²
-        return (priors * ((g @ v_.T) - eye).square().sum(1)).sum()
+        # In class tiles: the [C, C] outputs (and an identity) would be 8 GB at C = 32000.
+        total = v_.new_zeros(())
+        for start in range(0, c, tile):
+            stop = min(c, start + tile)
+            block = g[start:stop] @ v_.T
+            rows = torch.arange(stop - start, device=block.device)
+            block[rows, rows + start] -= 1.0
+            total = total + (priors[start:stop] * block.square().sum(1)).sum()
+        return total
 
     def spread(w_: torch.Tensor) -> torch.Tensor:  # tr(W Σ_W Wᵀ)
         return ((w_ @ sigma_w) * w_).sum()

@@ -146,3 +146,35 @@ def test_pairwise_cosines_in_tiles_never_form_classes_by_classes():
     np.testing.assert_allclose(std, np.std(upper, ddof=1), rtol=1e-9)
     np.testing.assert_allclose(max_angle, np.mean(np.abs(upper + 1 / (classes - 1))), rtol=1e-9)
     assert (1 << 24) // 20_000 * 20_000 < 20_000**2
+
+
+def test_mse_decomposition_with_many_classes_never_forms_classes_by_classes():
+    """C = 4200 > 4096: the fit terms Σ_c π_c ‖W μ_c + b − e_c‖² run in class tiles; against the
+    dense uncentred formulas of SPEC §3 (numpy, with the C×C identity)."""
+    classes, dim, lam = 4200, 4, 0.05
+    g = torch.Generator().manual_seed(_seed())
+    means = torch.randn(classes, dim, generator=g, dtype=torch.float64)
+    priors = torch.rand(classes, generator=g, dtype=torch.float64) + 0.5
+    priors /= priors.sum()
+    mix = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    sigma_w = mix @ mix.T / dim + 0.1 * torch.eye(dim, dtype=torch.float64)
+    weight = torch.randn(classes, dim, generator=g, dtype=torch.float64)
+    bias = torch.randn(classes, generator=g, dtype=torch.float64)
+    with LargestAllocation() as probe:
+        got = reference.mse_decomposition(weight, bias, means, priors, sigma_w, lam)
+    assert probe.numel <= 1 << 24 < classes * classes, (probe.numel, probe.op)
+
+    mu, pi, sw = means.numpy(), priors.numpy(), sigma_w.numpy()
+    eye = np.eye(classes)
+
+    def loss(w, b):
+        fit = np.sum(pi * np.sum((mu @ w.T + b - eye) ** 2, axis=1))
+        return 0.5 * (fit + np.trace(w @ sw @ w.T) + lam * (np.sum(w**2) + np.sum(b**2)))
+
+    w_ls, b_ls = (t.numpy() for t in reference.least_squares(means, priors, sigma_w, lam))
+    np.testing.assert_allclose(got["loss_mse"], loss(weight.numpy(), bias.numpy()), rtol=1e-10)
+    np.testing.assert_allclose(got["loss_ls"], loss(w_ls, b_ls), rtol=1e-10)
+    nc23 = 0.5 * np.sum(pi * np.sum((mu @ w_ls.T + b_ls - eye) ** 2, axis=1))
+    np.testing.assert_allclose(got["loss_nc23"], nc23, rtol=1e-10)
+    total = got["loss_nc1"] + got["loss_nc23"] + got["loss_ls_perp"]
+    np.testing.assert_allclose(total, got["loss_mse"], rtol=1e-10)
