@@ -88,7 +88,7 @@ class NCCMismatch:
         with the means of ``stats``. :meth:`compute` divides them; a distributed measurement sums
         them over ranks first (the means then come from the all-reduced statistics).
         """
-        means = torch.nan_to_num(stats.class_means, nan=0.0)
+        means = _means(stats)
         present = stats.present
         device = means.device
         weight, bias = self.weight.to(device), self.bias.to(device)
@@ -131,6 +131,12 @@ class NCCMismatch:
         self._batches.clear()
         self._buffered_bytes = 0
         self.overflowed = False
+
+
+def _means(stats: ClassStats) -> torch.Tensor:
+    """Class means with zero rows for absent classes, read-only from the statistics' cache:
+    ``nan_to_num(stats.class_means)`` would make two [C, P] copies (docs/memory.md)."""
+    return stats._finalized()[0]
 
 
 def mismatch_fraction(mismatches: torch.Tensor, total: torch.Tensor, stats: ClassStats) -> float:

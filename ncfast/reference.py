@@ -40,7 +40,9 @@ def update_stats_(
     contribute nothing. No host synchronisation: every decision is a device-side ``where``.
     """
     num_classes = counts.shape[0]
-    x = features.to(torch.float64)
+    # A float64 copy of our own, worked on in place: with it, at most three [B, P] float64
+    # buffers exist at once (docs/memory.md). Never the caller's tensor, even if already float64.
+    x = features.to(torch.float64, copy=True)
     label_ok = (labels >= 0) & (labels < num_classes)
     finite = torch.isfinite(x).all(dim=1)
     valid = label_ok & finite
@@ -48,7 +50,7 @@ def update_stats_(
     invalid[INVALID_NONFINITE] += (label_ok & ~finite).sum()
 
     y = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    x = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    x.masked_fill_(~valid[:, None], 0.0)
     batch_counts = torch.zeros_like(counts).index_add_(0, y, valid.long())
     # A class seen for the first time takes this batch's class mean as its shift. The batch's
     # class sums live in a [B, P] buffer, one row per class at the row of its first sample, so
@@ -57,18 +59,19 @@ def update_stats_(
     rows = torch.arange(x.shape[0], device=x.device)
     first_row = torch.full_like(counts, x.shape[0]).scatter_reduce_(0, y, rows, "amin")
     slot = first_row.index_select(0, y)
-    slot_sums = torch.zeros_like(x).index_add_(0, slot, x)
-    batch_means = (
-        slot_sums.index_select(0, slot)
-        / batch_counts.index_select(0, y).clamp(min=1).to(x.dtype)[:, None]
-    )
-    row_shift = torch.where(
-        first_seen.index_select(0, y)[:, None], batch_means, shift.index_select(0, y)
+    row_shift = torch.zeros_like(x).index_add_(0, slot, x).index_select(0, slot)
+    row_shift.div_(batch_counts.index_select(0, y).clamp(min=1).to(x.dtype)[:, None])
+    torch.where(
+        first_seen.index_select(0, y)[:, None],
+        row_shift,
+        shift.index_select(0, y),
+        out=row_shift,
     )
     # Every row of a class carries the same shift, so duplicate indices write identical values.
     shift.index_copy_(0, y, row_shift)
 
-    centered = (x - row_shift) * valid.to(x.dtype)[:, None]
+    centered = x.sub_(row_shift).mul_(valid.to(x.dtype)[:, None])
+    del row_shift
     sums.index_add_(0, y, centered)
     scatter.addmm_(centered.T, centered)
     counts += batch_counts
@@ -362,8 +365,11 @@ def ncc_mismatch_count(
     mask = present.to(torch.float64)
     centre = (class_means * mask[:, None]).sum(0) / mask.sum().clamp(min=1)
     mu = class_means - centre
-    scores = (x - centre) @ mu.T * -2.0 + mu.square().sum(1)
-    scores = torch.where(present[None, :], scores, torch.full_like(scores, float("inf")))
+    # ‖h − μ_c‖² − ‖h‖² = −2 h·μ_c + ‖μ_c‖², written into one [B, C] buffer (B·C·8 bytes is
+    # 256 MiB at B = 1024, C = 32000: no second or third copy).
+    scores = torch.addmm(mu.square().sum(1), x - centre, mu.T, alpha=-2.0)
+    scores.masked_fill_(~present[None, :], float("inf"))
     ncc = scores.argmin(1)
-    logits = x @ weight.to(torch.float64).T + bias.to(torch.float64)
+    del scores
+    logits = torch.addmm(bias.to(torch.float64), x, weight.to(torch.float64).T)
     return ((logits.argmax(1) != ncc) & valid).sum()

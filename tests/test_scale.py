@@ -55,6 +55,17 @@ def test_update_allocates_nothing_of_size_classes_by_dim():
     assert probe.numel <= max(batch * dim, num_classes) < num_classes * dim, (probe.numel, probe.op)
 
 
+def test_update_leaves_float64_input_untouched():
+    """The update works in place on its own float64 copy, never on the caller's batch."""
+    g = torch.Generator().manual_seed(_seed())
+    features = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    features[3, 1] = float("nan")
+    labels = torch.randint(0, 3, (40,), generator=g)
+    before = features.clone()
+    ncfast.ClassStats(3, 5, on_invalid="skip").update(features, labels)
+    torch.testing.assert_close(features, before, equal_nan=True, rtol=0, atol=0)
+
+
 def test_update_with_repeated_new_classes_and_skipped_rows_matches_numpy():
     """First-seen shifts come from the batch's own class means; rows of one class in one batch,
     invalid rows mapped to class 0 and classes first seen later must all come out exact."""
