@@ -403,8 +403,10 @@ class _SecondPass:
         mon = self.monitor
         captured: list[torch.Tensor] = []
         handle = mon._register(captured.append)
+        seen = 0
         try:
             for inputs, labels in _pairs(self.batches, "MonitorPass.compute(second_pass)"):
+                seen += 1
                 with torch.no_grad():
                     self.forward(inputs)
                 if len(captured) != 1:
@@ -415,6 +417,12 @@ class _SecondPass:
                 features = captured.pop()
                 labels = mon._flat_labels(torch.as_tensor(labels)).to(features.device)
                 yield features, labels
+            if seen == 0:
+                raise ValueError(
+                    "NCMonitor: the second pass yielded no batches; pass a re-iterable (a "
+                    "DataLoader, a list) or a callable returning a fresh iterable, not a "
+                    "generator that the first pass used up"
+                )
         finally:
             handle.remove()
 

@@ -147,6 +147,8 @@ def test_nc4_second_pass_through_the_model_equals_buffered():
     assert_same_metrics(nc.compute(second_pass=loader), expected)
     assert_same_metrics(tight.evaluate(loader), expected)
     assert not model[4]._forward_pre_hooks
+    with pytest.raises(ValueError, match="second pass yielded no batches"):
+        tight.evaluate(iter(loader))  # a one-shot iterator is used up by the first pass
 
 
 def test_sequence_model_counts_every_position_as_a_sample():
