@@ -1,0 +1,219 @@
+// CPU fused statistics update (semantics: ncfast.reference.update_stats_).
+//
+// One pass classifies the rows (label range, finiteness) and a stable counting sort groups the
+// valid ones by class. A second pass, parallel over column chunks, upcasts, subtracts each
+// row's class shift and writes the float64 centred rows z_i into a class-sorted buffer while
+// summing them per class; a column chunk owns its slice of sums and shifts, so there are no
+// races and the result does not depend on the number of threads. Then scatter += ZᵀZ as one
+// (panelled, upper-triangular) dgemm.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common.h"
+#include "../ops.h"
+
+namespace ncfast {
+namespace {
+
+constexpr int64_t kMaxChunk = 64;  // columns per task of the centring pass
+
+template <typename T>
+inline float as_float(T v) {
+  return static_cast<float>(v);
+}
+
+template <typename T, bool kUnitStride>
+bool row_is_finite(const T* row, int64_t p, int64_t col_stride) {
+  // |v| <= max is false for NaN and ±inf; an integer reduction so that it vectorises.
+  int bad = 0;
+  if constexpr (std::is_same_v<T, double>) {
+    for (int64_t j = 0; j < p; ++j) {
+      const double v = row[kUnitStride ? j : j * col_stride];
+      bad |= !(std::abs(v) <= std::numeric_limits<double>::max());
+    }
+  } else {
+    for (int64_t j = 0; j < p; ++j) {
+      const float v = as_float(row[kUnitStride ? j : j * col_stride]);
+      bad |= !(std::abs(v) <= std::numeric_limits<float>::max());
+    }
+  }
+  return bad == 0;
+}
+
+struct Segment {
+  int64_t cls;
+  int64_t begin;  // rows [begin, end) of the class-sorted order
+  int64_t end;
+  bool first_seen;
+};
+
+template <typename T, bool kUnitStride>
+void centre_rows(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
+                 const std::vector<int64_t>& order, const std::vector<Segment>& segments,
+                 double* shift, double* sums, double* z) {
+  const int64_t num_threads = at::get_num_threads();
+  int64_t chunk = kMaxChunk;
+  while (chunk > 8 && (p + chunk - 1) / chunk < 4 * num_threads) chunk /= 2;
+  const int64_t num_chunks = (p + chunk - 1) / chunk;
+  at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+    double acc[kMaxChunk];
+    for (int64_t k = first; k < last; ++k) {
+      const int64_t j0 = k * chunk;
+      const int64_t width = std::min(chunk, p - j0);
+      for (const Segment& seg : segments) {
+        double* sh = shift + seg.cls * p + j0;
+        if (seg.first_seen) {
+          // A class seen for the first time takes this batch's class mean as its shift.
+          std::fill(acc, acc + width, 0.0);
+          for (int64_t r = seg.begin; r < seg.end; ++r) {
+            const T* xr = x + order[r] * row_stride + (kUnitStride ? j0 : j0 * col_stride);
+            for (int64_t j = 0; j < width; ++j) {
+              acc[j] += static_cast<double>(xr[kUnitStride ? j : j * col_stride]);
+            }
+          }
+          const double n = static_cast<double>(seg.end - seg.begin);
+          for (int64_t j = 0; j < width; ++j) sh[j] = acc[j] / n;
+        }
+        std::fill(acc, acc + width, 0.0);
+        for (int64_t r = seg.begin; r < seg.end; ++r) {
+          const T* xr = x + order[r] * row_stride + (kUnitStride ? j0 : j0 * col_stride);
+          double* zr = z + r * p + j0;
+          for (int64_t j = 0; j < width; ++j) {
+            const double v = static_cast<double>(xr[kUnitStride ? j : j * col_stride]) - sh[j];
+            zr[j] = v;
+            acc[j] += v;
+          }
+        }
+        double* sm = sums + seg.cls * p + j0;
+        for (int64_t j = 0; j < width; ++j) sm[j] += acc[j];
+      }
+    }
+  });
+}
+
+template <typename T>
+void update_typed(const at::Tensor& features, const at::Tensor& labels, at::Tensor& counts,
+                  at::Tensor& shift, at::Tensor& sums, at::Tensor& scatter, at::Tensor& invalid) {
+  const int64_t b = features.size(0);
+  const int64_t p = features.size(1);
+  const int64_t c = counts.size(0);
+  const T* x = features.const_data_ptr<T>();
+  const int64_t row_stride = features.stride(0);
+  const int64_t col_stride = features.stride(1);
+  const bool unit = col_stride == 1 || p == 1;
+  const void* label_ptr = labels.const_data_ptr();
+  const int64_t label_stride = labels.stride(0);
+  const int kind = label_kind(labels.scalar_type());
+
+  // Pass 1: classify rows. row_class = class, or -1 (bad label) / -2 (non-finite features).
+  std::vector<int64_t> row_class(b);
+  at::parallel_for(0, b, 256, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t label = load_label(label_ptr, i * label_stride, kind);
+      if (label < 0 || label >= c) {
+        row_class[i] = -1;
+        continue;
+      }
+      const T* row = x + i * row_stride;
+      const bool finite =
+          unit ? row_is_finite<T, true>(row, p, 1) : row_is_finite<T, false>(row, p, col_stride);
+      row_class[i] = finite ? label : -2;
+    }
+  });
+
+  // Stable counting sort of the valid rows by class (O(B + C), sequential: cheap).
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  std::vector<int64_t> batch_counts(c, 0);
+  int64_t bad_label = 0, non_finite = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t k = row_class[i];
+    if (k >= 0) {
+      ++batch_counts[k];
+    } else if (k == -1) {
+      ++bad_label;
+    } else {
+      ++non_finite;
+    }
+  }
+  int64_t* inv = invalid.data_ptr<int64_t>();
+  inv[0] += bad_label;
+  inv[1] += non_finite;
+  const int64_t n_valid = b - bad_label - non_finite;
+  if (n_valid == 0) return;
+
+  std::vector<int64_t> offset(c + 1, 0);
+  std::vector<Segment> segments;
+  for (int64_t k = 0; k < c; ++k) {
+    offset[k + 1] = offset[k] + batch_counts[k];
+    if (batch_counts[k] > 0) {
+      segments.push_back({k, offset[k], offset[k + 1], cnt[k] == 0});
+    }
+  }
+  std::vector<int64_t> order(n_valid);
+  {
+    std::vector<int64_t> next(offset.begin(), offset.end() - 1);
+    for (int64_t i = 0; i < b; ++i) {
+      const int64_t k = row_class[i];
+      if (k >= 0) order[next[k]++] = i;
+    }
+  }
+
+  // Pass 2: centred rows, class sums, first-seen shifts.
+  at::Tensor z = at::empty({n_valid, p}, shift.options());
+  if (unit) {
+    centre_rows<T, true>(x, row_stride, 1, p, order, segments, shift.data_ptr<double>(),
+                         sums.data_ptr<double>(), z.data_ptr<double>());
+  } else {
+    centre_rows<T, false>(x, row_stride, col_stride, p, order, segments, shift.data_ptr<double>(),
+                          sums.data_ptr<double>(), z.data_ptr<double>());
+  }
+
+  // Pass 3: the within-class scatter of the centred rows.
+  accumulate_gram_(scatter, z, &mirror_upper_to_lower_cpu, /*target_panels=*/8,
+                   /*min_rows=*/64);
+  for (int64_t k = 0; k < c; ++k) cnt[k] += batch_counts[k];
+}
+
+}  // namespace
+
+void mirror_upper_to_lower_cpu(at::Tensor& matrix) {
+  const int64_t p = matrix.size(0);
+  double* m = matrix.data_ptr<double>();
+  constexpr int64_t kTile = 32;
+  const int64_t tiles = (p + kTile - 1) / kTile;
+  // Tile rows of the lower triangle; each writes only its own rows.
+  at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
+    for (int64_t ti = first; ti < last; ++ti) {
+      const int64_t i0 = ti * kTile;
+      const int64_t i1 = std::min(p, i0 + kTile);
+      for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+        const int64_t j1 = std::min(p, j0 + kTile);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t jend = std::min(j1, i);
+          for (int64_t j = j0; j < jend; ++j) m[i * p + j] = m[j * p + i];
+        }
+      }
+    }
+  });
+}
+
+void update_stats_cpu(const at::Tensor& features, const at::Tensor& labels, at::Tensor& counts,
+                      at::Tensor& shift, at::Tensor& sums, at::Tensor& scatter,
+                      at::Tensor& invalid) {
+  check_update_args(features, labels, counts, shift, sums, scatter, invalid);
+  if (features.size(0) == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, features.scalar_type(), "ncfast_update_stats_cpu",
+      [&] { update_typed<scalar_t>(features, labels, counts, shift, sums, scatter, invalid); });
+}
+
+}  // namespace ncfast

@@ -1,0 +1,109 @@
+// CUDA implementations of the ops: scratch allocation, kernel launches (kernels.cu) and the
+// cuBLAS GEMMs (through ATen), all on the current stream and without host synchronisation.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include "../ops.h"
+#include "kernels.h"
+
+namespace ncfast {
+
+bool compiled_with_cuda() { return true; }
+int compiled_cuda_version() { return CUDART_VERSION; }
+
+namespace {
+
+void mirror_upper_to_lower_cuda(at::Tensor& matrix) {
+  cuda::launch_mirror_upper_to_lower(matrix.data_ptr<double>(), matrix.size(0),
+                                     c10::cuda::getCurrentCUDAStream());
+}
+
+void update_stats_cuda(const at::Tensor& features, const at::Tensor& labels, at::Tensor& counts,
+                       at::Tensor& shift, at::Tensor& sums, at::Tensor& scatter,
+                       at::Tensor& invalid) {
+  check_update_args(features, labels, counts, shift, sums, scatter, invalid);
+  const int64_t b = features.size(0);
+  if (b == 0) return;
+  const c10::cuda::CUDAGuard guard(features.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t c = counts.size(0);
+  const int64_t p = features.size(1);
+
+  const cuda::UpdateScratch layout(b, c);
+  at::Tensor scratch = at::empty({layout.total_bytes}, features.options().dtype(at::kByte));
+  char* base = static_cast<char*>(scratch.data_ptr());
+  C10_CUDA_CHECK(cudaMemsetAsync(base, 0, static_cast<size_t>(layout.zeroed_bytes), stream));
+  at::Tensor centred = at::empty({b, p}, shift.options());
+
+  cuda::UpdateParams q{};
+  q.features = features.const_data_ptr();
+  q.row_stride = features.stride(0);
+  q.col_stride = features.stride(1);
+  q.labels = labels.const_data_ptr();
+  q.label_stride = labels.stride(0);
+  q.label_kind = label_kind(labels.scalar_type());
+  q.batch = b;
+  q.dim = p;
+  q.classes = c;
+  q.counts = counts.data_ptr<int64_t>();
+  q.shift = shift.data_ptr<double>();
+  q.sums = sums.data_ptr<double>();
+  q.invalid = invalid.data_ptr<int64_t>();
+  cuda::UpdateScratch::bind(q, base);
+  q.centred = centred.data_ptr<double>();
+  cuda::launch_update_stats(q, feature_kind(features.scalar_type()), stream);
+
+  // Invalid rows of `centred` are zero, so the GEMM runs over the whole batch and the host
+  // never needs the number of valid rows.
+  accumulate_gram_(scatter, centred, &mirror_upper_to_lower_cuda, /*target_panels=*/4,
+                   /*min_rows=*/8192);
+}
+
+at::Tensor ncc_mismatch_count_cuda(const at::Tensor& features, const at::Tensor& valid,
+                                   const at::Tensor& weight, const at::Tensor& bias,
+                                   const at::Tensor& class_means, const at::Tensor& present) {
+  check_ncc_args(features, valid, weight, bias, class_means, present);
+  const c10::cuda::CUDAGuard guard(features.device());
+  at::Tensor out = at::zeros({}, features.options().dtype(at::kLong));
+  const int64_t b = features.size(0);
+  const int64_t p = features.size(1);
+  const int64_t c = class_means.size(0);
+  if (b == 0 || c == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const NccPlan plan = plan_ncc(weight, bias, class_means, present);
+  // Row blocks keep the float64 temporaries within ~256 MB.
+  const int64_t per_row = 8 * (p + 2 * c);
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(b, (int64_t{1} << 28) / per_row));
+  const at::Tensor mu_t = plan.mu.t();
+  const at::Tensor weight_t = plan.weight.t();
+  for (int64_t r0 = 0; r0 < b; r0 += rows) {
+    const int64_t n = std::min(rows, b - r0);
+    const at::Tensor x = features.narrow(0, r0, n);
+    const at::Tensor v = valid.narrow(0, r0, n);
+    at::Tensor centred = at::empty({n, p}, plan.centre.options());
+    cuda::launch_ncc_centre(x.const_data_ptr(), feature_kind(x.scalar_type()), x.stride(0),
+                            x.stride(1), v.const_data_ptr<bool>(), v.stride(0),
+                            plan.centre.const_data_ptr<double>(), n, p, centred.data_ptr<double>(),
+                            stream);
+    const at::Tensor near = at::mm(centred, mu_t);        // [n, C], contiguous
+    const at::Tensor logits = at::mm(centred, weight_t);  // [n, C], contiguous
+    cuda::launch_ncc_count(near.const_data_ptr<double>(), logits.const_data_ptr<double>(),
+                           plan.sq_norms.const_data_ptr<double>(),
+                           plan.bias.const_data_ptr<double>(), plan.present.const_data_ptr<bool>(),
+                           v.const_data_ptr<bool>(), v.stride(0), n, c, out.data_ptr<int64_t>(),
+                           stream);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace ncfast
+
+TORCH_LIBRARY_IMPL(ncfast, CUDA, m) {
+  m.impl("update_stats_", &ncfast::update_stats_cuda);
+  m.impl("ncc_mismatch_count", &ncfast::ncc_mismatch_count_cuda);
+}

@@ -1,0 +1,54 @@
+// Host-side declarations shared by the op registrations, the CPU and the CUDA implementations.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace ncfast {
+
+// Argument checks: ValueError/TypeError naming the argument (TORCH_CHECK_VALUE/TYPE).
+int label_kind(c10::ScalarType dtype);
+int feature_kind(c10::ScalarType dtype);
+void check_update_args(const at::Tensor& features, const at::Tensor& labels,
+                       const at::Tensor& counts, const at::Tensor& shift, const at::Tensor& sums,
+                       const at::Tensor& scatter, const at::Tensor& invalid);
+void check_ncc_args(const at::Tensor& features, const at::Tensor& valid, const at::Tensor& weight,
+                    const at::Tensor& bias, const at::Tensor& class_means,
+                    const at::Tensor& present);
+
+// scatter += zᵀz for z [n, P] float64 (row-major). Large updates compute only the upper
+// triangle, in panels of rows, and then copy it onto the lower one with `mirror`.
+using MirrorFn = void (*)(at::Tensor& matrix);
+void accumulate_gram_(at::Tensor& scatter, const at::Tensor& z, MirrorFn mirror,
+                      int64_t target_panels, int64_t min_rows);
+
+// NC4 in centred coordinates (see reference.ncc_mismatch_count): with c = mean of the present
+// class means and mu_k = μ_k − c, the nearest-centre score of x is |mu_k|² − 2 (x − c)·mu_k and
+// the classifier's logit is (x − c)·w_k + (b_k + w_k·c), so one centred copy of a row block
+// and two GEMMs give both. The only [C, P] temporary is mu (as in the reference).
+struct NccPlan {
+  at::Tensor centre;    // [P] float64
+  at::Tensor mu;        // [C, P] float64
+  at::Tensor weight;    // [C, P] float64 (the argument itself when already float64)
+  at::Tensor sq_norms;  // [C] float64 (|mu_k|²)
+  at::Tensor bias;      // [C] float64 (b + W c)
+  at::Tensor present;   // [C] bool, contiguous
+};
+NccPlan plan_ncc(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& class_means,
+                 const at::Tensor& present);
+
+// CPU implementations (csrc/cpu).
+void update_stats_cpu(const at::Tensor& features, const at::Tensor& labels, at::Tensor& counts,
+                      at::Tensor& shift, at::Tensor& sums, at::Tensor& scatter,
+                      at::Tensor& invalid);
+at::Tensor ncc_mismatch_count_cpu(const at::Tensor& features, const at::Tensor& valid,
+                                  const at::Tensor& weight, const at::Tensor& bias,
+                                  const at::Tensor& class_means, const at::Tensor& present);
+void mirror_upper_to_lower_cpu(at::Tensor& matrix);
+
+// Build facts for `ncfast info` (csrc/cuda/ops_cuda.cpp when CUDA is compiled in).
+bool compiled_with_cuda();
+int compiled_cuda_version();  // CUDART_VERSION, e.g. 13000; 0 without CUDA
+
+}  // namespace ncfast

@@ -1,0 +1,496 @@
+"""The compiled ops of ncfast._C against the pure-torch reference and float64 numpy, on the CPU
+always and on CUDA when a GPU and CUDA kernels are present (skipped with the reason otherwise).
+
+The extension missing makes these tests skip, unless NCFAST_REQUIRE_EXTENSION=1 (CI), which
+turns that into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ncfast import reference
+from tests import oracle
+
+try:
+    from ncfast import _native
+
+    NATIVE_MISSING = ""
+except ImportError as exc:  # no compiled extension: the reference backend is in use
+    _native = None
+    NATIVE_MISSING = f"ncfast._C is not built ({exc})"
+
+if NATIVE_MISSING and os.environ.get("NCFAST_REQUIRE_EXTENSION") == "1":
+    raise RuntimeError(f"NCFAST_REQUIRE_EXTENSION=1 but {NATIVE_MISSING}")
+pytestmark = pytest.mark.skipif(bool(NATIVE_MISSING), reason=NATIVE_MISSING or "built")
+
+
+def _cuda_skip_reason() -> str:
+    if _native is None:
+        return NATIVE_MISSING
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not _native.WITH_CUDA:
+        return "ncfast._C was built without CUDA kernels"
+    return ""
+
+
+CUDA_SKIP = _cuda_skip_reason()
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(bool(CUDA_SKIP), reason=CUDA_SKIP)]
+    ),
+]
+FEATURE_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+LABEL_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
+
+
+def _seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
+def new_state(num_classes: int, dim: int, device="cpu") -> dict[str, torch.Tensor]:
+    f64 = {"dtype": torch.float64, "device": device}
+    return {
+        "counts": torch.zeros(num_classes, dtype=torch.int64, device=device),
+        "shift": torch.zeros(num_classes, dim, **f64),
+        "sums": torch.zeros(num_classes, dim, **f64),
+        "scatter": torch.zeros(dim, dim, **f64),
+        "invalid": torch.zeros(2, dtype=torch.int64, device=device),
+    }
+
+
+def update(fn, state, features, labels):
+    fn(features, labels, *(state[k] for k in STATE_KEYS))
+
+
+def finalized(state):
+    means, sigma_w = reference.finalize_stats(
+        *(state[k].cpu() for k in ("counts", "shift", "sums", "scatter"))
+    )
+    return means, sigma_w * state["counts"].sum().cpu().clamp(min=1)  # N Σ_W: scale-free check
+
+
+def make_batch(batch, dim, num_classes, dtype, label_dtype, g, device, *, bad=True, layout=0):
+    """Features of dtype `dtype` (class means plus noise, an offset so shifts matter), labels of
+    `label_dtype`; with `bad`, some labels out of range and some rows non-finite; `layout`
+    picks contiguous, transposed (column-major) or strided (every other column) features."""
+    means = torch.randn(num_classes, dim, generator=g, dtype=torch.float64) * 3 + 5
+    labels = torch.randint(0, num_classes, (batch,), generator=g)
+    features = means[labels] + torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    if bad and batch > 3:
+        high = min(num_classes + 3, torch.iinfo(label_dtype).max)
+        labels[1] = high if high >= num_classes else 0
+        if label_dtype.is_signed:
+            labels[2] = -1
+        features[3, dim // 2] = float("nan") if batch % 2 else float("inf")
+    features = features.to(dtype)
+    if layout == 1:
+        features = features.t().contiguous().t()
+    elif layout == 2:
+        wide = torch.zeros(batch, 2 * dim, dtype=dtype)
+        wide[:, ::2] = features
+        features = wide[:, ::2]
+    return features.to(device), labels.to(label_dtype).to(device)
+
+
+def valid_rows(features, labels, num_classes):
+    ok = (labels.long() >= 0) & (labels.long() < num_classes)
+    return ok & torch.isfinite(features.double()).all(dim=1)
+
+
+def assert_state_matches(native_state, ref_state, rtol=1e-12):
+    assert torch.equal(native_state["counts"].cpu(), ref_state["counts"].cpu())
+    assert torch.equal(native_state["invalid"].cpu(), ref_state["invalid"].cpu())
+    seen = ref_state["counts"].cpu() > 0
+    m_nat, s_nat = finalized(native_state)
+    m_ref, s_ref = finalized(ref_state)
+    torch.testing.assert_close(m_nat[seen], m_ref[seen], rtol=rtol, atol=1e-12)
+    scale = float(s_ref.abs().max()) or 1.0
+    torch.testing.assert_close(s_nat, s_ref, rtol=0, atol=rtol * scale)
+
+
+# ---------------------------------------------------------------------------- update
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FEATURE_DTYPES)
+@pytest.mark.parametrize("layout", [0, 1, 2])
+def test_update_matches_reference_and_numpy(device, dtype, layout):
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    num_classes, dim = 7, 19
+    label_dtype = LABEL_DTYPES[seed % len(LABEL_DTYPES)]
+    native, ref = new_state(num_classes, dim, device), new_state(num_classes, dim)
+    seen_f, seen_y = [], []
+    expected_invalid = torch.zeros(2, dtype=torch.int64)
+    for batch in (37, 64, 5, 80):
+        x, y = make_batch(batch, dim, num_classes, dtype, label_dtype, g, device, layout=layout)
+        update(_native.update_stats_, native, x, y)
+        update(reference.update_stats_, ref, x.cpu(), y.cpu())
+        label_ok = (y.cpu().long() >= 0) & (y.cpu().long() < num_classes)
+        finite = torch.isfinite(x.cpu().double()).all(dim=1)
+        expected_invalid += torch.stack([(~label_ok).sum(), (label_ok & ~finite).sum()])
+        keep = label_ok & finite
+        seen_f.append(x.cpu()[keep].double())
+        seen_y.append(y.cpu()[keep].long())
+    assert torch.equal(native["invalid"].cpu(), expected_invalid), f"seed {seed}"
+    assert_state_matches(native, ref)
+    if device == "cpu":  # same algorithm as the reference: the state itself agrees
+        assert torch.equal(native["shift"], ref["shift"])
+        torch.testing.assert_close(native["sums"], ref["sums"], rtol=0, atol=1e-10)
+    h, y = torch.cat(seen_f).numpy(), torch.cat(seen_y).numpy()
+    expected = oracle.statistics(h, y, num_classes)
+    means, sigma_w = reference.finalize_stats(
+        *(native[k].cpu() for k in ("counts", "shift", "sums", "scatter"))
+    )
+    present = expected["present"]
+    np.testing.assert_allclose(means.numpy()[present], expected["means"][present], rtol=1e-12)
+    np.testing.assert_allclose(
+        sigma_w.numpy(), expected["sigma_w"], rtol=0, atol=1e-12 * expected["sigma_w"].max()
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
+def test_update_reads_every_label_dtype(device, label_dtype):
+    g = torch.Generator().manual_seed(_seed())
+    native, ref = new_state(5, 4, device), new_state(5, 4)
+    x, y = make_batch(50, 4, 5, torch.float32, label_dtype, g, device)
+    y = y[::2]  # non-contiguous labels
+    x = x[::2]
+    update(_native.update_stats_, native, x, y)
+    update(reference.update_stats_, ref, x.cpu(), y.cpu())
+    assert_state_matches(native, ref)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches=st.lists(st.integers(0, 70), min_size=1, max_size=4),
+    dim=st.integers(1, 40),
+    num_classes=st.integers(1, 12),
+    dtype=st.sampled_from(FEATURE_DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_update_random_shapes_match_reference(batches, dim, num_classes, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    native, ref = new_state(num_classes, dim), new_state(num_classes, dim)
+    for batch in batches:
+        x, y = make_batch(batch, dim, num_classes, dtype, torch.int64, g, "cpu", layout=seed % 3)
+        update(_native.update_stats_, native, x, y)
+        update(reference.update_stats_, ref, x, y)
+    assert_state_matches(native, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_is_a_no_op(device):
+    g = torch.Generator().manual_seed(_seed())
+    state = new_state(4, 6, device)
+    update(
+        _native.update_stats_, state, *make_batch(30, 6, 4, torch.float32, torch.int64, g, device)
+    )
+    before = {k: v.clone() for k, v in state.items()}
+    for dtype in FEATURE_DTYPES:
+        empty = torch.empty(0, 6, dtype=dtype, device=device)
+        update(
+            _native.update_stats_, state, empty, torch.empty(0, dtype=torch.int64, device=device)
+        )
+    for k in STATE_KEYS:
+        assert torch.equal(state[k], before[k]), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_rows_invalid_only_counts_them(device):
+    state = new_state(3, 5, device)
+    x = torch.randn(6, 5, device=device)
+    x[:3, 0] = float("nan")
+    y = torch.tensor([0, 1, 2, 3, -4, 7], device=device)
+    update(_native.update_stats_, state, x, y)
+    assert state["invalid"].tolist() == [3, 3]
+    assert state["counts"].sum().item() == 0
+    assert not state["scatter"].any() and not state["sums"].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_classes, dim", [(1, 9), (60, 3)], ids=["single_class", "C_gt_P"])
+def test_single_class_and_more_classes_than_features(device, num_classes, dim):
+    g = torch.Generator().manual_seed(_seed())
+    native, ref = new_state(num_classes, dim, device), new_state(num_classes, dim)
+    for batch in (40, 200, 33):
+        x, y = make_batch(batch, dim, num_classes, torch.float32, torch.int64, g, device)
+        update(_native.update_stats_, native, x, y)
+        update(reference.update_stats_, ref, x.cpu(), y.cpu())
+    assert_state_matches(native, ref)
+
+
+def _near_collapse_data(seed, num_classes=4, dim=8, per_class=150):
+    """Class means of norm 1e4 offset by a common vector of norm 1e6, spread 1e-2, float64."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(dim, generator=g, dtype=torch.float64)
+    common = common / common.norm() * 1e6
+    means = torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
+    means = means / means.norm(dim=1, keepdim=True) * 1e4 + common
+    labels = torch.arange(num_classes).repeat(per_class)
+    labels = labels[torch.randperm(len(labels), generator=g)]
+    features = means[labels] + 1e-2 * torch.randn(
+        len(labels), dim, generator=g, dtype=torch.float64
+    )
+    return features, labels
+
+
+def _longdouble_statistics(h: np.ndarray, y: np.ndarray, num_classes: int):
+    """Class means and N Σ_W in extended precision (x87 long double where numpy has it)."""
+    h = h.astype(np.longdouble)
+    means = np.stack([h[y == k].mean(axis=0) for k in range(num_classes)])
+    dev = h - means[y]
+    return means, dev.T @ dev
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_stays_exact_near_collapse(device):
+    """A naive Σ hhᵀ − N μμᵀ would lose everything here (1e12 vs 1e-4); shifted accumulation
+    keeps Σ_W to ~1e-12 relative of an extended-precision brute force."""
+    features, labels = _near_collapse_data(_seed())
+    state = new_state(4, 8, device)
+    for chunk in torch.split(torch.arange(len(labels)), 97):
+        update(_native.update_stats_, state, features[chunk].to(device), labels[chunk].to(device))
+    means, scatter = finalized(state)
+    exp_means, exp_scatter = _longdouble_statistics(features.numpy(), labels.numpy(), 4)
+    np.testing.assert_allclose(means.numpy(), exp_means.astype(np.float64), rtol=1e-15, atol=0)
+    err = np.abs(scatter.numpy() - exp_scatter).max() / np.abs(exp_scatter).max()
+    assert err < 1e-11, err
+
+
+@pytest.mark.parametrize("mode", ["full", "panels", None])
+def test_gram_panels_and_full_product_agree(monkeypatch, mode):
+    """The upper-triangle panel scheme (with its mirror) and the plain product give the same
+    scatter (NCFAST_GRAM forces either; unset, this size takes the panels)."""
+    g = torch.Generator().manual_seed(_seed())
+    if mode is None:
+        monkeypatch.delenv("NCFAST_GRAM", raising=False)
+    else:
+        monkeypatch.setenv("NCFAST_GRAM", mode)
+    native, ref = new_state(6, 150, "cpu"), new_state(6, 150)
+    for batch in (100, 70):
+        x, y = make_batch(batch, 150, 6, torch.float32, torch.int64, g, "cpu")
+        update(_native.update_stats_, native, x, y)
+        update(reference.update_stats_, ref, x, y)
+    if mode != "full":  # the mirror makes it exactly symmetric
+        assert torch.equal(native["scatter"], native["scatter"].T)
+    torch.testing.assert_close(native["scatter"], ref["scatter"], rtol=1e-13, atol=1e-10)
+
+
+def test_update_with_noncontiguous_state_writes_back():
+    g = torch.Generator().manual_seed(_seed())
+    ref = new_state(3, 5)
+    state = {k: v.clone() for k, v in new_state(3, 5).items()}
+    state["scatter"] = torch.zeros(5, 5, dtype=torch.float64).t()  # transposed view
+    state["shift"] = torch.zeros(5, 3, dtype=torch.float64).t()
+    x, y = make_batch(40, 5, 3, torch.float32, torch.int64, g, "cpu")
+    update(_native.update_stats_, state, x, y)
+    update(reference.update_stats_, ref, x, y)
+    assert_state_matches(state, ref)
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda a: a.update(labels=a["labels"].float()), TypeError, "labels must be an integer"),
+        (lambda a: a.update(features=a["features"].long()), TypeError, "features must be float"),
+        (lambda a: a.update(labels=a["labels"][:-1]), ValueError, "labels must have shape"),
+        (lambda a: a.update(scatter=a["scatter"][:-1]), ValueError, "scatter must have shape"),
+        (lambda a: a.update(counts=a["counts"].int()), TypeError, "counts must be Long"),
+        (lambda a: a.update(features=a["features"][0]), ValueError, r"features must be \[B, P\]"),
+    ],
+)
+def test_update_rejects_bad_arguments_by_name(mutate, error, match):
+    args = {"features": torch.randn(8, 4), "labels": torch.zeros(8, dtype=torch.int64)}
+    args.update(new_state(3, 4))
+    mutate(args)
+    with pytest.raises(error, match=match):
+        torch.ops.ncfast.update_stats_(
+            args["features"], args["labels"], *(args[k] for k in STATE_KEYS)
+        )
+
+
+# ------------------------------------------------------------------------------- NC4
+def _ncc_case(g, batch, dim, num_classes, dtype, device, layout=0):
+    x, y = make_batch(batch, dim, num_classes, dtype, torch.int64, g, "cpu", layout=layout)
+    valid = valid_rows(x, y, num_classes)
+    valid[::5] = False
+    means = torch.randn(num_classes, dim, generator=g, dtype=torch.float64) * 3 + 5
+    present = torch.rand(num_classes, generator=g) > 0.2
+    present[0] = True
+    weight = torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
+    bias = torch.randn(num_classes, generator=g, dtype=torch.float64)
+    args = (x, valid, weight, bias, means, present)
+    return tuple(a.to(device) for a in args)
+
+
+def _ncc_numpy(features, valid, weight, bias, means, present):
+    h = features.double().cpu().numpy()
+    w, b, mu = weight.cpu().numpy(), bias.cpu().numpy(), means.cpu().numpy()
+    classes = np.flatnonzero(present.cpu().numpy())
+    count = 0
+    for i in np.flatnonzero(valid.cpu().numpy()):
+        nearest = classes[np.argmin([np.sum((h[i] - mu[k]) ** 2) for k in classes])]
+        count += int(np.argmax(w @ h[i] + b) != nearest)
+    return count
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FEATURE_DTYPES)
+def test_ncc_mismatch_matches_reference_and_numpy(device, dtype):
+    g = torch.Generator().manual_seed(_seed())
+    for batch, dim, num_classes, layout in ((90, 12, 6, 0), (41, 5, 30, 1), (1, 3, 2, 2)):
+        args = _ncc_case(g, batch, dim, num_classes, dtype, device, layout)
+        got = _native.ncc_mismatch_count(*args)
+        assert got.device.type == device and got.dtype == torch.int64 and got.dim() == 0
+        expected = reference.ncc_mismatch_count(*(a.cpu() for a in args))
+        assert int(got) == int(expected) == _ncc_numpy(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ncc_mismatch_empty_batch_and_all_invalid(device):
+    g = torch.Generator().manual_seed(_seed())
+    x, valid, w, b, m, present = _ncc_case(g, 20, 4, 3, torch.float32, device)
+    assert int(_native.ncc_mismatch_count(x[:0], valid[:0], w, b, m, present)) == 0
+    assert int(_native.ncc_mismatch_count(x, torch.zeros_like(valid), w, b, m, present)) == 0
+
+
+# ---------------------------------------------------------------- op registration
+def test_opcheck_update_stats():
+    g = torch.Generator().manual_seed(_seed())
+    x, y = make_batch(24, 6, 3, torch.float32, torch.int64, g, "cpu")
+    state = new_state(3, 6)
+    torch.library.opcheck(
+        torch.ops.ncfast.update_stats_.default, (x, y, *(state[k] for k in STATE_KEYS))
+    )
+
+
+def test_opcheck_ncc_mismatch_count():
+    g = torch.Generator().manual_seed(_seed())
+    torch.library.opcheck(
+        torch.ops.ncfast.ncc_mismatch_count.default, _ncc_case(g, 30, 5, 4, torch.float32, "cpu")
+    )
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_update_under_torch_compile_fullgraph(backend):
+    """The update traces as one mutating op (fake kernel, functionalisation) and gives the
+    eager result."""
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend=backend)
+    def step(features, labels, counts, shift, sums, scatter, invalid):
+        _native.update_stats_(features * 2, labels, counts, shift, sums, scatter, invalid)
+        return scatter.diagonal().sum()
+
+    g = torch.Generator().manual_seed(_seed())
+    compiled, eager = new_state(3, 6), new_state(3, 6)
+    for _ in range(2):
+        x, y = make_batch(20, 6, 3, torch.float32, torch.int64, g, "cpu", bad=False)
+        trace = step(x, y, *(compiled[k] for k in STATE_KEYS))
+        update(_native.update_stats_, eager, x * 2, y)
+    for k in STATE_KEYS:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-14, atol=1e-12)
+    torch.testing.assert_close(trace, eager["scatter"].diagonal().sum())
+
+
+# ------------------------------------------------------------------------ CUDA only
+@pytest.mark.cuda
+@pytest.mark.skipif(bool(CUDA_SKIP), reason=CUDA_SKIP)
+def test_cuda_update_never_synchronises_with_the_host():
+    g = torch.Generator().manual_seed(_seed())
+    state = new_state(10, 64, "cuda")
+    x, y = make_batch(300, 64, 10, torch.bfloat16, torch.int64, g, "cuda")
+    _native.update_stats_(x, y, *(state[k] for k in STATE_KEYS))  # warm-up (allocator)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            _native.update_stats_(x, y, *(state[k] for k in STATE_KEYS))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert int(state["counts"].sum()) == 4 * int(valid_rows(x.cpu(), y.cpu(), 10).sum())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(bool(CUDA_SKIP), reason=CUDA_SKIP)
+@pytest.mark.parametrize("mode", ["full", "panels"])
+def test_cuda_large_batch_both_gram_schemes(monkeypatch, mode):
+    """Sizes where the CUDA default switches to the panel scheme (B·P² large), both forced."""
+    monkeypatch.setenv("NCFAST_GRAM", mode)
+    g = torch.Generator().manual_seed(_seed())
+    native, ref = new_state(10, 256, "cuda"), new_state(10, 256)
+    x, y = make_batch(9000, 256, 10, torch.float32, torch.int64, g, "cuda")
+    update(_native.update_stats_, native, x, y)
+    update(reference.update_stats_, ref, x.cpu(), y.cpu())
+    if mode == "panels":
+        assert torch.equal(native["scatter"], native["scatter"].T)
+    assert_state_matches(native, ref, rtol=1e-11)
+
+
+# ------------------------------------------------------------------- backend wiring
+def test_ops_uses_native_unless_told_otherwise():
+    from ncfast import ops
+
+    if os.environ.get("NCFAST_BACKEND", "") in ("", "native"):
+        assert ops.BACKEND == "native"
+        assert ops.NATIVE_UNAVAILABLE_REASON == ""
+
+
+def _run_python(code: str, **env) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_package_works_on_the_reference_when_the_extension_cannot_load():
+    """A build without a compiler has no ncfast._C: ncfast falls back and says why."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'ncfast._C': raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, ncfast\n"
+        "from ncfast import ops\n"
+        "s = ncfast.ClassStats(3, 4).update(torch.randn(30, 4), torch.arange(30) % 3)\n"
+        "print(ops.BACKEND, '|', ops.NATIVE_UNAVAILABLE_REASON, '|', s.num_samples)\n"
+    )
+    backend, reason, n = (part.strip() for part in _run_python(code).split("|"))
+    assert backend == "reference" and "blocked for the test" in reason and n == "30"
+
+
+def test_info_command_reports_the_build():
+    from click.testing import CliRunner
+
+    from ncfast.cli import main
+
+    result = CliRunner().invoke(main, ["info"])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "native extension: present" in text
+    assert f"torch: {torch.__version__}" in text
+    assert "active backend:" in text
+    cuda_line = "CUDA kernels: compiled" if _native.WITH_CUDA else "CUDA kernels: not compiled"
+    assert cuda_line in text
+    as_json = CliRunner().invoke(main, ["info", "--json"])
+    assert as_json.exit_code == 0 and '"extension": true' in as_json.output
