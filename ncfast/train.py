@@ -33,6 +33,7 @@ from ncfast import __version__
 from ncfast.checkpoint import FORMAT, load_checkpoint, save_checkpoint, write_text_atomic
 from ncfast.evaluate import check_precision, measure_split, network_autocast, split_features
 from ncfast.losses import check_loss, compute_loss
+from ncfast.metrics import mse_lambda
 from ncfast.models import FAMILIES, NETS, build, paper_net
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
 
@@ -108,7 +109,16 @@ class TrainConfig:
     overwrite: bool = False
 
     # Options that may differ between a run and its resumption.
-    RUNTIME_FIELDS = ("out", "resume", "overwrite", "measure_overhead", "device", "data_root")
+    RUNTIME_FIELDS = (
+        "out",
+        "resume",
+        "overwrite",
+        "measure_overhead",
+        "device",
+        "data_root",
+        "download",
+        "memory_budget_bytes",
+    )
 
     @classmethod
     def from_preset(cls, preset: str | None = None, **options) -> TrainConfig:
@@ -280,6 +290,17 @@ def build_model(config: TrainConfig, num_classes: int, in_channels: int, image_s
     return build(config.net, num_classes, in_channels, image_size, config.width)
 
 
+def _match_state_layout(optimizer) -> None:
+    """Give loaded momentum buffers their parameter's memory layout (channels-last on CUDA):
+    the fused optimiser walks parameters and buffers as flat memory."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def make_optimizer(model, config: TrainConfig, device: torch.device):
     extra = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.SGD(
@@ -379,16 +400,19 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
         torch.backends.cudnn.benchmark = True
     optimizer, scheduler = make_optimizer(model, config, device)
     history: list[dict] = []
+    epoch_times: list[float] = []  # training seconds of every epoch (benchmarks read them)
     start_epoch = 0
     elapsed_before = 0.0
     if payload is not None:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
+        _match_state_layout(optimizer)
         scheduler.load_state_dict(payload["scheduler"])
         set_rng_state(payload["rng"])
         history = list(payload["history"])
         start_epoch = int(payload["epoch"])
         elapsed_before = float(payload.get("wall_time", 0.0))
+        epoch_times = list(payload.get("epoch_times", []))
 
     out.mkdir(parents=True, exist_ok=True)
     config_record = {
@@ -403,7 +427,7 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
         "train_samples": len(train_data),
         "test_samples": len(test_data),
         "feature_dim": model.feature_dim,
-        "lambda": num_classes * config.weight_decay / 2.0,
+        "lambda": mse_lambda(config.weight_decay, num_classes),
     }
     write_text_atomic(out / CONFIG_FILE, json.dumps(config_record, indent=2) + "\n")
     # The log always matches the checkpoint: lines a killed run wrote after it are dropped.
@@ -439,6 +463,7 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
                 "rng": rng_state(),
                 "history": history,
                 "wall_time": time.perf_counter() - run_start,
+                "epoch_times": epoch_times,
             },
         )
 
@@ -474,6 +499,7 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
         # The epoch's one host synchronisation.
         sgd_loss, sgd_wrong = torch.stack([loss_sum, wrong.double()]).tolist()
         epoch_time = time.perf_counter() - epoch_start
+        epoch_times.append(epoch_time)
         sgd_loss /= seen_per_epoch
         sgd_error = sgd_wrong / seen_per_epoch
         if not math.isfinite(sgd_loss):

@@ -440,3 +440,35 @@ def test_cli_errors(tmp_path):
     assert result.exit_code == 2 and "--lr-milestones" in result.output
     result = runner.invoke(main, cli_args(tmp_path / "x", "--measure-epochs", "5"))
     assert result.exit_code == 2 and "measure_epochs" in result.output
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_run_and_resume(tmp_path, tiny_data, monkeypatch):
+    # channels-last, fused SGD, bf16 autocast; the resumed run reloads momentum buffers into the
+    # parameters' channels-last layout.
+    kwargs = {"device": "cuda", "precision": "bf16", "epochs": 3, "measure_epochs": (1, 2, 3)}
+    whole = read_rows(train(tiny_config(tmp_path / "a", **kwargs), progress=False, data=tiny_data))
+
+    import ncfast.train as train_module
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(path, payload):
+        real_save(path, payload)
+        if payload["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "b", **kwargs), progress=False, data=tiny_data)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    resumed = read_rows(
+        train(tiny_config(tmp_path / "b", resume=True, **kwargs), progress=False, data=tiny_data)
+    )
+    assert len(resumed) == len(whole) == 6
+    for a, b in zip(whole, resumed, strict=True):
+        assert all(math.isfinite(a[k]) for k in ("nc1", "loss", "loss_mse"))
+        # cuDNN is not bitwise deterministic; the same run within a loose tolerance.
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
+        assert b["error"] == pytest.approx(a["error"], abs=0.05)

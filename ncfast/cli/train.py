@@ -13,11 +13,11 @@ from ncfast.train import PRESETS, RunDirectoryError, TrainConfig, resume_config,
 
 
 def _int_list(ctx, param, value):
-    """'116,233' -> (116, 233); 'all' (for --measure-epochs) -> every epoch."""
+    """'116,233' -> (116, 233); for --measure-epochs also 'all' (every epoch) and 'none'."""
     if value is None:
         return None
-    if value.strip().lower() == "all" and param.name == "measure_epochs":
-        return "all"
+    if param.name == "measure_epochs" and value.strip().lower() in ("all", "none"):
+        return () if value.strip().lower() == "none" else "all"
     try:
         return tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
@@ -99,7 +99,7 @@ def _int_list(ctx, param, value):
     "--measure-epochs",
     callback=_int_list,
     default=None,
-    metavar="E1,E2,...|all",
+    metavar="E1,E2,...|all|none",
     help="Epochs to measure (default: SPEC §6's 50 epochs scaled to --epochs).",
 )
 @click.option(
