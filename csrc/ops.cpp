@@ -138,31 +138,29 @@ void check_ncc_args(const at::Tensor& features, const at::Tensor& valid, const a
                     "ncfast: batch size must be below 2^31");
 }
 
+int64_t gram_panel_height(int64_t n, int64_t p, int64_t target_panels, int64_t min_rows) {
+  const char* mode = std::getenv("NCFAST_GRAM");
+  if (mode != nullptr && std::strcmp(mode, "full") == 0) return 0;
+  if (mode != nullptr && std::strcmp(mode, "panels") == 0) {
+    return p > 1 ? std::max<int64_t>(1, (p + 2) / 3) : 0;
+  }
+  int64_t height = ((p + target_panels - 1) / target_panels + 31) / 32 * 32;
+  height = std::max(height, kGramMinPanel);
+  return n >= min_rows && height < p ? height : 0;
+}
+
 void accumulate_gram_(at::Tensor& scatter, const at::Tensor& z, MirrorFn mirror,
                       int64_t target_panels, int64_t min_rows) {
   const int64_t n = z.size(0);
   const int64_t p = z.size(1);
   if (n == 0 || p == 0) return;
-  // NCFAST_GRAM=full|panels forces one scheme (tests, benchmarks); otherwise choose.
-  const char* mode = std::getenv("NCFAST_GRAM");
-  const bool force_full = mode != nullptr && std::strcmp(mode, "full") == 0;
-  const bool force_panels = mode != nullptr && std::strcmp(mode, "panels") == 0;
-  int64_t panel = ((p + target_panels - 1) / target_panels + 31) / 32 * 32;
-  panel = std::max(panel, kGramMinPanel);
-  bool panels = n >= min_rows && panel < p;
-  if (force_full) panels = false;
-  if (force_panels) {
-    panels = p > 1;
-    panel = std::max<int64_t>(1, (p + 2) / 3);
-  }
-  if (!panels) {
+  const int64_t height = gram_panel_height(n, p, target_panels, min_rows);
+  if (height == 0) {
     scatter.addmm_(z.t(), z);
     return;
   }
-  // Upper triangle only, one block row at a time: Σ_i nb·(P − i·nb) ≈ (1 + 1/k)/2 of the
-  // flops of the full product for k panels. The lower triangle is then a copy.
-  for (int64_t r0 = 0; r0 < p; r0 += panel) {
-    const int64_t len = std::min(panel, p - r0);
+  for (int64_t r0 = 0; r0 < p; r0 += height) {
+    const int64_t len = std::min(height, p - r0);
     at::Tensor block = scatter.narrow(0, r0, len).narrow(1, r0, p - r0);
     block.addmm_(z.narrow(1, r0, len).t(), z.narrow(1, r0, p - r0));
   }

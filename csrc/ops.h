@@ -17,8 +17,13 @@ void check_ncc_args(const at::Tensor& features, const at::Tensor& valid, const a
                     const at::Tensor& bias, const at::Tensor& class_means,
                     const at::Tensor& present);
 
-// scatter += zᵀz for z [n, P] float64 (row-major). Large updates compute only the upper
-// triangle, in panels of rows, and then copy it onto the lower one with `mirror`.
+// How scatter += zᵀz (z [n, P] float64) is split: 0 for one full product, else the height of
+// the row panels of the upper triangle, each panel i computing rows [i·h, (i+1)·h) from column
+// i·h on (≈ (1 + 1/k)/2 of the flops for k panels; the lower triangle is then a copy).
+// NCFAST_GRAM=full|panels forces a scheme (tests, benchmarks).
+int64_t gram_panel_height(int64_t n, int64_t p, int64_t target_panels, int64_t min_rows);
+
+// scatter += zᵀz with the panels above computed one after another, then `mirror` (CUDA).
 using MirrorFn = void (*)(at::Tensor& matrix);
 void accumulate_gram_(at::Tensor& scatter, const at::Tensor& z, MirrorFn mirror,
                       int64_t target_panels, int64_t min_rows);
@@ -45,7 +50,6 @@ void update_stats_cpu(const at::Tensor& features, const at::Tensor& labels, at::
 at::Tensor ncc_mismatch_count_cpu(const at::Tensor& features, const at::Tensor& valid,
                                   const at::Tensor& weight, const at::Tensor& bias,
                                   const at::Tensor& class_means, const at::Tensor& present);
-void mirror_upper_to_lower_cpu(at::Tensor& matrix);
 
 // Build facts for `ncfast info` (csrc/cuda/ops_cuda.cpp when CUDA is compiled in).
 bool compiled_with_cuda();

@@ -4,8 +4,10 @@
 // valid ones by class. A second pass, parallel over column chunks, upcasts, subtracts each
 // row's class shift and writes the float64 centred rows z_i into a class-sorted buffer while
 // summing them per class; a column chunk owns its slice of sums and shifts, so there are no
-// races and the result does not depend on the number of threads. Then scatter += ZᵀZ as one
-// (panelled, upper-triangular) dgemm.
+// races and the result does not depend on the number of threads. Then scatter += ZᵀZ: the
+// upper triangle in row panels, each thread running single-threaded dgemms on pairs of panels
+// of equal total work and mirroring its own panels, so that the whole Gram update is one
+// parallel region (on a busy machine each region costs a scheduler round trip).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -24,7 +26,7 @@
 namespace ncfast {
 namespace {
 
-constexpr int64_t kMaxChunk = 64;  // columns per task of the centring pass
+constexpr int64_t kMaxChunk = 512;  // columns per task of the centring pass
 
 template <typename T>
 inline float as_float(T v) {
@@ -60,9 +62,9 @@ template <typename T, bool kUnitStride>
 void centre_rows(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
                  const std::vector<int64_t>& order, const std::vector<Segment>& segments,
                  double* shift, double* sums, double* z) {
+  // Wide chunks stream long row segments; at least 4 per thread balance the load.
   const int64_t num_threads = at::get_num_threads();
-  int64_t chunk = kMaxChunk;
-  while (chunk > 8 && (p + chunk - 1) / chunk < 4 * num_threads) chunk /= 2;
+  const int64_t chunk = std::clamp<int64_t>((p / (4 * num_threads) + 15) / 16 * 16, 16, kMaxChunk);
   const int64_t num_chunks = (p + chunk - 1) / chunk;
   at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
     double acc[kMaxChunk];
@@ -96,6 +98,49 @@ void centre_rows(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
         double* sm = sums + seg.cls * p + j0;
         for (int64_t j = 0; j < width; ++j) sm[j] += acc[j];
       }
+    }
+  });
+}
+
+// m[i, j] = m[j, i] for the columns j in [r0, r1) of panel [r0, r1) and every i > j: the lower
+// triangle under the panel. Each panel writes only its own columns.
+void mirror_panel(double* m, int64_t p, int64_t r0, int64_t r1) {
+  constexpr int64_t kTile = 32;
+  for (int64_t i0 = r0; i0 < p; i0 += kTile) {
+    const int64_t i1 = std::min(p, i0 + kTile);
+    for (int64_t j0 = r0; j0 < r1 && j0 < i1; j0 += kTile) {
+      const int64_t j1 = std::min(r1, j0 + kTile);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t jend = std::min(j1, i);
+        for (int64_t j = j0; j < jend; ++j) m[i * p + j] = m[j * p + i];
+      }
+    }
+  }
+}
+
+void accumulate_gram_cpu_(at::Tensor& scatter, const at::Tensor& z) {
+  const int64_t n = z.size(0);
+  const int64_t p = z.size(1);
+  if (n == 0 || p == 0) return;
+  const int64_t height = gram_panel_height(n, p, /*target_panels=*/8, /*min_rows=*/64);
+  if (height == 0) {
+    scatter.addmm_(z.t(), z);  // one multi-threaded dgemm
+    return;
+  }
+  const int64_t panels = (p + height - 1) / height;
+  double* m = scatter.data_ptr<double>();
+  const auto run_panel = [&](int64_t index) {
+    const int64_t r0 = index * height;
+    const int64_t len = std::min(height, p - r0);
+    at::Tensor block = scatter.narrow(0, r0, len).narrow(1, r0, p - r0);
+    block.addmm_(z.narrow(1, r0, len).t(), z.narrow(1, r0, p - r0));  // sequential inside
+    mirror_panel(m, p, r0, r0 + len);
+  };
+  // Panel i costs ∝ P − i·h, so panels i and k−1−i together always cost the same.
+  at::parallel_for(0, (panels + 1) / 2, 1, [&](int64_t first, int64_t last) {
+    for (int64_t pair = first; pair < last; ++pair) {
+      run_panel(pair);
+      if (panels - 1 - pair != pair) run_panel(panels - 1 - pair);
     }
   });
 }
@@ -178,33 +223,11 @@ void update_typed(const at::Tensor& features, const at::Tensor& labels, at::Tens
   }
 
   // Pass 3: the within-class scatter of the centred rows.
-  accumulate_gram_(scatter, z, &mirror_upper_to_lower_cpu, /*target_panels=*/8,
-                   /*min_rows=*/64);
+  accumulate_gram_cpu_(scatter, z);
   for (int64_t k = 0; k < c; ++k) cnt[k] += batch_counts[k];
 }
 
 }  // namespace
-
-void mirror_upper_to_lower_cpu(at::Tensor& matrix) {
-  const int64_t p = matrix.size(0);
-  double* m = matrix.data_ptr<double>();
-  constexpr int64_t kTile = 32;
-  const int64_t tiles = (p + kTile - 1) / kTile;
-  // Tile rows of the lower triangle; each writes only its own rows.
-  at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
-    for (int64_t ti = first; ti < last; ++ti) {
-      const int64_t i0 = ti * kTile;
-      const int64_t i1 = std::min(p, i0 + kTile);
-      for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
-        const int64_t j1 = std::min(p, j0 + kTile);
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t jend = std::min(j1, i);
-          for (int64_t j = j0; j < jend; ++j) m[i * p + j] = m[j * p + i];
-        }
-      }
-    }
-  });
-}
 
 void update_stats_cpu(const at::Tensor& features, const at::Tensor& labels, at::Tensor& counts,
                       at::Tensor& shift, at::Tensor& sums, at::Tensor& scatter,
