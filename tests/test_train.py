@@ -295,6 +295,8 @@ def test_measured_metrics_equal_a_separate_pass_from_the_checkpoint(tmp_path, ti
     config = TrainConfig.from_json(checkpoint["config"])
     model = build(config.net, NUM_CLASSES, 1, 32, config.width)
     model.load_state_dict(checkpoint["model"])
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model.eval()
     weight, bias = model.classifier.weight.detach(), model.classifier.bias.detach()
     lam = mse_lambda(config.weight_decay, NUM_CLASSES)
@@ -305,6 +307,8 @@ def test_measured_metrics_equal_a_separate_pass_from_the_checkpoint(tmp_path, ti
             for start in range(0, len(data), config.measure_batch_size):
                 index = torch.arange(start, min(start + config.measure_batch_size, len(data)))
                 x, y = data.batch(index)
+                if config.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 h = model.features(x)
                 stats.update(h, y)
                 features.append(h.double())

@@ -17,7 +17,7 @@ def _int_list(ctx, param, value):
     if value is None:
         return None
     if param.name == "measure_epochs" and value.strip().lower() in ("all", "none"):
-        return () if value.strip().lower() == "none" else "all"
+        return value.strip().lower()
     try:
         return tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
@@ -136,6 +136,11 @@ def _int_list(ctx, param, value):
     help="Time plain forward passes at each measurement and print the measurement's "
     "cost beyond them next to the epoch's.",
 )
+@click.option(
+    "--channels-last/--no-channels-last",
+    default=None,
+    help="Channels-last activations (default on: faster on CUDA and oneDNN CPUs).",
+)
 @click.option("--quiet", is_flag=True, default=False, help="No progress bar or summaries.")
 def train_command(preset, resume, overwrite, quiet, measure_epochs, **options) -> None:
     """Train a network with Neural Collapse measured at the measurement epochs.
@@ -145,11 +150,6 @@ def train_command(preset, resume, overwrite, quiet, measure_epochs, **options) -
     """
     if options["mse_scale"] is not None:
         options["mse_scale"] = _parse_scale(options["mse_scale"])
-    if measure_epochs == "all":
-        epochs = options["epochs"] or PRESETS.get(preset, {}).get("epochs")
-        if epochs is None:
-            raise click.UsageError("--measure-epochs all needs --epochs (or a --preset with it)")
-        measure_epochs = tuple(range(1, epochs + 1))
     options["measure_epochs"] = measure_epochs
     if options["dataset"] is None and preset is None and not resume:
         raise click.UsageError(
