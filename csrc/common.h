@@ -51,7 +51,4 @@ NCFAST_HD int64_t load_label(const void* base, int64_t index, int kind) {
   }
 }
 
-// Sizes of the panels in which the P×P Gram update is split (see gram.h).
-constexpr int64_t kGramMinPanel = 64;
-
 }  // namespace ncfast

@@ -138,23 +138,24 @@ void check_ncc_args(const at::Tensor& features, const at::Tensor& valid, const a
                     "ncfast: batch size must be below 2^31");
 }
 
-int64_t gram_panel_height(int64_t n, int64_t p, int64_t target_panels, int64_t min_rows) {
+int64_t gram_panel_height(int64_t n, int64_t p, int64_t target_blocks, int64_t min_height,
+                          int64_t min_rows) {
   const char* mode = std::getenv("NCFAST_GRAM");
   if (mode != nullptr && std::strcmp(mode, "full") == 0) return 0;
   if (mode != nullptr && std::strcmp(mode, "panels") == 0) {
     return p > 1 ? std::max<int64_t>(1, (p + 2) / 3) : 0;
   }
-  int64_t height = ((p + target_panels - 1) / target_panels + 31) / 32 * 32;
-  height = std::max(height, kGramMinPanel);
+  int64_t height = ((p + target_blocks - 1) / target_blocks + 31) / 32 * 32;
+  height = std::max(height, min_height);
   return n >= min_rows && height < p ? height : 0;
 }
 
 void accumulate_gram_(at::Tensor& scatter, const at::Tensor& z, MirrorFn mirror,
-                      int64_t target_panels, int64_t min_rows) {
+                      int64_t target_blocks, int64_t min_height, int64_t min_rows) {
   const int64_t n = z.size(0);
   const int64_t p = z.size(1);
   if (n == 0 || p == 0) return;
-  const int64_t height = gram_panel_height(n, p, target_panels, min_rows);
+  const int64_t height = gram_panel_height(n, p, target_blocks, min_height, min_rows);
   if (height == 0) {
     scatter.addmm_(z.t(), z);
     return;

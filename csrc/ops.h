@@ -17,16 +17,19 @@ void check_ncc_args(const at::Tensor& features, const at::Tensor& valid, const a
                     const at::Tensor& bias, const at::Tensor& class_means,
                     const at::Tensor& present);
 
-// How scatter += zᵀz (z [n, P] float64) is split: 0 for one full product, else the height of
-// the row panels of the upper triangle, each panel i computing rows [i·h, (i+1)·h) from column
-// i·h on (≈ (1 + 1/k)/2 of the flops for k panels; the lower triangle is then a copy).
+// How scatter += zᵀz (z [n, P] float64) is split: 0 for one full product, else the height h
+// of the blocks of the upper triangle that are computed (≈ (1 + 1/k)/2 of the flops of the full
+// product for k = ⌈P/h⌉; the lower triangle is then a copy). h is about P / target_blocks,
+// at least min_height, and the split is used from min_rows rows on.
 // NCFAST_GRAM=full|panels forces a scheme (tests, benchmarks).
-int64_t gram_panel_height(int64_t n, int64_t p, int64_t target_panels, int64_t min_rows);
+int64_t gram_panel_height(int64_t n, int64_t p, int64_t target_blocks, int64_t min_height,
+                          int64_t min_rows);
 
-// scatter += zᵀz with the panels above computed one after another, then `mirror` (CUDA).
+// scatter += zᵀz with the upper triangle in row panels of that height, one product each (BLAS
+// or cuBLAS through ATen, parallel inside), then `mirror`.
 using MirrorFn = void (*)(at::Tensor& matrix);
 void accumulate_gram_(at::Tensor& scatter, const at::Tensor& z, MirrorFn mirror,
-                      int64_t target_panels, int64_t min_rows);
+                      int64_t target_blocks, int64_t min_height, int64_t min_rows);
 
 // NC4 in centred coordinates (see reference.ncc_mismatch_count): with c = mean of the present
 // class means and mu_k = μ_k − c, the nearest-centre score of x is |mu_k|² − 2 (x − c)·mu_k and

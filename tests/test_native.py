@@ -367,19 +367,21 @@ def test_ncc_mismatch_empty_batch_and_all_invalid(device):
 
 
 # ---------------------------------------------------------------- op registration
-def test_opcheck_update_stats():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_update_stats(device):
     g = torch.Generator().manual_seed(_seed())
-    x, y = make_batch(24, 6, 3, torch.float32, torch.int64, g, "cpu")
-    state = new_state(3, 6)
+    x, y = make_batch(24, 6, 3, torch.float32, torch.int64, g, device)
+    state = new_state(3, 6, device)
     torch.library.opcheck(
         torch.ops.ncfast.update_stats_.default, (x, y, *(state[k] for k in STATE_KEYS))
     )
 
 
-def test_opcheck_ncc_mismatch_count():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_ncc_mismatch_count(device):
     g = torch.Generator().manual_seed(_seed())
     torch.library.opcheck(
-        torch.ops.ncfast.ncc_mismatch_count.default, _ncc_case(g, 30, 5, 4, torch.float32, "cpu")
+        torch.ops.ncfast.ncc_mismatch_count.default, _ncc_case(g, 30, 5, 4, torch.float32, device)
     )
 
 

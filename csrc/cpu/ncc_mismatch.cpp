@@ -1,8 +1,9 @@
 // CPU NC4 mismatch count (semantics: ncfast.reference.ncc_mismatch_count).
 //
-// Row blocks in parallel: upcast and centre the block, two dgemms against mu and W give the
-// nearest-centre scores and the logits, then argmin, argmax and the comparison happen in one
-// sweep. Nothing of size [B, C] or [B, P] in float64 exists beyond one block per thread.
+// Per row block: upcast and centre the rows, two dgemms against mu and W give the nearest-centre
+// scores and the logits, then argmin, argmax and the comparison happen in one sweep. Blocks
+// bound the float64 temporaries (never [B, C] or [B, P] for a large batch); BLAS runs outside
+// our parallel loops (it threads itself).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -43,21 +44,18 @@ int64_t count_typed(const at::Tensor& features, const bool* valid, int64_t valid
   const at::Tensor mu_t = plan.mu.t();  // [P, C]
   const at::Tensor weight_t = plan.weight.t();
 
-  // Blocks small enough that the [rows, C] scores stay within ~2 MB each, and enough of them
-  // for every thread.
-  const int64_t threads = at::get_num_threads();
-  int64_t rows = std::clamp<int64_t>((int64_t{1} << 19) / std::max<int64_t>(1, 2 * c), 16, 512);
-  rows = std::max<int64_t>(1, std::min(rows, (b + threads - 1) / threads));
-  const int64_t blocks = (b + rows - 1) / rows;
+  // Blocks keep each float64 temporary within 32 MB; small work runs inline (the grains).
+  const int64_t rows =
+      std::max<int64_t>(1, std::min(b, (int64_t{1} << 22) / std::max<int64_t>(1, std::max(p, c))));
+  const int64_t fill_grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, p));
+  const int64_t sweep_grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, c));
   std::atomic<int64_t> total{0};
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    int64_t local = 0;
-    for (int64_t blk = first; blk < last; ++blk) {
-      const int64_t r0 = blk * rows;
-      const int64_t n = std::min(rows, b - r0);
-      at::Tensor xc = at::empty({n, p}, plan.centre.options());
-      double* xcp = xc.data_ptr<double>();
-      for (int64_t r = 0; r < n; ++r) {
+  for (int64_t r0 = 0; r0 < b; r0 += rows) {
+    const int64_t n = std::min(rows, b - r0);
+    at::Tensor xc = at::empty({n, p}, plan.centre.options());
+    double* xcp = xc.data_ptr<double>();
+    at::parallel_for(0, n, fill_grain, [&](int64_t first, int64_t last) {
+      for (int64_t r = first; r < last; ++r) {
         double* out = xcp + r * p;
         if (!valid[(r0 + r) * valid_stride]) {
           std::fill(out, out + p, 0.0);
@@ -66,11 +64,14 @@ int64_t count_typed(const at::Tensor& features, const bool* valid, int64_t valid
         const T* row = x + (r0 + r) * s0;
         for (int64_t j = 0; j < p; ++j) out[j] = static_cast<double>(row[j * s1]) - centre[j];
       }
-      const at::Tensor near = at::mm(xc, mu_t);        // [n, C]: (x − c)·mu_k
-      const at::Tensor logits = at::mm(xc, weight_t);  // [n, C]: (x − c)·w_k
-      const double* sn = near.const_data_ptr<double>();
-      const double* sl = logits.const_data_ptr<double>();
-      for (int64_t r = 0; r < n; ++r) {
+    });
+    const at::Tensor near = at::mm(xc, mu_t);        // [n, C]: (x − c)·mu_k
+    const at::Tensor logits = at::mm(xc, weight_t);  // [n, C]: (x − c)·w_k
+    const double* sn = near.const_data_ptr<double>();
+    const double* sl = logits.const_data_ptr<double>();
+    at::parallel_for(0, n, sweep_grain, [&](int64_t first, int64_t last) {
+      int64_t local = 0;
+      for (int64_t r = first; r < last; ++r) {
         if (!valid[(r0 + r) * valid_stride]) continue;
         const double* sr = sn + r * c;
         const double* lr = sl + r * c;
@@ -92,9 +93,9 @@ int64_t count_typed(const at::Tensor& features, const bool* valid, int64_t valid
         }
         local += nearest != predicted;
       }
-    }
-    total += local;
-  });
+      total += local;
+    });
+  }
   return total.load();
 }
 

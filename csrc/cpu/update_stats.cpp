@@ -4,10 +4,13 @@
 // valid ones by class. A second pass, parallel over column chunks, upcasts, subtracts each
 // row's class shift and writes the float64 centred rows z_i into a class-sorted buffer while
 // summing them per class; a column chunk owns its slice of sums and shifts, so there are no
-// races and the result does not depend on the number of threads. Then scatter += ZᵀZ: the
-// upper triangle in row panels, each thread running single-threaded dgemms on pairs of panels
-// of equal total work and mirroring its own panels, so that the whole Gram update is one
-// parallel region (on a busy machine each region costs a scheduler round trip).
+// races and the result does not depend on the number of threads. Then scatter += ZᵀZ by BLAS:
+// for large batches only the upper triangle, in row panels, then mirrored.
+//
+// Our own loops hand out work as tasks that threads take when free (run_tasks), not split
+// statically: on a machine whose cores are shared (data-loader workers, other jobs) a
+// descheduled thread then delays one task, not half the work. BLAS is never called from inside
+// such a region (BLAS libraries with their own threading then oversubscribe the cores).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,6 +21,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "../common.h"
@@ -27,6 +31,20 @@ namespace ncfast {
 namespace {
 
 constexpr int64_t kMaxChunk = 512;  // columns per task of the centring pass
+
+// Runs task(t) for every t in [0, count) on the intra-op threads, each taking the next task.
+template <typename F>
+void run_tasks(int64_t count, const F& task) {
+  const int64_t threads = std::min<int64_t>(count, at::get_num_threads());
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t t = 0; t < count; ++t) task(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next++; t < count; t = next++) task(t);
+  });
+}
 
 template <typename T>
 inline float as_float(T v) {
@@ -62,85 +80,59 @@ template <typename T, bool kUnitStride>
 void centre_rows(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
                  const std::vector<int64_t>& order, const std::vector<Segment>& segments,
                  double* shift, double* sums, double* z) {
-  // Wide chunks stream long row segments; at least 4 per thread balance the load.
+  // Wide chunks stream long row segments; about 4 per thread balance the load.
   const int64_t num_threads = at::get_num_threads();
   const int64_t chunk = std::clamp<int64_t>((p / (4 * num_threads) + 15) / 16 * 16, 16, kMaxChunk);
   const int64_t num_chunks = (p + chunk - 1) / chunk;
-  at::parallel_for(0, num_chunks, 1, [&](int64_t first, int64_t last) {
+  run_tasks(num_chunks, [&](int64_t k) {
     double acc[kMaxChunk];
-    for (int64_t k = first; k < last; ++k) {
-      const int64_t j0 = k * chunk;
-      const int64_t width = std::min(chunk, p - j0);
-      for (const Segment& seg : segments) {
-        double* sh = shift + seg.cls * p + j0;
-        if (seg.first_seen) {
-          // A class seen for the first time takes this batch's class mean as its shift.
-          std::fill(acc, acc + width, 0.0);
-          for (int64_t r = seg.begin; r < seg.end; ++r) {
-            const T* xr = x + order[r] * row_stride + (kUnitStride ? j0 : j0 * col_stride);
-            for (int64_t j = 0; j < width; ++j) {
-              acc[j] += static_cast<double>(xr[kUnitStride ? j : j * col_stride]);
-            }
-          }
-          const double n = static_cast<double>(seg.end - seg.begin);
-          for (int64_t j = 0; j < width; ++j) sh[j] = acc[j] / n;
-        }
+    const int64_t j0 = k * chunk;
+    const int64_t width = std::min(chunk, p - j0);
+    for (const Segment& seg : segments) {
+      double* sh = shift + seg.cls * p + j0;
+      if (seg.first_seen) {
+        // A class seen for the first time takes this batch's class mean as its shift.
         std::fill(acc, acc + width, 0.0);
         for (int64_t r = seg.begin; r < seg.end; ++r) {
           const T* xr = x + order[r] * row_stride + (kUnitStride ? j0 : j0 * col_stride);
-          double* zr = z + r * p + j0;
           for (int64_t j = 0; j < width; ++j) {
-            const double v = static_cast<double>(xr[kUnitStride ? j : j * col_stride]) - sh[j];
-            zr[j] = v;
-            acc[j] += v;
+            acc[j] += static_cast<double>(xr[kUnitStride ? j : j * col_stride]);
           }
         }
-        double* sm = sums + seg.cls * p + j0;
-        for (int64_t j = 0; j < width; ++j) sm[j] += acc[j];
+        const double n = static_cast<double>(seg.end - seg.begin);
+        for (int64_t j = 0; j < width; ++j) sh[j] = acc[j] / n;
       }
+      std::fill(acc, acc + width, 0.0);
+      for (int64_t r = seg.begin; r < seg.end; ++r) {
+        const T* xr = x + order[r] * row_stride + (kUnitStride ? j0 : j0 * col_stride);
+        double* zr = z + r * p + j0;
+        for (int64_t j = 0; j < width; ++j) {
+          const double v = static_cast<double>(xr[kUnitStride ? j : j * col_stride]) - sh[j];
+          zr[j] = v;
+          acc[j] += v;
+        }
+      }
+      double* sm = sums + seg.cls * p + j0;
+      for (int64_t j = 0; j < width; ++j) sm[j] += acc[j];
     }
   });
 }
 
-// m[i, j] = m[j, i] for the columns j in [r0, r1) of panel [r0, r1) and every i > j: the lower
-// triangle under the panel. Each panel writes only its own columns.
-void mirror_panel(double* m, int64_t p, int64_t r0, int64_t r1) {
-  constexpr int64_t kTile = 32;
-  for (int64_t i0 = r0; i0 < p; i0 += kTile) {
+// m[i, j] = m[j, i] for i > j: the strict upper triangle copied onto the lower one, by tiles of
+// the lower triangle (each task writes only its own tile row).
+void mirror_upper_to_lower_cpu(at::Tensor& matrix) {
+  const int64_t p = matrix.size(0);
+  double* m = matrix.data_ptr<double>();
+  constexpr int64_t kTile = 64;
+  run_tasks((p + kTile - 1) / kTile, [&](int64_t ti) {
+    const int64_t i0 = ti * kTile;
     const int64_t i1 = std::min(p, i0 + kTile);
-    for (int64_t j0 = r0; j0 < r1 && j0 < i1; j0 += kTile) {
-      const int64_t j1 = std::min(r1, j0 + kTile);
+    for (int64_t j0 = 0; j0 < i1; j0 += kTile) {
+      const int64_t j1 = std::min(i1, j0 + kTile);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t jend = std::min(j1, i);
         for (int64_t j = j0; j < jend; ++j) m[i * p + j] = m[j * p + i];
       }
-    }
-  }
-}
-
-void accumulate_gram_cpu_(at::Tensor& scatter, const at::Tensor& z) {
-  const int64_t n = z.size(0);
-  const int64_t p = z.size(1);
-  if (n == 0 || p == 0) return;
-  const int64_t height = gram_panel_height(n, p, /*target_panels=*/8, /*min_rows=*/64);
-  if (height == 0) {
-    scatter.addmm_(z.t(), z);  // one multi-threaded dgemm
-    return;
-  }
-  const int64_t panels = (p + height - 1) / height;
-  double* m = scatter.data_ptr<double>();
-  const auto run_panel = [&](int64_t index) {
-    const int64_t r0 = index * height;
-    const int64_t len = std::min(height, p - r0);
-    at::Tensor block = scatter.narrow(0, r0, len).narrow(1, r0, p - r0);
-    block.addmm_(z.narrow(1, r0, len).t(), z.narrow(1, r0, p - r0));  // sequential inside
-    mirror_panel(m, p, r0, r0 + len);
-  };
-  // Panel i costs ∝ P − i·h, so panels i and k−1−i together always cost the same.
-  at::parallel_for(0, (panels + 1) / 2, 1, [&](int64_t first, int64_t last) {
-    for (int64_t pair = first; pair < last; ++pair) {
-      run_panel(pair);
-      if (panels - 1 - pair != pair) run_panel(panels - 1 - pair);
     }
   });
 }
@@ -161,7 +153,9 @@ void update_typed(const at::Tensor& features, const at::Tensor& labels, at::Tens
 
   // Pass 1: classify rows. row_class = class, or -1 (bad label) / -2 (non-finite features).
   std::vector<int64_t> row_class(b);
-  at::parallel_for(0, b, 256, [&](int64_t first, int64_t last) {
+  // Inline (no parallel region) below ~1M elements: it is a fraction of the centring cost.
+  const int64_t grain = std::max<int64_t>(256, (int64_t{1} << 20) / std::max<int64_t>(p, 1));
+  at::parallel_for(0, b, grain, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
       const int64_t label = load_label(label_ptr, i * label_stride, kind);
       if (label < 0 || label >= c) {
@@ -222,8 +216,10 @@ void update_typed(const at::Tensor& features, const at::Tensor& labels, at::Tens
                           sums.data_ptr<double>(), z.data_ptr<double>());
   }
 
-  // Pass 3: the within-class scatter of the centred rows.
-  accumulate_gram_cpu_(scatter, z);
+  // Pass 3: the within-class scatter of the centred rows: each panel's dgemm big enough to use
+  // the threads well (n ≥ 512), else one full product.
+  accumulate_gram_(scatter, z, &mirror_upper_to_lower_cpu, /*target_blocks=*/8,
+                   /*min_height=*/128, /*min_rows=*/512);
   for (int64_t k = 0; k < c; ++k) cnt[k] += batch_counts[k];
 }
 

@@ -59,8 +59,8 @@ void update_stats_cuda(const at::Tensor& features, const at::Tensor& labels, at:
 
   // Invalid rows of `centred` are zero, so the GEMM runs over the whole batch and the host
   // never needs the number of valid rows.
-  accumulate_gram_(scatter, centred, &mirror_upper_to_lower_cuda, /*target_panels=*/4,
-                   /*min_rows=*/8192);
+  accumulate_gram_(scatter, centred, &mirror_upper_to_lower_cuda, /*target_blocks=*/4,
+                   /*min_height=*/64, /*min_rows=*/8192);
 }
 
 at::Tensor ncc_mismatch_count_cuda(const at::Tensor& features, const at::Tensor& valid,
