@@ -141,6 +141,12 @@ def test_measure_epochs_scale():
     assert default_measure_epochs(700) == tuple(2 * e for e in PAPER_MEASURE_EPOCHS)
 
 
+def test_measure_epochs_words(tmp_path):
+    every = tiny_config(tmp_path, epochs=3, measure_epochs="all").resolved()
+    assert every.measure_epochs == (1, 2, 3)
+    assert tiny_config(tmp_path, measure_epochs="none").resolved().measure_epochs == ()
+
+
 def test_epoch_order_depends_only_on_seed_and_epoch():
     a = epoch_permutation(50, 3, 7, "cpu")
     assert torch.equal(a, epoch_permutation(50, 3, 7, "cpu"))
@@ -409,6 +415,11 @@ def test_cli_train_and_resume(tmp_path):
     assert result.exit_code != 0 and "epochs" in result.output
     result = runner.invoke(main, ["train", "--resume", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
+    # No measurement at all: an empty log and the final checkpoint.
+    plain = tmp_path / "plain"
+    result = runner.invoke(main, cli_args(plain, "--measure-epochs", "none"))
+    assert result.exit_code == 0, result.output
+    assert read_rows(plain) == [] and load_checkpoint(plain / "checkpoint.pt")["epoch"] == 2
     result = runner.invoke(main, cli_args(out))
     assert result.exit_code != 0 and "already holds a run" in result.output
 
