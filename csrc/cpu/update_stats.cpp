@@ -1,11 +1,10 @@
 // CPU fused statistics update (semantics: ncfast.reference.update_stats_).
 //
 // One pass classifies the rows (label range, finiteness) and a stable counting sort groups the
-// valid ones by class. A second pass, parallel over column chunks, upcasts, subtracts each
-// row's class shift and writes the float64 centred rows z_i into a class-sorted buffer while
-// summing them per class; a column chunk owns its slice of sums and shifts, so there are no
-// races and the result does not depend on the number of threads. Then scatter += ZᵀZ by BLAS:
-// for large batches only the upper triangle, in row panels, then mirrored.
+// valid ones by class. A second pass upcasts, subtracts each row's class shift and writes the
+// float64 centred rows z_i into a class-sorted buffer while summing them per class (blocks of
+// whole rows; the result does not depend on the number of threads). Then scatter += ZᵀZ by
+// BLAS: for large batches only the upper triangle, in row panels, then mirrored.
 //
 // Our own loops hand out work as tasks that threads take when free (run_tasks), not split
 // statically: on a machine whose cores are shared (data-loader workers, other jobs) a
@@ -29,8 +28,6 @@
 
 namespace ncfast {
 namespace {
-
-constexpr int64_t kMaxChunk = 512;  // columns per task of the centring pass
 
 // Runs task(t) for every t in [0, count) on the intra-op threads, each taking the next task.
 template <typename F>
@@ -76,46 +73,86 @@ struct Segment {
   bool first_seen;
 };
 
+// A class seen for the first time takes this batch's class mean as its shift (first batch of a
+// class only): column chunks in parallel, each owning its slice of the shifts.
 template <typename T, bool kUnitStride>
-void centre_rows(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
-                 const std::vector<int64_t>& order, const std::vector<Segment>& segments,
-                 double* shift, double* sums, double* z) {
-  // Wide chunks stream long row segments; about 4 per thread balance the load.
-  const int64_t num_threads = at::get_num_threads();
-  const int64_t chunk = std::clamp<int64_t>((p / (4 * num_threads) + 15) / 16 * 16, 16, kMaxChunk);
-  const int64_t num_chunks = (p + chunk - 1) / chunk;
-  run_tasks(num_chunks, [&](int64_t k) {
-    double acc[kMaxChunk];
-    const int64_t j0 = k * chunk;
-    const int64_t width = std::min(chunk, p - j0);
+void first_seen_shifts(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
+                       const std::vector<int64_t>& order, const std::vector<Segment>& segments,
+                       double* shift) {
+  constexpr int64_t kChunk = 64;
+  run_tasks((p + kChunk - 1) / kChunk, [&](int64_t k) {
+    double acc[kChunk];
+    const int64_t j0 = k * kChunk;
+    const int64_t width = std::min(kChunk, p - j0);
     for (const Segment& seg : segments) {
-      double* sh = shift + seg.cls * p + j0;
-      if (seg.first_seen) {
-        // A class seen for the first time takes this batch's class mean as its shift.
-        std::fill(acc, acc + width, 0.0);
-        for (int64_t r = seg.begin; r < seg.end; ++r) {
-          const T* xr = x + order[r] * row_stride + (kUnitStride ? j0 : j0 * col_stride);
-          for (int64_t j = 0; j < width; ++j) {
-            acc[j] += static_cast<double>(xr[kUnitStride ? j : j * col_stride]);
-          }
-        }
-        const double n = static_cast<double>(seg.end - seg.begin);
-        for (int64_t j = 0; j < width; ++j) sh[j] = acc[j] / n;
-      }
+      if (!seg.first_seen) continue;
       std::fill(acc, acc + width, 0.0);
       for (int64_t r = seg.begin; r < seg.end; ++r) {
         const T* xr = x + order[r] * row_stride + (kUnitStride ? j0 : j0 * col_stride);
-        double* zr = z + r * p + j0;
         for (int64_t j = 0; j < width; ++j) {
+          acc[j] += static_cast<double>(xr[kUnitStride ? j : j * col_stride]);
+        }
+      }
+      const double n = static_cast<double>(seg.end - seg.begin);
+      double* sh = shift + seg.cls * p + j0;
+      for (int64_t j = 0; j < width; ++j) sh[j] = acc[j] / n;
+    }
+  });
+}
+
+// z_r = h_{order[r]} − s_c for the class-sorted rows r, and d_c += Σ z_r per class. Tasks are
+// fixed blocks of sorted rows (whole rows: long contiguous streams). A class whose rows lie
+// inside one block (not at its ends) is added to `sums` by that block; the runs at block ends,
+// which classes can share with a neighbour, are summed after the parallel loop in block order,
+// so the result does not depend on the number of threads.
+template <typename T, bool kUnitStride>
+void centre_rows(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
+                 const std::vector<int64_t>& order, const std::vector<Segment>& segments,
+                 const double* shift, double* sums, double* z) {
+  const int64_t n = static_cast<int64_t>(order.size());
+  std::vector<int64_t> row_segment(n);  // sorted row -> its segment
+  for (int64_t s = 0; s < static_cast<int64_t>(segments.size()); ++s) {
+    std::fill(row_segment.begin() + segments[s].begin, row_segment.begin() + segments[s].end, s);
+  }
+  const int64_t block = std::max<int64_t>(128, (n + 63) / 64);
+  const int64_t blocks = (n + block - 1) / block;
+  std::vector<double> edge_sums(static_cast<size_t>(blocks * 2 * p));
+  std::vector<int64_t> edge_class(blocks * 2, -1);
+  run_tasks(blocks, [&](int64_t t) {
+    const int64_t a = t * block;
+    const int64_t b = std::min(n, a + block);
+    std::vector<double> acc(p);
+    for (int64_t r = a; r < b;) {
+      const Segment& seg = segments[row_segment[r]];
+      const int64_t run_end = std::min(b, seg.end);
+      const double* sh = shift + seg.cls * p;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t rr = r; rr < run_end; ++rr) {
+        const T* xr = x + order[rr] * row_stride;
+        double* zr = z + rr * p;
+        for (int64_t j = 0; j < p; ++j) {
           const double v = static_cast<double>(xr[kUnitStride ? j : j * col_stride]) - sh[j];
           zr[j] = v;
           acc[j] += v;
         }
       }
-      double* sm = sums + seg.cls * p + j0;
-      for (int64_t j = 0; j < width; ++j) sm[j] += acc[j];
+      const int64_t slot = r == a ? 0 : (run_end == b ? 1 : -1);
+      if (slot < 0) {
+        double* sm = sums + seg.cls * p;
+        for (int64_t j = 0; j < p; ++j) sm[j] += acc[j];
+      } else {
+        edge_class[t * 2 + slot] = seg.cls;
+        std::copy(acc.begin(), acc.end(), edge_sums.begin() + (t * 2 + slot) * p);
+      }
+      r = run_end;
     }
   });
+  for (int64_t e = 0; e < blocks * 2; ++e) {
+    if (edge_class[e] < 0) continue;
+    double* sm = sums + edge_class[e] * p;
+    const double* part = edge_sums.data() + e * p;
+    for (int64_t j = 0; j < p; ++j) sm[j] += part[j];
+  }
 }
 
 // m[i, j] = m[j, i] for i > j: the strict upper triangle copied onto the lower one, by tiles of
@@ -206,13 +243,20 @@ void update_typed(const at::Tensor& features, const at::Tensor& labels, at::Tens
     }
   }
 
-  // Pass 2: centred rows, class sums, first-seen shifts.
+  // Pass 2: first-seen shifts, then centred rows and class sums.
+  const bool any_first_seen =
+      std::any_of(segments.begin(), segments.end(), [](const Segment& s) { return s.first_seen; });
   at::Tensor z = at::empty({n_valid, p}, shift.options());
+  double* sh = shift.data_ptr<double>();
   if (unit) {
-    centre_rows<T, true>(x, row_stride, 1, p, order, segments, shift.data_ptr<double>(),
-                         sums.data_ptr<double>(), z.data_ptr<double>());
+    if (any_first_seen) first_seen_shifts<T, true>(x, row_stride, 1, p, order, segments, sh);
+    centre_rows<T, true>(x, row_stride, 1, p, order, segments, sh, sums.data_ptr<double>(),
+                         z.data_ptr<double>());
   } else {
-    centre_rows<T, false>(x, row_stride, col_stride, p, order, segments, shift.data_ptr<double>(),
+    if (any_first_seen) {
+      first_seen_shifts<T, false>(x, row_stride, col_stride, p, order, segments, sh);
+    }
+    centre_rows<T, false>(x, row_stride, col_stride, p, order, segments, sh,
                           sums.data_ptr<double>(), z.data_ptr<double>());
   }
 
