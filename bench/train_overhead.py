@@ -9,7 +9,11 @@ measurement's cost beyond its forward passes as a fraction of the training epoch
 under 10%), checks that training makes no per-step host synchronisation (CUDA sync debug mode),
 and writes everything to ``bench/results/train_overhead_<device>.json``.
 
-    python bench/train_overhead.py --epochs 10 [--precision bf16] [--per-class 4659]
+    PYTHONPATH=. python bench/train_overhead.py --epochs 10 [--precision bf16]
+
+On an H200 the whole script should take 1-3 minutes (data synthesis included). Build the native
+extension first (bench/gpu_check.sh does) to time the native statistics kernels; without it the
+pure-torch reference backend is timed (the JSON records which).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ncfast import ops
 from ncfast.checkpoint import load_checkpoint
 from ncfast.data import DatasetChecksumWarning
 from ncfast.train import TrainConfig, train
@@ -166,6 +171,7 @@ def main() -> None:
         "benchmark": "train_overhead",
         "device": device_name,
         "torch": torch.__version__,
+        "ncfast_backend": ops.BACKEND,
         "precision": args.precision,
         "epochs": args.epochs,
         "width": args.width,
@@ -181,7 +187,7 @@ def main() -> None:
     slug = re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_").lower()
     path = out_dir / f"train_overhead_{slug}_{args.precision}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"written {path}")
+    print(f"written {path} (statistics backend: {ops.BACKEND})")
 
 
 if __name__ == "__main__":

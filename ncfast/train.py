@@ -5,8 +5,13 @@ measures the training and test splits with :func:`ncfast.evaluate.measure_split`
 streamed, nothing per-sample kept). It writes, in the run directory ``out``:
 
 - ``config.json``: the resolved configuration (every default filled in),
-- ``metrics.jsonl``: one flat JSON object per measured epoch and split (see :data:`TIME_KEYS`
-  and :func:`ncfast.evaluate.measure_split` for the keys),
+- ``metrics.jsonl``: one flat JSON object per measured epoch and split: ``epoch``, ``split``
+  (``train``/``test``), ``lr`` (of that epoch), ``sgd_loss``/``sgd_error`` (running means over
+  the epoch's SGD steps, train mode), ``wall_time`` (seconds since the run began, across
+  resumptions), ``epoch_time`` (the epoch's training), ``measure_time`` (this split's
+  measurement), ``forward_time`` (with ``measure_overhead``), and every key of
+  :func:`ncfast.evaluate.measure_split` (``error``, ``loss``, all SPEC §2–§4 keys with λ as
+  ``weight_decay``; ``snr_singular_values`` a list),
 - ``checkpoint.pt``: model, optimiser, scheduler, RNG states, config and metrics history
   (see :mod:`ncfast.checkpoint`), rewritten atomically after each measurement and at the end.
 

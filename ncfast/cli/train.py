@@ -147,6 +147,12 @@ def train_command(preset, resume, overwrite, quiet, measure_epochs, **options) -
 
     Writes config.json, metrics.jsonl (one line per measured epoch and split) and
     checkpoint.pt to --out.
+
+    \b
+    Examples:
+      ncfast train --preset demo          # embedded MNIST subset, minutes on 2 CPU cores
+      ncfast train --dataset svhn --net vgg13 --loss mse --data-root DIR
+      ncfast train --resume --out runs/svhn-vgg13-mse-seed0
     """
     if options["mse_scale"] is not None:
         options["mse_scale"] = _parse_scale(options["mse_scale"])
