@@ -34,6 +34,17 @@ def network_autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def prefers_channels_last(model: nn.Module) -> bool:
+    """True when the model's convolution weights are stored channels-last: its inputs should be
+    too (same kernels as in training, so the same numbers)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            w = module.weight
+            if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+                return True
+    return False
+
+
 def split_batches(num_samples: int, batch_size: int) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` of consecutive batches in the split's fixed order."""
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -72,7 +83,7 @@ def measure_split(
     precision: str = "fp32",
     mse_scale: tuple[float, float] | None = None,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-    channels_last: bool = False,
+    channels_last: bool | None = None,
 ) -> dict:
     """Measure ``model`` on ``data`` (a :class:`ncfast.data.LabeledImages`) in eval mode.
 
@@ -84,7 +95,8 @@ def measure_split(
     Returns a flat dict: ``error`` (fraction misclassified), ``loss`` (mean per-sample loss, for
     ``mse`` the mean over the N×C entries as PyTorch's ``MSELoss``), and every key of
     :meth:`ncfast.Measurement.compute` (``snr_singular_values`` a float64 tensor). The model's
-    train/eval mode is restored afterwards.
+    train/eval mode is restored afterwards. ``channels_last`` (default: as the model's weights
+    are stored, see :func:`prefers_channels_last`) sets the memory format of the inputs.
     """
     scale = check_loss(loss, mse_scale)
     check_precision(precision)
@@ -108,6 +120,8 @@ def measure_split(
     if len(data) == 0:
         raise ValueError(f"measure_split: the {data.name} {data.split} split is empty")
     device = data.images.device
+    if channels_last is None:
+        channels_last = prefers_channels_last(model)
     was_training = model.training
     model.eval()
     try:

@@ -303,9 +303,13 @@ def load_data(config: TrainConfig):
 
 
 def build_model(config: TrainConfig, num_classes: int, in_channels: int, image_size: int):
-    """The run's network, initialised from ``config.seed`` (same weights on CPU and CUDA)."""
+    """The run's network, initialised from ``config.seed`` (same weights on CPU and CUDA), in
+    the memory format it trains in (channels-last unless ``config.channels_last`` is False)."""
     torch.manual_seed(config.seed)
-    return build(config.net, num_classes, in_channels, image_size, config.width)
+    model = build(config.net, num_classes, in_channels, image_size, config.width)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _match_state_layout(optimizer) -> None:
@@ -413,8 +417,6 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
 
     model = build_model(config, num_classes, in_channels, height).to(device)
     channels_last = config.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     optimizer, scheduler = make_optimizer(model, config, device)

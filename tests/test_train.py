@@ -180,7 +180,11 @@ def test_config_errors_name_the_option(tmp_path, overrides, match):
 def test_presets():
     demo = TrainConfig.from_preset("demo").resolved()
     assert demo.dataset == "mnist5k" and demo.net == PRESETS["demo"]["net"]
-    assert TrainConfig.from_preset("demo", epochs=3).resolved().epochs == 3
+    assert TrainConfig.from_preset("demo", epochs=60).resolved().epochs == 60
+    # The demo's milestones (50, 60) do not fit 10 epochs: an error naming the option.
+    with pytest.raises(ValueError, match="lr_milestones"):
+        TrainConfig.from_preset("demo", epochs=10).resolved()
+    assert TrainConfig.from_preset("demo", epochs=10, lr_milestones=(5,)).resolved().epochs == 10
     with pytest.raises(ValueError, match="preset"):
         TrainConfig.from_preset("fast")
 
