@@ -4,12 +4,13 @@
 // valid ones by class. A second pass upcasts, subtracts each row's class shift and writes the
 // float64 centred rows z_i into a class-sorted buffer while summing them per class (blocks of
 // whole rows; the result does not depend on the number of threads). Then scatter += ZᵀZ by
-// BLAS: for large batches only the upper triangle, in row panels, then mirrored.
+// BLAS: for large batches only the upper triangle, in row panels, each panel one
+// single-threaded dgemm plus the copy of its transpose onto the lower triangle, panels taken
+// in pairs of equal cost by the threads (one parallel region for the whole Gram update).
 //
-// Our own loops hand out work as tasks that threads take when free (run_tasks), not split
-// statically: on a machine whose cores are shared (data-loader workers, other jobs) a
-// descheduled thread then delays one task, not half the work. BLAS is never called from inside
-// such a region (BLAS libraries with their own threading then oversubscribe the cores).
+// Work is handed out as tasks that threads take when free (run_tasks), not split statically:
+// on a machine whose cores are shared (data-loader workers, other jobs) a descheduled thread
+// then delays one task, not half the work.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -125,15 +126,16 @@ void centre_rows(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
     for (int64_t r = a; r < b;) {
       const Segment& seg = segments[row_segment[r]];
       const int64_t run_end = std::min(b, seg.end);
-      const double* sh = shift + seg.cls * p;
+      const double* __restrict__ sh = shift + seg.cls * p;
+      double* __restrict__ run_sum = acc.data();
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t rr = r; rr < run_end; ++rr) {
-        const T* xr = x + order[rr] * row_stride;
-        double* zr = z + rr * p;
-        for (int64_t j = 0; j < p; ++j) {
+        const T* __restrict__ xr = x + order[rr] * row_stride;
+        double* __restrict__ zr = z + rr * p;
+        for (int64_t j = 0; j < p; ++j) {  // restrict: no aliasing, so this vectorises
           const double v = static_cast<double>(xr[kUnitStride ? j : j * col_stride]) - sh[j];
           zr[j] = v;
-          acc[j] += v;
+          run_sum[j] += v;
         }
       }
       const int64_t slot = r == a ? 0 : (run_end == b ? 1 : -1);
@@ -155,22 +157,47 @@ void centre_rows(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
   }
 }
 
-// m[i, j] = m[j, i] for i > j: the strict upper triangle copied onto the lower one, by tiles of
-// the lower triangle (each task writes only its own tile row).
-void mirror_upper_to_lower_cpu(at::Tensor& matrix) {
-  const int64_t p = matrix.size(0);
-  double* m = matrix.data_ptr<double>();
-  constexpr int64_t kTile = 64;
-  run_tasks((p + kTile - 1) / kTile, [&](int64_t ti) {
-    const int64_t i0 = ti * kTile;
+// m[i, j] = m[j, i] for the columns j in [r0, r1) of a panel and every row i > j: the lower
+// triangle under the panel, from the panel's transpose (each panel writes only its columns).
+void mirror_panel(double* m, int64_t p, int64_t r0, int64_t r1) {
+  constexpr int64_t kTile = 32;
+  for (int64_t i0 = r0; i0 < p; i0 += kTile) {
     const int64_t i1 = std::min(p, i0 + kTile);
-    for (int64_t j0 = 0; j0 < i1; j0 += kTile) {
-      const int64_t j1 = std::min(i1, j0 + kTile);
+    for (int64_t j0 = r0; j0 < r1 && j0 < i1; j0 += kTile) {
+      const int64_t j1 = std::min(r1, j0 + kTile);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t jend = std::min(j1, i);
         for (int64_t j = j0; j < jend; ++j) m[i * p + j] = m[j * p + i];
       }
     }
+  }
+}
+
+// scatter += zᵀz (z [n, P] float64): one threaded dgemm for small batches; from 512 rows on,
+// the upper triangle in row panels as above.
+void accumulate_gram_cpu_(at::Tensor& scatter, const at::Tensor& z) {
+  const int64_t n = z.size(0);
+  const int64_t p = z.size(1);
+  if (n == 0 || p == 0) return;
+  const int64_t height = gram_panel_height(n, p, /*target_blocks=*/8, /*min_height=*/128,
+                                           /*min_rows=*/512);
+  if (height == 0) {
+    scatter.addmm_(z.t(), z);
+    return;
+  }
+  const int64_t panels = (p + height - 1) / height;
+  double* m = scatter.data_ptr<double>();
+  const auto run_panel = [&](int64_t index) {
+    const int64_t r0 = index * height;
+    const int64_t len = std::min(height, p - r0);
+    at::Tensor block = scatter.narrow(0, r0, len).narrow(1, r0, p - r0);
+    block.addmm_(z.narrow(1, r0, len).t(), z.narrow(1, r0, p - r0));  // one thread in a task
+    mirror_panel(m, p, r0, r0 + len);
+  };
+  // Panel i costs ∝ P − i·h, so panels i and k−1−i together always cost the same.
+  run_tasks((panels + 1) / 2, [&](int64_t pair) {
+    run_panel(pair);
+    if (panels - 1 - pair != pair) run_panel(panels - 1 - pair);
   });
 }
 
@@ -260,10 +287,8 @@ void update_typed(const at::Tensor& features, const at::Tensor& labels, at::Tens
                           sums.data_ptr<double>(), z.data_ptr<double>());
   }
 
-  // Pass 3: the within-class scatter of the centred rows: each panel's dgemm big enough to use
-  // the threads well (n ≥ 512), else one full product.
-  accumulate_gram_(scatter, z, &mirror_upper_to_lower_cpu, /*target_blocks=*/8,
-                   /*min_height=*/128, /*min_rows=*/512);
+  // Pass 3: the within-class scatter of the centred rows.
+  accumulate_gram_cpu_(scatter, z);
   for (int64_t k = 0; k < c; ++k) cnt[k] += batch_counts[k];
 }
 
