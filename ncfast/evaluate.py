@@ -45,11 +45,12 @@ def prefers_channels_last(model: nn.Module) -> bool:
     return False
 
 
-def split_batches(num_samples: int, batch_size: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` of consecutive batches in the split's fixed order."""
+def split_batches(num_samples: int, batch_size: int, first: int = 0) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive batches of samples ``first..num_samples-1`` in the
+    split's fixed order."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    for start in range(0, num_samples, batch_size):
+    for start in range(first, num_samples, batch_size):
         yield start, min(start + batch_size, num_samples)
 
 
@@ -59,12 +60,14 @@ def split_features(
     batch_size: int,
     precision: str = "fp32",
     channels_last: bool = False,
+    bounds: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(features float32 [B, P], labels [B])`` over ``data`` in fixed order (no grad; the
-    caller sets eval mode)."""
+    """``(features float32 [B, P], labels [B])`` over ``data`` (or its samples
+    ``bounds = (start, stop)``) in fixed order (no grad; the caller sets eval mode)."""
     device = data.images.device
+    first, last = (0, len(data)) if bounds is None else bounds
     with torch.no_grad():
-        for start, stop in split_batches(len(data), batch_size):
+        for start, stop in split_batches(last, batch_size, first):
             x, y = data.batch(torch.arange(start, stop, device=device))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -84,6 +87,8 @@ def measure_split(
     mse_scale: tuple[float, float] | None = None,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     channels_last: bool | None = None,
+    distributed: bool = False,
+    group=None,
 ) -> dict:
     """Measure ``model`` on ``data`` (a :class:`ncfast.data.LabeledImages`) in eval mode.
 
@@ -97,6 +102,12 @@ def measure_split(
     :meth:`ncfast.Measurement.compute` (``snr_singular_values`` a float64 tensor). The model's
     train/eval mode is restored afterwards. ``channels_last`` (default: as the model's weights
     are stored, see :func:`prefers_channels_last`) sets the memory format of the inputs.
+
+    ``distributed=True`` (torch.distributed initialised; collective: every rank of ``group``
+    calls it with the same model and data): each rank streams its contiguous share of the split
+    (:func:`ncfast.distributed.shard_bounds`), the statistics are combined by
+    ``Measurement.compute(distributed=True)`` and the loss and error sums are all-reduced, so
+    every rank returns the metrics of the whole split. ``batch_size`` is then per rank.
     """
     scale = check_loss(loss, mse_scale)
     check_precision(precision)
@@ -122,6 +133,18 @@ def measure_split(
     device = data.images.device
     if channels_last is None:
         channels_last = prefers_channels_last(model)
+    bounds = None
+    if distributed:
+        import torch.distributed as dist
+
+        from ncfast.distributed import shard_bounds
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "measure_split(distributed=True) needs torch.distributed to be initialised "
+                "(torch.distributed.init_process_group)"
+            )
+        bounds = shard_bounds(len(data), dist.get_rank(group), dist.get_world_size(group))
     was_training = model.training
     model.eval()
     try:
@@ -142,7 +165,7 @@ def measure_split(
         )
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         wrong = torch.zeros((), dtype=torch.int64, device=device)
-        for h, y in split_features(model, data, batch_size, precision, channels_last):
+        for h, y in split_features(model, data, batch_size, precision, channels_last, bounds):
             with torch.no_grad():
                 logits = F.linear(h, weight, bias)  # = model.classifier(h)
                 loss_sum += compute_loss(loss, logits, y, scale, reduction="sum").double()
@@ -150,10 +173,13 @@ def measure_split(
             measurement.update(h, y)
 
         def second_pass():
-            return split_features(model, data, batch_size, precision, channels_last)
+            return split_features(model, data, batch_size, precision, channels_last, bounds)
 
-        result = measurement.compute(second_pass=second_pass)
-        loss_total, wrong_total = torch.stack([loss_sum, wrong.double()]).tolist()
+        result = measurement.compute(second_pass=second_pass, distributed=distributed, group=group)
+        totals = torch.stack([loss_sum, wrong.double()])
+        if distributed:
+            dist.all_reduce(totals, group=group)
+        loss_total, wrong_total = totals.tolist()
     finally:
         model.train(was_training)
     n = len(data)

@@ -17,7 +17,20 @@ streamed, nothing per-sample kept). It writes, in the run directory ``out``:
 
 An epoch is a permutation of the training indices drawn from a generator seeded with
 ``(seed, epoch)``, so a resumed run sees the same batches as an uninterrupted one; on the CPU it
-reproduces the same metrics exactly.
+reproduces the same metrics exactly. Training draws no other random numbers after the network's
+seeded initialisation (no dropout, no augmentation); the checkpoint still carries the RNG states.
+
+Several processes (``torchrun --nproc_per_node=K -m ncfast train ...``, see
+:mod:`ncfast.distributed`): ``batch_size`` is the *global* batch, as in the paper's protocol;
+each process takes a contiguous ``batch_size / K`` of every global batch of the same seeded
+permutation (an error if K does not divide it), the model is wrapped in
+DistributedDataParallel with batch norm over the global batch (``sync_batchnorm``), and the
+losses are scaled so that the averaged gradient is the global batch's. The run is then the
+single-process run up to floating-point summation order. Measurement: each process streams its
+contiguous share of each split and the statistics are combined exactly
+(``Measurement.compute(distributed=True)``); ``measure_batch_size`` is per process. Only rank 0
+writes files, prints and runs DeepFool; every rank reads the checkpoint on resume. The
+checkpoint does not depend on the number of processes: a run may resume with any number.
 """
 
 from __future__ import annotations
@@ -35,12 +48,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ncfast import __version__
+from ncfast import distributed as dist_utils
 from ncfast.checkpoint import FORMAT, load_checkpoint, save_checkpoint, write_text_atomic
 from ncfast.evaluate import check_precision, measure_split, network_autocast, split_features
 from ncfast.losses import check_loss, compute_loss
 from ncfast.metrics import mse_lambda
 from ncfast.models import FAMILIES, NETS, build, paper_net
+from ncfast.monitor import log_to_tensorboard
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
+from ncfast.robustness import robustness
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -57,9 +73,21 @@ PAPER_MEASURE_EPOCHS = (
 # SPEC §6: reference learning rates (MNIST-ResNet18) used when --lr is not given.
 REFERENCE_LR = {"mse": 0.0184, "mse-rescaled": 0.0184, "ce": 0.0679}
 
-# Keys of a metrics row besides those of measure_split.
+# Keys of a metrics row besides those of measure_split (and, on test rows at a run with
+# robustness_samples > 0, those of ncfast.robustness.robustness plus "robustness_time").
 TIME_KEYS = ("wall_time", "epoch_time", "measure_time")
-ROW_KEYS = ("epoch", "split", "lr", "sgd_loss", "sgd_error", *TIME_KEYS)
+ROW_KEYS = ("epoch", "split", "lr", "sgd_loss", "sgd_error", "world_size", *TIME_KEYS)
+# Of the robustness() result, the keys logged (seed and overshoot are the run's settings).
+ROBUSTNESS_KEYS = (
+    "robustness",
+    "robustness_median",
+    "robustness_stderr",
+    "robustness_correct",
+    "robustness_samples",
+    "robustness_correct_samples",
+    "robustness_not_fooled",
+    "robustness_mean_iterations",
+)
 
 # Named settings; explicit options override them.
 # - "paper": SPEC §6 as is (the defaults; --net may be a family, resolved through Table A.2).
@@ -69,8 +97,10 @@ ROW_KEYS = ("epoch", "split", "lr", "sgd_loss", "sgd_error", *TIME_KEYS)
 #   lr·wd) and decays the learning rate at epochs 50 and 60, after training error has reached 0:
 #   NC1 then falls by more than 10× from the zero-error epoch to the end (14× to 27× over seeds
 #   0-2 on the machine it was tuned on).
+# - "paper" also attacks a modest seeded sample of test images with DeepFool at each
+#   measurement (seed Fig. 9).
 PRESETS: dict[str, dict] = {
-    "paper": {},
+    "paper": {"robustness_samples": 100},
     "demo": {
         "dataset": "mnist5k",
         "net": "vgg11",
@@ -120,6 +150,16 @@ class TrainConfig:
     channels_last: bool = True
     measure_overhead: bool = False
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET
+    # DeepFool robustness (seed Fig. 9) of this many seeded test images at each measurement
+    # epoch, logged on the test row as "robustness"; 0: off.
+    robustness_samples: int = 0
+    # With several processes: batch norm over the global batch (as one process would), not
+    # over each process's share.
+    sync_batchnorm: bool = True
+    tensorboard: str | None = None  # a folder: every logged scalar also goes to TensorBoard
+    # Stop after this epoch with a checkpoint (continue later with resume), e.g. for jobs with
+    # a time limit; None: run to the end.
+    stop_after: int | None = None
     preset: str | None = None
     resume: bool = False
     overwrite: bool = False
@@ -134,6 +174,9 @@ class TrainConfig:
         "data_root",
         "download",
         "memory_budget_bytes",
+        "robustness_samples",
+        "tensorboard",
+        "stop_after",
     )
 
     @classmethod
@@ -165,6 +208,15 @@ class TrainConfig:
         _check_int(c.batch_size, "batch_size", 1)
         _check_int(c.measure_batch_size, "measure_batch_size", 1)
         _check_int(c.seed, "seed", 0)
+        _check_int(c.robustness_samples, "robustness_samples", 0)
+        if c.stop_after is not None:
+            _check_int(c.stop_after, "stop_after", 1)
+            if c.stop_after > c.epochs:
+                raise ValueError(
+                    f"stop_after must be an epoch in 1..{c.epochs} (--epochs), got {c.stop_after}"
+                )
+        if not isinstance(c.sync_batchnorm, bool):
+            raise ValueError(f"sync_batchnorm must be True or False, got {c.sync_batchnorm!r}")
         if c.per_class is not None:
             _check_int(c.per_class, "per_class", 1)
         _check_positive(c.width, "width")
@@ -252,26 +304,46 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int, device) -> torch.
     return torch.randperm(num_samples, generator=generator, device=device)
 
 
-def epoch_batches(num_samples: int, batch_size: int) -> list[tuple[int, int]]:
-    """Slices of the permutation; a last batch of a single sample is left out (batch norm
-    cannot train on it; that sample is in another position in the next epoch)."""
+def epoch_batches(num_samples: int, batch_size: int, min_last: int = 2) -> list[tuple[int, int]]:
+    """Slices of the permutation (global batches); a last batch of fewer than ``min_last``
+    samples is left out (batch norm cannot train on a single sample; those samples are in
+    other positions in the next epoch). See :func:`min_last_batch` for several processes."""
     bounds = [(s, min(s + batch_size, num_samples)) for s in range(0, num_samples, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
         bounds.pop()
     return bounds
 
 
-def rng_state() -> dict:
+def min_last_batch(world_size: int, sync_batchnorm: bool) -> int:
+    """The smallest last global batch that trains: 2 samples for batch norm, and with several
+    processes at least one per process (batch norm over the global batch) or two per process
+    (batch norm over each share). With one process, or any last batch of at least that size,
+    the batches are those of the single-process run."""
+    if world_size == 1:
+        return 2
+    return max(2, world_size) if sync_batchnorm else 2 * world_size
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """The CPU generator's state and, on a CUDA ``device``, that device's (a one-entry list
+    under ``"cuda"``): the training device's generator only, so the checkpoint does not depend
+    on how many GPUs or processes the run used."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = [torch.cuda.get_rng_state(device)]
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state` (every process gets the same states; a CUDA state goes to the
+    training ``device``)."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda_states = state.get("cuda") or []
+    if cuda_states and device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # Older checkpoints held every visible device's state: take this device's if present.
+        own = cuda_states[index] if len(cuda_states) > index else cuda_states[0]
+        torch.cuda.set_rng_state(own, device)
 
 
 def jsonable(metrics: dict) -> dict:
@@ -346,10 +418,13 @@ def resume_config(out: str | os.PathLike) -> TrainConfig:
 
 def _check_same_run(config: TrainConfig, stored: dict, path: Path) -> None:
     mine = config.to_json()
+    # Options added to ncfast after the run was started are missing from its checkpoint: they
+    # match when they hold their default.
+    defaults = TrainConfig().to_json()
     differ = [
         f"{k}: checkpoint {stored.get(k)!r}, now {mine[k]!r}"
         for k in mine
-        if k not in TrainConfig.RUNTIME_FIELDS and stored.get(k) != mine[k]
+        if k not in TrainConfig.RUNTIME_FIELDS and stored.get(k, defaults[k]) != mine[k]
     ]
     if differ:
         raise RunDirectoryError(
@@ -369,14 +444,15 @@ def _summary(epoch: int, rows: list[dict]) -> str:
     return " | ".join(parts)
 
 
-def _forward_time(model, data, config: TrainConfig, channels_last: bool) -> float:
-    """Seconds for a plain eval-mode forward pass over ``data`` (the measurement's floor)."""
+def _forward_time(model, data, config: TrainConfig, channels_last: bool, bounds=None) -> float:
+    """Seconds for a plain eval-mode forward pass over ``data`` (or this process's share
+    ``bounds``): the measurement's floor."""
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     total = torch.zeros((), device=data.device)
     for h, _ in split_features(
-        model, data, config.measure_batch_size, config.precision, channels_last
+        model, data, config.measure_batch_size, config.precision, channels_last, bounds
     ):
         with torch.no_grad():
             total += model.classifier(h).sum()
@@ -385,27 +461,73 @@ def _forward_time(model, data, config: TrainConfig, channels_last: bool) -> floa
     return time.perf_counter() - start
 
 
+def check_tensorboard() -> None:
+    """ImportError naming the optional extra when TensorBoard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "--tensorboard needs the tensorboard package, which is not installed: "
+            "pip install 'ncfast[tensorboard]' (or pip install tensorboard)"
+        ) from None
+
+
+def tensorboard_scalars(row: dict) -> dict:
+    """The numbers of a metrics row (every key but ``epoch`` and ``split``)."""
+    return {k: v for k, v in row.items() if k not in ("epoch", "split")}
+
+
 def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
     """Run (or with ``config.resume``, continue) the training of ``config``; returns the run
     directory. ``data``: an optional ``(train, test)`` pair of
-    :class:`ncfast.data.LabeledImages` to use instead of loading ``config.dataset``."""
+    :class:`ncfast.data.LabeledImages` to use instead of loading ``config.dataset``.
+
+    Under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) every process calls this: it
+    joins the process group (and leaves it at the end) unless the caller initialised one; see
+    the module docstring for how the work is shared.
+    """
     config = config.resolved()
+    if config.tensorboard is not None:
+        check_tensorboard()
+    ctx = dist_utils.setup(config.device)
+    try:
+        return _train(config, ctx, progress, data)
+    finally:
+        dist_utils.teardown(ctx)
+
+
+def _train(config: TrainConfig, ctx: dist_utils.DistributedContext, progress: bool, data) -> Path:
+    world, rank = ctx.world_size, ctx.rank
+    if config.batch_size % world:
+        raise dist_utils.DistributedError(
+            f"batch_size {config.batch_size} is the global batch and must be divisible by the "
+            f"number of processes ({world}): each process trains on batch_size/{world} samples "
+            "of every batch"
+        )
+    progress = progress and ctx.is_main
     out = Path(config.out)
     checkpoint_path = out / CHECKPOINT_FILE
     metrics_path = out / METRICS_FILE
     payload = None
     if config.resume:
-        payload = load_checkpoint(checkpoint_path)
+        payload = load_checkpoint(checkpoint_path)  # every rank reads it
         _check_same_run(config, payload["config"], checkpoint_path)
+        done = int(payload["epoch"])
+        if config.stop_after is not None and config.stop_after <= done:
+            raise RunDirectoryError(
+                f"stop_after: the run in {out} has already trained {done} epochs; give "
+                f"an epoch in {done + 1}..{config.epochs} (or none to finish the run)"
+            )
     elif not config.overwrite and (checkpoint_path.exists() or metrics_path.exists()):
         raise RunDirectoryError(
             f"out: {out} already holds a run; continue it with --resume, replace it with "
             "--overwrite, or choose another --out"
         )
+    ctx.barrier()  # every rank has checked the run directory before rank 0 writes to it
 
-    device = torch.device(config.device)
+    device = ctx.device
     if data is None:
-        train_data, test_data = load_data(config)
+        train_data, test_data = load_data(dataclasses.replace(config, device=str(device)))
     else:
         train_data, test_data = (d.to(device) for d in data)
     if train_data.num_classes != test_data.num_classes:
@@ -416,6 +538,9 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
         raise ValueError(f"images must be square, got {height}×{width}")
 
     model = build_model(config, num_classes, in_channels, height).to(device)
+    sync_batchnorm = ctx.enabled and config.sync_batchnorm
+    if sync_batchnorm:
+        model = dist_utils.convert_sync_batchnorm(model, device)
     channels_last = config.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -429,19 +554,29 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
         optimizer.load_state_dict(payload["optimizer"])
         _match_state_layout(optimizer)
         scheduler.load_state_dict(payload["scheduler"])
-        set_rng_state(payload["rng"])
+        set_rng_state(payload["rng"], device)
         history = list(payload["history"])
         start_epoch = int(payload["epoch"])
         elapsed_before = float(payload.get("wall_time", 0.0))
         epoch_times = list(payload.get("epoch_times", []))
+    # The network that trains: DDP averages the gradients; `model` (the same parameters) is
+    # what is measured and saved, so checkpoints hold no wrapper prefixes.
+    trained = model
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
 
-    out.mkdir(parents=True, exist_ok=True)
+        trained = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
     config_record = {
         **config.to_json(),
         "ncfast_version": __version__,
         "torch_version": torch.__version__,
         "host": platform.node(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "world_size": world,
+        "per_process_batch_size": config.batch_size // world,
         "num_classes": num_classes,
         "in_channels": in_channels,
         "image_size": height,
@@ -450,9 +585,19 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
         "feature_dim": model.feature_dim,
         "lambda": mse_lambda(config.weight_decay, num_classes),
     }
-    write_text_atomic(out / CONFIG_FILE, json.dumps(config_record, indent=2) + "\n")
-    # The log always matches the checkpoint: lines a killed run wrote after it are dropped.
-    write_text_atomic(metrics_path, _metrics_lines(history))
+    tensorboard = None
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / CONFIG_FILE, json.dumps(config_record, indent=2) + "\n")
+        # The log always matches the checkpoint: lines a killed run wrote after it are dropped.
+        write_text_atomic(metrics_path, _metrics_lines(history))
+        if config.tensorboard is not None:
+            from ncfast.monitor import TensorBoardLogger
+
+            # purge_step hides the events a killed run wrote after its checkpoint.
+            tensorboard = TensorBoardLogger(
+                config.tensorboard, prefix="", purge_step=start_epoch + 1
+            ).writer
 
     measure_kwargs = {
         "loss": config.loss,
@@ -462,15 +607,21 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
         "mse_scale": config.mse_scale,
         "memory_budget_bytes": config.memory_budget_bytes,
         "channels_last": channels_last,
+        "distributed": ctx.enabled,
     }
     measure_set = set(config.measure_epochs)
+    last_epoch = config.epochs if config.stop_after is None else config.stop_after
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     num_train = len(train_data)
-    batches = epoch_batches(num_train, config.batch_size)
+    batches = epoch_batches(
+        num_train, config.batch_size, min_last_batch(world, config.sync_batchnorm)
+    )
     seen_per_epoch = batches[-1][1]
     run_start = time.perf_counter() - elapsed_before
 
     def checkpoint(epoch: int) -> None:
+        if not ctx.is_main:
+            return
         save_checkpoint(
             checkpoint_path,
             {
@@ -481,7 +632,7 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
+                "rng": rng_state(device),
                 "history": history,
                 "wall_time": time.perf_counter() - run_start,
                 "epoch_times": epoch_times,
@@ -489,7 +640,7 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
         )
 
     epochs_bar = tqdm(
-        range(start_epoch + 1, config.epochs + 1),
+        range(start_epoch + 1, last_epoch + 1),
         total=config.epochs,
         initial=start_epoch,
         desc=f"{config.dataset}/{config.net}/{config.loss}",
@@ -497,71 +648,121 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
         disable=not progress,
         dynamic_ncols=True,
     )
-    for epoch in epochs_bar:
-        model.train()
-        epoch_start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        perm = epoch_permutation(num_train, config.seed, epoch, device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        wrong = torch.zeros((), dtype=torch.int64, device=device)
-        for start, stop in tqdm(
-            batches, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch"
-        ):
-            x, y = train_data.batch(perm[start:stop], memory_format=memory_format)
-            with network_autocast(device, config.precision):
-                logits = model(x)
-            batch_loss = compute_loss(config.loss, logits, y, config.mse_scale)
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            optimizer.step()
-            loss_sum += batch_loss.detach().double() * (stop - start)
-            wrong += (logits.detach().argmax(1) != y).sum()
-        scheduler.step()
-        # The epoch's one host synchronisation.
-        sgd_loss, sgd_wrong = torch.stack([loss_sum, wrong.double()]).tolist()
-        epoch_time = time.perf_counter() - epoch_start
-        epoch_times.append(epoch_time)
-        sgd_loss /= seen_per_epoch
-        sgd_error = sgd_wrong / seen_per_epoch
-        if not math.isfinite(sgd_loss):
-            raise FloatingPointError(
-                f"epoch {epoch}: the training loss is {sgd_loss}; lower --lr (now {config.lr})"
+    try:
+        for epoch in epochs_bar:
+            trained.train()
+            epoch_start = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            perm = epoch_permutation(num_train, config.seed, epoch, device)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            wrong = torch.zeros((), dtype=torch.int64, device=device)
+            for start, stop in tqdm(
+                batches, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch"
+            ):
+                index = dist_utils.shard(perm[start:stop], rank, world)
+                x, y = train_data.batch(index, memory_format=memory_format)
+                with network_autocast(device, config.precision):
+                    logits = trained(x)
+                batch_loss = compute_loss(config.loss, logits, y, config.mse_scale)
+                scale = dist_utils.loss_scale(len(index), stop - start, world)
+                optimizer.zero_grad(set_to_none=True)
+                (batch_loss if scale == 1.0 else batch_loss * scale).backward()
+                optimizer.step()
+                loss_sum += batch_loss.detach().double() * len(index)
+                wrong += (logits.detach().argmax(1) != y).sum()
+            scheduler.step()
+            # The epoch's one host synchronisation (and, with several processes, one reduction).
+            totals = ctx.all_reduce_sum(torch.stack([loss_sum, wrong.double()]))
+            sgd_loss, sgd_wrong = totals.tolist()
+            epoch_time = time.perf_counter() - epoch_start
+            epoch_times.append(epoch_time)
+            sgd_loss /= seen_per_epoch
+            sgd_error = sgd_wrong / seen_per_epoch
+            if not math.isfinite(sgd_loss):
+                raise FloatingPointError(
+                    f"epoch {epoch}: the training loss is {sgd_loss}; lower --lr (now {config.lr})"
+                )
+            epochs_bar.set_postfix(
+                loss=f"{sgd_loss:.4g}", err=f"{sgd_error:.4f}", epoch_s=f"{epoch_time:.1f}"
             )
-        epochs_bar.set_postfix(
-            loss=f"{sgd_loss:.4g}", err=f"{sgd_error:.4f}", epoch_s=f"{epoch_time:.1f}"
-        )
-        if epoch not in measure_set and epoch != config.epochs:
-            continue
-        rows = []
-        if epoch in measure_set:
-            for split, split_data in (("train", train_data), ("test", test_data)):
-                measure_start = time.perf_counter()
-                metrics = measure_split(model, split_data, **measure_kwargs)
-                measure_time = time.perf_counter() - measure_start
-                row = {
-                    "epoch": epoch,
-                    "split": split,
-                    "lr": lr,
-                    "sgd_loss": sgd_loss,
-                    "sgd_error": sgd_error,
-                    "wall_time": time.perf_counter() - run_start,
-                    "epoch_time": epoch_time,
-                    "measure_time": measure_time,
-                    **jsonable(metrics),
-                }
-                if config.measure_overhead:
-                    row["forward_time"] = _forward_time(model, split_data, config, channels_last)
-                rows.append(row)
-            history.extend(rows)
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(_metrics_lines(rows))
-            if progress or config.measure_overhead:
-                tqdm.write(_summary(epoch, rows))
-            if config.measure_overhead:
-                tqdm.write(_overhead_line(epoch, epoch_time, rows))
-        checkpoint(epoch)
-    epochs_bar.close()
+            if tensorboard is not None:
+                log_to_tensorboard(
+                    tensorboard, {"loss": sgd_loss, "error": sgd_error, "lr": lr}, epoch, "sgd"
+                )
+            if epoch not in measure_set and epoch not in (config.epochs, last_epoch):
+                continue
+            if ctx.enabled:
+                # Every rank measures (and rank 0 saves) the same network.
+                dist_utils.broadcast_buffers(model)
+            if epoch in measure_set:
+                rows = _measure(
+                    model, ctx, config, (train_data, test_data), measure_kwargs, progress
+                )
+                for row in rows:
+                    row.update(
+                        epoch=epoch,
+                        lr=lr,
+                        sgd_loss=sgd_loss,
+                        sgd_error=sgd_error,
+                        world_size=world,
+                        wall_time=time.perf_counter() - run_start,
+                        epoch_time=epoch_time,
+                    )
+                rows = [{k: row[k] for k in (*ROW_KEYS, *row) if k in row} for row in rows]
+                history.extend(rows)
+                if ctx.is_main:
+                    with metrics_path.open("a", encoding="utf-8") as f:
+                        f.write(_metrics_lines(rows))
+                    if tensorboard is not None:
+                        for row in rows:
+                            log_to_tensorboard(
+                                tensorboard, tensorboard_scalars(row), epoch, row["split"]
+                            )
+                        tensorboard.flush()
+                    if progress or config.measure_overhead:
+                        tqdm.write(_summary(epoch, rows))
+                    if config.measure_overhead:
+                        tqdm.write(_overhead_line(epoch, epoch_time, rows))
+            checkpoint(epoch)
+    finally:
+        epochs_bar.close()
+        if tensorboard is not None:
+            tensorboard.close()
+    ctx.barrier()  # rank 0 has written its last checkpoint before any process leaves the group
     return out
+
+
+def _measure(model, ctx, config: TrainConfig, splits, measure_kwargs: dict, progress: bool):
+    """The metrics rows (without the epoch's keys) of the training and test splits; DeepFool
+    robustness on the test row when asked for (rank 0 only: a modest sample; the other ranks
+    wait at the next collective)."""
+    rows = []
+    bounds = None
+    for split, split_data in zip(("train", "test"), splits, strict=True):
+        measure_start = time.perf_counter()
+        metrics = measure_split(model, split_data, **measure_kwargs)
+        row = {"split": split, "measure_time": time.perf_counter() - measure_start}
+        row.update(jsonable(metrics))
+        if config.measure_overhead:
+            if ctx.enabled:
+                bounds = dist_utils.shard_bounds(len(split_data), ctx.rank, ctx.world_size)
+            row["forward_time"] = _forward_time(
+                model, split_data, config, measure_kwargs["channels_last"], bounds
+            )
+        if split == "test" and config.robustness_samples > 0 and ctx.is_main:
+            robust_start = time.perf_counter()
+            robust = robustness(
+                model,
+                split_data,
+                samples=config.robustness_samples,
+                seed=config.seed,
+                device=split_data.device,
+                progress=progress,
+            )
+            row.update({k: robust[k] for k in ROBUSTNESS_KEYS})
+            row["robustness_time"] = time.perf_counter() - robust_start
+        rows.append(row)
+    return rows
 
 
 def _overhead_line(epoch: int, epoch_time: float, rows: list[dict]) -> str:

@@ -298,6 +298,23 @@ def test_resume_after_kill_gives_the_same_metrics(tmp_path, tiny_data, monkeypat
         train(tiny_config(tmp_path / "b", resume=True, lr=0.1, **kwargs), data=tiny_data)
 
 
+def test_resume_a_checkpoint_from_before_an_option_existed(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    train(tiny_config(out, stop_after=1, measure_epochs=(2,)), progress=False, data=tiny_data)
+    path = out / "checkpoint.pt"
+    payload = load_checkpoint(path)
+    assert payload["epoch"] == 1 and read_rows(out) == []
+    del payload["config"]["sync_batchnorm"]  # an option added later, at its default
+    save_checkpoint(path, payload)
+    train(tiny_config(out, resume=True, measure_epochs=(2,)), progress=False, data=tiny_data)
+    assert load_checkpoint(path)["epoch"] == 2 and [r["epoch"] for r in read_rows(out)] == [2, 2]
+    # Not at its default: refused, naming it.
+    payload["config"]["sync_batchnorm"] = False
+    save_checkpoint(path, payload)
+    with pytest.raises(RunDirectoryError, match="sync_batchnorm"):
+        train(tiny_config(out, resume=True, measure_epochs=(2,)), progress=False, data=tiny_data)
+
+
 def test_measured_metrics_equal_a_separate_pass_from_the_checkpoint(tmp_path, tiny_data):
     out = train(tiny_config(tmp_path / "run", epochs=3), progress=False, data=tiny_data)
     last = {r["split"]: r for r in read_rows(out) if r["epoch"] == 3}

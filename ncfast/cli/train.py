@@ -7,9 +7,17 @@ import click
 from ncfast.checkpoint import CheckpointError
 from ncfast.cli import main
 from ncfast.data import DATASETS, DatasetError
+from ncfast.distributed import DistributedError, torchrun_environment
 from ncfast.losses import LOSSES, parse_mse_scale
 from ncfast.models import FAMILIES, NETS
-from ncfast.train import PRESETS, RunDirectoryError, TrainConfig, resume_config, train
+from ncfast.train import (
+    PRESETS,
+    RunDirectoryError,
+    TrainConfig,
+    check_tensorboard,
+    resume_config,
+    train,
+)
 
 
 def _int_list(ctx, param, value):
@@ -82,7 +90,11 @@ def _int_list(ctx, param, value):
     help="Learning rate (default: SPEC §6's reference, 0.0184 for mse, 0.0679 for ce).",
 )
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), default=None, help="SGD batch size (default 128)."
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="SGD batch size (default 128); under torchrun the global batch, shared equally by "
+    "the processes (it must be divisible by their number).",
 )
 @click.option("--weight-decay", type=float, default=None, help="SGD weight decay (default 5e-4).")
 @click.option("--momentum", type=float, default=None, help="SGD momentum (default 0.9).")
@@ -106,7 +118,35 @@ def _int_list(ctx, param, value):
     "--measure-batch-size",
     type=click.IntRange(min=1),
     default=None,
-    help="Batch size of the measurement passes (default 500).",
+    help="Batch size of the measurement passes, per process (default 500).",
+)
+@click.option(
+    "--robustness-samples",
+    type=click.IntRange(min=0),
+    default=None,
+    help="DeepFool robustness (seed Fig. 9) of this many seeded test images at each "
+    "measurement, logged as 'robustness' (default 0: off; 100 with --preset paper).",
+)
+@click.option(
+    "--tensorboard",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Also log every scalar to TensorBoard in DIR (needs the tensorboard extra).",
+)
+@click.option(
+    "--sync-batchnorm/--no-sync-batchnorm",
+    default=None,
+    help="Under torchrun: batch norm over the global batch, as one process would (default), "
+    "or over each process's share.",
+)
+@click.option(
+    "--stop-after",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="EPOCH",
+    help="Stop after this epoch with a checkpoint; continue later with --resume "
+    "(e.g. jobs with a time limit).",
 )
 @click.option(
     "--out",
@@ -148,11 +188,18 @@ def train_command(preset, resume, overwrite, quiet, measure_epochs, **options) -
     Writes config.json, metrics.jsonl (one line per measured epoch and split) and
     checkpoint.pt to --out.
 
+    Several processes (one per GPU with NCCL, or gloo on the CPU): start the same command
+    with torchrun (`torchrun --nproc_per_node=K -m ncfast train ...`, or
+    `torchrun --nproc_per_node=K --no-python ncfast train ...`). --batch-size stays the
+    global batch, so the run matches a one-process run up to rounding; a run may resume with
+    any number of processes that divides the batch.
+
     \b
     Examples:
       ncfast train --preset demo          # embedded MNIST subset, minutes on 2 CPU cores
       ncfast train --dataset svhn --net vgg13 --loss mse --data-root DIR
       ncfast train --resume --out runs/svhn-vgg13-mse-seed0
+      torchrun --nproc_per_node=4 -m ncfast train --dataset cifar10 --net resnet --data-root DIR
     """
     if options["mse_scale"] is not None:
         options["mse_scale"] = _parse_scale(options["mse_scale"])
@@ -167,17 +214,49 @@ def train_command(preset, resume, overwrite, quiet, measure_epochs, **options) -
             config = _resumed(preset, options)
         else:
             config = TrainConfig.from_preset(preset, overwrite=overwrite, **options)
-        config.resolved()  # option errors before anything is loaded
+        resolved = config.resolved()  # option errors before anything is loaded
+        processes = _processes()
+        if resolved.batch_size % processes:
+            raise click.UsageError(
+                f"--batch-size {resolved.batch_size} is the global batch and must be divisible "
+                f"by the number of processes ({processes})"
+            )
     except CheckpointError as err:
         raise click.ClickException(f"cannot resume: {err}") from None
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+    if config.tensorboard is not None:
+        try:
+            check_tensorboard()
+        except ImportError as err:
+            raise click.UsageError(str(err)) from None
     try:
         out = train(config, progress=not quiet)
-    except (DatasetError, CheckpointError, RunDirectoryError, FloatingPointError) as err:
-        raise click.ClickException(str(err)) from None
-    if not quiet:
+    except (
+        DatasetError,
+        CheckpointError,
+        RunDirectoryError,
+        DistributedError,
+        FloatingPointError,
+    ) as err:
+        prefix = f"rank {_rank()}: " if processes > 1 else ""
+        raise click.ClickException(f"{prefix}{err}") from None
+    if not quiet and _rank() == 0:
         click.echo(f"run written to {out}/ (config.json, metrics.jsonl, checkpoint.pt)")
+
+
+def _processes() -> int:
+    """The number of processes of this torchrun job (1 outside torchrun)."""
+    try:
+        env = torchrun_environment()
+    except DistributedError as err:
+        raise click.UsageError(str(err)) from None
+    return 1 if env is None else env[1]
+
+
+def _rank() -> int:
+    env = torchrun_environment()
+    return 0 if env is None else env[0]
 
 
 def _parse_scale(text: str) -> tuple[float, float]:
@@ -196,6 +275,7 @@ def _resumed(preset, options) -> TrainConfig:
             raise click.UsageError("--resume needs --out (the run directory to continue)")
         out = TrainConfig.from_preset(preset, **options).resolved().out
     stored = resume_config(out).to_json()
+    stored["stop_after"] = None  # a stop is for the session that asked for it
     given = {k: v for k, v in options.items() if v is not None}
     stored.update(given, out=out, resume=True, overwrite=False)
     return TrainConfig.from_json(stored)
