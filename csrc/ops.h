@@ -25,8 +25,9 @@ void check_ncc_args(const at::Tensor& features, const at::Tensor& valid, const a
 int64_t gram_panel_height(int64_t n, int64_t p, int64_t target_blocks, int64_t min_height,
                           int64_t min_rows);
 
-// scatter += zᵀz with the upper triangle in row panels of that height, one product each (BLAS
-// or cuBLAS through ATen, parallel inside), then `mirror`.
+// scatter += zᵀz with the upper triangle in row panels of that height, one product each
+// (through ATen, so cuBLAS on the current stream), then `mirror`. Used on CUDA; the CPU update
+// has its own variant (csrc/cpu/update_stats.cpp).
 using MirrorFn = void (*)(at::Tensor& matrix);
 void accumulate_gram_(at::Tensor& scatter, const at::Tensor& z, MirrorFn mirror,
                       int64_t target_blocks, int64_t min_height, int64_t min_rows);

@@ -451,6 +451,20 @@ def test_ops_uses_native_unless_told_otherwise():
         assert ops.NATIVE_UNAVAILABLE_REASON == ""
 
 
+def test_extension_built_for_another_torch_or_cuda_is_refused_loudly(monkeypatch):
+    """_check_build runs at import: a mismatch is a RuntimeError (not a quiet fallback)."""
+    _native._check_build()  # this build matches
+    monkeypatch.setattr(_native, "COMPILED_TORCH_VERSION", "1.13.1")
+    with pytest.raises(RuntimeError, match=r"compiled against torch 1\.13\.1"):
+        _native._check_build()
+    monkeypatch.setattr(_native, "COMPILED_TORCH_VERSION", torch.__version__)
+    monkeypatch.setattr(_native, "WITH_CUDA", True)
+    monkeypatch.setattr(_native, "COMPILED_CUDA_VERSION", "11.8")
+    if torch.version.cuda != "11.8":
+        with pytest.raises(RuntimeError, match=r"compiled with CUDA 11\.8"):
+            _native._check_build()
+
+
 def _run_python(code: str, **env) -> str:
     out = subprocess.run(
         [sys.executable, "-c", code],
