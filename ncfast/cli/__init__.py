@@ -14,9 +14,9 @@ def main() -> None:
 
 
 # Subcommands register themselves here, one import per module.
+from ncfast.cli import analyze as _analyze  # noqa: E402, F401
+from ncfast.cli import info as _info  # noqa: E402, F401
 from ncfast.cli import plot as _plot  # noqa: E402, F401
 from ncfast.cli import table as _table  # noqa: E402, F401
 from ncfast.cli import theory as _theory  # noqa: E402, F401
 from ncfast.cli import train as _train  # noqa: E402, F401
-from ncfast.cli import analyze as _analyze  # noqa: E402, F401
-from ncfast.cli import info as _info  # noqa: E402, F401
