@@ -11,6 +11,31 @@ from ncfast.stats import ClassStats
 
 DEFAULT_RTOL = 1e-10
 
+# Every key nc_metrics returns when given a classifier and NC4 (SPEC §2–§4 and bookkeeping).
+SPEC_KEYS = (
+    "nc1",
+    "nc2_equinorm_means",
+    "nc2_equinorm_classifiers",
+    "nc2_equiangular_means",
+    "nc2_equiangular_classifiers",
+    "nc2_maxangle_means",
+    "nc2_maxangle_classifiers",
+    "nc3_self_duality",
+    "nc4_ncc_mismatch",
+    "loss_mse",
+    "loss_ls",
+    "loss_nc1",
+    "loss_nc23",
+    "loss_ls_perp",
+    "snr_singular_values",
+    "snr_condition",
+    "sigma_b_rank",
+    "sigma_w_rank",
+    "classes_present",
+    "weight_decay",
+    "num_samples",
+)
+
 
 def mse_lambda(sgd_weight_decay: float, num_classes: int) -> float:
     """λ of seed Eq. 3 for a training loss ``MSELoss()`` (mean over B×C entries) with SGD weight

@@ -85,6 +85,7 @@ def test_every_key_matches_numpy_brute_force(case):
     features, labels, weight, bias = make_data(counts, dim, seed)
     m = stream(features, labels, len(counts), batch_size, weight, bias, lam)
     result = m.compute()
+    assert set(result) == set(ncfast.metrics.SPEC_KEYS)
     expected = oracle.nc_metrics(features.numpy(), labels.numpy(), len(counts), weight, bias, lam)
     assert_matches_oracle(result, expected, rtol=1e-8), f"seed {seed}"
     rank_b = min(dim, sum(c > 0 for c in counts) - 1)
@@ -316,3 +317,26 @@ def test_whiten_singular_within_scatter_reports_rank():
 
 def test_mse_lambda():
     assert ncfast.mse_lambda(5e-4, 10) == pytest.approx(2.5e-3)
+
+
+@pytest.mark.parametrize("log2_cond", [0, 10, 20, 26, 33])
+def test_whitening_accuracy_against_an_exactly_known_inverse_square_root(log2_cond):
+    """Σ = H diag(2^-e) Hᵀ with H a scaled Hadamard matrix is exact in float64, and so is its
+    inverse square root H diag(2^(e/2)) Hᵀ. Up to condition 2^26 ≈ 7e7 the whitening is within
+    1e-8 of it; beyond, every float64 eigendecomposition is limited by cond·eps (the rounding of
+    the smallest eigenvalue), and ours stays within 10·cond·eps (numpy's eigh: about the same).
+    """
+    from scipy.linalg import hadamard
+
+    n = 64
+    h = hadamard(n).astype(np.float64) / 8.0  # orthogonal, entries ±1/8
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ())))
+    e = rng.integers(0, log2_cond // 2 + 1, n) * 2  # even exponents: exact square roots
+    e[0], e[-1] = 0, log2_cond - log2_cond % 2
+    sigma = (h * 2.0 ** (-e.astype(float))) @ h.T
+    truth = (h * 2.0 ** (e / 2)) @ h.T
+    whitening, rank = ncfast.ops.psd_inv_sqrt(torch.from_numpy(sigma))
+    error = np.linalg.norm(whitening.numpy() - truth) / np.linalg.norm(truth)
+    cond = 2.0 ** e.max()
+    assert rank == n
+    assert error <= max(1e-8 if cond <= 2**26 else 0.0, 10 * cond * np.finfo(np.float64).eps)
