@@ -203,14 +203,7 @@ def analyze(
         ) from None
     model = model.to(dev).eval()
 
-    measure_kwargs = {
-        "loss": config.loss,
-        "sgd_weight_decay": config.weight_decay,
-        "batch_size": config.measure_batch_size,
-        "precision": config.precision,
-        "mse_scale": config.mse_scale,
-        "memory_budget_bytes": config.memory_budget_bytes,
-    }
+    measure_kwargs = config.measure_options()
     splits = {}
     for name, data in (("train", train_data), ("test", test_data)):
         metrics = jsonable(measure_split(model, data, **measure_kwargs))

@@ -253,6 +253,18 @@ class TrainConfig:
                 out[key] = list(out[key])
         return out
 
+    def measure_options(self) -> dict:
+        """The keyword arguments of :func:`ncfast.evaluate.measure_split` this run measures
+        with (training and ``ncfast analyze`` must measure alike)."""
+        return {
+            "loss": self.loss,
+            "sgd_weight_decay": self.weight_decay,
+            "batch_size": self.measure_batch_size,
+            "precision": self.precision,
+            "mse_scale": self.mse_scale,
+            "memory_budget_bytes": self.memory_budget_bytes,
+        }
+
     @classmethod
     def from_json(cls, values: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -600,12 +612,7 @@ def _train(config: TrainConfig, ctx: dist_utils.DistributedContext, progress: bo
             ).writer
 
     measure_kwargs = {
-        "loss": config.loss,
-        "sgd_weight_decay": config.weight_decay,
-        "batch_size": config.measure_batch_size,
-        "precision": config.precision,
-        "mse_scale": config.mse_scale,
-        "memory_budget_bytes": config.memory_budget_bytes,
+        **config.measure_options(),
         "channels_last": channels_last,
         "distributed": ctx.enabled,
     }

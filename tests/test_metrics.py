@@ -10,23 +10,15 @@ import ncfast
 from ncfast.stats import ClassStats
 from tests import oracle
 
-SCALAR_KEYS = [
-    "nc1",
-    "nc2_equinorm_means",
-    "nc2_equiangular_means",
-    "nc2_maxangle_means",
-    "snr_condition",
-    "nc2_equinorm_classifiers",
-    "nc2_equiangular_classifiers",
-    "nc2_maxangle_classifiers",
-    "nc3_self_duality",
-    "nc4_ncc_mismatch",
-    "loss_mse",
-    "loss_ls",
-    "loss_nc1",
-    "loss_nc23",
-    "loss_ls_perp",
-]
+NON_SCALAR_KEYS = (
+    "snr_singular_values",
+    "sigma_b_rank",
+    "sigma_w_rank",
+    "classes_present",
+    "weight_decay",
+    "num_samples",
+)
+SCALAR_KEYS = [k for k in ncfast.metrics.SPEC_KEYS if k not in NON_SCALAR_KEYS]
 
 
 def make_data(counts, dim, seed, spread=1.0, offset=0.0, mean_scale=3.0):

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ncfast.cli import main
+from ncfast.cli._shared import figure_formats_option
 
 
 @main.command("analyze")
@@ -38,15 +39,7 @@ from ncfast.cli import main
     default=None,
     help="cpu, cuda or cuda:N (default: cuda when available).",
 )
-@click.option(
-    "--format",
-    "formats",
-    multiple=True,
-    type=click.Choice(["png", "pdf", "svg"]),
-    default=("png", "pdf"),
-    show_default=True,
-    help="Figure format; repeat for several.",
-)
+@figure_formats_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze_command(
     checkpoint: Path,

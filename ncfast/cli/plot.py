@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ncfast.cli import main
+from ncfast.cli._shared import figure_formats_option, load_runs_for_output
 
 
 @main.command("plot")
@@ -17,27 +18,13 @@ from ncfast.cli import main
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory for the figures (created if missing).",
 )
-@click.option(
-    "--format",
-    "formats",
-    multiple=True,
-    type=click.Choice(["png", "pdf", "svg"]),
-    default=("png", "pdf"),
-    show_default=True,
-    help="Figure format; repeat for several.",
-)
+@figure_formats_option
 def plot_command(run_dirs: tuple[Path, ...], out: Path, formats: tuple[str, ...]) -> None:
     """Plot the runs in RUN_DIR... (written by `ncfast train --out`) in the style of the seed's
     Figs. 2–12: one panel per dataset × network, runs of a cell overlaid (e.g. MSE vs CE)."""
     from ncfast.plots import plot_runs
-    from ncfast.runs import RunError, load_run
 
-    try:
-        runs = [load_run(p) for p in run_dirs]
-    except RunError as exc:
-        raise click.ClickException(str(exc)) from None
-    if out.exists() and not out.is_dir():
-        raise click.UsageError(f"--out: {out} exists and is not a directory")
+    runs = load_runs_for_output(run_dirs, out)
     paths = plot_runs(runs, out, formats)
     for path in paths:
         click.echo(str(path))

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ncfast.cli import main
+from ncfast.cli._shared import load_runs_for_output
 
 
 @main.command("table")
@@ -21,15 +22,9 @@ from ncfast.cli import main
 def table_command(run_dirs: tuple[Path, ...], out: Path) -> None:
     """Print and write Table 1 for the runs in RUN_DIR...: test accuracy at the first epoch of
     zero training error vs at the last epoch, with the median and mean improvement."""
-    from ncfast.runs import RunError, load_run
     from ncfast.tables import write_table1
 
-    try:
-        runs = [load_run(p) for p in run_dirs]
-    except RunError as exc:
-        raise click.ClickException(str(exc)) from None
-    if out.exists() and not out.is_dir():
-        raise click.UsageError(f"--out: {out} exists and is not a directory")
+    runs = load_runs_for_output(run_dirs, out)
     markdown, paths = write_table1(runs, out)
     click.echo(markdown, nl=False)
     click.echo("written: " + ", ".join(str(p) for p in paths))
