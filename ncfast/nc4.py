@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ncfast import ops
+from ncfast.reference import count_invalid_rows_
 from ncfast.stats import ClassStats, check_batch
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes
@@ -63,8 +64,8 @@ class NCCMismatch:
         return self.overflowed
 
     def _valid(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        in_range = (labels >= 0) & (labels < self.num_classes)
-        return in_range & torch.isfinite(features).all(dim=1)
+        scratch = torch.zeros(2, dtype=torch.int64, device=features.device)
+        return count_invalid_rows_(features, labels, self.num_classes, scratch)
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         check_batch(features, labels, self.num_classes, self.dim, "NCCMismatch.update")

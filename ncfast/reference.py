@@ -25,6 +25,18 @@ INVALID_NONFINITE = 1
 _WELL_CONDITIONED = 1e-8  # smallest/largest squared Cholesky pivot for a trusted solve
 
 
+def count_invalid_rows_(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, invalid: torch.Tensor
+) -> torch.Tensor:
+    """Count, into ``invalid``, rows whose label is outside [0, C) and (of the others) rows with
+    a non-finite feature; return the bool mask of valid rows. The one definition of validity."""
+    label_ok = (labels >= 0) & (labels < num_classes)
+    finite = torch.isfinite(features).all(dim=1)
+    invalid[INVALID_LABEL] += (~label_ok).sum()
+    invalid[INVALID_NONFINITE] += (label_ok & ~finite).sum()
+    return label_ok & finite
+
+
 def update_stats_(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -43,11 +55,7 @@ def update_stats_(
     # A float64 copy of our own, worked on in place: with it, at most three [B, P] float64
     # buffers exist at once (docs/memory.md). Never the caller's tensor, even if already float64.
     x = features.to(torch.float64, copy=True)
-    label_ok = (labels >= 0) & (labels < num_classes)
-    finite = torch.isfinite(x).all(dim=1)
-    valid = label_ok & finite
-    invalid[INVALID_LABEL] += (~label_ok).sum()
-    invalid[INVALID_NONFINITE] += (label_ok & ~finite).sum()
+    valid = count_invalid_rows_(x, labels, num_classes, invalid)
 
     y = torch.where(valid, labels, torch.zeros_like(labels)).long()
     x.masked_fill_(~valid[:, None], 0.0)

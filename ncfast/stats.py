@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ncfast import ops
-from ncfast.reference import INVALID_LABEL, INVALID_NONFINITE
+from ncfast.reference import INVALID_LABEL, INVALID_NONFINITE, count_invalid_rows_
 
 _STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
 _ON_INVALID = ("raise", "skip")
@@ -124,7 +124,7 @@ class ClassStats:
         if self.device.type == "cpu" and self.on_invalid == "raise":
             # Free on the CPU: reject the batch before it touches the state.
             bad = torch.zeros(2, dtype=torch.int64)
-            _count_invalid(features, labels, self.num_classes, bad)
+            count_invalid_rows_(features, labels, self.num_classes, bad)
             if bad.any():
                 raise InvalidInputError(_describe_invalid(bad, self.num_classes, "this batch"))
         ops.update_stats_(features, labels, *(state[k] for k in _STATE_KEYS))
@@ -324,13 +324,6 @@ class ClassStats:
     def __repr__(self) -> str:
         where = "unallocated" if self._state is None else str(self.device)
         return f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, {where})"
-
-
-def _count_invalid(features, labels, num_classes, out) -> None:
-    label_ok = (labels >= 0) & (labels < num_classes)
-    finite = torch.isfinite(features).all(dim=1)
-    out[INVALID_LABEL] += (~label_ok).sum()
-    out[INVALID_NONFINITE] += (label_ok & ~finite).sum()
 
 
 def _describe_invalid(invalid: torch.Tensor, num_classes: int, where: str) -> str:
