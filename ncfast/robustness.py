@@ -69,10 +69,12 @@ def _logit_jacobian(model: nn.Module, x: torch.Tensor, num_classes: int) -> torc
     copies = x.detach().unsqueeze(0).expand(num_classes, *x.shape)
     copies = copies.reshape(num_classes * b, *x.shape[1:]).clone().requires_grad_(True)
     with torch.enable_grad():
-        out = model(copies).view(num_classes, b, num_classes)
+        out = model(copies).reshape(num_classes, b, num_classes)
         own = out[torch.arange(num_classes), :, torch.arange(num_classes)]  # [C, b]: logit c
         (grad,) = torch.autograd.grad(own.sum(), copies)
-    return grad.view(num_classes, b, -1).transpose(0, 1)
+    # reshape, not view: for a channels-last network autograd returns the input gradient
+    # channels-last, which no view can flatten when there are several channels.
+    return grad.reshape(num_classes, b, -1).transpose(0, 1)
 
 
 def deepfool(
@@ -139,7 +141,7 @@ def deepfool(
         movable = torch.isfinite(best_dist)
         step = ((best_dist + STEP_MARGIN) / w_norm[rows, best]).unsqueeze(1) * w[rows, best]
         step[~movable] = 0
-        r_tot[idx] += step.view_as(r_tot[idx])
+        r_tot[idx] += step.reshape(r_tot[idx].shape)
         iterations[idx] += movable.long()
         active[idx[~movable]] = False
 
