@@ -3,7 +3,11 @@
 - The C++ (CPU) extension is always attempted.
 - CUDA sources are added when nvcc and a CUDA build of torch are present, or FORCE_CUDA=1 (no
   GPU needed to compile); never with NCFAST_CPU_ONLY=1.
-- TORCH_CUDA_ARCH_LIST is respected; default "8.0;9.0+PTX" (sm_80, sm_90 and PTX for newer).
+- TORCH_CUDA_ARCH_LIST is respected. The default covers the GPUs researchers have: 7.0 (V100),
+  7.5 (T4), 8.0 (A100), 8.6 (A10, RTX 30xx), 8.9 (L4, RTX 40xx), 9.0 (H100/H200) and every
+  architecture the installed torch was built for (10.0, 12.0 with CUDA 13), less those this nvcc
+  cannot target (CUDA 13 dropped sm_70), with PTX of 9.0 so that the driver JIT-compiles the
+  kernels for any newer GPU. The extension records the architectures it holds (`ncfast info`).
 - ninja builds in parallel; MAX_JOBS limits the jobs.
 - Without a working compiler the package still installs, on the pure-torch reference backend
   (`ncfast info` says why); NCFAST_REQUIRE_EXTENSION=1 turns that into a build failure (CI).
@@ -16,13 +20,17 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+BASELINE_ARCHES = ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0")
+PTX_ARCH = "9.0"  # the PTX kept for newer GPUs (JIT-compiled by the driver)
+MIN_ARCH = (6, 0)  # the kernels' float64 atomicAdd needs sm_60
 
 
 def _env_flag(name: str) -> bool:
@@ -42,6 +50,62 @@ def _find_cuda_home() -> str | None:
         if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
             return home
     return None
+
+
+def _arch_key(arch: str) -> tuple[int, int]:
+    major, minor = arch.split(".")
+    return int(major), int(minor)
+
+
+def _nvcc_gpu_codes(cuda_home: str | None) -> set[str] | None:
+    """The real architectures this nvcc can target ({"sm_75", ...}); None if it cannot say."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        return None
+    try:
+        out = subprocess.run(
+            [nvcc, "--list-gpu-code"], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {code.strip() for code in out.split() if code.strip().startswith("sm_")} or None
+
+
+def default_arch_list(torch_arches: list[str], nvcc_codes: set[str] | None) -> str:
+    """TORCH_CUDA_ARCH_LIST when none is set: BASELINE_ARCHES and the plain sm_XY of torch's
+    own build from MIN_ARCH on, less what nvcc cannot target, with +PTX on PTX_ARCH (else on
+    the highest)."""
+    wanted = set(BASELINE_ARCHES)
+    for arch in torch_arches:
+        digits = arch[3:] if arch.startswith("sm_") else ""
+        if digits.isdigit() and len(digits) >= 2:
+            wanted.add(f"{digits[:-1]}.{digits[-1]}")
+    arches = sorted((a for a in wanted if _arch_key(a) >= MIN_ARCH), key=_arch_key)
+    if nvcc_codes is not None:
+        arches = [a for a in arches if "sm_" + a.replace(".", "") in nvcc_codes]
+    if not arches:
+        raise RuntimeError(f"ncfast: nvcc targets none of the GPU architectures {sorted(wanted)}")
+    ptx = PTX_ARCH if PTX_ARCH in arches else arches[-1]
+    return ";".join(a + "+PTX" if a == ptx else a for a in arches)
+
+
+def compiled_targets(arch_list: str) -> str:
+    """What nvcc will embed for an arch list, as "sm_75;...;compute_90" (SASS, then PTX): the
+    -gencode flags torch derives from TORCH_CUDA_ARCH_LIST (named architectures included)."""
+    from torch.utils import cpp_extension
+
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    try:
+        flags = cpp_extension._get_cuda_arch_flags()
+    finally:
+        if saved is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+    codes = {flag.split("code=")[-1] for flag in flags if "code=" in flag}
+    order = sorted(codes, key=lambda c: (c.startswith("compute_"), int(re.sub(r"\D", "", c))))
+    return ";".join(order)
 
 
 def _extensions():
@@ -72,13 +136,17 @@ def _extensions():
     define_macros = []
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(
+                torch.cuda.get_arch_list(), _nvcc_gpu_codes(cuda_home)
+            )
         arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+        targets = compiled_targets(arch_list)
+        print(f"ncfast: CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list} ({targets})")
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         define_macros += [
             ("NCFAST_WITH_CUDA", "1"),
-            ("NCFAST_CUDA_ARCH_LIST", '"' + arch_list.replace('"', "") + '"'),
+            ("NCFAST_CUDA_ARCH_LIST", '"' + targets + '"'),
         ]
         ext = CUDAExtension(
             "ncfast._C",
@@ -130,5 +198,6 @@ def _extensions():
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # pip's build backend and `python setup.py` both run it as __main__
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

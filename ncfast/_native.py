@@ -23,16 +23,29 @@ class means and Σ_W agree to rounding.
 
 Importing this module raises ImportError when the extension is missing (``ncfast.ops`` then
 falls back to the reference) and RuntimeError when the extension was built for another torch or
-CUDA version (rebuild it).
+CUDA major version (rebuild it).
+
+CUDA tensors take the reference instead of the compiled kernels, per call, when
+- the extension holds no kernel image that runs on the tensor's GPU (its compute capability
+  outside the compiled architectures and below no compiled PTX): one warning per device names
+  the capability (``kernel_image_for`` decides, ``ncfast info`` shows it);
+- ``torch.use_deterministic_algorithms(True)`` is on, for the update: its class sums are float64
+  atomics in run order, while the reference's ``index_add_`` has a deterministic CUDA
+  implementation in that mode. The op itself (``torch.ops.ncfast.update_stats_``) raises torch's
+  own error there, as torch's nondeterministic ops do.
 """
 
 from __future__ import annotations
+
+import re
+import warnings
+from typing import NamedTuple
 
 import torch
 
 from ncfast import reference
 from ncfast._C import (  # ImportError when the extension was not built
-    cuda_arch_list as CUDA_ARCH_LIST,  # noqa: F401 (re-exported: the GPU architectures built)
+    cuda_arch_list as CUDA_ARCH_LIST,  # the kernel images built, "sm_75;...;compute_90"
 )
 from ncfast._C import cuda_version_int as _CUDA_VERSION_INT
 from ncfast._C import torch_version as COMPILED_TORCH_VERSION
@@ -54,30 +67,137 @@ least_squares = reference.least_squares
 mse_decomposition = reference.mse_decomposition
 
 
-def _major_minor(version: str | None) -> tuple[int, ...] | None:
+def _version_parts(version: str | None, parts: int) -> tuple[int, ...] | None:
     if not version:
         return None
-    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:parts])
 
 
 def _check_build() -> None:
-    """Refuse, loudly, an extension compiled against another torch or CUDA than the running
-    one: its kernels could crash or compute garbage rather than fail cleanly."""
-    if _major_minor(COMPILED_TORCH_VERSION) != _major_minor(torch.__version__):
+    """Refuse, loudly, an extension compiled against another torch (major.minor: its C++ ABI)
+    or another CUDA major version than the running one: its kernels could crash or compute
+    garbage rather than fail cleanly. Within a CUDA major version the runtime is compatible,
+    the rule torch applies to its own extensions."""
+    if _version_parts(COMPILED_TORCH_VERSION, 2) != _version_parts(torch.__version__, 2):
         raise RuntimeError(
             f"ncfast._C was compiled against torch {COMPILED_TORCH_VERSION} but torch "
             f"{torch.__version__} is running. Rebuild the extension "
             '(pip install --no-build-isolation -e ".[dev]") or set NCFAST_BACKEND=reference.'
         )
-    if WITH_CUDA and _major_minor(COMPILED_CUDA_VERSION) != _major_minor(torch.version.cuda):
+    if WITH_CUDA and _version_parts(COMPILED_CUDA_VERSION, 1) != _version_parts(
+        torch.version.cuda, 1
+    ):
         raise RuntimeError(
             f"ncfast._C was compiled with CUDA {COMPILED_CUDA_VERSION} but torch uses CUDA "
-            f"{torch.version.cuda}. Rebuild the extension with the nvcc matching torch "
-            '(pip install --no-build-isolation -e ".[dev]") or set NCFAST_BACKEND=reference.'
+            f"{torch.version.cuda} (the major versions must match). Rebuild the extension with "
+            'an nvcc of torch\'s CUDA major version (pip install --no-build-isolation -e ".[dev]") '
+            "or set NCFAST_BACKEND=reference."
         )
 
 
 _check_build()
+
+
+# ----------------------------------------------------------- GPU architectures
+class ArchTarget(NamedTuple):
+    """One kernel image in the extension: machine code (SASS) for sm_XY, or PTX for compute_XY;
+    suffix "a" (arch-specific: that capability only) or "f" (family: same major), else ""."""
+
+    ptx: bool
+    major: int
+    minor: int
+    suffix: str
+
+    def __str__(self) -> str:
+        return f"{'compute' if self.ptx else 'sm'}_{self.major}{self.minor}{self.suffix}"
+
+
+_TARGET = re.compile(r"^(sm|compute)_(\d+)(\d)([af]?)$")
+_TORCH_STYLE = re.compile(r"^(\d+)\.(\d)([af]?)(\+PTX)?$", re.IGNORECASE)
+
+
+def parse_arch_list(text: str) -> tuple[ArchTarget, ...]:
+    """The kernel images of an arch list: the extension's own form ("sm_80;sm_90;compute_90")
+    or TORCH_CUDA_ARCH_LIST's ("8.0;9.0+PTX"); separators ';', ',' or spaces. ValueError on
+    an entry that is neither."""
+    targets: list[ArchTarget] = []
+    for entry in re.split(r"[;,\s]+", text.strip()):
+        if not entry:
+            continue
+        if match := _TARGET.match(entry):
+            kind, major, minor, suffix = match.groups()
+            targets.append(ArchTarget(kind == "compute", int(major), int(minor), suffix))
+        elif match := _TORCH_STYLE.match(entry):
+            major, minor, suffix, with_ptx = match.groups()
+            targets.append(ArchTarget(False, int(major), int(minor), suffix))
+            if with_ptx:
+                targets.append(ArchTarget(True, int(major), int(minor), suffix))
+        else:
+            raise ValueError(f"CUDA arch list entry {entry!r} is neither sm_XY, compute_XY nor X.Y")
+    return tuple(targets)
+
+
+def _runs_on(target: ArchTarget, major: int, minor: int) -> bool:
+    """CUDA's compatibility rules: SASS for X.y runs on X.z with z >= y (an "a" image on X.y
+    only); PTX for X.y is JIT-compiled for any capability >= X.y ("a": X.y only; "f": within
+    major X)."""
+    if target.suffix == "a":
+        return (target.major, target.minor) == (major, minor)
+    if not target.ptx or target.suffix == "f":
+        return target.major == major and target.minor <= minor
+    return (target.major, target.minor) <= (major, minor)
+
+
+def kernel_image_for(
+    capability: tuple[int, int], targets: tuple[ArchTarget, ...]
+) -> ArchTarget | None:
+    """The image the CUDA driver loads for a device of this compute capability: the newest
+    compatible SASS, else the newest compatible PTX (JIT-compiled at first use); None when no
+    image runs there (the driver would fail with "no kernel image is available")."""
+    major, minor = capability
+    usable = [t for t in targets if _runs_on(t, major, minor)]
+    if not usable:
+        return None
+    return max(usable, key=lambda t: (not t.ptx, t.major, t.minor, t.suffix == "a"))
+
+
+class NativeKernelFallbackWarning(UserWarning):
+    """The extension has no kernel for a CUDA device; ncfast uses the reference there."""
+
+
+COMPILED_TARGETS = parse_arch_list(CUDA_ARCH_LIST) if WITH_CUDA else ()
+_DEVICE_KERNELS: dict[int, bool] = {}  # device index -> whether its kernels are compiled
+
+
+def describe_image(image: ArchTarget | None) -> str:
+    """How a device runs the kernels, for `ncfast info`."""
+    if image is None:
+        return "no kernel image: the reference backend"
+    if image.ptx:
+        return f"native kernels from PTX {image} (JIT-compiled by the driver at first use)"
+    return f"native kernels, machine code {image}"
+
+
+def _cuda_device_kernels(index: int) -> bool:
+    """Whether the compiled kernels run on CUDA device `index`; warns once per device when not."""
+    known = _DEVICE_KERNELS.get(index)
+    if known is not None:
+        return known
+    capability = tuple(torch.cuda.get_device_capability(index))
+    ok = kernel_image_for(capability, COMPILED_TARGETS) is not None
+    if not ok:
+        arch = f"{capability[0]}.{capability[1]}"
+        warnings.warn(
+            f"ncfast: the CUDA kernels of ncfast._C are compiled for "
+            f"{', '.join(map(str, COMPILED_TARGETS)) or 'no GPU'}, none of which runs on "
+            f"cuda:{index} ({torch.cuda.get_device_name(index)}, compute capability {arch}); "
+            f"ncfast uses its reference backend for tensors on it (correct, slower). Rebuild "
+            f"with TORCH_CUDA_ARCH_LIST={arch} to use the kernels.",
+            NativeKernelFallbackWarning,
+            stacklevel=4,
+        )
+    _DEVICE_KERNELS[index] = ok
+    return ok
 
 
 # ----------------------------------------------------------------- fake (meta) kernels
@@ -94,13 +214,25 @@ def _ncc_mismatch_count_fake(features, valid, weight, bias, class_means, present
 
 # ------------------------------------------------------------------------ dispatch
 def _kernels_for(device: torch.device) -> bool:
-    """Whether compiled kernels exist for tensors on ``device``."""
-    return device.type == "cpu" or (device.type == "cuda" and WITH_CUDA)
+    """Whether compiled kernels run on tensors of ``device``."""
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or not WITH_CUDA:
+        return False
+    return _cuda_device_kernels(device.index if device.index is not None else 0)
+
+
+def _update_kernels_for(device: torch.device) -> bool:
+    """As _kernels_for, and on CUDA not while deterministic algorithms are required (the
+    module docstring says why)."""
+    if device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
+        return False
+    return _kernels_for(device)
 
 
 def update_stats_(features, labels, counts, shift, sums, scatter, invalid) -> None:
     """Add one batch to the accumulator state in place (see reference.update_stats_)."""
-    if not _kernels_for(features.device):
+    if not _update_kernels_for(features.device):
         reference.update_stats_(features, labels, counts, shift, sums, scatter, invalid)
         return
     state = (counts, shift, sums, scatter, invalid)

@@ -12,10 +12,12 @@ from ncfast import __version__, ops
 def build_info() -> dict:
     """A JSON-serialisable description of the installation.
 
-    Keys: ncfast, torch, torch_cuda, cuda_available, devices, backend, backend_requested,
-    native_unavailable_reason, extension (bool), extension_path, extension_error, and for a
-    present extension: extension_cuda (bool), extension_cuda_version, extension_arch_list,
-    extension_torch, extension_compiler.
+    Keys: ncfast, torch, torch_cuda, cuda_available, devices, device_kernels, backend,
+    backend_requested, native_unavailable_reason, extension (bool), extension_path,
+    extension_error, and for a present extension: extension_cuda (bool), extension_cuda_version,
+    extension_arch_list (the kernel images, "sm_75;...;compute_90"), extension_torch,
+    extension_compiler. device_kernels has one entry per visible GPU: device, name, capability
+    ("8.6"), kernel_image ("sm_86", "compute_90" or None) and uses (what runs its tensors).
     """
     info: dict = {
         "ncfast": __version__,
@@ -29,6 +31,7 @@ def build_info() -> dict:
         "backend_requested": os.environ.get("NCFAST_BACKEND", "") or None,
         "native_unavailable_reason": ops.NATIVE_UNAVAILABLE_REASON or None,
     }
+    info["device_kernels"] = [_device_kernels(i) for i in range(len(info["devices"]))]
     try:
         from ncfast import _C
     except ImportError as exc:
@@ -46,3 +49,26 @@ def build_info() -> dict:
         extension_compiler=_C.compiler,
     )
     return info
+
+
+def _device_kernels(index: int) -> dict:
+    """Which code runs ncfast's ops on tensors of CUDA device `index`."""
+    major, minor = torch.cuda.get_device_capability(index)
+    entry = {
+        "device": f"cuda:{index}",
+        "name": torch.cuda.get_device_name(index),
+        "capability": f"{major}.{minor}",
+        "kernel_image": None,
+    }
+    if ops.BACKEND != "native":
+        entry["uses"] = "the reference backend (native not in use)"
+        return entry
+    from ncfast import _native
+
+    if not _native.WITH_CUDA:
+        entry["uses"] = "the reference backend (the extension has no CUDA kernels)"
+        return entry
+    image = _native.kernel_image_for((major, minor), _native.COMPILED_TARGETS)
+    entry["kernel_image"] = str(image) if image is not None else None
+    entry["uses"] = _native.describe_image(image)
+    return entry

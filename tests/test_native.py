@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ncfast import reference
-from tests import oracle
+from tests import exact, oracle
 
 try:
     from ncfast import _native
@@ -53,10 +53,6 @@ DEVICES = [
 FEATURE_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 LABEL_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
 STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
 
 
 def new_state(num_classes: int, dim: int, device="cpu") -> dict[str, torch.Tensor]:
@@ -124,8 +120,7 @@ def assert_state_matches(native_state, ref_state, rtol=1e-12):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FEATURE_DTYPES)
 @pytest.mark.parametrize("layout", [0, 1, 2])
-def test_update_matches_reference_and_numpy(device, dtype, layout):
-    seed = _seed()
+def test_update_matches_reference_and_numpy(device, dtype, layout, seed):
     g = torch.Generator().manual_seed(seed)
     num_classes, dim = 7, 19
     label_dtype = LABEL_DTYPES[seed % len(LABEL_DTYPES)]
@@ -142,7 +137,7 @@ def test_update_matches_reference_and_numpy(device, dtype, layout):
         keep = label_ok & finite
         seen_f.append(x.cpu()[keep].double())
         seen_y.append(y.cpu()[keep].long())
-    assert torch.equal(native["invalid"].cpu(), expected_invalid), f"seed {seed}"
+    assert torch.equal(native["invalid"].cpu(), expected_invalid)
     assert_state_matches(native, ref)
     if device == "cpu":  # same algorithm as the reference: the state itself agrees
         assert torch.equal(native["shift"], ref["shift"])
@@ -161,8 +156,8 @@ def test_update_matches_reference_and_numpy(device, dtype, layout):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
-def test_update_reads_every_label_dtype(device, label_dtype):
-    g = torch.Generator().manual_seed(_seed())
+def test_update_reads_every_label_dtype(device, label_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
     native, ref = new_state(5, 4, device), new_state(5, 4)
     x, y = make_batch(50, 4, 5, torch.float32, label_dtype, g, device)
     y = y[::2]  # non-contiguous labels
@@ -191,8 +186,8 @@ def test_update_random_shapes_match_reference(batches, dim, num_classes, dtype, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_empty_batch_is_a_no_op(device):
-    g = torch.Generator().manual_seed(_seed())
+def test_empty_batch_is_a_no_op(device, seed):
+    g = torch.Generator().manual_seed(seed)
     state = new_state(4, 6, device)
     update(
         _native.update_stats_, state, *make_batch(30, 6, 4, torch.float32, torch.int64, g, device)
@@ -208,9 +203,9 @@ def test_empty_batch_is_a_no_op(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_all_rows_invalid_only_counts_them(device):
+def test_all_rows_invalid_only_counts_them(device, seed):
     state = new_state(3, 5, device)
-    x = torch.randn(6, 5, device=device)
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(seed)).to(device)
     x[:3, 0] = float("nan")
     y = torch.tensor([0, 1, 2, 3, -4, 7], device=device)
     update(_native.update_stats_, state, x, y)
@@ -221,8 +216,8 @@ def test_all_rows_invalid_only_counts_them(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_classes, dim", [(1, 9), (60, 3)], ids=["single_class", "C_gt_P"])
-def test_single_class_and_more_classes_than_features(device, num_classes, dim):
-    g = torch.Generator().manual_seed(_seed())
+def test_single_class_and_more_classes_than_features(device, num_classes, dim, seed):
+    g = torch.Generator().manual_seed(seed)
     native, ref = new_state(num_classes, dim, device), new_state(num_classes, dim)
     for batch in (40, 200, 33):
         x, y = make_batch(batch, dim, num_classes, torch.float32, torch.int64, g, device)
@@ -246,50 +241,60 @@ def _near_collapse_data(seed, num_classes=4, dim=8, per_class=150):
     return features, labels
 
 
-def _longdouble_statistics(h: np.ndarray, y: np.ndarray, num_classes: int):
-    """Class means and N Σ_W in extended precision (x87 long double where numpy has it)."""
-    h = h.astype(np.longdouble)
-    means = np.stack([h[y == k].mean(axis=0) for k in range(num_classes)])
-    dev = h - means[y]
-    return means, dev.T @ dev
-
-
 @pytest.mark.parametrize("device", DEVICES)
-def test_update_stays_exact_near_collapse(device):
+def test_update_stays_exact_near_collapse(device, seed):
     """A naive Σ hhᵀ − N μμᵀ would lose everything here (1e12 vs 1e-4); shifted accumulation
-    keeps Σ_W to ~1e-12 relative of an extended-precision brute force."""
-    features, labels = _near_collapse_data(_seed())
+    keeps Σ_W to ~1e-12 relative of the exact (rational) statistics, on every platform."""
+    features, labels = _near_collapse_data(seed)
     state = new_state(4, 8, device)
     for chunk in torch.split(torch.arange(len(labels)), 97):
         update(_native.update_stats_, state, features[chunk].to(device), labels[chunk].to(device))
     means, scatter = finalized(state)
-    exp_means, exp_scatter = _longdouble_statistics(features.numpy(), labels.numpy(), 4)
-    np.testing.assert_allclose(means.numpy(), exp_means.astype(np.float64), rtol=1e-15, atol=0)
+    exp_means, exp_scatter = exact.class_statistics(features.numpy(), labels.numpy(), 4)
+    # mean = shift + sums/n with the shift within the spread (1e-2) of the mean: one rounding of
+    # the sum (eps/2 relative) plus the sums' accumulation error, n·eps·Σ|z|/n ≈ 150·eps·0.05
+    # absolute; rtol 1e-15 (≈ 4.5 eps) and atol 1e-15 cover both with margin.
+    np.testing.assert_allclose(means.numpy(), exp_means, rtol=1e-15, atol=1e-15)
+    # N Σ_W from the centred rows: sums of N = 600 products of size spread², N·eps relative
+    # (≈ 1.3e-13); 1e-11 leaves a factor ~75.
     err = np.abs(scatter.numpy() - exp_scatter).max() / np.abs(exp_scatter).max()
     assert err < 1e-11, err
 
 
 @pytest.mark.parametrize("mode", ["full", "panels", None])
-def test_gram_panels_and_full_product_agree(monkeypatch, mode):
+def test_gram_panels_and_full_product_agree(monkeypatch, mode, seed):
     """The upper-triangle panel scheme (with its mirror) and the plain product give the same
     scatter (NCFAST_GRAM forces either; unset, batches of 512 rows or more take the panels)."""
-    g = torch.Generator().manual_seed(_seed())
+    g = torch.Generator().manual_seed(seed)
     if mode is None:
         monkeypatch.delenv("NCFAST_GRAM", raising=False)
     else:
         monkeypatch.setenv("NCFAST_GRAM", mode)
     native, ref = new_state(6, 150, "cpu"), new_state(6, 150)
+    eps = torch.finfo(torch.float64).eps
+    asymmetry_bound = torch.zeros(150, 150, dtype=torch.float64)
     for batch in (600, 70):
         x, y = make_batch(batch, 150, 6, torch.float32, torch.int64, g, "cpu")
         update(_native.update_stats_, native, x, y)
         update(reference.update_stats_, ref, x, y)
-    if mode != "full":  # the mirror makes it exactly symmetric
-        assert torch.equal(native["scatter"], native["scatter"].T)
+        scatter = native["scatter"]
+        if (mode or ("panels" if batch >= 512 else "full")) == "panels":
+            # The panels fill the upper triangle and the mirror copies it: exactly symmetric.
+            assert torch.equal(scatter, scatter.T)
+            asymmetry_bound.zero_()
+        else:
+            # A plain dgemm sums S_ab and S_ba separately, each within n·eps·Σ_i |z_ia z_ib| of
+            # the exact value, plus one rounding each of the addition to the state.
+            valid = valid_rows(x, y, 6)
+            shift = native["shift"][y.long().clamp(0, 5)]
+            z_bound = (x.double().abs() + shift.abs()).nan_to_num(0.0) * valid[:, None]
+            asymmetry_bound += 2 * batch * eps * (z_bound.T @ z_bound) + 2 * eps * scatter.abs()
+            assert ((scatter - scatter.T).abs() <= asymmetry_bound).all()
     torch.testing.assert_close(native["scatter"], ref["scatter"], rtol=1e-13, atol=1e-10)
 
 
-def test_update_with_noncontiguous_state_writes_back():
-    g = torch.Generator().manual_seed(_seed())
+def test_update_with_noncontiguous_state_writes_back(seed):
+    g = torch.Generator().manual_seed(seed)
     ref = new_state(3, 5)
     state = {k: v.clone() for k, v in new_state(3, 5).items()}
     state["scatter"] = torch.zeros(5, 5, dtype=torch.float64).t()  # transposed view
@@ -312,7 +317,7 @@ def test_update_with_noncontiguous_state_writes_back():
     ],
 )
 def test_update_rejects_bad_arguments_by_name(mutate, error, match):
-    args = {"features": torch.randn(8, 4), "labels": torch.zeros(8, dtype=torch.int64)}
+    args = {"features": torch.ones(8, 4), "labels": torch.zeros(8, dtype=torch.int64)}
     args.update(new_state(3, 4))
     mutate(args)
     with pytest.raises(error, match=match):
@@ -348,8 +353,8 @@ def _ncc_numpy(features, valid, weight, bias, means, present):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FEATURE_DTYPES)
-def test_ncc_mismatch_matches_reference_and_numpy(device, dtype):
-    g = torch.Generator().manual_seed(_seed())
+def test_ncc_mismatch_matches_reference_and_numpy(device, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
     for batch, dim, num_classes, layout in ((90, 12, 6, 0), (41, 5, 30, 1), (1, 3, 2, 2)):
         args = _ncc_case(g, batch, dim, num_classes, dtype, device, layout)
         got = _native.ncc_mismatch_count(*args)
@@ -359,8 +364,8 @@ def test_ncc_mismatch_matches_reference_and_numpy(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_ncc_mismatch_empty_batch_and_all_invalid(device):
-    g = torch.Generator().manual_seed(_seed())
+def test_ncc_mismatch_empty_batch_and_all_invalid(device, seed):
+    g = torch.Generator().manual_seed(seed)
     x, valid, w, b, m, present = _ncc_case(g, 20, 4, 3, torch.float32, device)
     assert int(_native.ncc_mismatch_count(x[:0], valid[:0], w, b, m, present)) == 0
     assert int(_native.ncc_mismatch_count(x, torch.zeros_like(valid), w, b, m, present)) == 0
@@ -368,8 +373,8 @@ def test_ncc_mismatch_empty_batch_and_all_invalid(device):
 
 # ---------------------------------------------------------------- op registration
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_update_stats(device):
-    g = torch.Generator().manual_seed(_seed())
+def test_opcheck_update_stats(device, seed):
+    g = torch.Generator().manual_seed(seed)
     x, y = make_batch(24, 6, 3, torch.float32, torch.int64, g, device)
     state = new_state(3, 6, device)
     torch.library.opcheck(
@@ -378,15 +383,15 @@ def test_opcheck_update_stats(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_ncc_mismatch_count(device):
-    g = torch.Generator().manual_seed(_seed())
+def test_opcheck_ncc_mismatch_count(device, seed):
+    g = torch.Generator().manual_seed(seed)
     torch.library.opcheck(
         torch.ops.ncfast.ncc_mismatch_count.default, _ncc_case(g, 30, 5, 4, torch.float32, device)
     )
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_update_under_torch_compile_fullgraph(backend):
+def test_update_under_torch_compile_fullgraph(backend, seed):
     """The update traces as one mutating op (fake kernel, functionalisation) and gives the
     eager result."""
     torch._dynamo.reset()
@@ -396,7 +401,7 @@ def test_update_under_torch_compile_fullgraph(backend):
         _native.update_stats_(features * 2, labels, counts, shift, sums, scatter, invalid)
         return scatter.diagonal().sum()
 
-    g = torch.Generator().manual_seed(_seed())
+    g = torch.Generator().manual_seed(seed)
     compiled, eager = new_state(3, 6), new_state(3, 6)
     for _ in range(2):
         x, y = make_batch(20, 6, 3, torch.float32, torch.int64, g, "cpu", bad=False)
@@ -410,8 +415,8 @@ def test_update_under_torch_compile_fullgraph(backend):
 # ------------------------------------------------------------------------ CUDA only
 @pytest.mark.cuda
 @pytest.mark.skipif(bool(CUDA_SKIP), reason=CUDA_SKIP)
-def test_cuda_update_never_synchronises_with_the_host():
-    g = torch.Generator().manual_seed(_seed())
+def test_cuda_update_never_synchronises_with_the_host(seed):
+    g = torch.Generator().manual_seed(seed)
     state = new_state(10, 64, "cuda")
     x, y = make_batch(300, 64, 10, torch.bfloat16, torch.int64, g, "cuda")
     _native.update_stats_(x, y, *(state[k] for k in STATE_KEYS))  # warm-up (allocator)
@@ -429,10 +434,10 @@ def test_cuda_update_never_synchronises_with_the_host():
 @pytest.mark.cuda
 @pytest.mark.skipif(bool(CUDA_SKIP), reason=CUDA_SKIP)
 @pytest.mark.parametrize("mode", ["full", "panels"])
-def test_cuda_large_batch_both_gram_schemes(monkeypatch, mode):
+def test_cuda_large_batch_both_gram_schemes(monkeypatch, mode, seed):
     """Sizes where the CUDA default switches to the panel scheme (B·P² large), both forced."""
     monkeypatch.setenv("NCFAST_GRAM", mode)
-    g = torch.Generator().manual_seed(_seed())
+    g = torch.Generator().manual_seed(seed)
     native, ref = new_state(10, 256, "cuda"), new_state(10, 256)
     x, y = make_batch(9000, 256, 10, torch.float32, torch.int64, g, "cuda")
     update(_native.update_stats_, native, x, y)
@@ -452,17 +457,21 @@ def test_ops_uses_native_unless_told_otherwise():
 
 
 def test_extension_built_for_another_torch_or_cuda_is_refused_loudly(monkeypatch):
-    """_check_build runs at import: a mismatch is a RuntimeError (not a quiet fallback)."""
+    """_check_build runs at import: another torch major.minor or CUDA major version is a
+    RuntimeError (not a quiet fallback)."""
     _native._check_build()  # this build matches
     monkeypatch.setattr(_native, "COMPILED_TORCH_VERSION", "1.13.1")
     with pytest.raises(RuntimeError, match=r"compiled against torch 1\.13\.1"):
         _native._check_build()
     monkeypatch.setattr(_native, "COMPILED_TORCH_VERSION", torch.__version__)
     monkeypatch.setattr(_native, "WITH_CUDA", True)
-    monkeypatch.setattr(_native, "COMPILED_CUDA_VERSION", "11.8")
-    if torch.version.cuda != "11.8":
-        with pytest.raises(RuntimeError, match=r"compiled with CUDA 11\.8"):
-            _native._check_build()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(_native, "COMPILED_CUDA_VERSION", "12.8")
+    with pytest.raises(RuntimeError, match=r"compiled with CUDA 12\.8 .* major versions must"):
+        _native._check_build()
+    # Within a CUDA major version the runtime is compatible (torch's own rule): accepted.
+    monkeypatch.setattr(_native, "COMPILED_CUDA_VERSION", "13.2")
+    _native._check_build()
 
 
 def _run_python(code: str, **env) -> str:

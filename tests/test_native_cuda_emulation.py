@@ -1,11 +1,13 @@
-"""The CUDA kernels' own source (csrc/cuda/kernels.cuh), compiled for the CPU against an
-emulation of the CUDA execution model (csrc/emulation/), against the reference.
+"""The CUDA kernels' own source (csrc/cuda/*.cu), compiled for the CPU against an emulation of
+the CUDA execution model (tests/cuda_emulation/), against the reference.
 
 Runs everywhere a C++20 compiler is (no GPU needed), so the logic of the CUDA update and NC4
-kernels — per-row validation, the last-block hand-over, class ranking within a tile, run sums,
-first-seen shifts, the Gram mirror, argmin/argmax reductions with ties — is tested in CI. Blocks
-run one at a time in a shuffled order; races between concurrently running blocks are outside
-what this can show (the CUDA tests in tests/test_native.py cover the real thing on a GPU).
+kernels — per-row validation, the last-block hand-over with its compact list of first-seen
+classes, class ranking within a row tile, run sums, first-seen shifts, the Gram mirror,
+argmin/argmax reductions with ties — is tested in CI. Blocks run one at a time in a shuffled
+order; races between concurrently running blocks are outside what this can show (the CUDA tests
+in tests/test_native.py and tests/test_native_cuda.py, and bench/gpu_check.sh's
+compute-sanitizer passes, cover the real thing on a GPU).
 """
 
 from __future__ import annotations
@@ -24,15 +26,24 @@ import torch
 from torch.utils.cpp_extension import include_paths
 
 from ncfast import reference
+from tests import exact
 
 ROOT = Path(__file__).resolve().parents[1]
+EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
 SOURCES = [
-    ROOT / "csrc" / "emulation" / "cuda_emulator.cpp",
-    ROOT / "csrc" / "emulation" / "cuda_emulation.h",
-    ROOT / "csrc" / "cuda" / "kernels.cuh",
+    EMULATION / "cuda_emulator.cpp",
+    EMULATION / "cuda_emulation.h",
+    ROOT / "csrc" / "cuda" / "update_stats.cu",
+    ROOT / "csrc" / "cuda" / "ncc_mismatch.cu",
+    ROOT / "csrc" / "cuda" / "device_common.cuh",
     ROOT / "csrc" / "cuda" / "kernels.h",
     ROOT / "csrc" / "common.h",
 ]
+SCRATCH_FIELDS = (
+    "ticket", "num_new", "batch_counts", "first_row_inv", "is_new", "new_classes", "row_class",
+    "tile_order",
+)  # fmt: skip
+ROWS_PER_TILE = 128  # kRowsPerTile, csrc/cuda/kernels.h
 FEATURE_KIND = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 LABEL_KIND = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4}
 I64, PTR, INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -49,7 +60,7 @@ def _build() -> ctypes.CDLL:
     if not out.exists():
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         cmd = [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread"]
-        cmd += [f"-I{p}" for p in include_paths()]
+        cmd += [f"-I{p}" for p in include_paths()] + [f"-I{ROOT}"]
         cmd += [str(SOURCES[0]), "-o", str(tmp)]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -59,6 +70,7 @@ def _build() -> ctypes.CDLL:
     lib.ncfast_emu_last_error.restype = ctypes.c_char_p
     lib.ncfast_emu_update_scratch_bytes.restype = I64
     lib.ncfast_emu_update_scratch_bytes.argtypes = [I64, I64, I64, ctypes.POINTER(I64)]
+    lib.ncfast_emu_update_scratch_offsets.argtypes = [I64, I64, ctypes.POINTER(I64)]
     lib.ncfast_emu_update_stats.argtypes = [PTR, INT, I64, I64, PTR, INT, I64, I64, I64, I64]
     lib.ncfast_emu_update_stats.argtypes += [PTR] * 6
     lib.ncfast_emu_mirror.argtypes = [PTR, I64]
@@ -77,17 +89,25 @@ def _check(lib, rc):
     assert rc == 0, lib.ncfast_emu_last_error().decode()
 
 
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
+def scratch_fields(lib, scratch, batch, num_classes) -> dict[str, torch.Tensor]:
+    """The int32 fields of an update's scratch (csrc/cuda/kernels.h, UpdateScratch), as views."""
+    offsets = (I64 * len(SCRATCH_FIELDS))()
+    lib.ncfast_emu_update_scratch_offsets(batch, num_classes, offsets)
+    sizes = {"ticket": 1, "num_new": 1, "row_class": batch, "tile_order": batch}
+    return {
+        name: scratch[offset : offset + 4 * sizes.get(name, num_classes)].view(torch.int32)
+        for name, offset in zip(SCRATCH_FIELDS, offsets, strict=True)
+    }
 
 
 def emulated_update(lib, features, labels, counts, shift, sums, scatter, invalid):
     """update_stats_cuda (csrc/cuda/ops_cuda.cpp) with the kernels emulated: the same scratch
-    layout and zeroing, then scatter += zᵀz. Returns the centred rows z."""
+    layout and zeroing, then scatter += zᵀz. Returns the centred rows z and the scratch fields
+    (None for an empty batch)."""
     b, p = features.shape
     c = counts.shape[0]
     if b == 0:
-        return None
+        return None, None
     zeroed = I64()
     total = lib.ncfast_emu_update_scratch_bytes(b, p, c, ctypes.byref(zeroed))
     scratch = torch.full((total,), 0xAB, dtype=torch.uint8)  # poison what is not zeroed
@@ -101,7 +121,7 @@ def emulated_update(lib, features, labels, counts, shift, sums, scatter, invalid
     )  # fmt: skip
     _check(lib, rc)
     scatter.addmm_(centred.T, centred)
-    return centred
+    return centred, scratch_fields(lib, scratch, b, c)
 
 
 def new_state(num_classes, dim):
@@ -134,8 +154,7 @@ def make_batch(g, batch, dim, num_classes, dtype, label_dtype, layout, classes=N
 
 
 @pytest.mark.parametrize("dtype", list(FEATURE_KIND))
-def test_emulated_update_kernels_match_reference(emu, dtype):
-    seed = _seed()
+def test_emulated_update_kernels_match_reference(emu, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     emu.ncfast_emu_seed(seed % 1000)
     label_dtype = list(LABEL_KIND)[seed % len(LABEL_KIND)]
@@ -146,7 +165,7 @@ def test_emulated_update_kernels_match_reference(emu, dtype):
     for batch, classes, layout in ((7, 2, 2), (130, 4, 0), (300, None, 1), (64, None, 0)):
         x, y = make_batch(g, batch, dim, num_classes, dtype, label_dtype, layout, classes)
         counts_before = native[0].clone()
-        z = emulated_update(emu, x, y, *native)
+        z, _ = emulated_update(emu, x, y, *native)
         reference.update_stats_(x, y, *ref)
         label_ok = (y.long() >= 0) & (y.long() < num_classes)
         valid = label_ok & torch.isfinite(x.double()).all(dim=1)
@@ -163,10 +182,11 @@ def test_emulated_update_kernels_match_reference(emu, dtype):
     torch.testing.assert_close(sigma_w, ref_sigma_w, rtol=0, atol=1e-12 * scale)
 
 
-def test_emulated_update_many_classes_and_single_class(emu):
-    """More classes than the threads of a block (the last block's loop) and C = 1."""
-    g = torch.Generator().manual_seed(_seed())
-    for num_classes, dim, batch in ((300, 3, 200), (1, 33, 150)):
+def test_emulated_update_many_classes_and_single_class(emu, seed):
+    """More classes than the 512 threads of the last block (its chunked loop) and C = 1."""
+    g = torch.Generator().manual_seed(seed)
+    emu.ncfast_emu_seed(seed % 1000)
+    for num_classes, dim, batch in ((600, 3, 200), (1, 33, 150)):
         native, ref = new_state(num_classes, dim), new_state(num_classes, dim)
         for _ in range(2):
             x, y = make_batch(g, batch, dim, num_classes, torch.float32, torch.int64, 0)
@@ -177,8 +197,9 @@ def test_emulated_update_many_classes_and_single_class(emu):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_emulated_update_near_collapse_is_exact(emu):
-    g = torch.Generator().manual_seed(_seed())
+def test_emulated_update_near_collapse_is_exact(emu, seed):
+    g = torch.Generator().manual_seed(seed)
+    emu.ncfast_emu_seed(seed % 1000)
     common = torch.randn(6, generator=g, dtype=torch.float64)
     means = torch.randn(3, 6, generator=g, dtype=torch.float64)
     means = means / means.norm(dim=1, keepdim=True) * 1e4 + common / common.norm() * 1e6
@@ -188,27 +209,102 @@ def test_emulated_update_near_collapse_is_exact(emu):
     for chunk in torch.split(torch.arange(400), 150):
         emulated_update(emu, features[chunk], labels[chunk], *native)
     _, sigma_w = reference.finalize_stats(*native[:4])
-    h, y = features.numpy().astype(np.longdouble), labels.numpy()
-    dev = h - np.stack([h[y == k].mean(axis=0) for k in range(3)])[y]  # extended precision
-    exact = (dev.T @ dev / 400).astype(np.float64)
-    err = np.abs(sigma_w.numpy() - exact).max() / np.abs(exact).max()
+    _, exact_scatter = exact.class_statistics(features.numpy(), labels.numpy(), 3)
+    exact_sigma_w = exact_scatter / 400
+    err = np.abs(sigma_w.numpy() - exact_sigma_w).max() / np.abs(exact_sigma_w).max()
+    # Rows centred on a shift within the class spread: the error is that of summing
+    # ~n products of size spread² (n·eps relative, n = 400 → ~1e-13), not of 1e12 − 1e12.
     assert err < 1e-11, err
 
 
+def _expected_new_classes(counts_before, labels, valid):
+    seen_now = torch.zeros_like(counts_before, dtype=torch.bool)
+    seen_now[labels.long()[valid]] = True
+    return torch.nonzero(seen_now & (counts_before == 0)).flatten().to(torch.int32)
+
+
+@pytest.mark.parametrize("num_classes", [9, 1300])  # one, and three chunks of the last block
+def test_emulated_compact_list_of_first_seen_classes(emu, seed, num_classes):
+    """The first kernel's last block lists the classes first seen in the batch, ascending; the
+    centring kernel sets the shifts of exactly those. Batches with every class new, with none
+    new, and with some new (more new classes than a warp, spread over the chunks)."""
+    g = torch.Generator().manual_seed(seed)
+    emu.ncfast_emu_seed(seed % 1000)
+    dim = 37  # two column tiles
+    state = new_state(num_classes, dim)
+    every_class = torch.cat([torch.arange(num_classes), torch.randint(0, num_classes, (5,))])
+    every_class = every_class[torch.randperm(len(every_class), generator=g)]
+    half = torch.arange(0, num_classes, 2)
+    rest = torch.arange(1, num_classes, 2)
+    for case, labels in (("all new", every_class), ("some new", half)):
+        if case == "some new":
+            state = new_state(num_classes, dim)
+        x = torch.randn(len(labels), dim, generator=g, dtype=torch.float64) + 3
+        counts_before, shift_before = state[0].clone(), state[1].clone()
+        _, fields = emulated_update(emu, x, labels, *state)
+        expected = _expected_new_classes(counts_before, labels, torch.ones_like(labels).bool())
+        assert int(fields["num_new"]) == len(expected), case
+        assert case != "all new" or len(expected) == num_classes
+        assert torch.equal(fields["new_classes"][: len(expected)], expected), case
+        changed = (state[1] != shift_before).any(dim=1)
+        assert torch.equal(torch.nonzero(changed).flatten().to(torch.int32), expected), case
+    # No class new: the list is empty and no shift moves; then the other half of the classes.
+    for case, labels, expected in (("none new", half.flip(0), 0), ("rest new", rest, len(rest))):
+        x = torch.randn(len(labels), dim, generator=g, dtype=torch.float64) + 3
+        shift_before = state[1].clone()
+        _, fields = emulated_update(emu, x, labels, *state)
+        assert int(fields["num_new"]) == expected, case
+        assert torch.equal(fields["new_classes"][:expected], rest[:expected].to(torch.int32))
+        changed = torch.nonzero((state[1] != shift_before).any(dim=1)).flatten()
+        assert torch.equal(changed, rest[:expected]), case
+
+
+def test_emulated_row_tiles_are_ranked_by_class_once(emu, seed):
+    """tile_order: within each tile of 128 rows, the tile-local row indices in stable class
+    order, invalid rows last (the order the centring kernel walks for every column tile)."""
+    g = torch.Generator().manual_seed(seed)
+    emu.ncfast_emu_seed(seed % 1000)
+    num_classes, batch = 5, 300  # two full tiles and a partial one
+    x, y = make_batch(g, batch, 3, num_classes, torch.float32, torch.int64, 0)
+    _, fields = emulated_update(emu, x, y, *new_state(num_classes, 3))
+    valid = (y >= 0) & (y < num_classes) & torch.isfinite(x).all(dim=1)
+    key = torch.where(valid, y, num_classes)  # invalid rows sort last
+    for row0 in range(0, batch, ROWS_PER_TILE):
+        tile_key = key[row0 : row0 + ROWS_PER_TILE]
+        expected = torch.sort(tile_key, stable=True).indices.to(torch.int32)
+        got = fields["tile_order"][row0 : row0 + ROWS_PER_TILE]
+        assert torch.equal(got, expected), row0
+
+
 @pytest.mark.parametrize("p", [1, 31, 33, 70])
-def test_emulated_mirror_copies_upper_onto_lower(emu, p):
-    m = torch.randn(p, p, dtype=torch.float64)
+def test_emulated_mirror_copies_upper_onto_lower(emu, p, seed):
+    m = torch.randn(p, p, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     upper = m.triu().clone()
     _check(emu, emu.ncfast_emu_mirror(m.data_ptr(), p))
     assert torch.equal(m.triu(), upper)
     assert torch.equal(m, m.T)
 
 
+def _emulated_ncc_count(lib, near, logits, sq_norms, bias, present, valid) -> int:
+    count = torch.zeros((), dtype=torch.int64)
+    batch, num_classes = near.shape
+    _check(
+        lib,
+        lib.ncfast_emu_ncc_count(
+            near.data_ptr(), logits.data_ptr(), sq_norms.data_ptr(), bias.data_ptr(),
+            present.data_ptr(), valid.data_ptr(), valid.stride(0), batch, num_classes,
+            count.data_ptr(),
+        ),
+    )  # fmt: skip
+    return int(count)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_emulated_ncc_kernels_match_reference(emu, dtype):
-    """ncc_mismatch_count_cuda's plan and GEMMs in torch, its two kernels emulated; ties in
-    the logits (duplicated classifier rows) must go to the lowest index as torch's argmax."""
-    g = torch.Generator().manual_seed(_seed())
+def test_emulated_ncc_kernels_match_reference(emu, dtype, seed):
+    """ncc_mismatch_count_cuda's plan and GEMMs in torch, its two kernels emulated, against
+    the reference."""
+    g = torch.Generator().manual_seed(seed)
+    emu.ncfast_emu_seed(seed % 1000)
     batch, dim, num_classes = 150, 7, 40  # more classes than lanes
     x, y = make_batch(g, batch, dim, num_classes, dtype, torch.int64, 2)
     valid = (y >= 0) & (y < num_classes) & torch.isfinite(x.double()).all(dim=1)
@@ -216,9 +312,7 @@ def test_emulated_ncc_kernels_match_reference(emu, dtype):
     means = torch.randn(num_classes, dim, generator=g, dtype=torch.float64) * 3 + 5
     present = torch.rand(num_classes, generator=g) > 0.3
     weight = torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
-    weight[5] = weight[2]  # exact ties between logits 2 and 5
     bias = torch.randn(num_classes, generator=g, dtype=torch.float64)
-    bias[5] = bias[2]
 
     mask = present.double()
     centre = (means * mask[:, None]).sum(0) / mask.sum()
@@ -237,14 +331,46 @@ def test_emulated_ncc_kernels_match_reference(emu, dtype):
     logits = (centred @ weight.T).contiguous()
     sq_norms = mu.square().sum(1)
     folded_bias = bias + weight @ centre
-    count = torch.zeros((), dtype=torch.int64)
-    _check(
-        emu,
-        emu.ncfast_emu_ncc_count(
-            near.data_ptr(), logits.data_ptr(), sq_norms.data_ptr(), folded_bias.data_ptr(),
-            present.data_ptr(), valid.data_ptr(), valid.stride(0), batch, num_classes,
-            count.data_ptr(),
-        ),
-    )  # fmt: skip
-    expected = reference.ncc_mismatch_count(x, valid, weight, bias, means, present)
-    assert int(count) == int(expected)
+    count = _emulated_ncc_count(emu, near, logits, sq_norms, folded_bias, present, valid)
+    assert count == int(reference.ncc_mismatch_count(x, valid, weight, bias, means, present))
+
+
+def test_emulated_ncc_count_breaks_ties_and_nan_as_torch(emu, seed):
+    """The count kernel's warp reductions against torch's argmin/argmax on the very same
+    scores: exact ties go to the lowest index (ties are set in the score arrays themselves; a
+    tie made through duplicated classifier rows need not survive a GEMM bitwise), NaN counts as
+    the extreme value, absent classes never win the nearest-mean side."""
+    g = torch.Generator().manual_seed(seed)
+    emu.ncfast_emu_seed(seed % 1000)
+    batch, num_classes = 96, 70  # three class chunks per lane
+
+    def dyadic(*shape):  # multiples of 2^-10 below 2^4: every sum and difference is exact
+        return torch.round(torch.randn(*shape, generator=g, dtype=torch.float64) * 1024) / 1024
+
+    near, logits = dyadic(batch, num_classes), dyadic(batch, num_classes)
+    sq_norms, bias = dyadic(num_classes).abs(), dyadic(num_classes)
+    present = torch.rand(num_classes, generator=g) > 0.3
+    present[[3, 7, 40]] = True
+    present[10] = False
+    cols = torch.randint(11, num_classes, (batch, 2), generator=g).sort(dim=1).values
+    cols[1::4] = torch.tensor([3, 40])  # rows where 3 and 40 tie on both sides
+    cols[3::4] = torch.tensor([10, 60])  # rows where absent class 10 leads the logits ...
+    rows = torch.arange(batch)
+    top = (logits + bias).max(dim=1).values + 1  # columns a < b tie above all others
+    logits[rows, cols[:, 0]] = top - bias[cols[:, 0]]
+    logits[rows, cols[:, 1]] = top - bias[cols[:, 1]]
+    near[:, 40] = near[:, 3] + (sq_norms[40] - sq_norms[3]) / 2  # distances of 3 and 40 tie
+    near[1::4, 3] += 16.0  # and lead in those rows
+    near[1::4, 40] += 16.0
+    logits[2::4, 7] = float("nan")  # rows where NaN wins the argmax ...
+    near[2::4, 7] += 16.0  # ... where class 7 is the nearest mean
+    near[3::4, 10] += 16.0  # ... and would be the nearest mean if it were present
+    valid = torch.rand(batch, generator=g) > 0.2
+    got = _emulated_ncc_count(emu, near, logits, sq_norms, bias, present, valid)
+    distance = torch.where(present, sq_norms - 2 * near, float("inf"))
+    score = logits + bias
+    assert (score[rows, cols[:, 0]] == score[rows, cols[:, 1]]).all()  # the ties are exact
+    assert (distance[1::4, 3] == distance[1::4, 40]).all()
+    assert (distance[1::4].argmin(dim=1) == 3).all() and (distance[2::4].argmin(dim=1) == 7).all()
+    expected = ((distance.argmin(dim=1) != score.argmax(dim=1)) & valid).sum()
+    assert got == int(expected)

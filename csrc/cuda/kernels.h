@@ -1,5 +1,6 @@
-// Launchers of the CUDA kernels (kernels.cu). Plain types only, so that the .cu file needs no
-// ATen headers (fast to compile) and the orchestration lives in ops_cuda.cpp.
+// Launchers of the CUDA kernels (update_stats.cu, ncc_mismatch.cu). Plain types only, so that
+// the .cu files need no ATen headers (fast to compile) and the orchestration lives in
+// ops_cuda.cpp.
 #pragma once
 
 #ifndef NCFAST_CUDA_EMULATION
@@ -31,30 +32,40 @@ struct UpdateParams {
   double* sums;      // [classes, dim]
   int64_t* invalid;  // [2]
   // scratch
-  unsigned int* ticket;  // zeroed: blocks of the first kernel that have finished
-  int* batch_counts;     // [classes], zeroed
-  int* first_row_inv;    // [classes], zeroed: batch − (first valid row of a first-seen class)
-  int* is_new;           // [classes]: class first seen in this batch
-  int* row_class;        // [batch]: class, or -1 for an invalid row
-  double* centred;       // [batch, dim] output: z_i = h_i − s_{y_i}, zero rows if invalid
+  unsigned int* ticket;   // zeroed: blocks of the first kernel that have finished
+  unsigned int* num_new;  // written by the first kernel: classes first seen in this batch
+  int* batch_counts;      // [classes], zeroed
+  int* first_row_inv;     // [classes], zeroed: batch − (first valid row of a first-seen class)
+  int* is_new;            // [classes]: class first seen in this batch
+  int* new_classes;       // [classes]: the first *num_new entries list them, ascending
+  int* row_class;         // [batch]: class, or -1 for an invalid row
+  int* tile_order;        // [batch]: per row tile, the tile-local indices of its rows by class
+  double* centred;        // [batch, dim] output: z_i = h_i − s_{y_i}, zero rows if invalid
 };
 
-// The scratch of one update as one allocation of O(B + C) ints: ticket u32 (8 bytes) |
+// Rows of one tile: the first kernel ranks them by class, the second walks them in that order.
+constexpr int kRowsPerTile = 128;
+
+// The scratch of one update as one allocation of O(B + C) ints: ticket u32 | num_new u32 |
 // batch_counts i32[C] | first_row_inv i32[C], which one memset zeroes, then is_new i32[C] |
-// row_class i32[B]. Nothing of size [C, P].
+// new_classes i32[C] | row_class i32[B] | tile_order i32[B]. Nothing of size [C, P].
 struct UpdateScratch {
   int64_t zeroed_bytes;
   int64_t total_bytes;
   UpdateScratch(int64_t batch, int64_t classes)
-      : zeroed_bytes(8 + 8 * classes), total_bytes(8 + 12 * classes + 4 * batch) {}
-  // Points the scratch fields of `params` (classes set) into `base` (8-byte aligned).
+      : zeroed_bytes(8 + 8 * classes), total_bytes(8 + 16 * classes + 8 * batch) {}
+  // Points the scratch fields of `params` (batch and classes set) into `base` (8-byte aligned).
   static void bind(UpdateParams& params, char* base) {
     const int64_t c = params.classes;
+    const int64_t b = params.batch;
     params.ticket = reinterpret_cast<unsigned int*>(base);
+    params.num_new = reinterpret_cast<unsigned int*>(base + 4);
     params.batch_counts = reinterpret_cast<int*>(base + 8);
     params.first_row_inv = reinterpret_cast<int*>(base + 8 + 4 * c);
     params.is_new = reinterpret_cast<int*>(base + 8 + 8 * c);
-    params.row_class = reinterpret_cast<int*>(base + 8 + 12 * c);
+    params.new_classes = reinterpret_cast<int*>(base + 8 + 12 * c);
+    params.row_class = reinterpret_cast<int*>(base + 8 + 16 * c);
+    params.tile_order = reinterpret_cast<int*>(base + 8 + 16 * c + 4 * b);
   }
 };
 

@@ -1,6 +1,8 @@
-// CUDA implementations of the ops: scratch allocation, kernel launches (kernels.cu) and the
-// cuBLAS GEMMs (through ATen), all on the current stream and without host synchronisation.
+// CUDA implementations of the ops: scratch allocation, kernel launches (update_stats.cu,
+// ncc_mismatch.cu) and the cuBLAS GEMMs (through ATen), all on the current stream and without
+// host synchronisation.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -28,6 +30,11 @@ void update_stats_cuda(const at::Tensor& features, const at::Tensor& labels, at:
   check_update_args(features, labels, counts, shift, sums, scatter, invalid);
   const int64_t b = features.size(0);
   if (b == 0) return;
+  // The class sums are float64 atomicAdds in whatever order the blocks run. Under
+  // torch.use_deterministic_algorithms(True) this raises torch's own error (a warning with
+  // warn_only=True); ncfast.ops then takes the reference update, whose index_add_ torch makes
+  // deterministic.
+  at::globalContext().alertNotDeterministic("ncfast::update_stats_ on CUDA (class sums)");
   const c10::cuda::CUDAGuard guard(features.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t c = counts.size(0);

@@ -31,14 +31,22 @@ def info_command(as_json: bool) -> None:
             f"  built against torch {info['extension_torch']}, {info['extension_compiler']}"
         )
         if info["extension_cuda"]:
+            images = [i for i in (info["extension_arch_list"] or "").split(";") if i]
+            sass = ", ".join(i for i in images if not i.startswith("compute_")) or "none"
+            ptx = ", ".join(i for i in images if i.startswith("compute_")) or "none"
             lines.append(
-                f"  CUDA kernels: compiled (CUDA {info['extension_cuda_version']}, "
-                f"arch list {info['extension_arch_list']})"
+                f"  CUDA kernels: compiled (CUDA {info['extension_cuda_version']}), machine code "
+                f"for {sass}; PTX {ptx}"
             )
         else:
             lines.append("  CUDA kernels: not compiled (CUDA tensors use the reference)")
     else:
         lines.append(f"native extension: absent ({info['extension_error']})")
+    for entry in info["device_kernels"]:
+        lines.append(
+            f"{entry['device']} ({entry['name']}, compute capability {entry['capability']}): "
+            f"{entry['uses']}"
+        )
     backend = info["backend"]
     if info["backend_requested"]:
         backend += f" (NCFAST_BACKEND={info['backend_requested']})"

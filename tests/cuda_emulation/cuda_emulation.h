@@ -1,5 +1,5 @@
-// A CPU emulation of the parts of the CUDA execution model that csrc/cuda/kernels.cuh uses, so
-// that the kernels' own source runs in the tests on machines without a GPU (not part of the
+// A CPU emulation of the parts of the CUDA execution model that the kernels of csrc/cuda/ use,
+// so that the kernels' own source runs in the tests on machines without a GPU (not part of the
 // extension; built by tests/test_native_cuda_emulation.py).
 //
 // Every thread of a block is a std::thread; __syncthreads is a std::barrier over the block and
@@ -131,6 +131,7 @@ inline int atomicMax(int* p, int v) {
   return old;
 }
 
+inline int __popc(unsigned v) { return std::popcount(v); }
 inline unsigned __float_as_uint(float v) { return std::bit_cast<unsigned>(v); }
 inline long long __double_as_longlong(double v) { return std::bit_cast<long long>(v); }
 inline double __longlong_as_double(long long v) { return std::bit_cast<double>(v); }
@@ -147,6 +148,17 @@ T __shfl_down_sync(unsigned /*mask*/, T value, int offset) {
   if (lane + offset < 32) std::memcpy(&out, w->slots[lane + offset], sizeof(T));
   w->barrier.arrive_and_wait();
   return out;
+}
+
+inline unsigned __ballot_sync(unsigned /*mask*/, bool predicate) {
+  emu::Warp* w = emu::warp;
+  const int lane = emu::lane();
+  w->slots[lane][0] = predicate ? 1 : 0;
+  w->barrier.arrive_and_wait();
+  unsigned ballot = 0;
+  for (int k = 0; k < 32; ++k) ballot |= static_cast<unsigned>(w->slots[k][0] != 0) << k;
+  w->barrier.arrive_and_wait();
+  return ballot;
 }
 
 inline bool __all_sync(unsigned /*mask*/, bool predicate) {

@@ -1,13 +1,15 @@
-// The CUDA kernels of csrc/cuda/kernels.cuh, compiled for the CPU against cuda_emulation.h and
+// The CUDA kernels of csrc/cuda/*.cu, compiled for the CPU against cuda_emulation.h and
 // exposed with a C ABI for ctypes (tests/test_native_cuda_emulation.py). Test-only: never part
-// of the extension.
+// of the extension. The build puts the repository root on the include path.
 #include "cuda_emulation.h"
 // clang-format off
-#include "../cuda/kernels.cuh"
+#include "csrc/cuda/update_stats.cu"
+#include "csrc/cuda/ncc_mismatch.cu"
 // clang-format on
 
 #include <exception>
 #include <string>
+#include <vector>
 
 namespace {
 std::string last_error;
@@ -37,6 +39,20 @@ int64_t ncfast_emu_update_scratch_bytes(int64_t batch, int64_t dim, int64_t clas
   return layout.total_bytes;
 }
 
+// Byte offsets of the scratch fields of UpdateScratch::bind, in this order: ticket, num_new,
+// batch_counts, first_row_inv, is_new, new_classes, row_class, tile_order.
+void ncfast_emu_update_scratch_offsets(int64_t batch, int64_t classes, int64_t* offsets) {
+  const ncfast::cuda::UpdateScratch layout(batch, classes);
+  std::vector<char> buffer(static_cast<std::size_t>(layout.total_bytes));
+  ncfast::cuda::UpdateParams q{};
+  q.batch = batch;
+  q.classes = classes;
+  ncfast::cuda::UpdateScratch::bind(q, buffer.data());
+  const void* fields[] = {q.ticket, q.num_new,     q.batch_counts, q.first_row_inv,
+                          q.is_new, q.new_classes, q.row_class,    q.tile_order};
+  for (int k = 0; k < 8; ++k) offsets[k] = static_cast<const char*>(fields[k]) - buffer.data();
+}
+
 // The kernel half of update_stats_cuda (csrc/cuda/ops_cuda.cpp); the caller zeroes the first
 // zeroed_bytes of `scratch` and adds centredᵀ·centred to the scatter itself.
 int ncfast_emu_update_stats(const void* features, int feature_kind, int64_t row_stride,
@@ -61,22 +77,20 @@ int ncfast_emu_update_stats(const void* features, int feature_kind, int64_t row_
     q.invalid = invalid;
     ncfast::cuda::UpdateScratch::bind(q, scratch);
     q.centred = centred;
-    ncfast::cuda::detail::launch_update_stats_impl(q, feature_kind, nullptr);
+    ncfast::cuda::launch_update_stats(q, feature_kind, nullptr);
   });
 }
 
 int ncfast_emu_mirror(double* matrix, int64_t p) {
-  return guarded(
-      [&] { ncfast::cuda::detail::launch_mirror_upper_to_lower_impl(matrix, p, nullptr); });
+  return guarded([&] { ncfast::cuda::launch_mirror_upper_to_lower(matrix, p, nullptr); });
 }
 
 int ncfast_emu_ncc_centre(const void* features, int feature_kind, int64_t row_stride,
                           int64_t col_stride, const bool* valid, int64_t valid_stride,
                           const double* centre, int64_t batch, int64_t dim, double* out) {
   return guarded([&] {
-    ncfast::cuda::detail::launch_ncc_centre_impl(features, feature_kind, row_stride, col_stride,
-                                                 valid, valid_stride, centre, batch, dim, out,
-                                                 nullptr);
+    ncfast::cuda::launch_ncc_centre(features, feature_kind, row_stride, col_stride, valid,
+                                    valid_stride, centre, batch, dim, out, nullptr);
   });
 }
 
@@ -84,8 +98,8 @@ int ncfast_emu_ncc_count(const double* near, const double* logits, const double*
                          const double* bias, const bool* present, const bool* valid,
                          int64_t valid_stride, int64_t batch, int64_t classes, int64_t* count) {
   return guarded([&] {
-    ncfast::cuda::detail::launch_ncc_count_impl(near, logits, sq_norms, bias, present, valid,
-                                                valid_stride, batch, classes, count, nullptr);
+    ncfast::cuda::launch_ncc_count(near, logits, sq_norms, bias, present, valid, valid_stride,
+                                   batch, classes, count, nullptr);
   });
 }
 
