@@ -58,6 +58,15 @@ class DistributedContext:
         if self.enabled:
             dist.barrier()
 
+    def all_ok(self, ok: bool) -> bool:
+        """True when ``ok`` is true on every process: how a failure of one rank (rank 0's writes)
+        reaches the others instead of leaving them waiting at the next collective."""
+        if not self.enabled:
+            return ok
+        failed = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        dist.all_reduce(failed)
+        return float(failed) == 0.0
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """In place over all processes (nothing with one process); returns ``tensor``."""
         if self.enabled:

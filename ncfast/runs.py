@@ -26,50 +26,83 @@ class RunError(ValueError):
     """A run directory, metrics log or config that cannot be read; the message says why."""
 
 
-def _check_record(rec, where: str) -> dict:
+# Epochs beyond this are not a run's (and would lose precision as float64 on a plot's axis).
+MAX_EPOCH = 2**53
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_record(rec, where: str) -> dict:
+    """``rec`` if it is a valid metrics record, else RunError saying what is wrong at ``where``:
+    ``epoch`` an integer in 0..2**53, ``split`` train/test, ``error`` a fraction, and every list
+    (the SNR singular values) a list of numbers."""
     if not isinstance(rec, dict):
         raise RunError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in rec]
     if missing:
         raise RunError(f"{where}: missing key(s) {', '.join(missing)}")
     epoch = rec["epoch"]
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-        raise RunError(f"{where}: 'epoch' must be an integer ≥ 0, got {epoch!r}")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch <= MAX_EPOCH:
+        shown = repr(epoch) if len(repr(epoch)) <= 40 else f"a {len(str(epoch))}-digit number"
+        raise RunError(f"{where}: 'epoch' must be an integer in 0..2**53, got {shown}")
     if rec["split"] not in SPLITS:
         raise RunError(f"{where}: 'split' must be 'train' or 'test', got {rec['split']!r}")
     err = rec["error"]
-    if not isinstance(err, (int, float)) or isinstance(err, bool) or not 0 <= err <= 1:
-        raise RunError(f"{where}: 'error' must be a fraction in [0, 1], got {err!r}")
+    if not _is_number(err) or not 0 <= err <= 1:
+        raise RunError(f"{where}: 'error' must be a fraction in [0, 1], got {_short(err)}")
+    for key, value in rec.items():
+        if isinstance(value, list) and not all(v is None or _is_number(v) for v in value):
+            raise RunError(f"{where}: {key!r} must be a list of numbers, got {_short(value)}")
     return rec
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a ``metrics.jsonl`` file, validated, in file order.
 
-    A malformed *last* line (a run killed while writing) is skipped with a warning; a malformed
-    line anywhere else is an error naming the line.
+    A malformed *last* line (a run killed while writing: not UTF-8, or not JSON) is skipped with
+    a warning; a malformed line anywhere else is an error naming the line.
     """
     path = Path(path)
     if not path.is_file():
         raise RunError(f"metrics log not found: {path} (expected a file written by ncfast train)")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as exc:
+        raise RunError(f"cannot read {path} ({exc.strerror})") from None
     records = []
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
+    for i, raw in enumerate(lines):
+        if not raw.strip():
             continue
         where = f"{path}, line {i + 1}"
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if i == last:
-                warnings.warn(f"{where}: incomplete last line skipped ({exc.msg})", stacklevel=2)
-                continue
-            raise RunError(f"{where}: not valid JSON ({exc.msg})") from None
-        records.append(_check_record(rec, where))
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            problem = f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+        except ValueError as exc:  # JSONDecodeError, or an integer of over 4300 digits
+            problem = f"not valid JSON ({getattr(exc, 'msg', None) or _first_line(exc)})"
+        else:
+            records.append(check_record(rec, where))
+            continue
+        if i == last:
+            warnings.warn(f"{where}: incomplete last line skipped ({problem})", stacklevel=2)
+            continue
+        raise RunError(f"{where}: {problem}")
     if not records:
         raise RunError(f"{path}: no measurements logged yet")
     return records
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def read_config(path: str | Path) -> dict:
@@ -78,9 +111,15 @@ def read_config(path: str | Path) -> dict:
     if not path.is_file():
         raise RunError(f"run config not found: {path}")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise RunError(f"cannot read {path} ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise RunError(f"{path}: not UTF-8 text (byte at offset {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise RunError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except ValueError as exc:
+        raise RunError(f"{path}: not valid JSON ({_first_line(exc)})") from None
     if not isinstance(config, dict):
         raise RunError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
@@ -90,7 +129,10 @@ def _to_float(value) -> float:
     if value is None:
         return math.nan
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float64 (e.g. 10**400)
+            return math.inf if value > 0 else -math.inf
     return math.nan
 
 
@@ -122,7 +164,7 @@ def history_arrays(records: list[dict], split: str) -> dict[str, np.ndarray]:
                 if isinstance(v, (list, tuple)):
                     arr[t, : len(v)] = [_to_float(x) for x in v]
             out[key] = arr
-        elif all(v is None or isinstance(v, (int, float)) for v in values):
+        elif all(v is None or _is_number(v) for v in values):
             out[key] = np.asarray([_to_float(v) for v in values], dtype=np.float64)
         # other types (strings) are not history curves and are left out
     return out
@@ -210,7 +252,7 @@ def run_from_history(records: list[dict], config: dict, path: str | Path = ".") 
     """A :class:`Run` from in-memory records (e.g. a checkpoint's ``history``)."""
     if not isinstance(records, list) or not records:
         raise RunError("history: expected a non-empty list of metric records")
-    checked = [_check_record(r, f"history record {i}") for i, r in enumerate(records)]
+    checked = [check_record(r, f"history record {i}") for i, r in enumerate(records)]
     return Run(path=Path(path), config=dict(config or {}), records=checked)
 
 

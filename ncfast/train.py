@@ -13,7 +13,16 @@ streamed, nothing per-sample kept). It writes, in the run directory ``out``:
   :func:`ncfast.evaluate.measure_split` (``error``, ``loss``, all SPEC §2–§4 keys with λ as
   ``weight_decay``; ``snr_singular_values`` a list),
 - ``checkpoint.pt``: model, optimiser, scheduler, RNG states, config and metrics history
-  (see :mod:`ncfast.checkpoint`), rewritten atomically after each measurement and at the end.
+  (see :mod:`ncfast.checkpoint`), rewritten atomically after each measurement and at the end,
+  before that epoch's lines are appended to the log (a resumption rewrites the log from it).
+
+The run directory belongs to one run at a time (:class:`ncfast.rundir.RunDirectory`): it is
+created and locked before any data is loaded (an unusable ``out`` is the first error), another
+run or resumption of it meanwhile is refused naming the owner's PID, and ``overwrite`` removes
+the old run's files before the new run writes anything. Training that diverges (a non-finite
+training loss or weight, checked on the device once per epoch with the epoch's one host
+synchronisation, or non-finite eval-mode outputs before a measurement or checkpoint) stops with
+:class:`TrainingDivergedError` and keeps the last checkpoint, which predates it.
 
 An epoch is a permutation of the training indices drawn from a generator seeded with
 ``(seed, epoch)``, so a resumed run sees the same batches as an uninterrupted one; on the CPU it
@@ -40,8 +49,10 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,7 +60,7 @@ from tqdm.auto import tqdm
 
 from ncfast import __version__
 from ncfast import distributed as dist_utils
-from ncfast.checkpoint import FORMAT, load_checkpoint, save_checkpoint, write_text_atomic
+from ncfast.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_state_checked
 from ncfast.evaluate import check_precision, measure_split, network_autocast, split_features
 from ncfast.losses import check_loss, compute_loss
 from ncfast.metrics import mse_lambda
@@ -57,10 +68,17 @@ from ncfast.models import FAMILIES, NETS, build, paper_net
 from ncfast.monitor import log_to_tensorboard
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
 from ncfast.robustness import robustness
+from ncfast.rundir import (
+    RunDirectory,
+    RunDirectoryError,
+    check_writable_dir,
+)
+from ncfast.stats import InvalidInputError
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-CHECKPOINT_FILE = "checkpoint.pt"
+# Seeds are 63-bit (they reach torch generators and JSON as int64).
+MAX_SEED = 2**63 - 1
+# SGD multiplies float32 weights by these: larger ones cannot even be represented.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 # SPEC §6: the paper's 50 measurement epochs of a 350-epoch run.
 PAPER_EPOCHS = 350
@@ -83,6 +101,11 @@ ROBUSTNESS_KEYS = (
     "robustness_median",
     "robustness_stderr",
     "robustness_correct",
+    "robustness_tight",
+    "robustness_tight_median",
+    "robustness_tight_stderr",
+    "robustness_tight_scale_median",
+    "robustness_out_of_range",
     "robustness_samples",
     "robustness_correct_samples",
     "robustness_not_fooled",
@@ -203,11 +226,16 @@ class TrainConfig:
             )
         scale = check_loss(c.loss, c.mse_scale)
         c.mse_scale = None if scale is None else tuple(scale)
+        if scale is not None and scale[0] * max(1.0, scale[1]) ** 2 > FLOAT32_MAX:
+            raise ValueError(
+                f"mse_scale: k·M² must stay within float32's range ({FLOAT32_MAX:.4g}): the "
+                f"loss is computed in float32; got k={scale[0]:g}, M={scale[1]:g}"
+            )
         check_precision(c.precision)
         _check_int(c.epochs, "epochs", 1)
         _check_int(c.batch_size, "batch_size", 1)
         _check_int(c.measure_batch_size, "measure_batch_size", 1)
-        _check_int(c.seed, "seed", 0)
+        _check_int(c.seed, "seed", 0, MAX_SEED)
         _check_int(c.robustness_samples, "robustness_samples", 0)
         if c.stop_after is not None:
             _check_int(c.stop_after, "stop_after", 1)
@@ -222,15 +250,32 @@ class TrainConfig:
         _check_positive(c.width, "width")
         if c.lr is None:
             c.lr = REFERENCE_LR[c.loss]
-        _check_positive(c.lr, "lr")
+        _check_positive(c.lr, "lr", FLOAT32_MAX)
         for name in ("weight_decay", "momentum"):
             value = getattr(c, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not 0 <= value <= FLOAT32_MAX
+            ):
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
-        _check_positive(c.lr_gamma, "lr_gamma")
+        _check_positive(c.lr_gamma, "lr_gamma", FLOAT32_MAX)
         if c.lr_milestones is None:
             c.lr_milestones = tuple(m for m in (c.epochs // 3, 2 * c.epochs // 3) if m >= 1)
         c.lr_milestones = _epoch_list(c.lr_milestones, "lr_milestones", c.epochs)
+        if c.lr * max(1.0, c.lr_gamma) ** len(c.lr_milestones) > FLOAT32_MAX:
+            raise ValueError(
+                f"lr_gamma: the learning rate {c.lr:g} grows past float32's range after "
+                f"{len(c.lr_milestones)} decays by {c.lr_gamma:g}"
+            )
+        for name in ("dataset", "out", "data_root", "tensorboard", "device"):
+            value = getattr(c, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}")
+        for name in ("download", "channels_last", "measure_overhead", "resume", "overwrite"):
+            if not isinstance(getattr(c, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
+        _check_int(c.memory_budget_bytes, "memory_budget_bytes", 0)
         if c.measure_epochs is None:
             c.measure_epochs = default_measure_epochs(c.epochs)
         elif c.measure_epochs in ("all", "none"):
@@ -238,12 +283,19 @@ class TrainConfig:
         c.measure_epochs = _epoch_list(c.measure_epochs, "measure_epochs", c.epochs)
         if c.device is None:
             c.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if c.device not in ("cpu", "cuda") and not c.device.startswith("cuda:"):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", c.device):
             raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {c.device!r}")
         if c.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {c.device!r} was asked for but CUDA is not available here")
         if c.out is None:
             c.out = f"runs/{c.dataset}-{c.net}-{c.loss}-seed{c.seed}"
+        if c.tensorboard is not None:
+            # Absolute, so that a resumption from another working directory logs to the same
+            # place (the checkpoint stores it).
+            c.tensorboard = os.path.abspath(os.path.expanduser(c.tensorboard))
+        shape = _dataset_shape(c.dataset)
+        if shape is not None:
+            check_model_size(c.net, *shape, c.width, c.device)
         return c
 
     def to_json(self) -> dict:
@@ -275,19 +327,82 @@ class TrainConfig:
         return cls(**kwargs)
 
 
-class RunDirectoryError(ValueError):
-    """The run directory cannot be used as asked (holds another run, or the resumed run had
-    other options)."""
+class TrainingDivergedError(FloatingPointError):
+    """Training produced a non-finite loss, weights or outputs; the run's last checkpoint (one
+    from before the divergence) is kept."""
 
 
-def _check_int(value, name: str, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+def _check_int(value, name: str, minimum: int, maximum: int | None = None) -> None:
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bound = f"in {minimum}..{maximum}" if maximum is not None else f"≥ {minimum}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
 
 
-def _check_positive(value, name: str) -> None:
-    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+def _check_positive(value, name: str, maximum: float = math.inf) -> None:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not 0 < value <= maximum
+    ):
+        bound = f"in (0, {maximum:.4g}]" if math.isfinite(maximum) else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _dataset_shape(dataset) -> tuple[int, int, int] | None:
+    """(classes, channels, image size) of a dataset of the registry (None for others)."""
+    from ncfast.data import DatasetError, get_info
+
+    try:
+        info = get_info(dataset)
+    except DatasetError:
+        return None
+    return info.num_classes, info.channels, info.image_size
+
+
+def _device_memory(device: str) -> int | None:
+    """Bytes of memory of ``device`` (None where it cannot be told)."""
+    try:
+        if device.startswith("cuda"):
+            index = torch.device(device).index
+            return torch.cuda.get_device_properties(
+                torch.cuda.current_device() if index is None else index
+            ).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+
+
+def check_model_size(
+    net: str, num_classes: int, in_channels: int, image_size: int, width: float, device: str
+) -> int:
+    """The parameter count of ``net`` at ``width``, counted without allocating it; ValueError
+    naming ``width`` when such a network cannot be built or its weights, gradients and
+    momentum (float32) would not fit in the memory of ``device``."""
+    try:
+        with torch.device("meta"):
+            model = build(net, num_classes, in_channels, image_size, width)
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"width: a {net} of width {width:g} cannot be built ({detail[:120]}); choose a "
+            "smaller --width"
+        ) from None
+    count = sum(p.numel() for p in model.parameters())
+    needed = 3 * 4 * count  # float32 weights, gradients and momentum
+    available = _device_memory(device)
+    if available is not None and needed > available:
+        raise ValueError(
+            f"width: a {net} of width {width:g} has {count:,} parameters, {needed / 2**30:.1f} "
+            f"GiB with their gradients and momentum: more than the {available / 2**30:.1f} GiB "
+            f"of memory of {device}; choose a smaller --width"
+        )
+    return count
 
 
 def _epoch_list(values, name: str, epochs: int) -> tuple[int, ...]:
@@ -312,7 +427,7 @@ def default_measure_epochs(epochs: int) -> tuple[int, ...]:
 def epoch_permutation(num_samples: int, seed: int, epoch: int, device) -> torch.Tensor:
     """The order of the training samples in ``epoch``: a function of (seed, epoch) only."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed * 1_000_003 + epoch)
+    generator.manual_seed((seed * 1_000_003 + epoch) % 2**64)  # the same for seeds < 2**44
     return torch.randperm(num_samples, generator=generator, device=device)
 
 
@@ -423,9 +538,74 @@ def make_optimizer(model, config: TrainConfig, device: torch.device):
 
 
 def resume_config(out: str | os.PathLike) -> TrainConfig:
-    """The configuration stored in the checkpoint of the run in ``out``."""
-    payload = load_checkpoint(Path(out) / CHECKPOINT_FILE)
-    return TrainConfig.from_json(payload["config"])
+    """The configuration stored in the checkpoint of the run in ``out`` (RunDirectoryError when
+    there is none to resume, CheckpointError when it is unreadable or unusable)."""
+    rundir = RunDirectory(out)
+    rundir.check_not_in_use()
+    rundir.check_resumable()
+    return stored_config(load_checkpoint(rundir.checkpoint_path), rundir.checkpoint_path)
+
+
+def stored_config(payload: dict, path) -> TrainConfig:
+    """The TrainConfig of a checkpoint's ``config``, checked like options given now (with this
+    machine's device); CheckpointError naming the option otherwise."""
+    try:
+        config = TrainConfig.from_json(payload["config"])
+        dataclasses.replace(config, device="cpu", resume=False, overwrite=False).resolved()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: 'config' is unusable ({exc})") from None
+    return config
+
+
+def restore_training_state(
+    payload: dict, model, optimizer, scheduler, config: TrainConfig, device, path
+) -> None:
+    """Load a checkpoint's model, optimiser, scheduler and RNG states; a CheckpointError
+    naming the field when one does not fit this run's network or schedule."""
+    what = f"a {config.net} of width {config.width:g}"
+    load_state_checked(model, payload["model"], path, "model", what)
+    groups = payload["optimizer"]["param_groups"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    stored_ids = [i for group in groups for i in group["params"]]
+    if len(groups) != len(optimizer.param_groups) or len(stored_ids) != len(params):
+        raise CheckpointError(
+            f"checkpoint {path}: 'optimizer' holds {len(stored_ids)} parameters in "
+            f"{len(groups)} group(s); {what} has {len(params)} in {len(optimizer.param_groups)}"
+        )
+    for index, param in zip(stored_ids, params, strict=True):
+        state = payload["optimizer"]["state"].get(index, {})
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise CheckpointError(
+                    f"checkpoint {path}: 'optimizer' state {key} of parameter {index} has shape "
+                    f"{list(value.shape)}, the parameter {list(param.shape)}"
+                )
+    load_state_checked(optimizer, payload["optimizer"], path, "optimizer", "SGD of " + what)
+    _match_state_layout(optimizer)
+    epoch = payload["epoch"]
+    stored = payload["scheduler"]
+    if stored.get("last_epoch") != epoch or not isinstance(stored.get("milestones"), dict):
+        raise CheckpointError(
+            f"checkpoint {path}: 'scheduler' must be the learning-rate schedule after epoch "
+            f"{epoch} (last_epoch {epoch} and the milestones), got last_epoch "
+            f"{stored.get('last_epoch')!r}"
+        )
+    try:
+        scheduler.load_state_dict(stored)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: 'scheduler' cannot be loaded ({exc})") from None
+    # The learning rate of the next epoch must be the schedule's: lr·γ^(milestones passed).
+    expected = config.lr * config.lr_gamma ** sum(m <= epoch for m in config.lr_milestones)
+    for group in optimizer.param_groups:
+        if not math.isclose(group["lr"], expected, rel_tol=1e-9):
+            raise CheckpointError(
+                f"checkpoint {path}: 'optimizer'/'scheduler': learning rate {group['lr']:g} "
+                f"after epoch {epoch}, the schedule gives {expected:g}"
+            )
+    try:
+        set_rng_state(payload["rng"], device)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"checkpoint {path}: 'rng' cannot be restored ({exc})") from None
 
 
 def _check_same_run(config: TrainConfig, stored: dict, path: Path) -> None:
@@ -494,6 +674,11 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
     directory. ``data``: an optional ``(train, test)`` pair of
     :class:`ncfast.data.LabeledImages` to use instead of loading ``config.dataset``.
 
+    The run directory is locked for the life of the run (:class:`ncfast.rundir.RunDirectory`):
+    a second run, or a resumption, of the same directory meanwhile is a RunDirectoryError.
+    Training that produces a non-finite loss, weights or outputs stops with a
+    :class:`TrainingDivergedError` and keeps the last checkpoint from before.
+
     Under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) every process calls this: it
     joins the process group (and leaves it at the end) unless the caller initialised one; see
     the module docstring for how the work is shared.
@@ -502,13 +687,46 @@ def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
     if config.tensorboard is not None:
         check_tensorboard()
     ctx = dist_utils.setup(config.device)
+    rundir = RunDirectory(config.out)
     try:
-        return _train(config, ctx, progress, data)
+        return _train(config, ctx, progress, data, rundir)
     finally:
+        rundir.unlock()
         dist_utils.teardown(ctx)
 
 
-def _train(config: TrainConfig, ctx: dist_utils.DistributedContext, progress: bool, data) -> Path:
+def _on_main(ctx: dist_utils.DistributedContext, action, what: str) -> None:
+    """``action()`` on rank 0 only; a RunDirectoryError or CheckpointError there is raised on
+    every rank (a collective with several processes, so no rank waits for a failed one)."""
+    error = None
+    if ctx.is_main:
+        try:
+            action()
+        except (RunDirectoryError, CheckpointError) as exc:
+            error = exc
+    if not ctx.all_ok(error is None):
+        raise error or RunDirectoryError(f"rank 0 failed to {what} (see its message)")
+
+
+def _open_run_directory(rundir: RunDirectory, config: TrainConfig) -> None:
+    """Lock the run directory (the check that --out is usable) and check it can be used as
+    asked: a resumable run for --resume, no run (or --overwrite) otherwise."""
+    rundir.lock()
+    if config.resume:
+        rundir.check_resumable()
+    else:
+        rundir.check_new_run(config.overwrite)
+    if config.tensorboard is not None:
+        check_writable_dir(config.tensorboard, "tensorboard")
+
+
+def _train(
+    config: TrainConfig,
+    ctx: dist_utils.DistributedContext,
+    progress: bool,
+    data,
+    rundir: RunDirectory,
+) -> Path:
     world, rank = ctx.world_size, ctx.rank
     if config.batch_size % world:
         raise dist_utils.DistributedError(
@@ -517,25 +735,19 @@ def _train(config: TrainConfig, ctx: dist_utils.DistributedContext, progress: bo
             "of every batch"
         )
     progress = progress and ctx.is_main
-    out = Path(config.out)
-    checkpoint_path = out / CHECKPOINT_FILE
-    metrics_path = out / METRICS_FILE
+    out = rundir.path
+    # Before anything is loaded: rank 0 locks the directory, every rank learns the outcome.
+    _on_main(ctx, lambda: _open_run_directory(rundir, config), f"open the run directory {out}")
     payload = None
     if config.resume:
-        payload = load_checkpoint(checkpoint_path)  # every rank reads it
-        _check_same_run(config, payload["config"], checkpoint_path)
-        done = int(payload["epoch"])
+        payload = load_checkpoint(rundir.checkpoint_path)  # every rank reads it
+        _check_same_run(config, payload["config"], rundir.checkpoint_path)
+        done = payload["epoch"]
         if config.stop_after is not None and config.stop_after <= done:
             raise RunDirectoryError(
                 f"stop_after: the run in {out} has already trained {done} epochs; give "
                 f"an epoch in {done + 1}..{config.epochs} (or none to finish the run)"
             )
-    elif not config.overwrite and (checkpoint_path.exists() or metrics_path.exists()):
-        raise RunDirectoryError(
-            f"out: {out} already holds a run; continue it with --resume, replace it with "
-            "--overwrite, or choose another --out"
-        )
-    ctx.barrier()  # every rank has checked the run directory before rank 0 writes to it
 
     device = ctx.device
     if data is None:
@@ -548,6 +760,7 @@ def _train(config: TrainConfig, ctx: dist_utils.DistributedContext, progress: bo
     _, in_channels, height, width = train_data.images.shape
     if height != width:
         raise ValueError(f"images must be square, got {height}×{width}")
+    check_model_size(config.net, num_classes, in_channels, height, config.width, str(device))
 
     model = build_model(config, num_classes, in_channels, height).to(device)
     sync_batchnorm = ctx.enabled and config.sync_batchnorm
@@ -562,13 +775,11 @@ def _train(config: TrainConfig, ctx: dist_utils.DistributedContext, progress: bo
     start_epoch = 0
     elapsed_before = 0.0
     if payload is not None:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        _match_state_layout(optimizer)
-        scheduler.load_state_dict(payload["scheduler"])
-        set_rng_state(payload["rng"], device)
+        restore_training_state(
+            payload, model, optimizer, scheduler, config, device, rundir.checkpoint_path
+        )
         history = list(payload["history"])
-        start_epoch = int(payload["epoch"])
+        start_epoch = payload["epoch"]
         elapsed_before = float(payload.get("wall_time", 0.0))
         epoch_times = list(payload.get("epoch_times", []))
     # The network that trains: DDP averages the gradients; `model` (the same parameters) is
@@ -597,19 +808,23 @@ def _train(config: TrainConfig, ctx: dist_utils.DistributedContext, progress: bo
         "feature_dim": model.feature_dim,
         "lambda": mse_lambda(config.weight_decay, num_classes),
     }
-    tensorboard = None
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / CONFIG_FILE, json.dumps(config_record, indent=2) + "\n")
-        # The log always matches the checkpoint: lines a killed run wrote after it are dropped.
-        write_text_atomic(metrics_path, _metrics_lines(history))
-        if config.tensorboard is not None:
-            from ncfast.monitor import TensorBoardLogger
 
-            # purge_step hides the events a killed run wrote after its checkpoint.
-            tensorboard = TensorBoardLogger(
-                config.tensorboard, prefix="", purge_step=start_epoch + 1
-            ).writer
+    def start_files() -> None:
+        if config.overwrite and not config.resume:
+            rundir.clear()  # the old run goes before anything new is written
+        rundir.write_config(json.dumps(config_record, indent=2) + "\n")
+        # The log always matches the checkpoint: lines a killed run wrote after it are dropped.
+        rundir.write_metrics(_metrics_lines(history))
+
+    _on_main(ctx, start_files, f"write to the run directory {out}")
+    tensorboard = None
+    if ctx.is_main and config.tensorboard is not None:
+        from ncfast.monitor import TensorBoardLogger
+
+        # purge_step hides the events a killed run wrote after its checkpoint.
+        tensorboard = TensorBoardLogger(
+            config.tensorboard, prefix="", purge_step=start_epoch + 1
+        ).writer
 
     measure_kwargs = {
         **config.measure_options(),
@@ -625,12 +840,24 @@ def _train(config: TrainConfig, ctx: dist_utils.DistributedContext, progress: bo
     )
     seen_per_epoch = batches[-1][1]
     run_start = time.perf_counter() - elapsed_before
+    last_saved = start_epoch  # the epoch of the checkpoint on disk (0: none)
 
-    def checkpoint(epoch: int) -> None:
-        if not ctx.is_main:
-            return
-        save_checkpoint(
-            checkpoint_path,
+    def diverged(epoch: int, what: str) -> TrainingDivergedError:
+        kept = (
+            f"the checkpoint of epoch {last_saved} is kept"
+            if last_saved
+            else "no checkpoint was written"
+        )
+        return TrainingDivergedError(
+            f"training diverged at epoch {epoch} ({what}); lower --lr (now {config.lr:g}) and "
+            f"start again with --overwrite; {kept}"
+        )
+
+    def save(epoch: int, rows: list[dict]) -> None:
+        """Rank 0: the checkpoint, then the epoch's log lines. The checkpoint comes first: a
+        failed write leaves the log as it was, and a resumption rewrites the log from the
+        checkpoint's history (so a kill between the two loses nothing)."""
+        rundir.save_checkpoint(
             {
                 "format": FORMAT,
                 "ncfast_version": __version__,
@@ -643,8 +870,18 @@ def _train(config: TrainConfig, ctx: dist_utils.DistributedContext, progress: bo
                 "history": history,
                 "wall_time": time.perf_counter() - run_start,
                 "epoch_times": epoch_times,
-            },
+            }
         )
+        if rows:
+            rundir.append_metrics(_metrics_lines(rows))
+            if tensorboard is not None:
+                for row in rows:
+                    log_to_tensorboard(tensorboard, tensorboard_scalars(row), epoch, row["split"])
+                tensorboard.flush()
+            if progress or config.measure_overhead:
+                tqdm.write(_summary(epoch, rows))
+            if config.measure_overhead:
+                tqdm.write(_overhead_line(epoch, epoch_times[-1], rows))
 
     epochs_bar = tqdm(
         range(start_epoch + 1, last_epoch + 1),
@@ -678,17 +915,20 @@ def _train(config: TrainConfig, ctx: dist_utils.DistributedContext, progress: bo
                 loss_sum += batch_loss.detach().double() * len(index)
                 wrong += (logits.detach().argmax(1) != y).sum()
             scheduler.step()
-            # The epoch's one host synchronisation (and, with several processes, one reduction).
-            totals = ctx.all_reduce_sum(torch.stack([loss_sum, wrong.double()]))
-            sgd_loss, sgd_wrong = totals.tolist()
+            # The epoch's one host synchronisation (and, with several processes, one
+            # reduction): the loss, the errors and whether any weight went non-finite.
+            totals = ctx.all_reduce_sum(
+                torch.stack([loss_sum, wrong.double(), _nonfinite_weights(model).double()])
+            )
+            sgd_loss, sgd_wrong, nonfinite = totals.tolist()
             epoch_time = time.perf_counter() - epoch_start
             epoch_times.append(epoch_time)
             sgd_loss /= seen_per_epoch
             sgd_error = sgd_wrong / seen_per_epoch
             if not math.isfinite(sgd_loss):
-                raise FloatingPointError(
-                    f"epoch {epoch}: the training loss is {sgd_loss}; lower --lr (now {config.lr})"
-                )
+                raise diverged(epoch, f"loss {sgd_loss}")
+            if nonfinite:
+                raise diverged(epoch, "non-finite weights")
             epochs_bar.set_postfix(
                 loss=f"{sgd_loss:.4g}", err=f"{sgd_error:.4f}", epoch_s=f"{epoch_time:.1f}"
             )
@@ -701,10 +941,18 @@ def _train(config: TrainConfig, ctx: dist_utils.DistributedContext, progress: bo
             if ctx.enabled:
                 # Every rank measures (and rank 0 saves) the same network.
                 dist_utils.broadcast_buffers(model)
+            # Finite weights can still give non-finite outputs in eval mode (running statistics
+            # of exploding activations): one batch tells, before anything is measured or saved.
+            if not _eval_outputs_finite(model, train_data, config, memory_format):
+                raise diverged(epoch, "non-finite outputs in eval mode")
+            rows = []
             if epoch in measure_set:
-                rows = _measure(
-                    model, ctx, config, (train_data, test_data), measure_kwargs, progress
-                )
+                try:
+                    rows = _measure(
+                        model, ctx, config, (train_data, test_data), measure_kwargs, progress
+                    )
+                except InvalidInputError:  # the labels are valid: non-finite features
+                    raise diverged(epoch, "non-finite features in the measurement") from None
                 for row in rows:
                     row.update(
                         epoch=epoch,
@@ -717,26 +965,35 @@ def _train(config: TrainConfig, ctx: dist_utils.DistributedContext, progress: bo
                     )
                 rows = [{k: row[k] for k in (*ROW_KEYS, *row) if k in row} for row in rows]
                 history.extend(rows)
-                if ctx.is_main:
-                    with metrics_path.open("a", encoding="utf-8") as f:
-                        f.write(_metrics_lines(rows))
-                    if tensorboard is not None:
-                        for row in rows:
-                            log_to_tensorboard(
-                                tensorboard, tensorboard_scalars(row), epoch, row["split"]
-                            )
-                        tensorboard.flush()
-                    if progress or config.measure_overhead:
-                        tqdm.write(_summary(epoch, rows))
-                    if config.measure_overhead:
-                        tqdm.write(_overhead_line(epoch, epoch_time, rows))
-            checkpoint(epoch)
+            _on_main(ctx, partial(save, epoch, rows), f"write the results of epoch {epoch}")
+            last_saved = epoch
     finally:
         epochs_bar.close()
         if tensorboard is not None:
             tensorboard.close()
     ctx.barrier()  # rank 0 has written its last checkpoint before any process leaves the group
     return out
+
+
+def _nonfinite_weights(model) -> torch.Tensor:
+    """1 (on the device, no synchronisation) when a parameter or floating buffer of ``model``
+    holds a NaN or an infinity, else 0."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).logical_not().any()
+
+
+def _eval_outputs_finite(model, data, config: TrainConfig, memory_format) -> bool:
+    """Whether ``model``'s eval-mode outputs on the first measurement batch of ``data`` are
+    finite (the same on every rank: same weights, same batch)."""
+    was_training = model.training
+    model.eval()
+    try:
+        count = min(len(data), config.measure_batch_size)
+        x, _ = data.batch(torch.arange(count, device=data.device), memory_format=memory_format)
+        with torch.no_grad(), network_autocast(data.device, config.precision):
+            return bool(torch.isfinite(model(x)).all())
+    finally:
+        model.train(was_training)
 
 
 def _measure(model, ctx, config: TrainConfig, splits, measure_kwargs: dict, progress: bool):

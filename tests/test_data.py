@@ -288,6 +288,53 @@ def test_label_out_of_range_names_file(written):
     assert str(root / rel) in str(err.value)
 
 
+def _write_labels(name: str, root: Path, labels) -> Path:
+    """Two test images of ``name`` whose file holds ``labels`` (as the format stores them:
+    a pickled list for CIFAR-10, a MATLAB double array for SVHN); returns the file."""
+    if name == "cifar10":
+        path = root / "cifar-10-batches-py/test_batch"
+        path.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": labels}))
+    else:
+        import scipy.io
+
+        path = root / "test_32x32.mat"
+        y = np.asarray(labels, dtype=np.float64)[:, None]
+        scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": y})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "labels", "message"),
+    [
+        # One check for every reader (issue 10): no truncation of 3.7 to 3, no booleans, and
+        # the value the file holds in the message (not an int64 conversion of 1e300).
+        ("cifar10", [3.7, 1], "labels must be integers, found 3.7"),
+        ("cifar10", [True, 1], "labels must be integers, found booleans"),
+        ("cifar10", [10**30, 1], "labels outside 0..9 (e.g. 1000000000000000000000000000000"),
+        ("svhn", [3.7, 1.0], "labels must be integers, found 3.7"),
+        ("svhn", [1e300, 1.0], "labels outside 1..10 (e.g. 1e+300"),
+        ("svhn", [float("nan"), 1.0], "labels must be integers, found nan"),
+    ],
+)
+def test_every_reader_refuses_labels_that_are_not_integers(tmp_path, name, labels, message):
+    fx.WRITERS[name](tmp_path, np.random.default_rng(12))
+    path = _write_labels(name, tmp_path, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetChecksumWarning)
+        with pytest.raises(DatasetError) as err:
+            load_dataset(name, tmp_path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_integral_float_labels_as_matlab_stores_them_load(tmp_path):
+    truth = fx.write_svhn(tmp_path, np.random.default_rng(14))
+    _write_labels("svhn", tmp_path, [10.0, 3.0])  # digit 0 is class 10 in SVHN's files
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetChecksumWarning)
+        _, test = load_dataset("svhn", tmp_path)
+    assert test.labels.tolist() == [0, 3] and truth["train"][1].size > 0
+
+
 def test_stl10_label_count_mismatch(tmp_path):
     fx.write_stl10(tmp_path, np.random.default_rng(9))
     (tmp_path / "stl10_binary/test_y.bin").write_bytes(bytes([1, 2, 3]))

@@ -367,8 +367,12 @@ def test_each_rank_trains_on_its_half_of_every_global_batch(two_rank_results):
     perm = epoch_permutation(40, 0, 1, "cpu").tolist()
     seen = [r["train"]["seen"] for r in two_rank_results]
     batches = epoch_batches(40, TRAIN_BATCH)
-    assert len(seen[0]) == len(seen[1]) == len(batches) == 3
-    for (start, stop), mine, theirs in zip(batches, seen[0], seen[1], strict=True):
+    # The training batches, then (before the checkpoint) the one-batch check of the network's
+    # eval-mode outputs, the same first images on every rank.
+    assert len(seen[0]) == len(seen[1]) == len(batches) + 1 == 4
+    first = list(range(min(40, tiny_config("run").measure_batch_size)))
+    assert seen[0][-1] == seen[1][-1] == first
+    for (start, stop), mine, theirs in zip(batches, seen[0][:-1], seen[1][:-1], strict=True):
         middle = (start + stop) // 2
         assert mine == perm[start:middle] and theirs == perm[middle:stop]
     # Rank 0 wrote the run; the checkpoint holds the plain network.

@@ -17,6 +17,27 @@ figure_formats_option = click.option(
 )
 
 
+def check_output_dir(out: Path, option: str = "--out") -> None:
+    """A UsageError naming ``option`` unless ``out`` is a directory that can be written, or can
+    be created (:func:`ncfast.rundir.check_writable_dir`; nothing is left behind)."""
+    from ncfast.rundir import RunDirectoryError, check_writable_dir
+
+    try:
+        check_writable_dir(out, option)
+    except RunDirectoryError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def write_failed(exc: OSError, out: Path | None = None) -> click.ClickException:
+    """The one-line error of a failed write (disk full, permission lost while running), naming
+    the file, or else the output directory ``out``."""
+    if exc.filename:
+        where = f" {exc.filename}"
+    else:
+        where = f" to {out}" if out is not None else ""
+    return click.ClickException(f"cannot write{where} ({exc.strerror or exc})")
+
+
 def load_runs_for_output(run_dirs: tuple[Path, ...], out: Path) -> list:
     """The runs in ``run_dirs``, with ``--out`` checked to be a usable directory."""
     from ncfast.runs import RunError, load_run
@@ -25,6 +46,5 @@ def load_runs_for_output(run_dirs: tuple[Path, ...], out: Path) -> list:
         runs = [load_run(p) for p in run_dirs]
     except RunError as exc:
         raise click.ClickException(str(exc)) from None
-    if out.exists() and not out.is_dir():
-        raise click.UsageError(f"--out: {out} exists and is not a directory")
+    check_output_dir(out)
     return runs

@@ -7,11 +7,11 @@ from pathlib import Path
 import click
 
 from ncfast.cli import main
-from ncfast.cli._shared import figure_formats_option
+from ncfast.cli._shared import check_output_dir, figure_formats_option, write_failed
 
 
 @main.command("analyze")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", metavar="CHECKPOINT|RUN_DIR", type=click.Path(path_type=Path))
 @click.option(
     "--data-root",
     type=click.Path(file_okay=False, path_type=Path),
@@ -32,7 +32,11 @@ from ncfast.cli._shared import figure_formats_option
     help="Test images attacked with DeepFool (a seeded sample); 0 skips it.",
 )
 @click.option(
-    "--robustness-seed", type=int, default=0, show_default=True, help="Seed of that sample."
+    "--robustness-seed",
+    type=click.IntRange(min=0, max=2**63 - 1),
+    default=0,
+    show_default=True,
+    help="Seed of that sample.",
 )
 @click.option(
     "--device",
@@ -51,13 +55,23 @@ def analyze_command(
     formats: tuple[str, ...],
     quiet: bool,
 ) -> None:
-    """Load CHECKPOINT (safely: weights only), rebuild its network and data, measure every NC
-    quantity on the training and test sets, DeepFool robustness and the central-path fit; write
-    report.json, summary.md and the run's figures, and print a compact table."""
+    """Load CHECKPOINT (or RUN_DIR/checkpoint.pt; safely: weights only), rebuild its network
+    and data, measure every NC quantity on the training and test sets, DeepFool robustness and
+    the central-path fit; write report.json, summary.md and the run's figures, and print a
+    compact table."""
     from ncfast.analyze import analyze, format_table
     from ncfast.checkpoint import CheckpointError
     from ncfast.data import DatasetError
 
+    if checkpoint.is_dir():  # a run directory: its checkpoint
+        if not (checkpoint / "checkpoint.pt").is_file():
+            raise click.UsageError(
+                f"CHECKPOINT: {checkpoint} is a directory without a checkpoint.pt (give a "
+                "checkpoint file, or a run directory written by ncfast train)"
+            )
+        checkpoint = checkpoint / "checkpoint.pt"
+    if checkpoint.is_file():  # else analyze() says what is wrong with it
+        check_output_dir(out if out is not None else checkpoint.parent / "analysis")
     try:
         report = analyze(
             checkpoint,
@@ -73,6 +87,8 @@ def analyze_command(
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    except OSError as exc:
+        raise write_failed(exc, out or checkpoint.parent / "analysis") from None
     click.echo(format_table(report), nl=False)
     files = report["files"]
     click.echo(f"written: {files['report']}, {files['summary']}, {len(files['figures'])} figures")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ncfast.cli import main
-from ncfast.cli._shared import figure_formats_option, load_runs_for_output
+from ncfast.cli._shared import figure_formats_option, load_runs_for_output, write_failed
 
 
 @main.command("plot")
@@ -25,7 +25,10 @@ def plot_command(run_dirs: tuple[Path, ...], out: Path, formats: tuple[str, ...]
     from ncfast.plots import plot_runs
 
     runs = load_runs_for_output(run_dirs, out)
-    paths = plot_runs(runs, out, formats)
+    try:
+        paths = plot_runs(runs, out, formats)
+    except OSError as exc:
+        raise write_failed(exc, out) from None
     for path in paths:
         click.echo(str(path))
     click.echo(f"{len(paths)} files from {len(runs)} run(s) in {out}")

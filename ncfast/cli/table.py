@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ncfast.cli import main
-from ncfast.cli._shared import load_runs_for_output
+from ncfast.cli._shared import load_runs_for_output, write_failed
 
 
 @main.command("table")
@@ -25,6 +25,9 @@ def table_command(run_dirs: tuple[Path, ...], out: Path) -> None:
     from ncfast.tables import write_table1
 
     runs = load_runs_for_output(run_dirs, out)
-    markdown, paths = write_table1(runs, out)
+    try:
+        markdown, paths = write_table1(runs, out)
+    except OSError as exc:
+        raise write_failed(exc, out) from None
     click.echo(markdown, nl=False)
     click.echo("written: " + ", ".join(str(p) for p in paths))

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ncfast.cli import main
+from ncfast.cli._shared import check_output_dir, write_failed
 
 FIGURE_NAME = "theory_simulation"
 
@@ -89,8 +90,7 @@ def simulate_command(
         raise click.BadParameter(
             f"needs C − 1 = {num_classes - 1} values, got {len(omega_list)}", param_hint="--omega0"
         )
-    if out.exists() and not out.is_dir():
-        raise click.UsageError(f"--out: {out} exists and is not a directory")
+    check_output_dir(out)
     generator = torch.Generator().manual_seed(seed)
     try:
         x0 = theory.initial_features(
@@ -130,7 +130,6 @@ def simulate_command(
         f"{summary['max_manifold_drift']:.1e}"
     )
 
-    out.mkdir(parents=True, exist_ok=True)
     series = run.to_dict()
     series.update(
         {
@@ -145,8 +144,12 @@ def simulate_command(
         }
     )
     json_path = out / f"{FIGURE_NAME}.json"
-    json_path.write_text(json.dumps(series, indent=1))
-    paths = _write_figure(run, closed, rel_error, out, adaptive=dt is None)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(series, indent=1))
+        paths = _write_figure(run, closed, rel_error, out, adaptive=dt is None)
+    except OSError as exc:
+        raise write_failed(exc, out) from None
     click.echo("written: " + ", ".join(str(p) for p in [*paths, json_path]))
 
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ncfast.checkpoint import CheckpointError
 from ncfast.cli import main
+from ncfast.cli._shared import write_failed
 from ncfast.data import DATASETS, DatasetError
 from ncfast.distributed import DistributedError, torchrun_environment
 from ncfast.losses import LOSSES, parse_mse_scale
 from ncfast.models import FAMILIES, NETS
 from ncfast.train import (
+    MAX_SEED,
     PRESETS,
     RunDirectoryError,
     TrainConfig,
@@ -21,17 +25,21 @@ from ncfast.train import (
 
 
 def _int_list(ctx, param, value):
-    """'116,233' -> (116, 233); for --measure-epochs also 'all' (every epoch) and 'none'."""
+    """'116,233' -> (116, 233); 'none' -> () (no decay, no measurement); for --measure-epochs
+    also 'all' (every epoch). An empty list or item is an error, never "none" by accident."""
     if value is None:
         return None
-    if param.name == "measure_epochs" and value.strip().lower() in ("all", "none"):
-        return value.strip().lower()
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
+    word = value.strip().lower()
+    if word == "none":
+        return () if param.name == "lr_milestones" else word
+    if word == "all" and param.name == "measure_epochs":
+        return word
+    items = [v.strip() for v in value.split(",")]
+    if not all(items) or not all(v.lstrip("+").isdigit() for v in items):
         raise click.BadParameter(
-            f"expected comma-separated epochs such as '116,233', got {value!r}"
-        ) from None
+            f"expected comma-separated epochs such as '116,233' (or 'none'), got {value!r}"
+        )
+    return tuple(int(v) for v in items)
 
 
 @main.command("train")
@@ -102,9 +110,9 @@ def _int_list(ctx, param, value):
     "--lr-milestones",
     callback=_int_list,
     default=None,
-    metavar="E1,E2,...",
+    metavar="E1,E2,...|none",
     help="Epochs after which the learning rate is multiplied by --lr-gamma "
-    "(default epochs//3, 2·epochs//3).",
+    "(default epochs//3, 2·epochs//3; none: a constant learning rate).",
 )
 @click.option("--lr-gamma", type=float, default=None, help="Learning-rate decay (default 0.1).")
 @click.option(
@@ -131,8 +139,9 @@ def _int_list(ctx, param, value):
     "--tensorboard",
     type=click.Path(file_okay=False),
     default=None,
-    metavar="DIR",
-    help="Also log every scalar to TensorBoard in DIR (needs the tensorboard extra).",
+    metavar="DIR|none",
+    help="Also log every scalar to TensorBoard in DIR (needs the tensorboard extra). With "
+    "--resume the run's folder is the default; none turns the logging off.",
 )
 @click.option(
     "--sync-batchnorm/--no-sync-batchnorm",
@@ -162,7 +171,12 @@ def _int_list(ctx, param, value):
 )
 @click.option("--overwrite", is_flag=True, default=False, help="Replace a run already in --out.")
 @click.option("--device", default=None, help="cpu or cuda (default cuda if available).")
-@click.option("--seed", type=click.IntRange(min=0), default=None, help="Random seed (default 0).")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0, max=MAX_SEED),
+    default=None,
+    help="Random seed (default 0).",
+)
 @click.option(
     "--precision",
     type=click.Choice(["fp32", "bf16"]),
@@ -209,10 +223,14 @@ def train_command(preset, resume, overwrite, quiet, measure_epochs, **options) -
             f"give --dataset (one of {', '.join(sorted(DATASETS))}) or --preset "
             f"({', '.join(sorted(PRESETS))})"
         )
+    if options["tensorboard"] is not None and options["tensorboard"].strip().lower() == "none":
+        options["tensorboard"] = _NO_TENSORBOARD
     try:
         if resume:
             config = _resumed(preset, options)
         else:
+            if options["tensorboard"] is _NO_TENSORBOARD:
+                options["tensorboard"] = None
             config = TrainConfig.from_preset(preset, overwrite=overwrite, **options)
         resolved = config.resolved()  # option errors before anything is loaded
         processes = _processes()
@@ -223,6 +241,8 @@ def train_command(preset, resume, overwrite, quiet, measure_epochs, **options) -
             )
     except CheckpointError as err:
         raise click.ClickException(f"cannot resume: {err}") from None
+    except RunDirectoryError as err:
+        raise click.ClickException(str(err)) from None
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     if config.tensorboard is not None:
@@ -241,8 +261,14 @@ def train_command(preset, resume, overwrite, quiet, measure_epochs, **options) -
     ) as err:
         prefix = f"rank {_rank()}: " if processes > 1 else ""
         raise click.ClickException(f"{prefix}{err}") from None
+    except OSError as err:
+        raise write_failed(err) from None
     if not quiet and _rank() == 0:
         click.echo(f"run written to {out}/ (config.json, metrics.jsonl, checkpoint.pt)")
+
+
+# --tensorboard none: no logging, also where the resumed run logged.
+_NO_TENSORBOARD = object()
 
 
 def _processes() -> int:
@@ -273,9 +299,19 @@ def _resumed(preset, options) -> TrainConfig:
     if out is None:
         if options["dataset"] is None:
             raise click.UsageError("--resume needs --out (the run directory to continue)")
-        out = TrainConfig.from_preset(preset, **options).resolved().out
+        out = TrainConfig.from_preset(preset, **{**options, "tensorboard": None}).resolved().out
     stored = resume_config(out).to_json()
     stored["stop_after"] = None  # a stop is for the session that asked for it
     given = {k: v for k, v in options.items() if v is not None}
     stored.update(given, out=out, resume=True, overwrite=False)
+    if stored["tensorboard"] is _NO_TENSORBOARD:
+        stored["tensorboard"] = None
+    elif "tensorboard" not in given and stored["tensorboard"] is not None:
+        # Where a run logs is for the machine it runs on: only a folder the run itself stored
+        # as an absolute path is reused, never one relative to an unknown directory.
+        if not os.path.isabs(stored["tensorboard"]):
+            raise click.UsageError(
+                f"--resume: the run's TensorBoard folder {stored['tensorboard']!r} is a relative "
+                "path; give --tensorboard DIR (or none) to resume"
+            )
     return TrainConfig.from_json(stored)

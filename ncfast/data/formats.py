@@ -37,14 +37,59 @@ def gunzip(data: bytes, path: Path) -> bytes:
         raise _corrupt(path, f"not a complete gzip stream ({err})") from None
 
 
-def check_labels(labels: np.ndarray, path: Path, low: int = 0) -> None:
-    """Labels must lie in ``low .. low + 9`` (the range the file format uses)."""
-    if labels.size and (labels.min() < low or labels.max() > low + NUM_CLASSES - 1):
-        bad = labels[(labels < low) | (labels > low + NUM_CLASSES - 1)]
+def check_labels(raw, path: Path, low: int = 0) -> np.ndarray:
+    """The labels ``raw`` read from ``path`` (a list or an array) as int64, or a DatasetError
+    naming the file: every reader's one label check. Labels must be integers (an integer
+    dtype, or integral floats as MATLAB stores them; never booleans, never 3.7) in
+    ``low .. low + 9`` (the range the file format uses), in a flat sequence."""
+    high = low + NUM_CLASSES - 1
+    if isinstance(raw, (list, tuple)):
+        flags = [i for i, v in enumerate(raw) if isinstance(v, (bool, np.bool_))]
+        if flags:
+            raise DatasetError(
+                f"{path}: labels must be integers, found booleans (label {flags[0]}, "
+                f"{len(flags)} in all); the file is not a valid dataset file"
+            )
+        try:
+            labels = np.asarray(raw)
+        except (ValueError, TypeError, OverflowError):
+            raise DatasetError(f"{path}: labels must be a flat list of integers") from None
+    elif isinstance(raw, np.ndarray):
+        labels = raw
+    else:
+        raise DatasetError(f"{path}: labels must be a list of integers, got {type(raw).__name__}")
+    if labels.ndim != 1:
+        raise DatasetError(f"{path}: labels must be a flat list, got shape {list(labels.shape)}")
+    kind = labels.dtype.kind
+    if kind == "b":
+        raise DatasetError(f"{path}: labels must be integers, found booleans ({labels.dtype})")
+    if kind == "O":
+        wrong = [i for i, v in enumerate(labels) if isinstance(v, bool) or not isinstance(v, int)]
+    elif kind == "f":
+        wrong = np.flatnonzero(~np.isfinite(labels) | (labels != np.floor(labels)))
+    elif kind in "iu":
+        wrong = []
+    else:
+        raise DatasetError(f"{path}: labels must be integers, got {labels.dtype} values")
+    if len(wrong):
         raise DatasetError(
-            f"{path} has labels outside {low}..{low + NUM_CLASSES - 1} "
-            f"(e.g. {int(bad[0])}, {bad.size} in all); the file is not a valid dataset file"
+            f"{path}: labels must be integers, found {_shown(labels[wrong[0]])} (label "
+            f"{wrong[0]}, {len(wrong)} in all); the file is not a valid dataset file"
         )
+    outside = np.flatnonzero((labels < low) | (labels > high))
+    if outside.size:
+        raise DatasetError(
+            f"{path} has labels outside {low}..{high} (e.g. {_shown(labels[outside[0]])}, "
+            f"{outside.size} in all); the file is not a valid dataset file"
+        )
+    return labels.astype(np.int64)
+
+
+def _shown(value) -> str:
+    """A label as the file holds it (1e+300, 3.7, nan), never an int64 conversion of it."""
+    value = value.item() if isinstance(value, np.generic) else value
+    text = f"{value:g}" if isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def check_same_count(images: np.ndarray, labels: np.ndarray, image_path, label_path) -> None:
@@ -84,9 +129,7 @@ def parse_idx_images(data: bytes, path: Path, side: int) -> np.ndarray:
 
 
 def parse_idx_labels(data: bytes, path: Path) -> np.ndarray:
-    labels = parse_idx(data, path, ndim=1).astype(np.int64)
-    check_labels(labels, path)
-    return labels
+    return check_labels(parse_idx(data, path, ndim=1), path)
 
 
 def parse_cifar_batch(data: bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -135,14 +178,8 @@ def parse_cifar_batch(data: bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(
             f"{path}: 'data' must be a uint8 array of shape [N, {_CIFAR_PIXELS}], got {desc}"
         )
-    try:
-        labels = np.asarray(batch["labels"], dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        raise DatasetError(f"{path}: 'labels' is not a list of integers") from None
-    if labels.ndim != 1:
-        raise DatasetError(f"{path}: 'labels' must be a flat list, got shape {labels.shape}")
+    labels = check_labels(batch["labels"], path)
     check_same_count(images, labels, path, path)
-    check_labels(labels, path)
     return images.reshape(-1, 3, 32, 32), labels
 
 
@@ -166,20 +203,12 @@ def parse_svhn_mat(data: bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: 'X' must be uint8 of shape [32, 32, 3, N], "
             f"got {images.dtype} {list(images.shape)}"
         )
-    if (
-        labels.size != images.shape[3]
-        or labels.ndim > 2
-        or not np.issubdtype(labels.dtype, np.number)
-    ):
+    if labels.size != images.shape[3] or labels.ndim > 2:
         raise DatasetError(
             f"{path}: 'y' must hold one label per image ({images.shape[3]}), "
             f"got {labels.dtype} {list(labels.shape)}"
         )
-    labels = labels.reshape(-1)
-    if not np.all(labels == np.round(labels)):
-        raise DatasetError(f"{path}: 'y' holds non-integer labels")
-    labels = labels.astype(np.int64)
-    check_labels(labels, path, low=1)
+    labels = check_labels(labels.reshape(-1), path, low=1)
     labels[labels == 10] = 0  # SVHN writes digit 0 as class 10 (torchvision maps it to 0)
     return np.ascontiguousarray(images.transpose(3, 2, 0, 1)), labels
 
@@ -191,9 +220,8 @@ def parse_stl10(
     if len(x_data) == 0 or len(x_data) % _STL10_PIXELS:
         raise _corrupt(x_path, f"{len(x_data)} bytes is not a whole number of 3×96×96 images")
     images = np.frombuffer(x_data, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
-    labels = np.frombuffer(y_data, dtype=np.uint8).astype(np.int64)
+    labels = check_labels(np.frombuffer(y_data, dtype=np.uint8), y_path, low=1)
     check_same_count(images, labels, x_path, y_path)
-    check_labels(labels, y_path, low=1)
     return np.ascontiguousarray(images), labels - 1
 
 
@@ -208,5 +236,4 @@ def parse_mnist5k_csv(data: bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.min() < 0 or pixels.max() > 255:
         raise DatasetError(f"{path}: pixel values outside 0..255")
-    check_labels(labels, path)
-    return pixels.astype(np.uint8).reshape(-1, 1, 28, 28), labels
+    return pixels.astype(np.uint8).reshape(-1, 1, 28, 28), check_labels(labels, path)
