@@ -15,8 +15,9 @@ from torch import nn
 
 from ncfast.losses import check_loss, compute_loss
 from ncfast.measure import Measurement
-from ncfast.metrics import mse_lambda
+from ncfast.metrics import DegenerateFeaturesError, mse_lambda, undefined_metrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
+from ncfast.stats import check_int
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -48,8 +49,7 @@ def prefers_channels_last(model: nn.Module) -> bool:
 def split_batches(num_samples: int, batch_size: int, first: int = 0) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` of consecutive batches of samples ``first..num_samples-1`` in the
     split's fixed order."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int(batch_size, "batch_size", 1, "split_batches")
     for start in range(first, num_samples, batch_size):
         yield start, min(start + batch_size, num_samples)
 
@@ -99,7 +99,9 @@ def measure_split(
 
     Returns a flat dict: ``error`` (fraction misclassified), ``loss`` (mean per-sample loss, for
     ``mse`` the mean over the N×C entries as PyTorch's ``MSELoss``), and every key of
-    :meth:`ncfast.Measurement.compute` (``snr_singular_values`` a float64 tensor). The model's
+    :meth:`ncfast.Measurement.compute` (``snr_singular_values`` a float64 tensor). Degenerate
+    features (class means that do not separate, SPEC §2) give every metric NaN and the reason
+    in ``nc_undefined`` (:func:`ncfast.metrics.undefined_metrics`). The model's
     train/eval mode is restored afterwards. ``channels_last`` (default: as the model's weights
     are stored, see :func:`prefers_channels_last`) sets the memory format of the inputs.
 
@@ -175,7 +177,15 @@ def measure_split(
         def second_pass():
             return split_features(model, data, batch_size, precision, channels_last, bounds)
 
-        result = measurement.compute(second_pass=second_pass, distributed=distributed, group=group)
+        try:
+            result = measurement.compute(
+                second_pass=second_pass, distributed=distributed, group=group
+            )
+        except DegenerateFeaturesError as exc:
+            # Collapsed to a point (or dead) features: a logged row of NaN metrics with the
+            # reason, never a crash of the training run nor a number that reads as collapse.
+            # Every rank sees the same reduced statistics, so every rank lands here.
+            result = undefined_metrics(measurement.stats, measurement.weight_decay, exc.reason)
         totals = torch.stack([loss_sum, wrong.double()])
         if distributed:
             dist.all_reduce(totals, group=group)

@@ -8,14 +8,14 @@ import torch
 
 from ncfast.metrics import nc_metrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, NCCMismatch, mismatch_fraction
-from ncfast.stats import ClassStats
+from ncfast.stats import ClassStats, check_int
 
 
 class Measurement:
     """Feed ``update(features, labels)`` for every batch of a pass, then ``compute()``.
 
     With a classifier (``weight [C, P]``, ``bias [C]``) the result holds every key of SPEC
-    §2–§4 including ``nc4_ncc_mismatch``; ``weight_decay`` is λ of seed Eq. 3 (see
+    §2–§4 including ``nc4_ncc_mismatch``; ``weight_decay`` is λ of HPD22 Eq. 3 (see
     :func:`ncfast.metrics.mse_lambda`). Without one, the feature-only keys.
     """
 
@@ -30,6 +30,9 @@ class Measurement:
         on_invalid: str = "raise",
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     ):
+        num_classes = check_int(num_classes, "num_classes", 1, "Measurement")
+        dim = check_int(dim, "dim", 1, "Measurement")
+        check_int(memory_budget_bytes, "memory_budget_bytes", 0, "Measurement")
         self.stats = ClassStats(num_classes, dim, device=device, on_invalid=on_invalid)
         self.weight, self.bias, self.weight_decay = weight, bias, weight_decay
         self.ncc = NCCMismatch(weight, bias, memory_budget_bytes) if weight is not None else None

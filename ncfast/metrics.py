@@ -37,8 +37,18 @@ SPEC_KEYS = (
 )
 
 
+class DegenerateFeaturesError(ValueError):
+    """The class means do not separate (or every feature is zero): the Neural Collapse metrics
+    are undefined for these features (SPEC §2, "Degenerate data"). ``reason`` says what was found,
+    without the name of the function that raised."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
+
+
 def mse_lambda(sgd_weight_decay: float, num_classes: int) -> float:
-    """λ of seed Eq. 3 for a training loss ``MSELoss()`` (mean over B×C entries) with SGD weight
+    """λ of HPD22 Eq. 3 for a training loss ``MSELoss()`` (mean over B×C entries) with SGD weight
     decay ``wd`` on every parameter: the objective is (2/C)·L(W̃) when λ = C·wd/2 (SPEC §3).
     """
     return num_classes * sgd_weight_decay / 2.0
@@ -53,6 +63,71 @@ def _require_two_classes(stats: ClassStats, where: str) -> None:
             f"{where}: needs at least two classes with samples; {present} of "
             f"{stats.num_classes} classes were seen ({stats.num_samples} samples)"
         )
+
+
+def _rounding_gamma(terms: int) -> float:
+    """γ_k = k·eps / (1 − k·eps): the worst-case relative error of a float64 sum of k terms."""
+    eps = torch.finfo(torch.float64).eps
+    return terms * eps / (1.0 - terms * eps)
+
+
+def check_separation(stats: ClassStats, mbar: torch.Tensor, where: str) -> float:
+    """Raise :class:`DegenerateFeaturesError` when the class means do not separate (SPEC §2);
+    else return ``bound``, the rounding level of M̄ defined below.
+
+    Every metric compares the centred class means M̄ (NC1 inverts Σ_B = M̄M̄ᵀ/C, NC2/NC3 normalise
+    its columns, NC4 measures distances to the means, the SNR whitens M̄), so they are undefined
+    when M̄ is indistinguishable from zero. The rounding level, from the error bound of the
+    float64 class means:
+
+    - feature scale: r_c, the RMS norm of class c's features, bounded from the statistics as
+      r_c² ≤ ‖μ_c‖² + (N/n_c)·tr Σ_W (class c's scatter is part of N·Σ_W); r = max_c r_c.
+    - each μ_c is a float64 sum of at most n_c deviations from a shift that is itself a mean of
+      at most n_c samples, divided by n_c: ‖fl(μ_c) − μ_c‖ ≤ γ_{2n_c+2}·r_c (γ_k = k·eps/(1−k·eps),
+      the worst-case bound of a k-term sum in any order), and μ_G = Σ π_c μ_c errs by no more
+      than the largest of them, so ‖δM̄‖₂ ≤ ‖δM̄‖_F ≤ 2√C·γ_{2·max n_c+2}·r =: bound.
+
+    Degenerate: max σ(M̄) ≤ bound (the computed M̄ could be rounding noise around a zero M̄,
+    e.g. all samples identical), or every feature is exactly zero (r = 0). The bound is far
+    below any real separation: with C = 10, n_c = 5000 it is 1.4e-11·r, while float32 features
+    resolve 6e-8·r. ‖M̄‖_F (one pass) decides unless it lies within √rank of the bound, where
+    σ_max is computed.
+
+    The same bound sets which directions of M̄ count (with SPEC §2's rtol): a singular value
+    ≤ bound is indistinguishable from rounding. It matters under a large common offset: with
+    features of norm 1e6 the class means carry ~eps·1e6 of noise in every direction, far above
+    rtol·max σ(M̄) when the means are 1 apart, and that noise inverted by Σ_B^† would dominate NC1.
+    """
+    means, sigma_w = stats._finalized()
+    present = stats.present
+    counts = stats.counts[present].to(torch.float64)
+    num_samples = int(counts.sum())
+    c = int(present.sum())
+    trace_w = sigma_w.diagonal().sum()
+    sq_norms = means[present].square().sum(1)
+    class_rms = (sq_norms + trace_w * (counts.sum() / counts)).sqrt()
+    rms = float(class_rms.max())
+    if rms == 0.0:
+        raise DegenerateFeaturesError(
+            where,
+            f"every feature is zero ({num_samples} samples of {c} classes): the class means "
+            "coincide, so NC1-NC4 and the SNR are undefined (is the feature layer dead?)",
+        )
+    bound = 2.0 * math.sqrt(c) * _rounding_gamma(2 * int(counts.max()) + 2) * rms
+    size = float(torch.linalg.matrix_norm(mbar))  # Frobenius: ≥ σ_max ≥ it / √rank
+    if size > math.sqrt(min(mbar.shape)) * bound:
+        return bound
+    if size > bound:
+        size = float(torch.linalg.matrix_norm(mbar, ord=2))
+    if size <= bound:
+        raise DegenerateFeaturesError(
+            where,
+            f"the class means do not separate: max σ(M̄) = {size:.3g} is within the rounding "
+            f"error bound {bound:.3g} of float64 class means of features of RMS norm up to "
+            f"{rms:.3g} ({num_samples} samples of {c} classes; e.g. every sample identical), so "
+            "NC1-NC4 and the SNR are undefined",
+        )
+    return bound
 
 
 def _check_classifier(stats: ClassStats, weight, bias, where: str):
@@ -103,7 +178,7 @@ def _sigma_w(stats: ClassStats) -> torch.Tensor:
 def least_squares_classifier(
     stats: ClassStats, weight_decay: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W_LS ``[C, P]``, b_LS ``[C]``) minimising seed Eq. 3 with λ = ``weight_decay`` (SPEC §3).
+    """(W_LS ``[C, P]``, b_LS ``[C]``) minimising HPD22 Eq. 3 with λ = ``weight_decay`` (SPEC §3).
 
     Rows of absent classes are zero (their target is always 0). With λ = 0 and a singular
     second-moment matrix, the minimum-norm minimiser.
@@ -122,7 +197,9 @@ def whiten(stats: ClassStats) -> torch.Tensor:
 def snr(stats: ClassStats) -> torch.Tensor:
     """SNR = Σ_W^{-1/2} M̄ ``[P, C_present]`` (SPEC §4)."""
     _require_two_classes(stats, "snr")
-    return whiten(stats) @ stats.centered_means
+    mbar = stats.centered_means
+    check_separation(stats, mbar, "snr")
+    return whiten(stats) @ mbar
 
 
 def nc_metrics(
@@ -143,12 +220,17 @@ def nc_metrics(
 
     Absent classes are left out of class-indexed quantities (C below means classes present);
     the MSE decomposition keeps all C outputs of the classifier, as the training loss does.
+
+    Degenerate features (class means that do not separate beyond rounding, or all-zero
+    features) raise :class:`DegenerateFeaturesError`: every metric is undefined there, and
+    rounding noise would otherwise read as perfect collapse (see :func:`check_separation`).
     """
     _require_two_classes(stats, "nc_metrics")
     lam = _check_lambda(weight_decay, "nc_metrics")
     present = stats.present
     c = int(present.sum())
     mbar = stats.centered_means  # [P, C]
+    noise = check_separation(stats, mbar, "nc_metrics")
     sigma_w = _sigma_w(stats)
 
     out: dict = {
@@ -156,7 +238,7 @@ def nc_metrics(
         "classes_present": c,
         "weight_decay": lam,
     }
-    out["nc1"], sigma_b_rank = ops.nc1(sigma_w, mbar, rtol)
+    out["nc1"], sigma_b_rank = ops.nc1(sigma_w, mbar, rtol, noise)
     out["sigma_b_rank"] = sigma_b_rank
 
     norms = mbar.norm(dim=0)
@@ -165,7 +247,8 @@ def nc_metrics(
 
     inv_sqrt, sigma_w_rank = ops.psd_inv_sqrt(sigma_w)
     out["sigma_w_rank"] = sigma_w_rank
-    omega = ops.snr_singular_values(inv_sqrt, mbar, rtol)
+    # Whitening scales M̄'s rounding by at most ‖Σ_W^{-1/2}‖₂ ≤ ‖Σ_W^{-1/2}‖_F (one pass, no SVD).
+    omega = ops.snr_singular_values(inv_sqrt, mbar, rtol, noise * float(inv_sqrt.norm()))
     del inv_sqrt  # [P, P], not needed below: keeps it out of the peak (docs/memory.md)
     out["snr_singular_values"] = omega.cpu()
     out["snr_condition"] = float(omega[0] / omega[-1]) if omega.numel() else float("nan")
@@ -187,4 +270,19 @@ def nc_metrics(
 
     if ncc_mismatch is not None:
         out["nc4_ncc_mismatch"] = float(ncc_mismatch)
+    return out
+
+
+def undefined_metrics(stats: ClassStats, weight_decay: float, reason: str) -> dict:
+    """The result of :func:`nc_metrics` for degenerate features, for logs: every metric NaN
+    (``snr_singular_values`` empty), the bookkeeping keys as measured, and ``nc_undefined``
+    holding ``reason`` (the :attr:`DegenerateFeaturesError.reason`)."""
+    out: dict = {key: math.nan for key in SPEC_KEYS}
+    out["snr_singular_values"] = torch.zeros(0, dtype=torch.float64)
+    out.update(
+        num_samples=stats.num_samples,
+        classes_present=stats.classes_present,
+        weight_decay=float(weight_decay),
+        nc_undefined=reason,
+    )
     return out

@@ -32,6 +32,7 @@ from torch import nn
 from ncfast.measure import Measurement
 from ncfast.metrics import _check_lambda
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
+from ncfast.stats import check_int
 
 __all__ = ["MonitorPass", "NCMonitor", "TensorBoardLogger", "log_to_tensorboard"]
 
@@ -54,7 +55,7 @@ class NCMonitor:
       values, is the feature. Default: the input of ``classifier`` itself; inputs ``[..., P]``
       count every leading position as a sample (tokens of a sequence model), and the labels
       given for that forward pass must have the same leading shape.
-    - ``weight_decay``: λ of seed Eq. 3 for the MSE decomposition (:func:`ncfast.mse_lambda`
+    - ``weight_decay``: λ of HPD22 Eq. 3 for the MSE decomposition (:func:`ncfast.mse_lambda`
       converts an SGD weight decay).
     - ``distributed``: all-reduce over ``group`` when the pass ends; ``None`` (default) does so
       exactly when ``torch.distributed`` is initialised.
@@ -114,14 +115,12 @@ class NCMonitor:
         self.distributed = distributed
         self.group = group
         self.on_invalid = on_invalid
-        self.memory_budget_bytes = memory_budget_bytes
+        self.memory_budget_bytes = check_int(
+            memory_budget_bytes, "memory_budget_bytes", 0, "NCMonitor"
+        )
         self._open: MonitorPass | None = None
         # Fail at construction, not at the first batch, on bad settings.
         Measurement(self.num_classes, self.dim, on_invalid=on_invalid)
-        if memory_budget_bytes < 0:
-            raise ValueError(
-                f"NCMonitor: memory_budget_bytes must be ≥ 0, got {memory_budget_bytes}"
-            )
 
     # ------------------------------------------------------------------ passes
     def measure(self) -> MonitorPass:

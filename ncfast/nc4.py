@@ -15,7 +15,7 @@ import torch
 
 from ncfast import ops
 from ncfast.reference import count_invalid_rows_
-from ncfast.stats import ClassStats, check_batch
+from ncfast.stats import ClassStats, check_batch, check_int
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes
 
@@ -47,13 +47,11 @@ class NCCMismatch:
                 f"NCCMismatch: bias must have shape [{self.num_classes}], "
                 f"got {list(getattr(bias, 'shape', [])) or type(bias).__name__}"
             )
-        if memory_budget_bytes < 0:
-            raise ValueError(
-                f"NCCMismatch: memory_budget_bytes must be ≥ 0, got {memory_budget_bytes}"
-            )
+        self.memory_budget_bytes = check_int(
+            memory_budget_bytes, "memory_budget_bytes", 0, "NCCMismatch"
+        )
         self.weight = weight.detach().to(torch.float64)
         self.bias = bias.detach().to(weight.device, torch.float64)
-        self.memory_budget_bytes = int(memory_budget_bytes)
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._buffered_bytes = 0
         self.overflowed = False

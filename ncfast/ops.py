@@ -59,12 +59,12 @@ def psd_inv_sqrt(matrix, rel_eps=None):
     return _impl.psd_inv_sqrt(matrix, rel_eps)
 
 
-def nc1(sigma_w, mbar, rtol=1e-10):
-    return _impl.nc1(sigma_w, mbar, rtol)
+def nc1(sigma_w, mbar, rtol=1e-10, atol=0.0):
+    return _impl.nc1(sigma_w, mbar, rtol, atol)
 
 
-def snr_singular_values(sigma_w_inv_sqrt, mbar, rtol=1e-10):
-    return _impl.snr_singular_values(sigma_w_inv_sqrt, mbar, rtol)
+def snr_singular_values(sigma_w_inv_sqrt, mbar, rtol=1e-10, atol=0.0):
+    return _impl.snr_singular_values(sigma_w_inv_sqrt, mbar, rtol, atol)
 
 
 def pairwise_cosine_stats(vectors, tile=0):

@@ -156,24 +156,35 @@ def psd_inv_sqrt(matrix: torch.Tensor, rel_eps: float | None = None) -> tuple[to
     return out, int(keep.sum())
 
 
+def _kept(s: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+    """Singular values that count: above ``rtol · max`` (SPEC §2) and above ``atol``, the
+    rounding level of M̄ (:func:`ncfast.metrics.check_separation`; a large common offset of the
+    features puts rounding-noise directions into M̄ far above rtol · max)."""
+    if s.numel() == 0:
+        return s > 0
+    return (s > rtol * s.max()) & (s > atol)
+
+
 def class_space_svd(
-    mbar: torch.Tensor, rtol: float = 1e-10
+    mbar: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of M̄ ``[P, C]`` keeping singular values above ``rtol · max``: (U, s, V).
+    """Thin SVD of M̄ ``[P, C]`` keeping singular values above ``rtol · max`` and ``atol``:
+    (U, s, V).
 
     Thin SVD costs O(P·C·min(P, C)): never a P×P decomposition when C < P, and fine for C ≥ P.
     (A C×C Gram eigendecomposition would square the condition number and could not honour
     rtol = 1e-10: the exact null direction of M̄ would show up as an eigenvalue ~ eps·max.)
     """
     u, s, vh = torch.linalg.svd(mbar, full_matrices=False)
-    keep = s > rtol * s.max() if s.numel() else s > 0
+    keep = _kept(s, rtol, atol)
     return u[:, keep], s[keep], vh[keep].T
 
 
 def left_singular_pairs(
-    mbar: torch.Tensor, rtol: float = 1e-10
+    mbar: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, s) of the thin SVD of M̄ ``[P, C]`` above ``rtol · max``, without the right factor.
+    """(U, s) of the thin SVD of M̄ ``[P, C]`` above ``rtol · max`` and ``atol``, without the
+    right factor.
 
     With C > P the right factor [P, C] and its SVD workspace would dominate memory (1 GiB each
     at C = 32000, P = 4096), so M̄ᵀ = QR is reduced to R ``[P, P]`` first (only R is formed):
@@ -185,25 +196,27 @@ def left_singular_pairs(
     if c > p:
         mbar = torch.linalg.qr(mbar.T, mode="r").R.T
     u, s, _ = torch.linalg.svd(mbar, full_matrices=False)
-    keep = s > rtol * s.max() if s.numel() else s > 0
+    keep = _kept(s, rtol, atol)
     return u[:, keep], s[keep]
 
 
-def nc1(sigma_w: torch.Tensor, mbar: torch.Tensor, rtol: float = 1e-10) -> tuple[float, int]:
-    """NC1 = tr(Σ_W Σ_B^†) / C with Σ_B = M̄M̄ᵀ/C, in class space: Σ_j u_jᵀ Σ_W u_j / s_j²."""
-    u, s = left_singular_pairs(mbar, rtol)
+def nc1(
+    sigma_w: torch.Tensor, mbar: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0
+) -> tuple[float, int]:
+    """NC1 = tr(Σ_W Σ_B^†) / C with Σ_B = M̄M̄ᵀ/C, in class space: Σ_j u_jᵀ Σ_W u_j / s_j², over
+    the directions of M̄ above ``rtol · max`` and ``atol``; and their number (``sigma_b_rank``)."""
+    u, s = left_singular_pairs(mbar, rtol, atol)
     value = ((sigma_w @ u) * u).sum(0) / s.square()
     return float(value.sum()), int(s.numel())
 
 
 def snr_singular_values(
-    sigma_w_inv_sqrt: torch.Tensor, mbar: torch.Tensor, rtol: float = 1e-10
+    sigma_w_inv_sqrt: torch.Tensor, mbar: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0
 ) -> torch.Tensor:
-    """Nonzero singular values of SNR = Σ_W^{-1/2} M̄, descending (SPEC §4)."""
+    """Nonzero singular values of SNR = Σ_W^{-1/2} M̄, descending (SPEC §4): those above
+    ``rtol · max`` and ``atol`` (the rounding level of M̄ after whitening)."""
     s = torch.linalg.svdvals(sigma_w_inv_sqrt @ mbar)
-    if s.numel() == 0:
-        return s
-    return s[s > rtol * s.max()]
+    return s[_kept(s, rtol, atol)]
 
 
 def pairwise_cosine_stats(vectors: torch.Tensor, tile: int = 0) -> tuple[float, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ncfast import ops
@@ -13,6 +15,16 @@ _ON_INVALID = ("raise", "skip")
 
 class InvalidInputError(ValueError):
     """Raised when streamed samples had labels out of range or non-finite features."""
+
+
+def check_int(value, name: str, minimum: int, where: str) -> int:
+    """``value`` as an int ≥ ``minimum``; a TypeError naming ``name`` for anything that is not an
+    integer (bool included: ``True`` is not a class count), a ValueError when it is too small."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{where}: {name} must be ≥ {minimum}, got {value}")
+    return int(value)
 
 
 def check_batch(features, labels, num_classes: int, dim: int, where: str) -> None:
@@ -65,14 +77,12 @@ class ClassStats:
         device: torch.device | str | None = None,
         on_invalid: str = "raise",
     ):
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.num_classes = check_int(num_classes, "num_classes", 1, "ClassStats")
+        self.dim = check_int(dim, "dim", 1, "ClassStats")
         if on_invalid not in _ON_INVALID:
-            raise ValueError(f"on_invalid must be one of {_ON_INVALID}, got {on_invalid!r}")
-        self.num_classes = num_classes
-        self.dim = dim
+            raise ValueError(
+                f"ClassStats: on_invalid must be one of {_ON_INVALID}, got {on_invalid!r}"
+            )
         self.on_invalid = on_invalid
         self._state: dict[str, torch.Tensor] | None = None
         if device is not None:

@@ -4,7 +4,7 @@ Two independent routes to the SNR singular values ω_j(t):
 
 - :func:`snr_closed_form` solves the implicit law
   ``C² log ω + C ω² + ω⁴/4 = a_j + t/N`` (a_j fixed by ω_j(0)) for ω(t).
-- :func:`simulate_central_path` integrates the continually renormalized gradient flow (seed Eq. 5)
+- :func:`simulate_central_path` integrates the continually renormalized gradient flow (HPD22 Eq. 5)
   on the unconstrained-features model: L_LS is computed by the SPEC §3 code
   (:func:`ncfast.reference.least_squares` plus the §3 loss formulas), differentiated with autograd
   with respect to the features, projected on the tangent space of {X : Σ_W(X) = I}, stepped
@@ -48,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ncfast import reference
+from ncfast.stats import check_int
 
 __all__ = [
     "CentralPathRun",
@@ -73,14 +74,6 @@ _SINGLE_THREAD_NUMEL = 1 << 16
 # ----------------------------------------------------------------------------- input checks
 
 
-def _check_count(value, name: str, minimum: int, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{where}: {name} must be ≥ {minimum}, got {value}")
-    return value
-
-
 def _as_vector(values, name: str, where: str) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         tensor = values.detach()
@@ -101,7 +94,7 @@ def _as_vector(values, name: str, where: str) -> torch.Tensor:
 
 def _check_features(features, num_classes: int, where: str) -> tuple[int, int]:
     """(P, N) of a balanced, class-grouped feature matrix ``[P, C·N]``."""
-    _check_count(num_classes, "num_classes", 2, where)
+    check_int(num_classes, "num_classes", 2, where)
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"{where}: features must be a torch.Tensor, got {type(features).__name__}")
     if features.dim() != 2 or features.shape[1] % num_classes or features.shape[1] == 0:
@@ -203,8 +196,8 @@ def snr_closed_form(
     to rounding (the law holds to ~1e-15 relative at the returned ω).
     """
     where = "snr_closed_form"
-    c = _check_count(num_classes, "num_classes", 2, where)
-    n = _check_count(per_class, "per_class", 1, where)
+    c = check_int(num_classes, "num_classes", 2, where)
+    n = check_int(per_class, "per_class", 1, where)
     omega0_vec = _as_vector(omega0, "omega0", where)
     t_vec = _as_vector(t, "t", where)
     if omega0_vec.numel() > c - 1:
@@ -313,7 +306,7 @@ def tangent_projection(
 
 
 def renormalize(features: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Renormalized features Σ_W^{-1/2} (H − μ_G 1ᵀ) (seed §3.1): zero global mean, Σ_W = I.
+    """Renormalized features Σ_W^{-1/2} (H − μ_G 1ᵀ) (HPD22 §3.1): zero global mean, Σ_W = I.
 
     The retraction of the simulator; it leaves the SNR singular values unchanged (invariance).
     """
@@ -350,9 +343,9 @@ def initial_features(
     singular vectors random; otherwise Gaussian features, renormalized.
     """
     where = "initial_features"
-    c = _check_count(num_classes, "num_classes", 2, where)
-    n = _check_count(per_class, "per_class", 2, where)
-    p = _check_count(dim, "dim", 1, where)
+    c = check_int(num_classes, "num_classes", 2, where)
+    n = check_int(per_class, "per_class", 2, where)
+    p = check_int(dim, "dim", 1, where)
     _check_dims(c, n, p, where)
     if omega0 is None:
         h = torch.randn(p, c * n, dtype=_F64, generator=generator)
@@ -433,7 +426,7 @@ class CentralPathRun:
 
 
 def _flow(x: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The continually renormalized flow's velocity −Π_X ∇_X L_LS(X) (seed Eq. 5)."""
+    """The continually renormalized flow's velocity −Π_X ∇_X L_LS(X) (HPD22 Eq. 5)."""
     x = x.detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(least_squares_loss(x, num_classes), x)
     return -tangent_projection(grad, x.detach(), num_classes)
@@ -469,7 +462,7 @@ def simulate_central_path(
     where = "simulate_central_path"
     p, n = _check_features(features, num_classes, where)
     c = num_classes
-    _check_count(steps, "steps", 0, where)
+    check_int(steps, "steps", 0, where)
     _check_dims(c, n, p, where)
     if dt is not None and not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
         raise ValueError(f"{where}: dt must be a positive finite number or None, got {dt!r}")

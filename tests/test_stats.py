@@ -14,28 +14,30 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ncfast
+from ncfast.nc4 import NCCMismatch
 from ncfast.stats import ClassStats, InvalidInputError
-from tests.test_metrics import make_data
+from tests.test_metrics import EPS, make_data, stream_tolerances
 
 
-def _fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
-
-
-def assert_same_stats(a: ClassStats, b: ClassStats, rtol: float):
+def assert_same_stats(a: ClassStats, b: ClassStats, features=None, labels=None):
+    """Same counts; class means and Σ_W within :func:`stream_tolerances` of ``features`` (exactly
+    equal when no features are given)."""
     assert torch.equal(a.counts, b.counts)
     present = a.present
-    torch.testing.assert_close(a.class_means[present], b.class_means[present], rtol=rtol, atol=0)
-    scale = a.sigma_w.abs().max()
-    torch.testing.assert_close(a.sigma_w, b.sigma_w, rtol=0, atol=rtol * float(scale))
+    atol_means, atol_sigma = (0.0, 0.0) if features is None else stream_tolerances(features, labels)
+    torch.testing.assert_close(
+        a.class_means[present], b.class_means[present], rtol=0, atol=atol_means
+    )
+    torch.testing.assert_close(a.sigma_w, b.sigma_w, rtol=0, atol=atol_sigma)
 
 
-def test_merge_of_seven_random_splits_equals_one_stream():
-    features, labels, _, _ = make_data([90, 0, 150, 60, 33], 9, seed=_fresh_seed(), offset=50.0)
+def test_merge_of_seven_random_splits_equals_one_stream(seed):
+    features, labels, _, _ = make_data([90, 0, 150, 60, 33], 9, seed, offset=50.0)
     one = ClassStats(5, 9)
     for chunk in torch.split(torch.arange(len(labels)), 40):
         one.update(features[chunk], labels[chunk])
-    cuts = torch.sort(torch.randperm(len(labels) - 1)[:6] + 1).values.tolist()
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randperm(len(labels) - 1, generator=g)[:6] + 1).values.tolist()
     bounds = [0, *cuts, len(labels)]
     parts = []
     for lo, hi in itertools.pairwise(bounds):
@@ -46,14 +48,20 @@ def test_merge_of_seven_random_splits_equals_one_stream():
     merged = ClassStats(5, 9)
     for part in parts:
         merged.merge(part)
-    assert_same_stats(one, merged, rtol=1e-12)
+    assert_same_stats(one, merged, features, labels)
+    # NC1 = tr(Σ_W Σ_B^†)/C is linear in Σ_W (relative error ≤ P·δΣ_W/λ_min(Σ_W)) and depends
+    # on M̄ through Σ_B^† (relative error ≤ 2·√C·δμ/σ_min(M̄)).
+    atol_means, atol_sigma = stream_tolerances(features, labels)
+    lam_min = float(torch.linalg.eigvalsh(one.sigma_w)[0])
+    sigma_min = float(torch.linalg.svdvals(one.centered_means)[-1])
+    rtol = 9 * atol_sigma / lam_min + 2 * 4**0.5 * atol_means / sigma_min
     r1, r2 = ncfast.nc_metrics(one), ncfast.nc_metrics(merged)
-    assert r1["nc1"] == pytest.approx(r2["nc1"], rel=1e-12)
+    assert r1["nc1"] == pytest.approx(r2["nc1"], rel=rtol)
 
 
-def test_merge_near_collapse_keeps_precision():
+def test_merge_near_collapse_keeps_precision(seed):
     """Different first-batch shifts in each part must not cost precision when merged."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     means = torch.randn(3, 8, generator=g, dtype=torch.float64) * 1e4 + 1e6
     labels = torch.arange(3).repeat(300)
     features = means[labels] + 1e-2 * torch.randn(900, 8, generator=g, dtype=torch.float64)
@@ -61,22 +69,51 @@ def test_merge_near_collapse_keeps_precision():
     merged = ClassStats(3, 8).update(features[:1], labels[:1])
     merged.merge(ClassStats(3, 8).update(features[1:500], labels[1:500]))
     merged.merge(ClassStats(3, 8).update(features[500:], labels[500:]))
-    assert_same_stats(one, merged, rtol=1e-9)
+    assert_same_stats(one, merged, features, labels)
+    # The check is sharp: a merge that lost the shifts (Σ hhᵀ − Nμμᵀ) errs by eps·max‖h‖²,
+    # 1e5× the tolerance used, and 1e1× Σ_W itself.
+    _, atol_sigma = stream_tolerances(features, labels)
+    naive_error = EPS * float(features.norm(dim=1).max()) ** 2
+    assert atol_sigma < 1e-5 * naive_error and naive_error > 10 * float(one.sigma_w.abs().max())
 
 
-def test_state_dict_round_trip_through_safe_torch_load():
-    features, labels, _, _ = make_data([30, 40], 4, seed=2)
+def test_merge_adds_the_skipped_counts(seed):
+    """Invalid samples counted by one stream survive a merge: skip mode reports the total,
+    raise mode still raises when a result is read."""
+    features, labels, _, _ = make_data([20, 30, 25], 4, seed)
+    nan_rows = torch.full((2, 4), float("nan"))
+    first = ClassStats(3, 4, on_invalid="skip")
+    first.update(torch.cat([features[:40], nan_rows]), torch.cat([labels[:40], labels[:2]]))
+    second = ClassStats(3, 4, on_invalid="skip")
+    second.update(
+        torch.cat([features[40:], features[:3]]), torch.cat([labels[40:], -labels[:3] - 1])
+    )
+    assert first.skipped == {"label_out_of_range": 0, "non_finite": 2}
+    assert second.skipped == {"label_out_of_range": 3, "non_finite": 0}
+    merged = ClassStats(3, 4, on_invalid="skip").merge(first).merge(second)
+    assert merged.skipped == {"label_out_of_range": 3, "non_finite": 2}
+    assert_same_stats(merged, ClassStats(3, 4).update(features, labels), features, labels)
+    # raise mode: counts deferred from another stream (the CUDA path) make reading raise
+    deferred = ClassStats(3, 4).load_state_dict(first.state_dict())
+    clean = ClassStats(3, 4).update(features[40:], labels[40:])
+    with pytest.raises(InvalidInputError, match=r"2 sample\(s\) with non-finite"):
+        ncfast.nc_metrics(clean.merge(deferred))
+
+
+def test_state_dict_round_trip_through_safe_torch_load(seed):
+    features, labels, _, _ = make_data([30, 40], 4, seed)
     stats = ClassStats(2, 4).update(features, labels)
     buffer = io.BytesIO()
     torch.save(stats.state_dict(), buffer)
     buffer.seek(0)
     loaded = ClassStats.from_state_dict(torch.load(buffer, weights_only=True))
-    assert_same_stats(stats, loaded, rtol=0)
-    # Continuing the stream after a reload equals one uninterrupted stream.
-    more, more_labels, _, _ = make_data([10, 20], 4, seed=3)
+    assert_same_stats(stats, loaded)  # bit for bit
+    # Continuing the stream after a reload equals one uninterrupted stream, bit for bit: the
+    # same operations on the same state.
+    more, more_labels, _, _ = make_data([10, 20], 4, seed + 1)
     stats.update(more, more_labels)
     loaded.update(more, more_labels)
-    assert_same_stats(stats, loaded, rtol=0)
+    assert_same_stats(stats, loaded)
 
 
 def test_load_state_dict_rejects_mismatch():
@@ -102,7 +139,11 @@ def _all_reduce_worker(rank, world, port, features, labels, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        stats = ClassStats(4, features.shape[1])
+        stats = ClassStats(4, features.shape[1], on_invalid="skip")
+        # Invalid samples on each rank: rank r skips r + 1 NaN rows and 2·r + 1 bad labels.
+        bad_features = torch.full((rank + 1, features.shape[1]), float("nan"))
+        stats.update(bad_features, torch.zeros(rank + 1, dtype=torch.long))
+        stats.update(features[: 2 * rank + 1], torch.full((2 * rank + 1,), 4))
         # Unequal, interleaved shards: rank 0 never sees class 3.
         mine = torch.arange(len(labels))[rank::world]
         if rank == 0:
@@ -118,8 +159,8 @@ def _all_reduce_worker(rank, world, port, features, labels, out_dir):
         dist.destroy_process_group()
 
 
-def test_all_reduce_across_two_gloo_processes_equals_one_stream(tmp_path):
-    features, labels, _, _ = make_data([50, 70, 40, 60], 6, seed=_fresh_seed(), offset=1e3)
+def test_all_reduce_across_two_gloo_processes_equals_one_stream(tmp_path, seed):
+    features, labels, _, _ = make_data([50, 70, 40, 60], 6, seed, offset=1e3)
     mp.spawn(
         _all_reduce_worker,
         args=(2, _free_port(), features, labels, str(tmp_path)),
@@ -132,7 +173,8 @@ def test_all_reduce_across_two_gloo_processes_equals_one_stream(tmp_path):
         for r in range(2)
     ]
     for stats in reduced:
-        assert_same_stats(one, stats, rtol=1e-12)
+        assert_same_stats(one, stats, features, labels)
+        assert stats.skipped == {"label_out_of_range": 1 + 3, "non_finite": 1 + 2}
     # Every rank holds identical statistics.
     for key, value in reduced[0].state_dict().items():
         other = reduced[1].state_dict()[key]
@@ -161,14 +203,14 @@ def test_non_finite_features_raise():
         ClassStats(2, 3).update(features, torch.tensor([0, 1, 0, 1, 0]))
 
 
-def test_skip_mode_counts_and_drops_invalid_samples():
-    features, labels, _, _ = make_data([20, 30, 25], 4, seed=4)
-    dirty_f = torch.cat([features, torch.full((2, 4), float("nan")), torch.randn(3, 4)])
+def test_skip_mode_counts_and_drops_invalid_samples(seed):
+    features, labels, _, _ = make_data([20, 30, 25], 4, seed)
+    dirty_f = torch.cat([features, torch.full((2, 4), float("nan")), features[:3]])
     dirty_y = torch.cat([labels, torch.tensor([0, 1]), torch.tensor([7, -2, 3])])
     skip = ClassStats(3, 4, on_invalid="skip").update(dirty_f, dirty_y)
     clean = ClassStats(3, 4).update(features, labels)
     assert skip.skipped == {"label_out_of_range": 3, "non_finite": 2}
-    assert_same_stats(clean, skip, rtol=1e-13)
+    assert_same_stats(clean, skip, features, labels)
 
 
 def test_deferred_invalid_counts_are_reported_when_results_are_read():
@@ -201,12 +243,38 @@ def test_wrong_shapes_and_types_name_the_argument(features, labels, match):
 
 
 def test_constructor_arguments_are_checked():
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ValueError, match="num_classes must be ≥ 1"):
         ClassStats(0, 3)
-    with pytest.raises(ValueError, match="dim"):
+    with pytest.raises(ValueError, match="dim must be ≥ 1"):
         ClassStats(2, -1)
     with pytest.raises(ValueError, match="on_invalid"):
         ClassStats(2, 3, on_invalid="ignore")
+    stats = ClassStats(np.int64(3), np.int32(4))  # numpy integers are integers
+    assert (stats.num_classes, stats.dim) == (3, 4) and type(stats.num_classes) is int
+
+
+WEIGHT = torch.zeros(3, 8)
+
+
+@pytest.mark.parametrize(
+    ("build", "argument", "kind"),
+    [
+        (lambda: ClassStats(True, 8), "num_classes", "bool"),
+        (lambda: ClassStats(3, False), "dim", "bool"),
+        (lambda: ClassStats(3.0, 8), "num_classes", "float"),
+        (lambda: ClassStats("3", 8), "num_classes", "str"),
+        (lambda: ncfast.Measurement(True, 8), "num_classes", "bool"),
+        (lambda: ncfast.Measurement(3, 8.0), "dim", "float"),
+        (lambda: ncfast.Measurement(3, 8, memory_budget_bytes=True), "memory_budget_bytes", "bool"),
+        (lambda: ncfast.Measurement(3, 8, memory_budget_bytes=1e9), "memory_budget_bytes", "float"),
+        (lambda: NCCMismatch(WEIGHT, memory_budget_bytes=False), "memory_budget_bytes", "bool"),
+        (lambda: NCCMismatch(WEIGHT, memory_budget_bytes=2.5), "memory_budget_bytes", "float"),
+    ],
+)
+def test_counts_and_sizes_must_be_integers_not_bools(build, argument, kind):
+    """``True`` is an int to Python, not a class count: refused with the argument's name."""
+    with pytest.raises(TypeError, match=rf"{argument} must be an int, got {kind}"):
+        build()
 
 
 def test_fewer_than_two_classes_is_an_error():
