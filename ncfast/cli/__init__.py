@@ -17,6 +17,7 @@ def main() -> None:
 from ncfast.cli import analyze as _analyze  # noqa: E402, F401
 from ncfast.cli import info as _info  # noqa: E402, F401
 from ncfast.cli import plot as _plot  # noqa: E402, F401
+from ncfast.cli import sweep as _sweep  # noqa: E402, F401
 from ncfast.cli import table as _table  # noqa: E402, F401
 from ncfast.cli import theory as _theory  # noqa: E402, F401
 from ncfast.cli import train as _train  # noqa: E402, F401
