@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,7 @@ from torch import nn
 
 from ncfast.losses import LOSSES, check_loss, compute_loss, one_hot, parse_mse_scale
 from ncfast.models import FAMILIES, NETS, PAPER_NETS, build, paper_net
+from ncfast.models.resnet import StridedPointwiseConv
 
 # Tiny widths keep every network under a second on the CPU.
 TINY_WIDTH = {name: 0.0625 for name in NETS}
@@ -45,6 +49,66 @@ def _check_interface(net, channels, size):
     torch.testing.assert_close(logits, model.classifier(h), rtol=0, atol=0)
     # Features are not trivially constant across inputs.
     assert (h[0] - h[1]).abs().max() > 0
+
+
+# Training as `ncfast train` does by default (channels-last, batch norm in train mode) a ResNet
+# whose stem has fewer than 16 channels on STL10's 96×96 images: oneDNN's strided 1×1
+# weight-gradient kernel corrupted the heap there (see StridedPointwiseConv). A crash, so in a
+# child process; with nn.Conv2d(stride=2) in the shortcut this crashed in 12 of 12 tries.
+RESNET_96PX_CHANNELS_LAST = """
+import torch
+from ncfast.models import build
+torch.manual_seed(0)
+model = build("resnet18", 10, 3, 96, 0.0625).to(memory_format=torch.channels_last)  # 4-ch stem
+for _ in range(2):
+    x = torch.randn(4, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    model(x).square().mean().backward()
+"""
+
+
+def test_resnet_small_width_trains_channels_last_on_96px():
+    result = subprocess.run(
+        [sys.executable, "-c", RESNET_96PX_CHANNELS_LAST],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+
+
+@pytest.mark.parametrize("size", [95, 96])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_strided_pointwise_conv_is_a_strided_1x1_convolution(seed, size, channels_last):
+    g = torch.Generator().manual_seed(seed)
+    ours = StridedPointwiseConv(3, 5, 2).double()
+    reference = nn.Conv2d(3, 5, 1, 2, bias=False).double()
+    reference.load_state_dict(ours.state_dict())  # the same parameters under the same keys
+    x = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64)
+    if channels_last:
+        ours = ours.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_ours = x.clone().requires_grad_(True)
+    x_ref = x.detach().contiguous().requires_grad_(True)
+    out = ours(x_ours)
+    expected = reference(x_ref)
+    assert out.shape == expected.shape == (2, 5, (size + 1) // 2, (size + 1) // 2)
+    upstream = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    out.backward(upstream)
+    expected.backward(upstream)
+    # Sums in another order differ by at most (terms)·eps·Σ|terms| per entry.
+    eps = torch.finfo(torch.float64).eps
+    weight, sampled = reference.weight.detach(), x[:, :, ::2, ::2]
+    # Outputs: sums of 3 products.
+    bound = 3 * eps * F.conv2d(sampled.abs(), weight.abs())
+    assert ((out - expected).abs() <= bound).all()
+    # Weight gradient: sums over the 2·⌈size/2⌉² output pixels.
+    terms = upstream[:, 0].numel()
+    abs_sum = torch.einsum("bohw,bihw->oi", upstream.abs(), sampled.abs())[:, :, None, None]
+    assert ((ours.weight.grad - reference.weight.grad).abs() <= terms * eps * abs_sum).all()
+    # Input gradient: zero off the stride's grid, sums of 5 products on it.
+    bound = 5 * eps * F.conv_transpose2d(upstream.abs(), weight.abs(), stride=2)
+    bound = F.pad(bound, (0, size - bound.shape[-1], 0, size - bound.shape[-2]))
+    assert ((x_ours.grad - x_ref.grad).abs() <= bound).all()
 
 
 # Parameter counts of the published small-image variants (10 classes, 3 channels): ResNet18/34/50

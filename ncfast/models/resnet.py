@@ -3,6 +3,8 @@ max-pool (torchvision's blocks otherwise: BasicBlock for 18/34, Bottleneck for 5
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ncfast.models.base import FeatureClassifier, init_weights, scaled
@@ -47,12 +49,33 @@ class Bottleneck(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+class StridedPointwiseConv(nn.Conv2d):
+    """A bias-free 1×1 convolution with a stride, computed as subsampling then a stride-1 1×1
+    convolution: the same result (a 1×1 kernel without padding reads only the pixels the stride
+    lands on), and the same parameters and state-dict keys as ``nn.Conv2d``.
+
+    Why: oneDNN 3.12's AVX-512 weight-gradient kernel (torch 2.14 on CPU) corrupts the heap for
+    a strided 1×1 channels-last convolution with fewer than 16 input channels on maps of 56 or
+    more pixels (ResNet18 at ``--width 0.125`` on STL10 crashed in 6 of 8 runs). The stride-1
+    kernel is not affected."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step_h, step_w = self.stride
+        return F.conv2d(x[:, :, ::step_h, ::step_w], self.weight)
+
+
 def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
     if stride == 1 and in_planes == out_planes:
         return nn.Identity()
-    return nn.Sequential(
-        nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes)
+    conv = (
+        nn.Conv2d(in_planes, out_planes, 1, bias=False)
+        if stride == 1
+        else StridedPointwiseConv(in_planes, out_planes, stride)
     )
+    return nn.Sequential(conv, nn.BatchNorm2d(out_planes))
 
 
 RESNET_LAYERS = {
