@@ -1,12 +1,13 @@
-"""``analyze``: everything the seed reports about one trained network, from its checkpoint.
+"""``analyze``: everything HPD22 reports about one trained network, from its checkpoint.
 
 The checkpoint is read with ``torch.load(weights_only=True)`` (:mod:`ncfast.checkpoint`); the
 network and the data are rebuilt from the configuration it carries, exactly as training built
 them; one streamed measurement per split goes through :func:`ncfast.evaluate.measure_split`, the
 function training itself measures with, so the numbers agree with the run's log at the
 checkpoint's epoch (the report says by how much). Then DeepFool robustness on a seeded sample of
-test images (seed Fig. 9), the central-path fit of the logged SNR singular values (SPEC §5),
-Table 1's row, and the figures of the run's history.
+test images (HPD22 Fig. 9, with SPEC §7's tight bound and out-of-range fraction), the
+central-path fit of the logged SNR singular values (SPEC §5), Table 1's row, and the figures of
+the run's history.
 
 Outputs in ``out_dir`` (default ``<checkpoint folder>/analysis``): ``report.json`` (strict JSON:
 NaN/inf written as null), ``summary.md`` and ``figures/`` (the :mod:`ncfast.plots` figures).
@@ -32,6 +33,8 @@ from ncfast.tables import table1_rows
 from ncfast.train import TrainConfig, build_model, jsonable, load_data
 
 REPORT_FORMAT = "ncfast-report-v1"
+# The robustness numbers the Fig. 9 plot draws (ncfast.plots), put on the checkpoint's record.
+ROBUSTNESS_PLOT_KEYS = ("robustness", "robustness_tight", "robustness_out_of_range")
 DECOMPOSITION_KEYS = ("loss_mse", "loss_nc1", "loss_nc23", "loss_ls", "loss_ls_perp")
 # Rows of the compact table (report key, label).
 SUMMARY_ROWS = (
@@ -193,14 +196,10 @@ def analyze(
 
     train_data, test_data = load_data(config)
     model = build_model(config, train_data.num_classes, train_data.channels, train_data.image_size)
-    try:
-        model.load_state_dict(payload["model"])
-    except (RuntimeError, TypeError, KeyError) as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(
-            f"checkpoint {path}: its weights do not fit a {config.net} (width {config.width}) "
-            f"for {config.dataset} ({first})"
-        ) from None
+    from ncfast.checkpoint import load_state_checked  # names the missing/unexpected keys
+
+    what = f"a {config.net} (width {config.width}) for {config.dataset}"
+    load_state_checked(model, payload["model"], path, "model", what)
     model = model.to(dev).eval()
 
     measure_kwargs = config.measure_options()
@@ -258,7 +257,7 @@ def analyze(
     figure_paths = []
     if run is not None:
         if robust is not None:
-            _attach_robustness(run, epoch, robust["robustness"])
+            _attach_robustness(run, epoch, robust)
         figure_paths = plot_runs([run], out / "figures", formats=formats, fits={0: fit})
     report["files"] = {
         "report": str(out / "report.json"),
@@ -273,12 +272,13 @@ def analyze(
     return report
 
 
-def _attach_robustness(run, epoch: int, value: float) -> None:
-    """Put the measured robustness on the test record of the checkpoint's epoch (a copy), so
-    the robustness figure shows it."""
+def _attach_robustness(run, epoch: int, robust: dict) -> None:
+    """Put the measured robustness numbers (those the Fig. 9 plot draws) on the test record of
+    the checkpoint's epoch (a copy), so the robustness figure shows them."""
+    values = {k: robust[k] for k in ROBUSTNESS_PLOT_KEYS}
     for i, rec in enumerate(run.records):
         if rec["epoch"] == epoch and rec["split"] == "test":
-            run.records[i] = {**rec, "robustness": value}
+            run.records[i] = {**rec, **values}
             run._history.clear()
 
 
@@ -310,17 +310,12 @@ def summary_lines(report: dict) -> list[str]:
     lines = []
     cfg = report.get("config", {})
     lines.append(
-        f"λ (seed Eq. 3) = {_fmt(report.get('lambda'))} "
+        f"λ (HPD22 Eq. 3) = {_fmt(report.get('lambda'))} "
         f"(SGD weight decay {_fmt(cfg.get('weight_decay'))}, λ = C·wd/2)"
     )
     rob = report.get("robustness")
     if rob:
-        lines.append(
-            f"DeepFool robustness ‖r‖/‖x‖ (test, {rob['robustness_samples']} images, seed "
-            f"{rob['robustness_seed']}): mean {_fmt(rob['robustness'])} ± "
-            f"{_fmt(rob['robustness_stderr'])}, median {_fmt(rob['robustness_median'])}; "
-            f"{rob['robustness_not_fooled']} not fooled"
-        )
+        lines += robustness_lines(rob)
     zero = report.get("zero_error_epoch")
     row = report.get("table1") or {}
     if not report.get("history_epochs"):
@@ -331,7 +326,7 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(
             f"zero training error first at epoch {zero}: test accuracy "
             f"{_fmt(row.get('acc_zero_error'))}% then, {_fmt(row.get('acc_final'))}% at epoch "
-            f"{row.get('final_epoch')} ({_fmt(row.get('improvement'))} pp, seed Table 1)"
+            f"{row.get('final_epoch')} ({_fmt(row.get('improvement'))} pp, HPD22 Table 1)"
         )
     fit = report.get("central_path")
     if fit and fit.get("fitted"):
@@ -357,6 +352,30 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"agreement with the log at epoch {report['epoch']}: " + ", ".join(parts))
     else:
         lines.append(f"the log has no measurement at the checkpoint's epoch {report['epoch']}")
+    return lines
+
+
+def robustness_lines(rob: dict) -> list[str]:
+    """SPEC §7's three numbers in words: the papers' measure, the tight bound, the range."""
+    lines = [
+        f"DeepFool robustness ‖r‖/‖x‖ (test, {rob['robustness_samples']} images, seed "
+        f"{rob['robustness_seed']}; HPD22 Fig. 9): mean {_fmt(rob['robustness'])} ± "
+        f"{_fmt(rob['robustness_stderr'])}, median {_fmt(rob['robustness_median'])}; "
+        f"{rob['robustness_not_fooled']} not fooled"
+    ]
+    if "robustness_tight" in rob:  # reports written before SPEC §7 lack them
+        lines.append(
+            f"tight bound ‖s*·r‖/‖x‖ (s* the smallest multiple of DeepFool's r that already "
+            f"changes the prediction, median s* = {_fmt(rob['robustness_tight_scale_median'])}): "
+            f"mean {_fmt(rob['robustness_tight'])} ± {_fmt(rob['robustness_tight_stderr'])}, "
+            f"median {_fmt(rob['robustness_tight_median'])}"
+        )
+        outside = rob.get("robustness_out_of_range")
+        lines.append(
+            "pixels of x + r outside the valid image range: "
+            + ("not measured" if outside is None else f"{_fmt(100 * outside)}%")
+            + " (DeepFool is unconstrained)"
+        )
     return lines
 
 

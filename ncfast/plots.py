@@ -1,12 +1,13 @@
-"""Figures in the style of the seed's Figs. 2–12 from training runs (matplotlib, Agg backend).
+"""Figures in the style of HPD22's Figs. 2–12 from training runs (matplotlib, Agg backend).
 
 Every figure is a grid with one panel per (dataset, network) cell — datasets as columns,
-networks as rows, as in the seed's Fig. 2 — and the runs of a cell overlaid in one colour per
+networks as rows, as in HPD22's Fig. 2 — and the runs of a cell overlaid in one colour per
 variant (the loss: MSE vs CE as in Figs. 10–11, or the run's directory name when a cell holds
 several runs of the same loss). Epochs are on a log scale; a vertical line marks each run's
-zero-training-error epoch (red, as in the seed, when there is one variant). Within a panel the
+zero-training-error epoch (red, as in HPD22, when there is one variant). Within a panel the
 line style says which quantity: solid for class means / the training set, dashed for
-classifiers / the test set.
+classifiers / the test set (in the robustness figure: solid DeepFool's r, dashed the tight s*·r,
+dash-dot the percentage of out-of-range pixels on a second axis).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Curve:
     style: str
     meaning: str
     scale: float = 1.0
+    marker: str = "o"  # tells curves apart where a run has a single measured epoch
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class MetricFigure:
     ylabel: str
     curves: tuple[Curve, ...]
     logy: bool = False
+    # Curves of another quantity, on a linear second y axis at the right of each panel.
+    right: tuple[Curve, ...] = ()
+    right_ylabel: str = ""
 
 
 MEANS_AND_CLASSIFIERS = ("-", "--")
@@ -67,7 +72,7 @@ METRIC_FIGURES = (
     ),
     MetricFigure(
         "equinorm",
-        "Equinorm (seed Fig. 3)",
+        "Equinorm (HPD22 Fig. 3)",
         r"std$_c$ / avg$_c$ of norm",
         (
             Curve("nc2_equinorm_means", "train", "-", r"class means $\|\mu_c-\mu_G\|$"),
@@ -76,7 +81,7 @@ METRIC_FIGURES = (
     ),
     MetricFigure(
         "equiangularity",
-        "Equiangularity (seed Fig. 4)",
+        "Equiangularity (HPD22 Fig. 4)",
         r"std$_{c\neq c'}$ cos",
         (
             Curve("nc2_equiangular_means", "train", "-", "class means"),
@@ -85,7 +90,7 @@ METRIC_FIGURES = (
     ),
     MetricFigure(
         "maxangle",
-        "Maximal-angle equiangularity (seed Fig. 5)",
+        "Maximal-angle equiangularity (HPD22 Fig. 5)",
         r"avg$_{c\neq c'}$ |cos + 1/(C−1)|",
         (
             Curve("nc2_maxangle_means", "train", "-", "class means"),
@@ -94,20 +99,20 @@ METRIC_FIGURES = (
     ),
     MetricFigure(
         "self_duality",
-        "Self-duality (seed Fig. 6)",
+        "Self-duality (HPD22 Fig. 6)",
         r"$\| W^\top/\|W\|_F - \bar M/\|\bar M\|_F \|_F^2$",
         (Curve("nc3_self_duality", "train", "-", "train"),),
     ),
     MetricFigure(
         "nc1",
-        "Variability collapse (seed Figs. 7 and 12)",
+        "Variability collapse (HPD22 Figs. 7 and 12)",
         r"tr$(\Sigma_W \Sigma_B^\dagger)/C$",
         (Curve("nc1", "train", "-", "train"), Curve("nc1", "test", "--", "test")),
         logy=True,
     ),
     MetricFigure(
         "ncc_mismatch",
-        "Convergence to nearest class centre (seed Fig. 8)",
+        "Convergence to nearest class centre (HPD22 Fig. 8)",
         "proportion mismatch",
         (
             Curve("nc4_ncc_mismatch", "train", "-", "train"),
@@ -116,14 +121,19 @@ METRIC_FIGURES = (
     ),
     MetricFigure(
         "robustness",
-        "DeepFool robustness (seed Fig. 9)",
+        "DeepFool robustness on the test set (HPD22 Fig. 9, SPEC §7)",
         r"avg $\|r\|_2 / \|x\|_2$",
-        (Curve("robustness", "test", "-", "test"),),
+        (
+            Curve("robustness", "test", "-", r"DeepFool $r$ (HPD22)"),
+            Curve("robustness_tight", "test", "--", r"tight $s^* r$ (first flip)", marker="v"),
+        ),
         logy=True,
+        right=(Curve("robustness_out_of_range", "test", "-.", "x + r out of range", 100.0, "s"),),
+        right_ylabel="pixels of x + r out of range (%)",
     ),
     MetricFigure(
         "snr_condition",
-        "Spread of the SNR singular values (seed Cor. 1)",
+        "Spread of the SNR singular values (HPD22 Cor. 1)",
         r"$\omega_{\max}/\omega_{\min}$",
         (
             Curve("snr_condition", "train", "-", "train"),
@@ -133,7 +143,7 @@ METRIC_FIGURES = (
     ),
     MetricFigure(
         "ls_perp_ratio",
-        "Proximity to the central path (seed Fig. 2)",
+        "Proximity to the central path (HPD22 Fig. 2)",
         r"$\mathcal{L}^{\perp}_{LS} / \mathcal{L}_{LS}$",
         (Curve("ls_perp_ratio", "train", "-", "train"),),
         logy=True,
@@ -210,6 +220,12 @@ def _log_y(ax) -> None:
     """Log y; within two decades plain numbers on the minor ticks too."""
     ax.set_yscale("log")
     low, high = ax.get_ylim()
+    if low > 0 and high / low < 1.5:
+        # Nearly equal values (one measured epoch): a range of ×1.5 around them, not ticks
+        # that differ in the sixth digit.
+        middle = math.sqrt(low * high)
+        low, high = middle / 1.5, middle * 1.5
+        ax.set_ylim(low, high)
     if low > 0 and high / low < 100:
         ax.yaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
         ax.yaxis.set_minor_formatter(
@@ -267,13 +283,15 @@ def _grid(runs: Sequence[Run], title: str, panel_w=3.4, panel_h=2.6):
     return fig, panel
 
 
-def _plot_series(ax, epochs, values, *, logy, **kwargs) -> bool:
+def _plot_series(ax, epochs, values, *, logy, marker="o", markersize=2.5, **kwargs) -> bool:
     mask = np.isfinite(values) & (epochs > 0)
     if logy:
         mask &= values > 0
     if not mask.any():
         return False
-    ax.plot(epochs[mask], values[mask], marker="o", markersize=2.5, linewidth=1.3, **kwargs)
+    ax.plot(
+        epochs[mask], values[mask], marker=marker, markersize=markersize, linewidth=1.3, **kwargs
+    )
     return True
 
 
@@ -301,7 +319,10 @@ def _legend(fig, variants: dict[int, tuple[str, str]], styles, one_variant: bool
         Line2D([], [], color=colors[lab], linewidth=2, label=lab)
         for lab in _ordered_labels(variants)
     ]
-    handles += [Line2D([], [], color="0.3", linestyle=s, label=m) for s, m in styles]
+    handles += [
+        Line2D([], [], color="0.3", linestyle=s, marker=marker, markerfacecolor=face, label=m)
+        for s, (m, marker, face) in styles
+    ]
     handles.append(
         Line2D(
             [],
@@ -335,14 +356,30 @@ def _ylabel(panel: dict, text: str) -> None:
         ax.set_ylabel(text, fontsize=8)
 
 
+def _right_axes(panel: dict, right_panels: dict, spec: MetricFigure) -> None:
+    """Style the second y axes: from 0, in grey, labelled on the right-most panel of a row."""
+    rows: dict[str, tuple] = {}
+    for (ds, net), twin in right_panels.items():
+        twin.set_ylim(bottom=0)
+        twin.tick_params(axis="y", labelsize=8, colors="0.4")
+        column = panel[(ds, net)].get_subplotspec().colspan.start
+        if net not in rows or column > rows[net][1]:
+            rows[net] = (twin, column)
+    for twin, _ in rows.values():
+        twin.set_ylabel(spec.right_ylabel, fontsize=8, color="0.4")
+
+
 def metric_figure(runs: Sequence[Run], spec: MetricFigure):
-    """One metric figure (runs of a cell overlaid); None when no run has the data."""
+    """One metric figure (runs of a cell overlaid); None when no run has the data of its main
+    (left-axis) curves. ``spec.right`` curves go on a second y axis, made only where a run has
+    their data."""
     if not any(_has_data(r, c.key, c.split) for r in runs for c in spec.curves):
         return None
     variants = _variants(runs)
     one_variant = len({v[0] for v in variants.values()}) == 1
     fig, panel = _grid(runs, spec.title)
     used_styles = {}
+    right_panels = {}
     for i, run in enumerate(runs):
         color = variants[i][1]
         ax = panel[(run.dataset, run.net)]
@@ -357,8 +394,28 @@ def metric_figure(runs: Sequence[Run], spec: MetricFigure):
                 logy=spec.logy,
                 color=color,
                 linestyle=curve.style,
+                marker=curve.marker,
             ):
-                used_styles[curve.style] = curve.meaning
+                used_styles[curve.style] = (curve.meaning, curve.marker, "0.3")
+        for curve in spec.right:
+            if not _has_data(run, curve.key, curve.split):
+                continue
+            cell = (run.dataset, run.net)
+            if cell not in right_panels:
+                right_panels[cell] = ax.twinx()
+            hist = _history(run, curve.split)
+            if _plot_series(
+                right_panels[cell],
+                hist["epoch"],
+                hist[curve.key] * curve.scale,
+                logy=False,
+                color=color,
+                linestyle=curve.style,
+                marker=curve.marker,
+                markersize=4,
+                markerfacecolor="none",  # hollow: the other axis's points may sit behind
+            ):
+                used_styles[curve.style] = (f"{curve.meaning} (right axis)", curve.marker, "none")
         _zero_error_line(
             ax, run, ZERO_ERROR_COLOR if one_variant else color, "-" if one_variant else ":"
         )
@@ -367,13 +424,14 @@ def metric_figure(runs: Sequence[Run], spec: MetricFigure):
         if spec.logy and ax.has_data():
             _log_y(ax)
     _ylabel(panel, spec.ylabel)
-    styles = list(used_styles.items()) if len(spec.curves) > 1 else []
+    _right_axes(panel, right_panels, spec)
+    styles = list(used_styles.items()) if len(spec.curves) + len(spec.right) > 1 else []
     _legend(fig, variants, styles, one_variant)
     return fig
 
 
 def decomposition_figure(runs: Sequence[Run]):
-    """Seed Fig. 2: the MSE decomposition terms over epochs (training set), log–log; None
+    """HPD22 Fig. 2: the MSE decomposition terms over epochs (training set), log–log; None
     when no run has them."""
     if not any(_has_data(r, "loss_mse", "train") for r in runs):
         return None
@@ -381,7 +439,7 @@ def decomposition_figure(runs: Sequence[Run]):
     labels = _ordered_labels(variants)
     styles = ["-", "--", ":", "-."]
     title = (
-        r"MSE decomposition (seed Fig. 2): $\mathcal{L} = \mathcal{L}_{NC1} + "
+        r"MSE decomposition (HPD22 Fig. 2): $\mathcal{L} = \mathcal{L}_{NC1} + "
         r"\mathcal{L}_{NC2/3} + \mathcal{L}^{\perp}_{LS}$"
     )
     fig, panel = _grid(runs, title)
@@ -493,7 +551,7 @@ def snr_figure(runs: Sequence[Run], fits: dict[int, dict] | None = None):
         )
     handles.append(Line2D([], [], color=ZERO_ERROR_COLOR, linewidth=1, label="zero training error"))
     _figure_legend(fig, handles)
-    fig.suptitle("SNR singular values (seed §3, SPEC §5)", fontsize=11)
+    fig.suptitle("SNR singular values (HPD22 §3, SPEC §5)", fontsize=11)
     return fig
 
 

@@ -1,12 +1,19 @@
-"""Adversarial robustness as in the seed's Fig. 9: DeepFool (L2) minimal perturbations.
+"""Adversarial robustness as in PHD20 and HPD22 Fig. 9: DeepFool (L2) minimal perturbations.
 
 DeepFool (Moosavi-Dezfooli, Fawzi & Frossard, CVPR 2016) linearises the classifier around the
 current point, steps to the nearest linearised decision boundary of the class the network
-predicted on the clean input, and repeats until the prediction changes; the total step is
-scaled by ``1 + overshoot`` (0.02 in the original). The robustness measure is the mean over a
-fixed, seeded sample of test images of ``‖r‖₂ / ‖x‖₂``, both in the network's input space
-(normalised images), as in the original code, where the perturbation is computed on the tensor
-the network sees.
+predicted on the clean input, and repeats until the prediction at ``x + (1 + overshoot)·r``
+changes; the perturbation is that total step ``r`` scaled by ``1 + overshoot`` (0.02 in the
+original). SPEC §7 defines three numbers over a fixed, seeded sample of test images, all in the
+network's input space (the normalised tensor it sees, as in the original code):
+
+- ``robustness``: the mean of ``‖(1 + overshoot)·r‖₂ / ‖x‖₂``, what the papers report.
+- ``robustness_tight``: the same mean with ``s*·r``, ``s*`` the smallest multiple of ``r`` in
+  ``(0, 1 + overshoot]`` that already changes the prediction (to 1e-3). DeepFool's linear steps
+  overshoot on smooth networks, so this is the bound a reader can interpret.
+- ``robustness_out_of_range``: the fraction of the pixels of ``x + (1 + overshoot)·r`` outside
+  the valid image range: DeepFool is unconstrained, and this says how far from a real image it
+  went.
 
 Batched: every image in a batch is attacked at once; the Jacobian of the C logits with respect
 to the inputs comes from C backward passes through one forward pass. The network runs in eval
@@ -27,25 +34,35 @@ DEFAULT_MAX_ITER = 50
 DEFAULT_SAMPLES = 100
 # The original adds this to each step's distance so the linearised step lands past the boundary.
 STEP_MARGIN = 1e-4
+# SPEC §7: robustness_tight bisects s* to this resolution, after a scan at this many points.
+DEFAULT_TIGHT_TOLERANCE = 1e-3
+TIGHT_SCAN_POINTS = 16
+# Out of range means past the bound by more than this (relative, at least 1): float32
+# normalisation rounds clean pixels at 0 or 255 a few ulps (1e-7) past the float64 bound, while
+# one grey level is 1/(255·std) ≳ 0.004 in normalised units.
+RANGE_SLACK = 1e-5
 
 
 @dataclass
 class DeepFoolResult:
     """Per-image outcome of :func:`deepfool` (all tensors on the input's device).
 
-    ``perturbation`` is the final ``r`` (already scaled by ``1 + overshoot``); ``original`` the
-    class predicted on the clean input; ``adversarial`` the class predicted on ``x + r``;
-    ``fooled`` whether they differ; ``iterations`` the DeepFool steps taken.
+    ``total`` is the sum of DeepFool's steps ``r``; ``perturbation`` the attack
+    ``(1 + overshoot)·r``; ``original`` the class predicted on the clean input; ``adversarial``
+    the class predicted on ``x + perturbation``; ``fooled`` whether they differ; ``iterations``
+    the DeepFool steps taken.
     """
 
     perturbation: torch.Tensor
+    total: torch.Tensor
     original: torch.Tensor
     adversarial: torch.Tensor
     fooled: torch.Tensor
     iterations: torch.Tensor
+    overshoot: float
 
     def relative_norms(self, images: torch.Tensor) -> torch.Tensor:
-        """``‖r‖₂ / ‖x‖₂`` per image, float64."""
+        """``‖perturbation‖₂ / ‖x‖₂`` per image, float64."""
         r = self.perturbation.flatten(1).double().norm(dim=1)
         x = images.flatten(1).double().norm(dim=1)
         return r / x
@@ -150,11 +167,146 @@ def deepfool(
         adversarial = model(x0 + perturbation).argmax(dim=1)
     return DeepFoolResult(
         perturbation=perturbation,
+        total=r_tot,
         original=original,
         adversarial=adversarial,
         fooled=adversarial != original,
         iterations=iterations,
+        overshoot=float(overshoot),
     )
+
+
+def tight_scales(
+    model: nn.Module,
+    images: torch.Tensor,
+    result: DeepFoolResult,
+    *,
+    tolerance: float = DEFAULT_TIGHT_TOLERANCE,
+    scan_points: int = TIGHT_SCAN_POINTS,
+) -> torch.Tensor:
+    """``s*`` per image (float64 ``[B]``): the smallest multiple of DeepFool's ``r`` that changes
+    the prediction, on the grid ``s_k = min(k·tolerance, 1 + overshoot)``, ``k ≥ 1``.
+
+    ``result`` is :func:`deepfool`'s on ``images`` (the same ``model``, in eval mode). The
+    prediction at ``x + s·r`` is first scanned at ``scan_points`` grid points spread over
+    ``(0, 1 + overshoot]`` (all images and points batched), then bisected on the grid between
+    the first scanned point that flips and the one before it. So the model flips at ``s*·r``
+    and not at ``(s* − tolerance)·r``, and at no scanned point below ``s*``: a flip that a path
+    with several crossings makes and undoes between two scanned points (``1.02/16`` apart by
+    default) is not seen. Images ``result`` did not fool keep ``s* = 1 + overshoot`` (their full
+    ``r``, as in ``robustness``). A fixed number of forward passes, no host synchronisation.
+    """
+    if not isinstance(tolerance, float) or not 0 < tolerance < 1:
+        raise ValueError(f"tight_scales: tolerance must be a float in (0, 1), got {tolerance!r}")
+    if not isinstance(scan_points, int) or isinstance(scan_points, bool) or scan_points < 1:
+        raise ValueError(f"tight_scales: scan_points must be an integer ≥ 1, got {scan_points!r}")
+    x0 = images.detach()
+    if result.total.shape != x0.shape:
+        raise ValueError(
+            f"tight_scales: result is for images {list(result.total.shape)}, got {list(x0.shape)}"
+        )
+    batch = x0.shape[0]
+    top = 1.0 + result.overshoot
+    # Grid indices 0..steps; s_steps is exactly the attack's (1 + overshoot), where it was fooled.
+    steps = max(1, math.ceil(top / tolerance - 1e-9))
+    tile = (1,) * (x0.dim() - 1)
+    unsqueeze = (-1, *tile)
+    # Whole copies of the batch per forward pass, at least 256 images when the batch is smaller.
+    per_pass = batch * max(1, 256 // batch)
+
+    def flips(k: torch.Tensor) -> torch.Tensor:
+        """Whether x + s_k·r changes the prediction; k: long [n·B], image i at row i mod B."""
+        predicted = []
+        for part in k.split(per_pass):
+            copies = part.numel() // batch
+            s = (part.double() * tolerance).clamp(max=top).to(x0.dtype).reshape(unsqueeze)
+            step = s * result.total.repeat(copies, *tile)
+            # At k = steps exactly the attack's perturbation, as deepfool evaluated it.
+            last = (part == steps).reshape(unsqueeze)
+            step = torch.where(last, result.perturbation.repeat(copies, *tile), step)
+            with torch.no_grad():
+                predicted.append(model(x0.repeat(copies, *tile) + step).argmax(dim=1))
+        return torch.cat(predicted) != result.original.repeat(k.numel() // batch)
+
+    device = x0.device
+    scan = sorted({max(1, round(j * steps / scan_points)) for j in range(1, scan_points + 1)})
+    scan_k = torch.tensor(scan, dtype=torch.long, device=device)
+    scanned = flips(scan_k.repeat_interleave(batch)).reshape(len(scan), batch)
+    first = scanned.int().argmax(dim=0)  # index of the first scanned point that flips
+    found = scanned.any(dim=0) & result.fooled
+    previous = torch.cat([scan_k.new_zeros(1), scan_k])  # k = 0: the clean image
+    hi = torch.where(found, scan_k[first], torch.full_like(first, steps))
+    lo = torch.where(found, previous[first], hi)
+    # Invariant: no flip at lo (k = 0 is the clean prediction), a flip at hi.
+    widest = max(b - a for a, b in zip([0, *scan], scan, strict=False))
+    for _ in range(math.ceil(math.log2(widest)) if widest > 1 else 0):
+        open_ = hi - lo > 1
+        mid = (lo + hi) // 2
+        flipped = flips(mid)
+        hi = torch.where(open_ & flipped, mid, hi)
+        lo = torch.where(open_ & ~flipped, mid, lo)
+    return (hi.double() * tolerance).clamp(max=top)
+
+
+def valid_range_of(data) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The valid image range ``(low, high)`` per channel in the normalised units ``data.batch``
+    returns, from the ``mean``/``std`` (in [0, 1]-pixel units) of a LabeledImages split:
+    ``[(0 − mean_c)/std_c, (1 − mean_c)/std_c]``; None when ``data`` has no such statistics."""
+    mean, std = getattr(data, "mean", None), getattr(data, "std", None)
+    if not (isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor)):
+        return None
+    mean, std = mean.detach().double().cpu(), std.detach().double().cpu()
+    return (0.0 - mean) / std, (1.0 - mean) / std
+
+
+def _check_valid_range(valid_range, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, high)`` as float64 1-D CPU tensors (one value, or one per channel)."""
+    if not isinstance(valid_range, (tuple, list)) or len(valid_range) != 2:
+        raise ValueError(
+            f"{where}: valid_range must be a pair (low, high), got {type(valid_range).__name__}"
+        )
+    try:
+        low, high = (torch.as_tensor(v, dtype=torch.float64).cpu().flatten() for v in valid_range)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"{where}: valid_range must hold numbers or per-channel sequences, got {valid_range!r}"
+        ) from None
+    if low.numel() == 0 or low.shape != high.shape:
+        raise ValueError(
+            f"{where}: valid_range low and high must have the same number (≥ 1) of values, got "
+            f"{low.numel()} and {high.numel()}"
+        )
+    if not (torch.isfinite(low).all() and torch.isfinite(high).all() and (low < high).all()):
+        raise ValueError(
+            f"{where}: valid_range must have finite low < high, got {low.tolist()}, {high.tolist()}"
+        )
+    return low, high
+
+
+def out_of_range_fractions(
+    points: torch.Tensor, low: torch.Tensor, high: torch.Tensor
+) -> torch.Tensor:
+    """Per image (float64 ``[B]``): the fraction of the values of ``points [B, C, ...]`` outside
+    ``[low_c, high_c]`` (``low``/``high``: one value, or one per channel ``C``).
+
+    A value counts as outside when it passes the bound by more than ``RANGE_SLACK`` (relative
+    to the bound, at least 1): normalising in float32 rounds a clean pixel at 0 or 255 by a few
+    ulps (≈ 1e-7) past the bound computed in float64, and that is no excursion.
+    """
+    channels = points.shape[1] if points.dim() > 1 else 1
+    if low.numel() not in (1, channels):
+        raise ValueError(
+            f"valid_range: {low.numel()} values for images with {channels} channels "
+            f"(give one value or one per channel)"
+        )
+    shape = (1, -1) + (1,) * (points.dim() - 2)
+    low = low.to(points.device, torch.float64).reshape(shape)
+    high = high.to(points.device, torch.float64).reshape(shape)
+    slack_low = RANGE_SLACK * low.abs().clamp(min=1.0)
+    slack_high = RANGE_SLACK * high.abs().clamp(min=1.0)
+    values = points.detach().double()
+    outside = (values < low - slack_low) | (values > high + slack_high)
+    return outside.flatten(1).double().mean(dim=1)
 
 
 def _check_samples(samples, where: str) -> int:
@@ -180,14 +332,26 @@ def robustness(
     max_iter: int = DEFAULT_MAX_ITER,
     batch_size: int = 32,
     device: torch.device | str | None = None,
+    valid_range=None,
     progress: bool = True,
 ) -> dict:
-    """Mean DeepFool ``‖r‖/‖x‖`` over a seeded sample of ``data`` (a LabeledImages split).
+    """SPEC §7's DeepFool measures over a seeded sample of ``data`` (a LabeledImages split).
 
     ``data`` needs ``len`` (or ``labels``) and ``batch(index) -> (normalised images, labels)``.
-    The model is switched to eval mode for the attack and restored afterwards. Returns
-    ``robustness`` (mean over all sampled images, the seed's Fig. 9 measure), its median and
-    standard error, the mean over correctly classified images only, and counts.
+    The model is switched to eval mode for the attack and restored afterwards.
+
+    ``valid_range``: the valid image range in the normalised units of ``data.batch``, a pair
+    ``(low, high)`` of numbers or per-channel sequences. None (the default) takes it from the
+    data's ``mean``/``std`` in [0, 1]-pixel units (:func:`valid_range_of`: what a LabeledImages
+    split has); data without them and no ``valid_range`` gives ``robustness_out_of_range = NaN``
+    (not measured).
+
+    Returns ``robustness`` (the mean of ``‖(1 + overshoot)·r‖/‖x‖`` over all sampled images, the
+    papers' Fig. 9 measure), its median and standard error, the mean over correctly classified
+    images only; ``robustness_tight`` (the mean of ``‖s*·r‖/‖x‖``, :func:`tight_scales`), its
+    median and standard error and the median of ``s*`` over fooled images;
+    ``robustness_out_of_range`` (the fraction of the pixels of ``x + (1 + overshoot)·r`` outside
+    the valid range, :func:`out_of_range_fractions`); and counts.
     """
     _check_samples(samples, "robustness")
     _check_overshoot_and_iter(overshoot, max_iter, "robustness")
@@ -198,6 +362,9 @@ def robustness(
             f"robustness: data must provide batch(index) -> (images, labels), "
             f"got {type(data).__name__}"
         )
+    if valid_range is None:
+        valid_range = valid_range_of(data)
+    bounds = None if valid_range is None else _check_valid_range(valid_range, "robustness")
     num_images = len(data.labels) if hasattr(data, "labels") else len(data)
     if num_images == 0:
         raise ValueError("robustness: data has no images")
@@ -208,7 +375,9 @@ def robustness(
 
     was_training = model.training
     model.eval()
-    rel, correct, fooled, iters = [], [], [], []
+    per_image: dict[str, list] = {
+        k: [] for k in ("rel", "tight", "scale", "outside", "correct", "fooled", "iters")
+    }
     try:
         chunks = index.split(batch_size)
         bar = tqdm(chunks, desc="DeepFool", unit="batch", disable=not progress, leave=False)
@@ -217,29 +386,50 @@ def robustness(
             images = images.to(device, torch.float32)
             labels = labels.to(device)
             res = deepfool(model, images, overshoot=overshoot, max_iter=max_iter)
-            rel.append(res.relative_norms(images).cpu())
-            correct.append((res.original == labels).cpu())
-            fooled.append(res.fooled.cpu())
-            iters.append(res.iterations.cpu())
+            scale = tight_scales(model, images, res)
+            total_norm = res.total.flatten(1).double().norm(dim=1)
+            image_norm = images.flatten(1).double().norm(dim=1)
+            per_image["rel"].append(res.relative_norms(images))
+            per_image["tight"].append(scale * total_norm / image_norm)
+            per_image["scale"].append(scale)
+            if bounds is not None:
+                outside = out_of_range_fractions(images + res.perturbation, *bounds)
+                per_image["outside"].append(outside)
+            per_image["correct"].append(res.original == labels)
+            per_image["fooled"].append(res.fooled)
+            per_image["iters"].append(res.iterations)
     finally:
         model.train(was_training)
 
-    rel_t, correct_t = torch.cat(rel), torch.cat(correct)
-    fooled_t, iters_t = torch.cat(fooled), torch.cat(iters)
-    n = rel_t.numel()
-    stderr = float(rel_t.std() / math.sqrt(n)) if n > 1 else float("nan")
+    # One transfer at the end, not one per batch.
+    got = {k: torch.cat(v).cpu() for k, v in per_image.items() if v}
+    rel, tight, correct, fooled = got["rel"], got["tight"], got["correct"], got["fooled"]
+    n = rel.numel()
+    fooled_scales = got["scale"][fooled]
     return {
-        "robustness": float(rel_t.mean()),
-        "robustness_median": float(rel_t.median()),
-        "robustness_stderr": stderr,
-        "robustness_correct": float(rel_t[correct_t].mean()) if correct_t.any() else float("nan"),
+        "robustness": float(rel.mean()),
+        "robustness_median": float(rel.median()),
+        "robustness_stderr": _stderr(rel),
+        "robustness_correct": float(rel[correct].mean()) if correct.any() else math.nan,
+        "robustness_tight": float(tight.mean()),
+        "robustness_tight_median": float(tight.median()),
+        "robustness_tight_stderr": _stderr(tight),
+        "robustness_tight_scale_median": (
+            float(fooled_scales.median()) if fooled_scales.numel() else math.nan
+        ),
+        "robustness_out_of_range": float(got["outside"].mean()) if "outside" in got else math.nan,
         "robustness_samples": n,
-        "robustness_correct_samples": int(correct_t.sum()),
-        "robustness_not_fooled": int((~fooled_t).sum()),
-        "robustness_mean_iterations": float(iters_t.double().mean()),
+        "robustness_correct_samples": int(correct.sum()),
+        "robustness_not_fooled": int((~fooled).sum()),
+        "robustness_mean_iterations": float(got["iters"].double().mean()),
         "robustness_overshoot": float(overshoot),
         "robustness_seed": int(seed),
     }
+
+
+def _stderr(values: torch.Tensor) -> float:
+    n = values.numel()
+    return float(values.std() / math.sqrt(n)) if n > 1 else math.nan
 
 
 def _data_device(data) -> torch.device:

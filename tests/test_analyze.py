@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from ncfast import metrics
-from ncfast.analyze import analyze
+from ncfast.analyze import analyze, robustness_lines
 from ncfast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ncfast.cli import main
 from ncfast.plots import FIGURE_NAMES
@@ -113,6 +113,12 @@ def test_analyze_plot_table_end_to_end(tmp_path, run_dir, one_thread):
     rob = report["robustness"]
     assert rob["robustness_samples"] == 6 and rob["robustness"] > 0
     assert rob["robustness_not_fooled"] == 0
+    # SPEC §7: s* ≤ 1.02 image by image, so the tight mean cannot exceed the papers' one.
+    assert 0 < rob["robustness_tight"] <= rob["robustness"]
+    assert 0 < rob["robustness_tight_scale_median"] <= 1.02
+    assert 0 <= rob["robustness_out_of_range"] <= 1  # MNIST has mean/std: measured, not null
+    assert robustness_lines(rob)[1] in summary and robustness_lines(rob)[2] in summary
+    assert robustness_lines(rob)[1] in res.output
 
     run = load_run(run_dir)
     assert report["zero_error_epoch"] == run.zero_error_epoch
@@ -136,6 +142,31 @@ def test_analyze_plot_table_end_to_end(tmp_path, run_dir, one_thread):
     assert (tmp_path / "tab" / "table1.md").read_text().count("| mnist5k | vgg11 | mse |") == 1
 
 
+def test_robustness_lines_name_the_three_numbers():
+    rob = {
+        "robustness": 1.51,
+        "robustness_stderr": 0.1,
+        "robustness_median": 1.4,
+        "robustness_samples": 100,
+        "robustness_seed": 0,
+        "robustness_not_fooled": 2,
+        "robustness_tight": 0.52,
+        "robustness_tight_stderr": 0.04,
+        "robustness_tight_median": 0.5,
+        "robustness_tight_scale_median": 0.35,
+        "robustness_out_of_range": 0.4812,
+    }
+    papers, tight, outside = robustness_lines(rob)
+    assert "mean 1.51 ± 0.1, median 1.4; 2 not fooled" in papers
+    assert "median s* = 0.35" in tight and "mean 0.52 ± 0.04, median 0.5" in tight
+    assert "48.12%" in outside
+    # null in report.json (data without a known range): said so, not a number.
+    assert "not measured" in robustness_lines({**rob, "robustness_out_of_range": None})[2]
+    # A report from before SPEC §7: the papers' line only.
+    old = {k: v for k, v in rob.items() if "tight" not in k and "range" not in k}
+    assert robustness_lines(old) == [papers]
+
+
 class _Touch:
     """Unpickling this calls Path.touch(marker): a stand-in for any code a pickle can run."""
 
@@ -150,10 +181,10 @@ def test_checkpoint_with_pickled_callable_is_refused(tmp_path):
     marker = tmp_path / "executed"
     payload = {"format": "ncfast-checkpoint-v1", "model": _Touch(marker)}
     torch.save(payload, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="untrusted"):
+    with pytest.raises(CheckpointError, match="refuse"):
         analyze(tmp_path / "evil.pt", out_dir=tmp_path / "a", progress=False)
     res = CliRunner().invoke(main, ["analyze", str(tmp_path / "evil.pt"), "--quiet"])
-    assert res.exit_code != 0 and "untrusted" in res.output
+    assert res.exit_code != 0 and "refuse" in res.output
     assert "Traceback" not in res.output
     assert not marker.exists()
     # The control: an unrestricted load would have run it.

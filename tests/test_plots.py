@@ -255,6 +255,46 @@ def test_grid_overlays_losses_per_dataset_network_cell(tmp_path, grid_dirs):
     plt.close(fig)
 
 
+def test_robustness_figure_draws_tight_bound_and_out_of_range(tmp_path, grid_dirs):
+    """SPEC §7: the papers' robustness and the tight bound on the same (log) axes, the
+    out-of-range percentage on a second, linear axis; a run without them draws only the first."""
+    runs = [load_run(d) for d in grid_dirs[:2]]  # mnist · vgg11, MSE and CE: one panel
+    for k, run in enumerate(runs):
+        for rec in run.records:
+            if rec["split"] == "test":
+                rec["robustness"] = 0.02 * rec["epoch"] + k
+                if k == 0:
+                    rec["robustness_tight"] = 0.005 * rec["epoch"]
+                    rec["robustness_out_of_range"] = 0.01 * rec["epoch"]
+        run._history.clear()
+    fig = figure(runs, "robustness")
+    main_ax = next(ax for ax in fig.axes if ax.get_title() == "mnist · vgg11")
+    (right_ax,) = [ax for ax in fig.axes if ax is not main_ax and ax.has_data()]
+    epochs = [run.history("test")["epoch"] for run in runs]
+    curves = [line for line in main_ax.get_lines() if len(line.get_xdata()) > 2]
+    expected = [0.02 * epochs[0], 0.02 * epochs[1] + 1, 0.005 * epochs[0]]
+    np.testing.assert_allclose(
+        sorted(tuple(c.get_ydata()) for c in curves), sorted(tuple(e) for e in expected)
+    )
+    assert main_ax.get_yscale() == "log"
+    (tight,) = [c for c in curves if c.get_linestyle() == "--"]
+    np.testing.assert_allclose(tight.get_ydata(), 0.005 * epochs[0])
+    (outside,) = [line for line in right_ax.get_lines() if len(line.get_xdata()) > 2]
+    np.testing.assert_allclose(outside.get_ydata(), 100 * 0.01 * epochs[0])  # percent
+    # A run measured at a single epoch draws single points: the markers tell them apart.
+    assert len({c.get_marker() for c in curves} | {outside.get_marker()}) == 3
+    assert right_ax.get_yscale() == "linear" and right_ax.get_ylim()[0] == 0
+    assert "out of range" in right_ax.get_ylabel()
+    legend = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert {"DeepFool $r$ (HPD22)", "tight $s^* r$ (first flip)"} <= legend
+    assert "x + r out of range (right axis)" in legend
+    plt.close(fig)
+    # Only the papers' number logged (runs older than SPEC §7): no second axis.
+    fig = figure(runs[1:], "robustness")
+    assert len([ax for ax in fig.axes if ax.has_data()]) == 1
+    plt.close(fig)
+
+
 # ---- ncfast.tables ---------------------------------------------------------------------------
 
 
