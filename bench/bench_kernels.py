@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from ncfast import reference
-from ncfast.build_info import build_info
+from ncfast.backend import reference
+from ncfast.backend.build_info import build_info
 
 try:
-    from ncfast import _native
+    from ncfast.backend import native as _native
 except ImportError as exc:  # the benchmark is about the native ops
     sys.exit(f"bench_kernels: the native extension is not available ({exc})")
 

@@ -1,7 +1,8 @@
 """Scale benchmark: streamed statistics update and final metric computation, time and peak memory.
 
 Cases (C, P) ∈ {(10, 512), (1000, 2048), (1000, 4096), (32000, 4096)}; every backend that
-``ncfast.ops`` can load (reference always, native when the extension is built), each case and
+``ncfast.backend.ops`` can load (reference always, native when the extension is built), each
+case and
 backend in its own subprocess so ``NCFAST_BACKEND`` is set before ncfast is imported and no
 allocation of one run survives into the next.
 
@@ -127,7 +128,7 @@ def run_worker(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     import ncfast
-    from ncfast import ops
+    from ncfast.backend import ops
 
     device = torch.device(spec["device"])
     c, p, batch = spec["num_classes"], spec["dim"], spec["batch_size"]
@@ -198,7 +199,7 @@ def run_worker(spec: dict) -> dict:
 
 # --------------------------------------------------------------------------- parent side
 def _native_status() -> tuple[bool, str]:
-    from ncfast import ops
+    from ncfast.backend import ops
 
     native, why_not = ops._load_native()  # whatever NCFAST_BACKEND says in this process
     return native is not None, why_not

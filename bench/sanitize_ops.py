@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from ncfast import reference  # noqa: E402
+from ncfast.backend import reference  # noqa: E402
 
 try:
-    from ncfast import _native
+    from ncfast.backend import native as _native
 except ImportError as exc:
     sys.exit(f"sanitize_ops: the native extension is not available ({exc})")
 

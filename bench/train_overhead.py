@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncfast import ops
-from ncfast.checkpoint import load_checkpoint
-from ncfast.data import DatasetChecksumWarning
-from ncfast.train import TrainConfig, train
+from ncfast.backend import ops
+from ncfast.paper.checkpoint import load_checkpoint
+from ncfast.paper.data import DatasetChecksumWarning
+from ncfast.paper.train import TrainConfig, train
 
 SVHN_RAREST_CLASS = 4659  # images of the rarest digit in SVHN's training set
 SVHN_TEST_SIZE = 26032

@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ncfast import mse_lambda
-from ncfast.monitor import NCMonitor, TensorBoardLogger
+from ncfast.integrations.tensorboard import TensorBoardWriter
+from ncfast.monitor import NCMonitor
 
 COLUMNS = {
     "nc1": "nc1",
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         classifier=model[-1],
         weight_decay=mse_lambda(args.weight_decay, num_classes),
     )
-    logger = TensorBoardLogger(args.tensorboard) if args.tensorboard else None
+    logger = TensorBoardWriter(args.tensorboard) if args.tensorboard else None
     measure_at = measurement_epochs(args.epochs)
 
     print(f"{'epoch':>5} {'loss':>8} {'error':>7} " + " ".join(f"{c:>9}" for c in COLUMNS.values()))

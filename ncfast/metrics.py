@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ncfast import ops
+from ncfast.backend import ops
 from ncfast.stats import ClassStats
 
 DEFAULT_RTOL = 1e-10

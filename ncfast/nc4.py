@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ncfast import ops
-from ncfast.reference import count_invalid_rows_
+from ncfast.backend import ops
+from ncfast.backend.reference import count_invalid_rows_
 from ncfast.stats import ClassStats, check_batch, check_int
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes

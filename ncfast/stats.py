@@ -6,8 +6,8 @@ import numbers
 
 import torch
 
-from ncfast import ops
-from ncfast.reference import INVALID_LABEL, INVALID_NONFINITE, count_invalid_rows_
+from ncfast.backend import ops
+from ncfast.backend.reference import INVALID_LABEL, INVALID_NONFINITE, count_invalid_rows_
 
 _STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
 _ON_INVALID = ("raise", "skip")

@@ -6,7 +6,8 @@ Two independent routes to the SNR singular values ω_j(t):
   ``C² log ω + C ω² + ω⁴/4 = a_j + t/N`` (a_j fixed by ω_j(0)) for ω(t).
 - :func:`simulate_central_path` integrates the continually renormalized gradient flow (HPD22 Eq. 5)
   on the unconstrained-features model: L_LS is computed by the SPEC §3 code
-  (:func:`ncfast.reference.least_squares` plus the §3 loss formulas), differentiated with autograd
+  (:func:`ncfast.backend.reference.least_squares` plus the §3 loss formulas), differentiated with
+  autograd
   with respect to the features, projected on the tangent space of {X : Σ_W(X) = I}, stepped
   (classical RK4) and renormalized back onto that manifold.
 
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ncfast import reference
+from ncfast.backend import reference
 from ncfast.stats import check_int
 
 __all__ = [
@@ -249,7 +250,8 @@ def _loss_ls(
 ) -> torch.Tensor:
     """loss_nc1 + loss_nc23 of SPEC §3 at (W_LS, b_LS), λ = 0, as a differentiable tensor.
 
-    The same centred-coordinate formulas as :func:`ncfast.reference.mse_decomposition` (which
+    The same centred-coordinate formulas as
+    :func:`ncfast.backend.reference.mse_decomposition` (which
     returns Python floats): ½ tr(W Σ_W Wᵀ) + ½ Σ_c π_c ‖V g̃_c − e_c‖² with V = [W, b + W μ_G]
     and g̃_c = [μ_c − μ_G; 1].
     """
@@ -266,7 +268,7 @@ def _loss_ls(
 def least_squares_loss(features: torch.Tensor, num_classes: int) -> torch.Tensor:
     """L_LS(H) of SPEC §3 (λ = 0) for balanced class-grouped features ``[P, C·N]``.
 
-    W̃_LS comes from :func:`ncfast.reference.least_squares` (differentiable: a Cholesky solve
+    W̃_LS comes from :func:`ncfast.backend.reference.least_squares` (differentiable: a Cholesky solve
     whenever Σ_T is well conditioned); autograd through it gives ∇_H L_LS. Equals the
     ``loss_ls`` of :func:`ncfast.nc_metrics` (tested to 1e-12).
     """

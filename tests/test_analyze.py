@@ -12,13 +12,13 @@ import torch
 from click.testing import CliRunner
 
 from ncfast import metrics
-from ncfast.analyze import analyze, robustness_lines
-from ncfast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ncfast.cli import main
-from ncfast.plots import FIGURE_NAMES
-from ncfast.runs import load_run
-from ncfast.tables import table1_rows
-from ncfast.train import TrainConfig, train
+from ncfast.paper.analyze import analyze, robustness_lines
+from ncfast.paper.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ncfast.paper.train import TrainConfig, train
+from ncfast.report.plots import FIGURE_NAMES
+from ncfast.report.runs import load_run
+from ncfast.report.tables import table1_rows
 
 # Every key of SPEC §2–§4 as measure_split returns it.
 SPEC_KEYS = (*metrics.SPEC_KEYS, "error", "loss")  # as measure_split returns them

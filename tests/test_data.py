@@ -1,4 +1,4 @@
-"""ncfast.data: tiny files in each dataset's real on-disk format read through load_dataset."""
+"""ncfast.paper.data: tiny files in each dataset's real on-disk format read through load_dataset."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import ncfast.data.loading as loading
-from ncfast.data import (
+import ncfast.paper.data.loading as loading
+from ncfast.paper.data import (
     DATASETS,
     DatasetArgumentError,
     DatasetChecksumWarning,

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import ncfast
-from ncfast import reference
-from ncfast.data import LabeledImages
-from ncfast.evaluate import measure_split
+from ncfast.backend import reference
 from ncfast.metrics import SPEC_KEYS
+from ncfast.paper.data import LabeledImages
+from ncfast.paper.evaluate import measure_split
 from tests import oracle
 from tests.test_metrics import (
     BACKENDS,
@@ -33,7 +33,9 @@ BOOKKEEPING = ("classes_present", "weight_decay", "num_samples")
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     """Every test here runs on the reference and on the native backend."""
-    monkeypatch.setattr(ncfast.ops, "_impl", reference if request.param == "reference" else _native)
+    monkeypatch.setattr(
+        ncfast.backend.ops, "_impl", reference if request.param == "reference" else _native
+    )
     return request.param
 
 

@@ -36,13 +36,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from click.testing import CliRunner
 
-from ncfast import distributed as D
-from ncfast.checkpoint import load_checkpoint
 from ncfast.cli import main
-from ncfast.data import load_dataset
-from ncfast.evaluate import measure_split
-from ncfast.robustness import robustness
-from ncfast.train import (
+from ncfast.paper import distributed as D
+from ncfast.paper.checkpoint import load_checkpoint
+from ncfast.paper.data import load_dataset
+from ncfast.paper.evaluate import measure_split
+from ncfast.paper.robustness import robustness
+from ncfast.paper.train import (
     ROBUSTNESS_KEYS,
     TrainConfig,
     build_model,

@@ -26,20 +26,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ncfast.checkpoint import load_checkpoint
 from ncfast.cli import main
-from ncfast.losses import compute_loss, parse_mse_scale
 from ncfast.metrics import SPEC_KEYS
-from ncfast.models import FAMILIES, paper_net
-from ncfast.plots import FIGURE_NAMES
-from ncfast.train import TrainConfig, build_model, load_data
+from ncfast.paper.checkpoint import load_checkpoint
+from ncfast.paper.losses import compute_loss, parse_mse_scale
+from ncfast.paper.models import FAMILIES, paper_net
+from ncfast.paper.train import TrainConfig, build_model, load_data
+from ncfast.report.plots import FIGURE_NAMES
 from tests import data_fixtures
 from tests.conftest import test_seed
 
 pytestmark = [
     pytest.mark.e2e,
     # The fixture files are random bytes, not the official releases: the loader says so.
-    pytest.mark.filterwarnings("ignore::ncfast.data.errors.DatasetChecksumWarning"),
+    pytest.mark.filterwarnings("ignore::ncfast.paper.data.errors.DatasetChecksumWarning"),
 ]
 
 DATASETS = ("mnist", "fashionmnist", "svhn", "cifar10", "stl10")
@@ -306,7 +306,8 @@ def test_train_then_analyze(matrix, case):
         measured = report["splits"][split]
         check_measurement(measured, split, "report.json")
         assert measured["num_samples"] == by_split[split]["num_samples"]
-        # Same weights, data and function (ncfast.evaluate.measure_split), same device: identical
+        # Same weights, data and function (ncfast.paper.evaluate.measure_split), same device:
+        # identical
         # on a CPU (0 measured); the slack is for a GPU's run-to-run choice of float32 kernels.
         agreement = report["agreement_with_log"][split]
         assert agreement["max_relative_difference"] <= 1e-6, (split, agreement["worst_key"])

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import ncfast
-from ncfast import reference
+from ncfast.backend import reference
 from ncfast.stats import ClassStats
 from tests import oracle
 
 try:
-    from ncfast import _native
+    from ncfast.backend import native as _native
 except ImportError:  # no compiled extension: only the reference backend exists
     _native = None
 
@@ -498,7 +498,9 @@ def _mismatch_with_tie_rule(features, labels, weight, bias, pick_max, pick_min) 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(TIE_CASES))
 def test_nc4_ties_go_to_lowest_index(monkeypatch, backend, case):
-    monkeypatch.setattr(ncfast.ops, "_impl", reference if backend == "reference" else _native)
+    monkeypatch.setattr(
+        ncfast.backend.ops, "_impl", reference if backend == "reference" else _native
+    )
     weight, bias, rule = TIE_CASES[case]
     args = (TIE_FEATURES, TIE_LABELS, weight, bias)
     lowest = _mismatch_with_tie_rule(*args, min, min)
@@ -564,7 +566,7 @@ def test_whitening_accuracy_against_an_exactly_known_inverse_square_root(log2_co
     e[0], e[-1] = 0, log2_cond - log2_cond % 2
     sigma = (h * 2.0 ** (-e.astype(float))) @ h.T
     truth = (h * 2.0 ** (e / 2)) @ h.T
-    whitening, rank = ncfast.ops.psd_inv_sqrt(torch.from_numpy(sigma))
+    whitening, rank = ncfast.backend.ops.psd_inv_sqrt(torch.from_numpy(sigma))
     error = np.linalg.norm(whitening.numpy() - truth) / np.linalg.norm(truth)
     cond = 2.0 ** e.max()
     assert rank == n

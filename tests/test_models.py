@@ -1,4 +1,4 @@
-"""Networks (ncfast.models) and training losses (ncfast.losses)."""
+"""Networks (ncfast.paper.models) and training losses (ncfast.paper.losses)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ncfast.losses import LOSSES, check_loss, compute_loss, one_hot, parse_mse_scale
-from ncfast.models import FAMILIES, NETS, PAPER_NETS, build, paper_net
-from ncfast.models.resnet import StridedPointwiseConv
+from ncfast.paper.losses import LOSSES, check_loss, compute_loss, one_hot, parse_mse_scale
+from ncfast.paper.models import FAMILIES, NETS, PAPER_NETS, build, paper_net
+from ncfast.paper.models.resnet import StridedPointwiseConv
 
 # Tiny widths keep every network under a second on the CPU.
 TINY_WIDTH = {name: 0.0625 for name in NETS}
@@ -57,7 +57,7 @@ def _check_interface(net, channels, size):
 # child process; with nn.Conv2d(stride=2) in the shortcut this crashed in 12 of 12 tries.
 RESNET_96PX_CHANNELS_LAST = """
 import torch
-from ncfast.models import build
+from ncfast.paper.models import build
 torch.manual_seed(0)
 model = build("resnet18", 10, 3, 96, 0.0625).to(memory_format=torch.channels_last)  # 4-ch stem
 for _ in range(2):

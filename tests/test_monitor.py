@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import ncfast
-from ncfast.monitor import NCMonitor, TensorBoardLogger, log_to_tensorboard
+from ncfast.integrations.tensorboard import TensorBoardWriter, log_to_tensorboard
+from ncfast.monitor import NCMonitor
 from ncfast.stats import InvalidInputError
 from tests.test_metrics import oracle_rtol
 from tests.test_stats import assert_same_stats
@@ -407,7 +408,7 @@ def test_log_to_tensorboard_rejects_bad_writers_and_values():
 def test_tensorboard_logger_without_tensorboard_is_a_clear_import_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ImportError, match=r"pip install 'ncfast\[tensorboard\]'"):
-        TensorBoardLogger(tmp_path)
+        TensorBoardWriter(tmp_path)
 
 
 def test_tensorboard_logger_writes_event_files(tmp_path, seed):
@@ -416,7 +417,7 @@ def test_tensorboard_logger_writes_event_files(tmp_path, seed):
 
     model, (x, y) = mlp(seed), data(seed)
     metrics = NCMonitor(model, classifier=model[4]).evaluate(batches(x, y))
-    with TensorBoardLogger(tmp_path, prefix="test") as logger:
+    with TensorBoardWriter(tmp_path, prefix="test") as logger:
         logger.log(metrics, step=3)
     events = EventAccumulator(str(tmp_path))
     events.Reload()

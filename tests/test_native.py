@@ -17,11 +17,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ncfast import reference
+from ncfast.backend import reference
 from tests import exact, oracle
 
 try:
-    from ncfast import _native
+    from ncfast.backend import native as _native
 
     NATIVE_MISSING = ""
 except ImportError as exc:  # no compiled extension: the reference backend is in use
@@ -449,7 +449,7 @@ def test_cuda_large_batch_both_gram_schemes(monkeypatch, mode, seed):
 
 # ------------------------------------------------------------------- backend wiring
 def test_ops_uses_native_unless_told_otherwise():
-    from ncfast import ops
+    from ncfast.backend import ops
 
     if os.environ.get("NCFAST_BACKEND", "") in ("", "native"):
         assert ops.BACKEND == "native"
@@ -496,7 +496,7 @@ def test_package_works_on_the_reference_when_the_extension_cannot_load():
         "        if name == 'ncfast._C': raise ImportError('blocked for the test')\n"
         "sys.meta_path.insert(0, Block())\n"
         "import torch, ncfast\n"
-        "from ncfast import ops\n"
+        "from ncfast.backend import ops\n"
         "s = ncfast.ClassStats(3, 4).update(torch.randn(30, 4), torch.arange(30) % 3)\n"
         "print(ops.BACKEND, '|', ops.NATIVE_UNAVAILABLE_REASON, '|', s.num_samples)\n"
     )

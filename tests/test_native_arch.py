@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ncfast import reference
+from ncfast.backend import reference
 
 try:
-    from ncfast import _native
+    from ncfast.backend import native as _native
 except ImportError as exc:  # no compiled extension: nothing here applies
     pytest.skip(f"ncfast._C is not built ({exc})", allow_module_level=True)
 
@@ -158,7 +158,7 @@ def test_info_reports_what_each_gpu_uses(mocked_gpus):
     assert "cuda:1 (Tesla P100, compute capability 6.0): no kernel image" in result.output
     assert any(li.startswith("cuda:2") and "PTX compute_90" in li for li in lines)
 
-    from ncfast.build_info import build_info
+    from ncfast.backend.build_info import build_info
 
     kernels = build_info()["device_kernels"]
     assert [k["kernel_image"] for k in kernels] == ["sm_75", None, "compute_90"]

@@ -1,7 +1,8 @@
 """The CUDA kernels on a GPU, where the CPU tests and the emulation cannot reach: inputs made on
 the device (strided views of device tensors), shapes past one warp or one block, the default
 Gram scheme, a non-default stream, CUDA graph capture, a batch of more than 2^31 elements, and
-deterministic mode. Each result is checked against the float64 reference (ncfast.reference on
+deterministic mode. Each result is checked against the float64 reference
+(ncfast.backend.reference on
 float64 copies, which computes in float64 whatever the input dtype).
 
 Skipped without a CUDA device and CUDA kernels; bench/gpu_check.sh fails when they skip there.
@@ -12,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ncfast import ClassStats, reference
+from ncfast import ClassStats
+from ncfast.backend import reference
 from tests.test_native import (
     CUDA_SKIP,
     STATE_KEYS,

@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch.utils.cpp_extension import include_paths
 
-from ncfast import reference
+from ncfast.backend import reference
 from tests import exact
 
 ROOT = Path(__file__).resolve().parents[1]

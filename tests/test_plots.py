@@ -1,4 +1,5 @@
-"""Run directories (ncfast.runs), figures (ncfast.plots), Table 1 (ncfast.tables) and the
+"""Run directories (ncfast.report.runs), figures (ncfast.report.plots), Table 1
+(ncfast.report.tables) and the
 ``plot``/``table`` commands, on synthetic runs in the on-disk format of ``ncfast train``."""
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 from click.testing import CliRunner
 
 from ncfast.cli import main
-from ncfast.plots import FIGURE_NAMES, figure, plot_runs
-from ncfast.runs import (
+from ncfast.report.plots import FIGURE_NAMES, figure, plot_runs
+from ncfast.report.runs import (
     SPLITS,
     RunError,
     central_path_fit,
@@ -25,7 +26,7 @@ from ncfast.runs import (
     run_from_history,
     zero_error_epoch,
 )
-from ncfast.tables import summary, table1_rows, to_csv, to_markdown, write_table1
+from ncfast.report.tables import summary, table1_rows, to_csv, to_markdown, write_table1
 from ncfast.theory import snr_closed_form
 from tests.synthetic_runs import synthetic_records, write_run_dir
 
@@ -56,7 +57,7 @@ def grid_dirs(tmp_path_factory):
     return dirs
 
 
-# ---- ncfast.runs ---------------------------------------------------------------------------
+# ---- ncfast.report.runs --------------------------------------------------------------------------
 
 
 def test_load_run_and_history_arrays(tmp_path, records):
@@ -180,7 +181,7 @@ def test_central_path_fit_recovers_the_law_from_logged_omegas():
     assert not short["fitted"] and "need 3" in short["reason"]
 
 
-# ---- ncfast.plots ----------------------------------------------------------------------------
+# ---- ncfast.report.plots -------------------------------------------------------------------------
 
 
 def _lines(fig):
@@ -295,7 +296,7 @@ def test_robustness_figure_draws_tight_bound_and_out_of_range(tmp_path, grid_dir
     plt.close(fig)
 
 
-# ---- ncfast.tables ---------------------------------------------------------------------------
+# ---- ncfast.report.tables ------------------------------------------------------------------------
 
 
 def test_table1_against_the_records(tmp_path, grid_dirs):

@@ -23,10 +23,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ncfast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ncfast.cli import main
-from ncfast.runs import RunError, load_run, read_config, read_metrics
-from ncfast.train import TrainingDivergedError, train
+from ncfast.paper.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ncfast.paper.train import TrainingDivergedError, train
+from ncfast.report.runs import RunError, load_run, read_config, read_metrics
 from tests.synthetic_runs import write_run_dir
 from tests.test_train import read_rows, tiny_config
 
@@ -71,16 +71,16 @@ def pause():
 
 
 if kind == "epoch":
-    import ncfast.train
+    import ncfast.paper.train
 
-    permutation = ncfast.train.epoch_permutation
+    permutation = ncfast.paper.train.epoch_permutation
 
     def hooked(num_samples, seed, epoch, device):
         if epoch == int(arg):
             pause()
         return permutation(num_samples, seed, epoch, device)
 
-    ncfast.train.epoch_permutation = hooked
+    ncfast.paper.train.epoch_permutation = hooked
 elif kind == "rename":
     rename, count = os.rename, [0]
 
@@ -230,8 +230,8 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
 
 
 def test_without_flock_the_lock_file_itself_is_the_lock(tmp_path, monkeypatch):
-    import ncfast.rundir as rundir_module
-    from ncfast.rundir import RunDirectory, RunDirectoryError
+    import ncfast.paper.rundir as rundir_module
+    from ncfast.paper.rundir import RunDirectory, RunDirectoryError
 
     monkeypatch.setattr(rundir_module, "fcntl", None)
     first = RunDirectory(tmp_path / "R").lock()
@@ -300,7 +300,7 @@ def test_divergence_without_measurement_never_saves_the_diverged_model(tmp_path,
 def test_divergence_first_seen_by_the_measurement(tmp_path, tiny_data, monkeypatch):
     # Where the one-batch check before measuring misses it, the measurement's non-finite
     # features end the run the same way (not as the library's InvalidInputError).
-    import ncfast.train as train_module
+    import ncfast.paper.train as train_module
 
     monkeypatch.setattr(train_module, "_eval_outputs_finite", lambda *args: True)
     out = tmp_path / "run"
@@ -358,7 +358,7 @@ def _unwritable(tmp_path: Path) -> list[Path]:
 
 
 def test_train_checks_its_output_before_loading_anything(tmp_path, monkeypatch):
-    import ncfast.train as train_module
+    import ncfast.paper.train as train_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("data loaded before the run directory was checked")
@@ -484,7 +484,7 @@ def test_a_checkpoint_carrying_code_is_refused_naming_it(tmp_path, protocol, mon
 
 # ----------------------------------------------------- 7. checkpoints with wrong contents
 def _another_nets_weights(payload):
-    from ncfast.models import build
+    from ncfast.paper.models import build
 
     payload["model"] = build("resnet18", 10, 1, 32, 0.0625).state_dict()
 

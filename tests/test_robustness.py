@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from ncfast import models
-from ncfast.data.images import LabeledImages
-from ncfast.robustness import (
+from ncfast.paper import models
+from ncfast.paper.data.images import LabeledImages
+from ncfast.paper.robustness import (
     STEP_MARGIN,
     DeepFoolResult,
     deepfool,

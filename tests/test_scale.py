@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import ncfast
-from ncfast import reference
+from ncfast.backend import reference
 from tests import oracle
 from tests.test_metrics import EPS, make_data, oracle_rtol, stream_tolerances
 

@@ -1,10 +1,11 @@
-"""``ncfast sweep`` (ncfast.sweep): the grid, the run function, both executors, the selection.
+"""``ncfast sweep`` (ncfast.paper.sweep): the grid, the run function, both executors, the selection.
 
 The slow tests train a real 2×2×2 grid on the CPU (mnist5k and a tiny CIFAR-10 in its real
 on-disk format; MSE and CE; two learning rates; 2 epochs of 3 images per class at width 1/16):
 once with the local executor, killed half-way with SIGKILL and rerun; once through submitit's
 local executor. Training on the CPU is deterministic (a resumed run reproduces the
-uninterrupted one exactly, ncfast.train's docstring), so both sweeps must log the same numbers.
+uninterrupted one exactly, ncfast.paper.train's docstring), so both sweeps must log the same
+numbers.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from ncfast.cli import main
-from ncfast.sweep import (
+from ncfast.paper.sweep import (
     LOG_FILE,
     STATUS_FILE,
     Grid,
@@ -123,9 +124,9 @@ def test_paper_preset_is_the_750_runs_of_hpd22():
     ],
 )
 def test_bad_names_name_the_option(option, text, message):
-    from ncfast.data import DATASETS
-    from ncfast.losses import LOSSES
-    from ncfast.models import FAMILIES, NETS
+    from ncfast.paper.data import DATASETS
+    from ncfast.paper.losses import LOSSES
+    from ncfast.paper.models import FAMILIES, NETS
 
     choices = {"--datasets": DATASETS, "--nets": [*FAMILIES, *NETS], "--losses": LOSSES}
     with pytest.raises(SweepError, match=message):
@@ -149,7 +150,7 @@ def test_bad_seeds_name_the_option(text):
         (["--stop-after", "1"], "train option --stop-after: not in a sweep"),
         (["--device", "cuda:1"], "train option --device: cpu or cuda"),
         (["--epochs", "x"], "train option: Invalid value for '--epochs'"),
-        # Found only by resolving the runs' configurations (ncfast.train's checks).
+        # Found only by resolving the runs' configurations (ncfast.paper.train's checks).
         # 0.01·γ² fits float32 and 0.05·γ² does not: every learning rate is checked.
         (["--lr-gamma", "1e20"], "lr_gamma: the learning rate 0.05 grows past float32"),
         (["--epochs", "4", "--measure-epochs", "1,2"], "--measure-epochs must include the last"),

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from scipy.integrate import solve_ivp
 
 import ncfast
-from ncfast import reference, theory
+from ncfast import theory
+from ncfast.backend import reference
 from ncfast.cli import main
 from tests import oracle
 from tests.test_metrics import make_data

@@ -1,4 +1,5 @@
-"""Training with in-loop measurement (ncfast.train, ncfast.evaluate, ncfast.checkpoint) and the
+"""Training with in-loop measurement (ncfast.paper.train, ncfast.paper.evaluate,
+ncfast.paper.checkpoint) and the
 ``ncfast train`` command. Tiny networks and a few dozen images keep every run to seconds."""
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ import torch
 from click.testing import CliRunner
 
 from ncfast import ClassStats, metrics, mse_lambda, nc_metrics
-from ncfast.checkpoint import (
+from ncfast.cli import main
+from ncfast.paper.checkpoint import (
     FORMAT,
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
     write_text_atomic,
 )
-from ncfast.cli import main
-from ncfast.data import LabeledImages
-from ncfast.evaluate import measure_split
-from ncfast.losses import compute_loss
-from ncfast.models import build
-from ncfast.train import (
+from ncfast.paper.data import LabeledImages
+from ncfast.paper.evaluate import measure_split
+from ncfast.paper.losses import compute_loss
+from ncfast.paper.models import build
+from ncfast.paper.train import (
     PAPER_MEASURE_EPOCHS,
     PRESETS,
     REFERENCE_LR,
@@ -283,7 +284,7 @@ def test_resume_after_kill_gives_the_same_metrics(tmp_path, tiny_data, monkeypat
     whole = read_rows(train(tiny_config(tmp_path / "a", **kwargs), progress=False, data=tiny_data))
     assert [r["lr"] for r in whole[::2]] == [0.05, 0.05, 0.05, pytest.approx(0.005)]
 
-    import ncfast.rundir as rundir_module
+    import ncfast.paper.rundir as rundir_module
 
     real_save = rundir_module.save_checkpoint
 
@@ -564,7 +565,7 @@ def test_cuda_bf16_run_and_resume(tmp_path, tiny_data, monkeypatch):
     kwargs = {"device": "cuda", "precision": "bf16", "epochs": 3, "measure_epochs": (1, 2, 3)}
     whole = read_rows(train(tiny_config(tmp_path / "a", **kwargs), progress=False, data=tiny_data))
 
-    import ncfast.rundir as rundir_module
+    import ncfast.paper.rundir as rundir_module
 
     real_save = rundir_module.save_checkpoint
 

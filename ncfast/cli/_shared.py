@@ -19,8 +19,8 @@ figure_formats_option = click.option(
 
 def check_output_dir(out: Path, option: str = "--out") -> None:
     """A UsageError naming ``option`` unless ``out`` is a directory that can be written, or can
-    be created (:func:`ncfast.rundir.check_writable_dir`; nothing is left behind)."""
-    from ncfast.rundir import RunDirectoryError, check_writable_dir
+    be created (:func:`ncfast.paper.rundir.check_writable_dir`; nothing is left behind)."""
+    from ncfast.paper.rundir import RunDirectoryError, check_writable_dir
 
     try:
         check_writable_dir(out, option)
@@ -40,7 +40,7 @@ def write_failed(exc: OSError, out: Path | None = None) -> click.ClickException:
 
 def load_runs_for_output(run_dirs: tuple[Path, ...], out: Path) -> list:
     """The runs in ``run_dirs``, with ``--out`` checked to be a usable directory."""
-    from ncfast.runs import RunError, load_run
+    from ncfast.report.runs import RunError, load_run
 
     try:
         runs = [load_run(p) for p in run_dirs]

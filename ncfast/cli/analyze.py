@@ -59,9 +59,9 @@ def analyze_command(
     and data, measure every NC quantity on the training and test sets, DeepFool robustness and
     the central-path fit; write report.json, summary.md and the run's figures, and print a
     compact table."""
-    from ncfast.analyze import analyze, format_table
-    from ncfast.checkpoint import CheckpointError
-    from ncfast.data import DatasetError
+    from ncfast.paper.analyze import analyze, format_table
+    from ncfast.paper.checkpoint import CheckpointError
+    from ncfast.paper.data import DatasetError
 
     if checkpoint.is_dir():  # a run directory: its checkpoint
         if not (checkpoint / "checkpoint.pt").is_file():

@@ -14,7 +14,7 @@ from ncfast.cli import main
 def info_command(as_json: bool) -> None:
     """Show whether the native extension is built (and with CUDA kernels for which GPU
     architectures), the torch and CUDA versions, and which backend ncfast uses."""
-    from ncfast.build_info import build_info
+    from ncfast.backend.build_info import build_info
 
     info = build_info()
     if as_json:

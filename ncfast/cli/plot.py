@@ -22,7 +22,7 @@ from ncfast.cli._shared import figure_formats_option, load_runs_for_output, writ
 def plot_command(run_dirs: tuple[Path, ...], out: Path, formats: tuple[str, ...]) -> None:
     """Plot the runs in RUN_DIR... (written by `ncfast train --out`) in the style of the seed's
     Figs. 2–12: one panel per dataset × network, runs of a cell overlaid (e.g. MSE vs CE)."""
-    from ncfast.plots import plot_runs
+    from ncfast.report.plots import plot_runs
 
     runs = load_runs_for_output(run_dirs, out)
     try:

@@ -1,4 +1,5 @@
-"""``ncfast sweep``: HPD22's grid of runs in one resumable command (see :mod:`ncfast.sweep`)."""
+"""``ncfast sweep``: HPD22's grid of runs in one resumable command
+(see :mod:`ncfast.paper.sweep`)."""
 
 from __future__ import annotations
 
@@ -177,7 +178,7 @@ def sweep_command(
           --jobs 2 --epochs 2 --width 0.0625 --per-class 5 --device cpu
       ncfast sweep --status sweeps/paper
     """
-    from ncfast.sweep import Grid, SlurmOptions, Sweep, SweepError
+    from ncfast.paper.sweep import Grid, SlurmOptions, Sweep, SweepError
 
     grid_given = any(v is not None for v in (datasets, nets, losses, lrs, seeds, preset))
     try:
@@ -209,7 +210,7 @@ def sweep_command(
                 if value is not None
             }
             if preset == "paper":
-                from ncfast.sweep import PAPER_GRID
+                from ncfast.paper.sweep import PAPER_GRID
 
                 grid = Grid.from_options(
                     **{**PAPER_GRID, **grid_options},
@@ -266,7 +267,7 @@ def sweep_command(
 
 
 def _report(sweep, formats) -> None:
-    from ncfast.sweep import SweepError
+    from ncfast.paper.sweep import SweepError
 
     try:
         selection = sweep.select()

@@ -22,7 +22,7 @@ from ncfast.cli._shared import load_runs_for_output, write_failed
 def table_command(run_dirs: tuple[Path, ...], out: Path) -> None:
     """Print and write Table 1 for the runs in RUN_DIR...: test accuracy at the first epoch of
     zero training error vs at the last epoch, with the median and mean improvement."""
-    from ncfast.tables import write_table1
+    from ncfast.report.tables import write_table1
 
     runs = load_runs_for_output(run_dirs, out)
     try:

@@ -6,14 +6,14 @@ import os
 
 import click
 
-from ncfast.checkpoint import CheckpointError
 from ncfast.cli import main
 from ncfast.cli._shared import write_failed
-from ncfast.data import DATASETS, DatasetError
-from ncfast.distributed import DistributedError, torchrun_environment
-from ncfast.losses import LOSSES, parse_mse_scale
-from ncfast.models import FAMILIES, NETS
-from ncfast.train import (
+from ncfast.paper.checkpoint import CheckpointError
+from ncfast.paper.data import DATASETS, DatasetError
+from ncfast.paper.distributed import DistributedError, torchrun_environment
+from ncfast.paper.losses import LOSSES, parse_mse_scale
+from ncfast.paper.models import FAMILIES, NETS
+from ncfast.paper.train import (
     MAX_SEED,
     PRESETS,
     RunDirectoryError,

@@ -292,7 +292,7 @@ def check_payload(payload, path: str | os.PathLike = "checkpoint") -> None:
     history = payload["history"]
     if not isinstance(history, list):
         raise bad("history", "a list of metric records", history)
-    from ncfast.runs import RunError, check_record
+    from ncfast.report.runs import RunError, check_record
 
     for i, record in enumerate(history):
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ncfast.models.base import FeatureClassifier, init_weights, scaled
+from ncfast.paper.models.base import FeatureClassifier, init_weights, scaled
 
 BOTTLENECK_FACTOR = 4  # the 1×1 convolution outputs 4k channels
 COMPRESSION = 0.5  # transitions halve the channels

@@ -1,5 +1,5 @@
 """The native backend: ops of the compiled extension ``ncfast._C`` behind the signatures of
-:mod:`ncfast.reference` (``ncfast.ops`` switches between the two).
+:mod:`ncfast.backend.reference` (``ncfast.backend.ops`` switches between the two).
 
 Compiled ops (``torch.ops.ncfast.*``, a CPU and a CUDA implementation each, ``csrc/``):
 
@@ -21,7 +21,7 @@ reference), and its first valid sample of the batch on CUDA (no [C, P] accumulat
 both lie within the class's spread, which is what keeps the statistics exact (SPEC §1), and the
 class means and Σ_W agree to rounding.
 
-Importing this module raises ImportError when the extension is missing (``ncfast.ops`` then
+Importing this module raises ImportError when the extension is missing (``ncfast.backend.ops`` then
 falls back to the reference) and RuntimeError when the extension was built for another torch or
 CUDA major version (rebuild it).
 
@@ -43,13 +43,13 @@ from typing import NamedTuple
 
 import torch
 
-from ncfast import reference
 from ncfast._C import (  # ImportError when the extension was not built
     cuda_arch_list as CUDA_ARCH_LIST,  # the kernel images built, "sm_75;...;compute_90"
 )
 from ncfast._C import cuda_version_int as _CUDA_VERSION_INT
 from ncfast._C import torch_version as COMPILED_TORCH_VERSION
 from ncfast._C import with_cuda as _WITH_CUDA
+from ncfast.backend import reference
 
 WITH_CUDA = bool(_WITH_CUDA)
 COMPILED_CUDA_VERSION = (

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from ncfast.data.errors import DatasetArgumentError
+from ncfast.paper.data.errors import DatasetArgumentError
 
 DATA_ROOT_ENV = "NCFAST_DATA_ROOT"
 _DEFAULT_ROOT = "~/.cache/ncfast/data"

@@ -1,8 +1,9 @@
 """``analyze``: everything HPD22 reports about one trained network, from its checkpoint.
 
-The checkpoint is read with ``torch.load(weights_only=True)`` (:mod:`ncfast.checkpoint`); the
+The checkpoint is read with ``torch.load(weights_only=True)`` (:mod:`ncfast.paper.checkpoint`); the
 network and the data are rebuilt from the configuration it carries, exactly as training built
-them; one streamed measurement per split goes through :func:`ncfast.evaluate.measure_split`, the
+them; one streamed measurement per split goes through
+:func:`ncfast.paper.evaluate.measure_split`, the
 function training itself measures with, so the numbers agree with the run's log at the
 checkpoint's epoch (the report says by how much). Then DeepFool robustness on a seeded sample of
 test images (HPD22 Fig. 9, with SPEC §7's tight bound and out-of-range fraction), the
@@ -10,7 +11,7 @@ central-path fit of the logged SNR singular values (SPEC §5), Table 1's row, an
 the run's history.
 
 Outputs in ``out_dir`` (default ``<checkpoint folder>/analysis``): ``report.json`` (strict JSON:
-NaN/inf written as null), ``summary.md`` and ``figures/`` (the :mod:`ncfast.plots` figures).
+NaN/inf written as null), ``summary.md`` and ``figures/`` (the :mod:`ncfast.report.plots` figures).
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ import numpy as np
 import torch
 
 from ncfast import __version__
-from ncfast.checkpoint import CheckpointError, load_checkpoint
-from ncfast.evaluate import measure_split
-from ncfast.plots import FORMATS, plot_runs
-from ncfast.robustness import DEFAULT_SAMPLES, robustness
-from ncfast.runs import central_path_fit, run_from_history
-from ncfast.tables import table1_rows
-from ncfast.train import TrainConfig, build_model, jsonable, load_data
+from ncfast.paper.checkpoint import CheckpointError, load_checkpoint
+from ncfast.paper.evaluate import measure_split
+from ncfast.paper.robustness import DEFAULT_SAMPLES, robustness
+from ncfast.paper.train import TrainConfig, build_model, jsonable, load_data
+from ncfast.report.plots import FORMATS, plot_runs
+from ncfast.report.runs import central_path_fit, run_from_history
+from ncfast.report.tables import table1_rows
 
 REPORT_FORMAT = "ncfast-report-v1"
-# The robustness numbers the Fig. 9 plot draws (ncfast.plots), put on the checkpoint's record.
+# The robustness numbers the Fig. 9 plot draws (ncfast.report.plots), put on the checkpoint's
+# record.
 ROBUSTNESS_PLOT_KEYS = ("robustness", "robustness_tight", "robustness_out_of_range")
 DECOMPOSITION_KEYS = ("loss_mse", "loss_nc1", "loss_nc23", "loss_ls", "loss_ls_perp")
 # Rows of the compact table (report key, label).
@@ -173,8 +175,8 @@ def analyze(
 
     ``robustness_samples`` test images (a sample fixed by ``robustness_seed``) are attacked with
     DeepFool; 0 skips it. ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when
-    available). Raises :class:`ncfast.checkpoint.CheckpointError` for a missing, corrupt or
-    untrusted checkpoint (nothing in it is executed), ``ncfast.data.DatasetError`` when the
+    available). Raises :class:`ncfast.paper.checkpoint.CheckpointError` for a missing, corrupt or
+    untrusted checkpoint (nothing in it is executed), ``ncfast.paper.data.DatasetError`` when the
     run's data cannot be loaded, ValueError for bad arguments.
     """
     if (
@@ -196,7 +198,7 @@ def analyze(
 
     train_data, test_data = load_data(config)
     model = build_model(config, train_data.num_classes, train_data.channels, train_data.image_size)
-    from ncfast.checkpoint import load_state_checked  # names the missing/unexpected keys
+    from ncfast.paper.checkpoint import load_state_checked  # names the missing/unexpected keys
 
     what = f"a {config.net} (width {config.width}) for {config.dataset}"
     load_state_checked(model, payload["model"], path, "model", what)

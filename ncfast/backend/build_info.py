@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from ncfast import __version__, ops
+from ncfast import __version__
+from ncfast.backend import ops
 
 
 def build_info() -> dict:
@@ -63,7 +64,7 @@ def _device_kernels(index: int) -> dict:
     if ops.BACKEND != "native":
         entry["uses"] = "the reference backend (native not in use)"
         return entry
-    from ncfast import _native
+    from ncfast.backend import native as _native
 
     if not _native.WITH_CUDA:
         entry["uses"] = "the reference backend (the extension has no CUDA kernels)"

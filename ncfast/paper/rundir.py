@@ -5,7 +5,7 @@
 - the files: ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` (and ``analysis/``, written by
   ``ncfast analyze``); every write goes through here, and a write that fails (disk full, no
   permission) is a :class:`RunDirectoryError` naming the file, with the previous checkpoint
-  intact (it is replaced atomically, :func:`ncfast.checkpoint.atomic_write`);
+  intact (it is replaced atomically, :func:`ncfast.paper.checkpoint.atomic_write`);
 - the lock: :meth:`RunDirectory.lock` creates ``R`` if needed (the check that ``--out`` is
   usable, before any data is loaded) and takes ``R/.ncfast.lock``, which holds the PID and host
   of the owner. The lock is an ``flock`` on that file, so the kernel releases it when its owner
@@ -34,8 +34,8 @@ import time
 import uuid
 from pathlib import Path
 
-from ncfast.checkpoint import save_checkpoint, write_text_atomic
-from ncfast.runs import CONFIG_FILE, METRICS_FILE
+from ncfast.paper.checkpoint import save_checkpoint, write_text_atomic
+from ncfast.report.runs import CONFIG_FILE, METRICS_FILE
 
 try:
     import fcntl

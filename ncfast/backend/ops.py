@@ -2,7 +2,7 @@
 
 ``NCFAST_BACKEND=reference`` or ``native`` forces a backend; unset, the native one is used when
 ``ncfast._C`` is importable. Every function below has the signature of its twin in
-``ncfast.reference``.
+``ncfast.backend.reference``.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-from ncfast import reference
+from ncfast.backend import reference
 
 _BACKENDS = ("reference", "native")
 
 
 def _load_native() -> tuple[ModuleType | None, str]:
     try:
-        from ncfast import _native  # optional compiled extension
+        from ncfast.backend import native as _native  # optional compiled extension
     except ImportError as exc:  # no extension built: the reference is complete on its own
         return None, f"{type(exc).__name__}: {exc}"
     return _native, ""

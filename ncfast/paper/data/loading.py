@@ -12,17 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncfast.data import formats
-from ncfast.data.errors import DatasetArgumentError, DatasetChecksumWarning, DatasetError
-from ncfast.data.images import LabeledImages
-from ncfast.data.registry import (
+from ncfast.paper.data import formats
+from ncfast.paper.data.errors import DatasetArgumentError, DatasetChecksumWarning, DatasetError
+from ncfast.paper.data.images import LabeledImages
+from ncfast.paper.data.registry import (
     CIFAR10_FOLDER,
     STL10_FOLDER,
     DatasetInfo,
     default_root,
     get_info,
 )
-from ncfast.data.sampling import balanced_indices, channel_mean_std, seeded_order
+from ncfast.paper.data.sampling import balanced_indices, channel_mean_std, seeded_order
 
 DEFAULT_MAX_PER_CLASS = 5000
 MNIST_PAD = 2

@@ -1,7 +1,7 @@
 """Pure-torch float64 implementations of every op: the oracle and the benchmark baseline.
 
 Each function here has a native twin in ``ncfast._C`` (same arguments, same results to
-rounding). ``ncfast.ops`` chooses between them; tests compare both against float64 numpy.
+rounding). ``ncfast.backend.ops`` chooses between them; tests compare both against float64 numpy.
 
 Accumulator state of the streamed statistics (SPEC §1), all on one device:
 

@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator, NullFormatter
 
-from ncfast.runs import Run, central_path_fit
+from ncfast.report.runs import Run, central_path_fit
 
 FORMATS = ("png", "pdf")
 ZERO_ERROR_COLOR = "#d62728"
@@ -476,7 +476,7 @@ def snr_figure(runs: Sequence[Run], fits: dict[int, dict] | None = None):
     """SNR singular values ω_j(t) (training set), measured (dots) and central-path fit (lines).
 
     One panel per run. ``fits`` maps a run's position to its
-    :func:`ncfast.runs.central_path_fit` result (computed here when None). None when no run
+    :func:`ncfast.report.runs.central_path_fit` result (computed here when None). None when no run
     logged SNR singular values.
     """
     runs_with = [(i, r) for i, r in enumerate(runs) if _has_data(r, "snr_singular_values", "train")]

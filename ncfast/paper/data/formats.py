@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ncfast.data.errors import DatasetError
-from ncfast.data.safe_pickle import ForbiddenGlobalError, restricted_loads
+from ncfast.paper.data.errors import DatasetError
+from ncfast.paper.data.safe_pickle import ForbiddenGlobalError, restricted_loads
 
 NUM_CLASSES = 10
 _IDX_UINT8 = 0x08

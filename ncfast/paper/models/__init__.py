@@ -1,5 +1,5 @@
 """Networks of the paper (seed Table A.2), all behind one interface (see
-:mod:`ncfast.models.base`): ``model.features(x) -> [B, P]``, ``model.classifier`` an
+:mod:`ncfast.paper.models.base`): ``model.features(x) -> [B, P]``, ``model.classifier`` an
 ``nn.Linear(P, C)``, ``model(x) == model.classifier(model.features(x))``.
 
 ``build(net, num_classes, in_channels, image_size=32, width=1.0)`` makes any of :data:`NETS`;
@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from ncfast.models.base import FeatureClassifier
-from ncfast.models.densenet import DENSENET_LAYERS, densenet
-from ncfast.models.resnet import RESNET_LAYERS, resnet
-from ncfast.models.vgg import VGG_LAYERS, vgg
+from ncfast.paper.models.base import FeatureClassifier
+from ncfast.paper.models.densenet import DENSENET_LAYERS, densenet
+from ncfast.paper.models.resnet import RESNET_LAYERS, resnet
+from ncfast.paper.models.vgg import VGG_LAYERS, vgg
 
 NETS: dict[str, Callable[..., FeatureClassifier]] = {
     **{name: partial(vgg, name) for name in VGG_LAYERS},

@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from ncfast.runs import Run
+from ncfast.report.runs import Run
 
 COLUMNS = (
     ("dataset", "dataset"),

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ncfast.losses import check_loss, compute_loss
 from ncfast.measure import Measurement
 from ncfast.metrics import DegenerateFeaturesError, mse_lambda, undefined_metrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
+from ncfast.paper.losses import check_loss, compute_loss
 from ncfast.stats import check_int
 
 PRECISIONS = ("fp32", "bf16")
@@ -90,7 +90,7 @@ def measure_split(
     distributed: bool = False,
     group=None,
 ) -> dict:
-    """Measure ``model`` on ``data`` (a :class:`ncfast.data.LabeledImages`) in eval mode.
+    """Measure ``model`` on ``data`` (a :class:`ncfast.paper.data.LabeledImages`) in eval mode.
 
     One streamed pass in the split's order: features from ``model.features`` (upcast to float32,
     statistics in float64), logits from ``model.classifier`` applied to those features, loss and
@@ -107,7 +107,7 @@ def measure_split(
 
     ``distributed=True`` (torch.distributed initialised; collective: every rank of ``group``
     calls it with the same model and data): each rank streams its contiguous share of the split
-    (:func:`ncfast.distributed.shard_bounds`), the statistics are combined by
+    (:func:`ncfast.paper.distributed.shard_bounds`), the statistics are combined by
     ``Measurement.compute(distributed=True)`` and the loss and error sums are all-reduced, so
     every rank returns the metrics of the whole split. ``batch_size`` is then per rank.
     """
@@ -139,7 +139,7 @@ def measure_split(
     if distributed:
         import torch.distributed as dist
 
-        from ncfast.distributed import shard_bounds
+        from ncfast.paper.distributed import shard_bounds
 
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError(

@@ -6,7 +6,7 @@ network, loss), the one with the best final test error. A :class:`Sweep` does th
 
 - the grid (:class:`Grid`): datasets × networks (a family resolves to Table A.2's depth per
   dataset) × losses × learning rates × seeds, plus options of ``ncfast train`` given to every run.
-  It is checked (one resolved :class:`ncfast.train.TrainConfig` per value) and written to
+  It is checked (one resolved :class:`ncfast.paper.train.TrainConfig` per value) and written to
   ``DIR/sweep.json`` before anything starts; another grid in the same DIR is an error naming the
   difference;
 - each run lives in ``DIR/runs/<dataset>-<net>-<loss>-lr<lr>-seed<seed>`` and is trained by
@@ -22,7 +22,7 @@ network, loss), the one with the best final test error. A :class:`Sweep` does th
   ``--stop-after`` segments); ``submitit-local`` is the same path with local processes;
 - rerunning is idempotent: finished runs are skipped, killed ones resumed, the rest started;
   failed ones stay failed unless ``retry_failed``. A run is *running* while its run directory's
-  lock (:class:`ncfast.rundir.RunDirectory`) is held by a live process;
+  lock (:class:`ncfast.paper.rundir.RunDirectory`) is held by a live process;
 - :meth:`Sweep.select` picks per (dataset, network, loss) the learning rate of lowest final test
   error (mean over the seeds that finished; ties: the smaller learning rate) into
   ``DIR/selected.json``; :meth:`Sweep.report` writes Table 1, the Figs. 2–12 grid over the selected
@@ -51,18 +51,19 @@ from pathlib import Path
 
 import click
 
+from ncfast.cli.train import train_command
+
 # The training and report code a sweep drives, imported in one place (the package layout moves
 # this module to ncfast/paper/sweep.py).
-from ncfast.checkpoint import load_checkpoint, write_text_atomic
-from ncfast.cli.train import train_command
-from ncfast.data import DATASETS, DatasetError, default_root, download_dataset
-from ncfast.losses import LOSSES, parse_mse_scale
-from ncfast.models import FAMILIES, NETS, paper_net
-from ncfast.plots import LOSS_COLORS, OTHER_COLORS, plot_runs
-from ncfast.rundir import RunDirectory, RunDirectoryError
-from ncfast.runs import RunError, load_run, read_metrics
-from ncfast.tables import write_table1
-from ncfast.train import MAX_SEED, TrainConfig
+from ncfast.paper.checkpoint import load_checkpoint, write_text_atomic
+from ncfast.paper.data import DATASETS, DatasetError, default_root, download_dataset
+from ncfast.paper.losses import LOSSES, parse_mse_scale
+from ncfast.paper.models import FAMILIES, NETS, paper_net
+from ncfast.paper.rundir import RunDirectory, RunDirectoryError
+from ncfast.paper.train import MAX_SEED, TrainConfig
+from ncfast.report.plots import LOSS_COLORS, OTHER_COLORS, plot_runs
+from ncfast.report.runs import RunError, load_run, read_metrics
+from ncfast.report.tables import write_table1
 
 SWEEP_FILE = "sweep.json"
 SELECTED_FILE = "selected.json"
@@ -337,7 +338,7 @@ class Grid:
         the first run (the options common to all: epochs, measurement epochs).
 
         Each distinct (dataset, network, loss) and each distinct (loss, learning rate, seed) is
-        resolved through :meth:`ncfast.train.TrainConfig.resolved` (with the device set to the
+        resolved through :meth:`ncfast.paper.train.TrainConfig.resolved` (with the device set to the
         CPU when CUDA is asked for but missing here, e.g. on a login node); together they cover
         every option of every run, without building each of 750 networks' shapes again.
         SweepError naming the option otherwise."""

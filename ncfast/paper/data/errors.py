@@ -1,4 +1,4 @@
-"""Exceptions and warnings of :mod:`ncfast.data`."""
+"""Exceptions and warnings of :mod:`ncfast.paper.data`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ class DatasetError(Exception):
 
 
 class DatasetArgumentError(DatasetError, ValueError):
-    """An argument of :func:`ncfast.data.load_dataset` is invalid (unknown name, bad per_class)."""
+    """An argument of :func:`ncfast.paper.data.load_dataset` is invalid (unknown name, bad
+    per_class)."""
 
 
 class DatasetChecksumWarning(UserWarning):
