@@ -1,5 +1,6 @@
 """ncfast: exact, streaming Neural Collapse measurement (Han, Papyan & Donoho, ICLR 2022)."""
 
+from ncfast.errors import NCFastError
 from ncfast.measure import Measurement
 from ncfast.metrics import (
     DegenerateFeaturesError,
@@ -12,7 +13,8 @@ from ncfast.metrics import (
 from ncfast.nc4 import NCCMismatch
 from ncfast.stats import ClassStats, InvalidInputError
 
-__version__ = "0.1.0"
+# The one place the version is written (pyproject.toml reads it from here).
+__version__ = "0.2.0"
 
 __all__ = [
     "ClassStats",
@@ -20,6 +22,7 @@ __all__ = [
     "InvalidInputError",
     "Measurement",
     "NCCMismatch",
+    "NCFastError",
     "__version__",
     "least_squares_classifier",
     "mse_lambda",

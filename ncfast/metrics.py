@@ -7,6 +7,7 @@ import math
 import torch
 
 from ncfast.backend import ops
+from ncfast.errors import NCFastError
 from ncfast.stats import ClassStats
 
 DEFAULT_RTOL = 1e-10
@@ -37,7 +38,7 @@ SPEC_KEYS = (
 )
 
 
-class DegenerateFeaturesError(ValueError):
+class DegenerateFeaturesError(NCFastError, ValueError):
     """The class means do not separate (or every feature is zero): the Neural Collapse metrics
     are undefined for these features (SPEC §2, "Degenerate data"). ``reason`` says what was found,
     without the name of the function that raised."""

@@ -8,12 +8,13 @@ import torch
 
 from ncfast.backend import ops
 from ncfast.backend.reference import INVALID_LABEL, INVALID_NONFINITE, count_invalid_rows_
+from ncfast.errors import NCFastError
 
 _STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
 _ON_INVALID = ("raise", "skip")
 
 
-class InvalidInputError(ValueError):
+class InvalidInputError(NCFastError, ValueError):
     """Raised when streamed samples had labels out of range or non-finite features."""
 
 

@@ -31,6 +31,8 @@ from typing import IO
 
 import torch
 
+from ncfast.errors import NCFastError
+
 FORMAT = "ncfast-checkpoint-v1"
 REQUIRED_KEYS = (
     "format",
@@ -51,7 +53,7 @@ os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NCFastError, ValueError):
     """A checkpoint file is missing, unreadable, untrusted or not an ncfast checkpoint."""
 
 

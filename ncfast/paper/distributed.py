@@ -25,11 +25,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ncfast.errors import NCFastError
+
 BACKEND_ENV = "NCFAST_DIST_BACKEND"
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-class DistributedError(ValueError):
+class DistributedError(NCFastError, ValueError):
     """The process layout cannot run as asked (bad torchrun variables, device, batch size)."""
 
 

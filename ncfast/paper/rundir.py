@@ -34,6 +34,7 @@ import time
 import uuid
 from pathlib import Path
 
+from ncfast.errors import NCFastError
 from ncfast.paper.checkpoint import save_checkpoint, write_text_atomic
 from ncfast.report.runs import CONFIG_FILE, METRICS_FILE
 
@@ -50,7 +51,7 @@ TRASH_PREFIX = ".ncfast-trash-"
 RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, ANALYSIS_DIR)
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(NCFastError, ValueError):
     """The run directory cannot be used as asked (in use, holds another run, not writable, or
     the resumed run had other options); the message says what to do."""
 

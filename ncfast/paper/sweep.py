@@ -52,6 +52,7 @@ from pathlib import Path
 import click
 
 from ncfast.cli.train import train_command
+from ncfast.errors import NCFastError
 
 # The training and report code a sweep drives, imported in one place (the package layout moves
 # this module to ncfast/paper/sweep.py).
@@ -112,7 +113,7 @@ STATES = ("done", "running", "failed", "queued", "waiting")
 POLL_S = {"local": 1.0, "slurm": 30.0}
 
 
-class SweepError(ValueError):
+class SweepError(NCFastError, ValueError):
     """A sweep that cannot be set up or continued as asked; the message names the option."""
 
 

@@ -59,6 +59,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ncfast import __version__
+from ncfast.errors import NCFastError
 from ncfast.integrations.tensorboard import log_to_tensorboard
 from ncfast.metrics import mse_lambda
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
@@ -328,7 +329,7 @@ class TrainConfig:
         return cls(**kwargs)
 
 
-class TrainingDivergedError(FloatingPointError):
+class TrainingDivergedError(NCFastError, FloatingPointError):
     """Training produced a non-finite loss, weights or outputs; the run's last checkpoint (one
     from before the divergence) is kept."""
 

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ncfast.errors import NCFastError
+
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 SPLITS = ("train", "test")
 REQUIRED_KEYS = ("epoch", "split", "error")
 
 
-class RunError(ValueError):
+class RunError(NCFastError, ValueError):
     """A run directory, metrics log or config that cannot be read; the message says why."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ncfast.errors import NCFastError
 
-class DatasetError(Exception):
+
+class DatasetError(NCFastError):
     """A dataset is missing, incomplete, corrupt or unsafe; the message says what and where.
 
     Messages are meant for the user: they name the files expected under the data root and, where
