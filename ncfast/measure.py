@@ -6,9 +6,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ncfast.checks import check_int
 from ncfast.metrics import nc_metrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, NCCMismatch, mismatch_fraction
-from ncfast.stats import ClassStats, check_int
+from ncfast.stats import ClassStats
 
 
 class Measurement:

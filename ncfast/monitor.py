@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ncfast.checks import check_int
 from ncfast.measure import Measurement
 from ncfast.metrics import _check_lambda
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
-from ncfast.stats import check_int
 
 __all__ = ["MonitorPass", "NCMonitor"]
 

@@ -15,7 +15,8 @@ import torch
 
 from ncfast.backend import ops
 from ncfast.backend.reference import count_invalid_rows_
-from ncfast.stats import ClassStats, check_batch, check_int
+from ncfast.checks import check_int
+from ncfast.stats import ClassStats, check_batch
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes
 

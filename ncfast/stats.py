@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from ncfast.backend import ops
 from ncfast.backend.reference import INVALID_LABEL, INVALID_NONFINITE, count_invalid_rows_
+from ncfast.checks import check_int, check_label_dtype
 from ncfast.errors import NCFastError
 
 _STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
@@ -16,16 +15,6 @@ _ON_INVALID = ("raise", "skip")
 
 class InvalidInputError(NCFastError, ValueError):
     """Raised when streamed samples had labels out of range or non-finite features."""
-
-
-def check_int(value, name: str, minimum: int, where: str) -> int:
-    """``value`` as an int ≥ ``minimum``; a TypeError naming ``name`` for anything that is not an
-    integer (bool included: ``True`` is not a class count), a ValueError when it is too small."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{where}: {name} must be ≥ {minimum}, got {value}")
-    return int(value)
 
 
 def check_batch(features, labels, num_classes: int, dim: int, where: str) -> None:
@@ -48,8 +37,7 @@ def check_batch(features, labels, num_classes: int, dim: int, where: str) -> Non
             f"{where}: labels must have shape [B] = [{features.shape[0]}] to match features, "
             f"got {list(labels.shape)}"
         )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{where}: labels must be an integer tensor, got {labels.dtype}")
+    check_label_dtype(labels, "labels", where)
     if labels.device != features.device:
         raise ValueError(
             f"{where}: labels are on {labels.device} but features on {features.device}"

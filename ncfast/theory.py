@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ncfast.backend import reference
-from ncfast.stats import check_int
+from ncfast.checks import check_int
 
 __all__ = [
     "CentralPathRun",

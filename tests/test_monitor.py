@@ -208,7 +208,7 @@ def test_constructor_rejects_bad_modules_and_settings():
         NCMonitor(model, classifier=model[4], on_invalid="ignore")
     with pytest.raises(ValueError, match="memory_budget_bytes"):
         NCMonitor(model, classifier=model[4], memory_budget_bytes=-1)
-    with pytest.raises(TypeError, match="NCMonitor: memory_budget_bytes must be an int, got bool"):
+    with pytest.raises(TypeError, match="NCMonitor: memory_budget_bytes must be an integer, got bool"):
         NCMonitor(model, classifier=model[4], memory_budget_bytes=True)
     with pytest.raises(TypeError, match="distributed"):
         NCMonitor(model, classifier=model[4], distributed="yes")

@@ -231,7 +231,7 @@ def test_deferred_invalid_counts_are_reported_when_results_are_read():
         (torch.randn(4), torch.zeros(4, dtype=torch.long), r"shape \[B, 3\]"),
         (torch.randn(4, 5), torch.zeros(4, dtype=torch.long), r"shape \[B, 3\].*\[4, 5\]"),
         (torch.randn(4, 3), torch.zeros(5, dtype=torch.long), r"labels must have shape \[B\]"),
-        (torch.randn(4, 3), torch.zeros(4), "labels must be an integer tensor"),
+        (torch.randn(4, 3), torch.zeros(4), "labels must be integer class indices"),
         (torch.ones(4, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long), "floating dtype"),
         (np.zeros((4, 3)), torch.zeros(4, dtype=torch.long), "features must be a torch.Tensor"),
         (torch.randn(4, 3), [0, 1, 0, 1], "labels must be a torch.Tensor"),
@@ -243,9 +243,9 @@ def test_wrong_shapes_and_types_name_the_argument(features, labels, match):
 
 
 def test_constructor_arguments_are_checked():
-    with pytest.raises(ValueError, match="num_classes must be ≥ 1"):
+    with pytest.raises(ValueError, match="num_classes must be an integer ≥ 1"):
         ClassStats(0, 3)
-    with pytest.raises(ValueError, match="dim must be ≥ 1"):
+    with pytest.raises(ValueError, match="dim must be an integer ≥ 1"):
         ClassStats(2, -1)
     with pytest.raises(ValueError, match="on_invalid"):
         ClassStats(2, 3, on_invalid="ignore")
@@ -273,7 +273,7 @@ WEIGHT = torch.zeros(3, 8)
 )
 def test_counts_and_sizes_must_be_integers_not_bools(build, argument, kind):
     """``True`` is an int to Python, not a class count: refused with the argument's name."""
-    with pytest.raises(TypeError, match=rf"{argument} must be an int, got {kind}"):
+    with pytest.raises(TypeError, match=rf"{argument} must be an integer, got {kind}"):
         build()
 
 

@@ -261,7 +261,7 @@ def test_simulator_bad_inputs(seed):
     x = theory.initial_features(3, 4, 4, generator=gen(seed))
     with pytest.raises(ValueError, match="dt must be a positive"):
         theory.simulate_central_path(x, 3, steps=2, dt=0.0)
-    with pytest.raises(ValueError, match="steps must be ≥ 0"):
+    with pytest.raises(ValueError, match="steps must be an integer ≥ 0"):
         theory.simulate_central_path(x, 3, steps=-1)
     with pytest.raises(ValueError, match=r"shape \[P, C·N\]"):
         theory.simulate_central_path(x[:, :-1], 3, steps=1)
@@ -338,8 +338,8 @@ def test_closed_form_asymptote():
         (omega_tensor(1.0), omega_tensor(-1.0), 3, 2, ValueError, "t must be ≥ 0"),
         (omega_tensor(1.0), omega_tensor(math.inf), 3, 2, ValueError, "t contains NaN or inf"),
         (omega_tensor(1.0, 2.0, 3.0), omega_tensor(1.0), 3, 2, ValueError, "at most 2"),
-        (omega_tensor(1.0), omega_tensor(1.0), 1, 2, ValueError, "num_classes must be ≥ 2"),
-        (omega_tensor(1.0), omega_tensor(1.0), 3, 0, ValueError, "per_class must be ≥ 1"),
+        (omega_tensor(1.0), omega_tensor(1.0), 1, 2, ValueError, "num_classes must be an integer ≥ 2"),
+        (omega_tensor(1.0), omega_tensor(1.0), 3, 0, ValueError, "per_class must be an integer ≥ 1"),
         (omega_tensor(1.0), omega_tensor(1.0), 3.0, 2, TypeError, "num_classes must be an int"),
         ("abc", omega_tensor(1.0), 3, 2, TypeError, "omega0 must be a 1-D tensor"),
     ],

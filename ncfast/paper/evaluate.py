@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ncfast.checks import check_int
 from ncfast.measure import Measurement
 from ncfast.metrics import DegenerateFeaturesError, mse_lambda, undefined_metrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
 from ncfast.paper.losses import check_loss, compute_loss
-from ncfast.stats import check_int
 
 PRECISIONS = ("fp32", "bf16")
 
