@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterable
 
 import torch
 
 from ncfast.checks import check_int
-from ncfast.metrics import nc_metrics
+from ncfast.metrics import _check_lambda, nc_metrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, NCCMismatch, mismatch_fraction
 from ncfast.stats import ClassStats
 
@@ -18,6 +20,11 @@ class Measurement:
     With a classifier (``weight [C, P]``, ``bias [C]``) the result holds every key of SPEC
     §2–§4 including ``nc4_ncc_mismatch``; ``weight_decay`` is λ of HPD22 Eq. 3 (see
     :func:`ncfast.metrics.mse_lambda`). Without one, the feature-only keys.
+
+    ``compute`` leaves the accumulated state as it is (also with ``distributed=True``), so a
+    measurement can be computed, fed more batches and computed again; ``reset`` starts a new
+    pass, ``merge`` adds another measurement's samples, ``state_dict``/``load_state_dict``
+    save and restore the accumulated state.
     """
 
     def __init__(
@@ -35,19 +42,70 @@ class Measurement:
         dim = check_int(dim, "dim", 1, "Measurement")
         check_int(memory_budget_bytes, "memory_budget_bytes", 0, "Measurement")
         self.stats = ClassStats(num_classes, dim, device=device, on_invalid=on_invalid)
-        self.weight, self.bias, self.weight_decay = weight, bias, weight_decay
+        self.weight, self.bias = weight, bias
+        self.weight_decay = _check_lambda(weight_decay, "Measurement")
         self.ncc = NCCMismatch(weight, bias, memory_budget_bytes) if weight is not None else None
-        self.reduced = False  # the statistics hold every rank's samples (compute(distributed=True))
+        # The statistics the last compute() used: self.stats, or their all-rank reduction.
+        self.computed_stats: ClassStats | None = None
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        if self.reduced:
-            raise ValueError(
-                "Measurement.update: the statistics were already all-reduced across processes by "
-                "compute(distributed=True); start a new Measurement for a new pass"
-            )
         self.stats.update(features, labels)
         if self.ncc is not None:
             self.ncc.update(features, labels)
+
+    def reset(self) -> None:
+        """Forget every sample (a new pass); keep the classifier and settings."""
+        self.stats.reset()
+        if self.ncc is not None:
+            self.ncc.reset()
+        self.computed_stats = None
+
+    def merge(self, other: Measurement) -> Measurement:
+        """Add the samples of ``other`` (same classes, dim and classifier) to these, exactly."""
+        if not isinstance(other, Measurement):
+            raise TypeError(f"Measurement.merge: other must be a Measurement, got {type(other)}")
+        if (other.ncc is None) != (self.ncc is None):
+            raise ValueError(
+                "Measurement.merge: one measurement has a classifier and the other not; NC4 "
+                "and the classifier keys need the same classifier in both"
+            )
+        if self.ncc is not None and not _same_classifier(self.ncc, other.ncc):
+            raise ValueError(
+                "Measurement.merge: the two measurements have different classifiers (weight or "
+                "bias); NC4 compares every sample with one classifier"
+            )
+        self.stats.merge(other.stats)
+        if self.ncc is not None:
+            self.ncc.merge(other.ncc)
+        self.computed_stats = None
+        return self
+
+    def state_dict(self) -> dict:
+        """The accumulated state: ``stats`` (:meth:`ClassStats.state_dict`) and, with a
+        classifier, ``nc4`` (the buffered features of this pass, on their device, or the note
+        that they exceeded the budget). Settings and the classifier are not included."""
+        return {
+            "stats": self.stats.state_dict(),
+            "nc4": None if self.ncc is None else self.ncc.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> Measurement:
+        """Restore what :meth:`state_dict` returned (into a Measurement of the same classes,
+        dim, and classifier or none)."""
+        if not isinstance(state_dict, dict) or "stats" not in state_dict:
+            raise KeyError("Measurement.load_state_dict: state_dict lacks 'stats'")
+        nc4 = state_dict.get("nc4")
+        if (nc4 is None) != (self.ncc is None):
+            have = "has a classifier" if self.ncc is not None else "has no classifier"
+            raise ValueError(
+                f"Measurement.load_state_dict: this measurement {have} but the state "
+                + ("holds no NC4 buffer" if nc4 is None else "holds an NC4 buffer")
+            )
+        self.stats.load_state_dict(state_dict["stats"])
+        if self.ncc is not None:
+            self.ncc.load_state_dict(nc4)
+        self.computed_stats = None
+        return self
 
     @property
     def needs_second_pass(self) -> bool:
@@ -58,25 +116,86 @@ class Measurement:
         second_pass: Iterable | Callable[[], Iterable] | None = None,
         distributed: bool = False,
         group=None,
+        nc4: bool = True,
     ) -> dict:
         """The SPEC dict; ``second_pass`` as in :meth:`ncfast.nc4.NCCMismatch.compute`.
 
         ``distributed=True`` (torch.distributed initialised; collective, every rank of ``group``
-        calls it): the statistics are all-reduced first (:meth:`ClassStats.all_reduce`, once per
-        Measurement), NC4 counts each rank's own samples against those global means and sums the
-        counts, so every rank returns the metrics of all the samples of all ranks.
+        calls it): the statistics of all ranks are reduced into a copy
+        (:meth:`ClassStats.reduced`; the local ones stay, so later batches and computes go on),
+        NC4 counts each rank's own samples against those global means and sums the counts, so
+        every rank returns the metrics of all the samples of all ranks.
+
+        ``nc4=False`` leaves ``nc4_ncc_mismatch`` out (and needs no second pass).
         """
-        if distributed and not self.reduced:
-            self.stats.all_reduce(group)
-            self.reduced = True
+        stats = self.stats.reduced(group) if distributed else self.stats
+        self.computed_stats = stats
         mismatch = None
-        if self.ncc is not None:
-            counts = torch.stack(self.ncc.count(self.stats, second_pass))
+        if self.ncc is not None and nc4:
+            counts = torch.stack(self.ncc.count(stats, second_pass))
             if distributed:
                 import torch.distributed as dist
 
                 dist.all_reduce(counts, group=group)
-            mismatch = mismatch_fraction(counts[0], counts[1], self.stats)
-        return nc_metrics(
-            self.stats, self.weight, self.bias, self.weight_decay, ncc_mismatch=mismatch
-        )
+            mismatch = mismatch_fraction(counts[0], counts[1], stats)
+        return nc_metrics(stats, self.weight, self.bias, self.weight_decay, ncc_mismatch=mismatch)
+
+
+def _same_classifier(a: NCCMismatch, b: NCCMismatch) -> bool:
+    return (
+        a.weight.shape == b.weight.shape
+        and torch.equal(a.weight, b.weight.to(a.weight.device))
+        and torch.equal(a.bias, b.bias.to(a.bias.device))
+    )
+
+
+def scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Every number of a SPEC dict as ``{prefix + key: float}``, for loggers: a vector value
+    (``snr_singular_values``, a tensor or list) becomes ``{key}/1``, ``{key}/2``, … (j from 1,
+    as ncfast's logs and plots count singular values); 0-d tensors and bools become floats.
+    Text values (``nc_undefined``, the reason metrics are NaN) are left out."""
+    return flat_scalars(metrics, prefix, "scalars", text_allowed=True)
+
+
+def flat_scalars(metrics: dict, prefix: str, where: str, text_allowed: bool) -> dict[str, float]:
+    """:func:`scalars`, with errors that name ``where``; text values raise unless allowed."""
+    if not isinstance(metrics, dict):
+        raise TypeError(f"{where}: metrics must be a dict, got {type(metrics).__name__}")
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, str) and text_allowed:
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            value = value.item()
+        if isinstance(value, numbers.Real):  # bool and numpy scalars included
+            out[name] = _as_float(value)
+            continue
+        values = _vector(value)
+        if values is None:
+            raise TypeError(
+                f"{where}: metrics[{key!r}] is a {type(value).__name__}; only numbers and 1-d "
+                "sequences of numbers can be logged"
+            )
+        for j, v in enumerate(values, start=1):
+            out[f"{name}/{j}"] = v
+    return out
+
+
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float64 (e.g. 10**400 in a hand-edited log)
+        return math.inf if value > 0 else -math.inf
+
+
+def _vector(value) -> list[float] | None:
+    if isinstance(value, torch.Tensor):
+        return value.detach().double().cpu().tolist() if value.dim() == 1 else None
+    if hasattr(value, "ndim") and hasattr(value, "tolist"):  # a numpy array
+        return [float(v) for v in value.tolist()] if value.ndim == 1 else None
+    if isinstance(value, (list, tuple)) and all(
+        v is None or isinstance(v, numbers.Real) for v in value
+    ):
+        return [math.nan if v is None else _as_float(v) for v in value]
+    return None

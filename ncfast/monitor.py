@@ -16,8 +16,11 @@ or, in a loop you write yourself::
             model(x)
     print(nc.metrics["nc1"])
 
+or, from callbacks that cannot hold a ``with`` block, ``nc = monitor.measure().open()`` …
+``nc.close()`` (``nc.cancel()`` on failure); :mod:`ncfast.integrations.lightning` does so.
+
 With ``torch.distributed`` initialised, each rank feeds its own shard and every rank gets the
-metrics of all ranks' samples (statistics through :meth:`ClassStats.all_reduce`).
+metrics of all ranks' samples (statistics through :meth:`ClassStats.reduced`).
 :class:`ncfast.integrations.tensorboard.TensorBoardWriter` writes every scalar of the result.
 """
 
@@ -118,13 +121,17 @@ class NCMonitor:
             memory_budget_bytes, "memory_budget_bytes", 0, "NCMonitor"
         )
         self._open: MonitorPass | None = None
+        self.last_pass: MonitorPass | None = None
         # Fail at construction, not at the first batch, on bad settings.
         Measurement(self.num_classes, self.dim, on_invalid=on_invalid)
 
     # ------------------------------------------------------------------ passes
     def measure(self) -> MonitorPass:
-        """A measurement pass, to be used as a context manager (see the module docstring)."""
-        return MonitorPass(self)
+        """A measurement pass, to be used as a context manager or opened and closed (see the
+        module docstring). The latest is also :attr:`last_pass` (e.g. the one of
+        :meth:`evaluate`, for its ``measurement`` after an error)."""
+        self.last_pass = MonitorPass(self)
+        return self.last_pass
 
     def evaluate(
         self,
@@ -204,12 +211,14 @@ class NCMonitor:
 
 
 class MonitorPass:
-    """One measurement pass of an :class:`NCMonitor`: a context manager that holds the hook.
+    """One measurement pass of an :class:`NCMonitor`, holding the forward hook while open.
 
-    Inside the ``with`` block, call :meth:`labels` before each forward pass of the model; the
-    hook pairs the features of that pass with those labels and feeds
-    :class:`ncfast.Measurement`. When the block ends the hook is removed and the metrics are
-    computed (in distributed mode this is collective: every rank leaves the block).
+    Use it as a context manager, or, where a ``with`` block does not fit (callbacks of a
+    training framework), call :meth:`open` at the start and :meth:`close` at the end (or
+    :meth:`cancel` when the pass is abandoned). While open, call :meth:`labels` before each
+    forward pass of the model; the hook pairs the features of that pass with those labels and
+    feeds :class:`ncfast.Measurement`. Closing removes the hook and computes the metrics (in
+    distributed mode this is collective: every rank closes).
     """
 
     def __init__(self, monitor: NCMonitor):
@@ -223,11 +232,12 @@ class MonitorPass:
         self._distributed = False
         self._needs_second_pass = False
 
-    # ----------------------------------------------------------- context
-    def __enter__(self) -> MonitorPass:
+    # ------------------------------------------------------------- open, close
+    def open(self) -> MonitorPass:
+        """Start the pass: attach the hook and read the classifier. Returns the pass."""
         mon = self.monitor
         if self._state != "new":
-            raise RuntimeError("MonitorPass: a pass can be entered once; call monitor.measure()")
+            raise RuntimeError("MonitorPass: a pass can be opened once; call monitor.measure()")
         if mon._open is not None:
             raise RuntimeError("NCMonitor: a measurement pass is already open on this monitor")
         weight, bias = mon.classifier.weight, mon.classifier.bias
@@ -253,11 +263,13 @@ class MonitorPass:
         self._state = "open"
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._close()
-        if exc_type is not None:
-            self._state = "failed"
-            return
+    def close(self) -> None:
+        """End the pass: remove the hook and compute the metrics (:attr:`metrics`), unless NC4
+        needs a second pass (:attr:`needs_second_pass`; then :meth:`compute`). Collective in
+        distributed mode."""
+        if self._state != "open":
+            raise RuntimeError(f"MonitorPass.close: the pass is not open (it is {self._state})")
+        self._detach()
         if self._pending is not None:
             self._state = "failed"
             raise ValueError(
@@ -269,7 +281,26 @@ class MonitorPass:
         if not self._needs_second_pass:
             self._metrics = self._compute(None, None)
 
-    def _close(self) -> None:
+    def cancel(self) -> None:
+        """Abandon the pass (e.g. after an exception): remove the hook, compute nothing."""
+        self._detach()
+        if self._state in ("new", "open"):
+            self._state = "failed"
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == "open"
+
+    def __enter__(self) -> MonitorPass:
+        return self.open()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.cancel()
+            return
+        self.close()
+
+    def _detach(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -283,7 +314,7 @@ class MonitorPass:
         if self._state != "open":
             raise RuntimeError(
                 "MonitorPass.labels: the pass is not open; use it inside "
-                "`with monitor.measure() as nc:`"
+                "`with monitor.measure() as nc:` (or after nc.open(), before nc.close())"
             )
         if self._pending is not None:
             raise ValueError(
@@ -365,17 +396,22 @@ class MonitorPass:
         self,
         second_pass: Iterable | Callable[[], Iterable] | None = None,
         forward: Callable | None = None,
+        nc4: bool = True,
     ) -> dict:
         """The SPEC dict, running ``second_pass`` (``(inputs, labels)`` batches over the same
         samples, or a callable returning them) through the model if NC4 needs it; ``forward``
-        as in :meth:`NCMonitor.evaluate`. Collective in distributed mode."""
+        as in :meth:`NCMonitor.evaluate`; ``nc4=False``: without ``nc4_ncc_mismatch`` (and
+        without a second pass). Collective in distributed mode."""
         if self._state != "done":
             raise RuntimeError("MonitorPass.compute: the measurement pass has not ended yet")
         if self._metrics is None:
-            self._metrics = self._compute(second_pass, forward)
+            metrics = self._compute(second_pass, forward, nc4)
+            if not nc4:
+                return metrics
+            self._metrics = metrics
         return self._metrics
 
-    def _compute(self, second_pass, forward) -> dict:
+    def _compute(self, second_pass, forward, nc4: bool = True) -> dict:
         mon = self.monitor
         if _versions(mon.classifier.weight, mon.classifier.bias) != self._versions:
             raise RuntimeError(
@@ -386,7 +422,7 @@ class MonitorPass:
         if second_pass is not None:
             features = _SecondPass(mon, second_pass, forward or mon._default_forward)
         return self.measurement.compute(
-            second_pass=features, distributed=self._distributed, group=mon.group
+            second_pass=features, distributed=self._distributed, group=mon.group, nc4=nc4
         )
 
 

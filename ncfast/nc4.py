@@ -63,8 +63,7 @@ class NCCMismatch:
         return self.overflowed
 
     def _valid(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        scratch = torch.zeros(2, dtype=torch.int64, device=features.device)
-        return count_invalid_rows_(features, labels, self.num_classes, scratch)
+        return valid_rows(features, labels, self.num_classes)
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         check_batch(features, labels, self.num_classes, self.dim, "NCCMismatch.update")
@@ -105,13 +104,7 @@ class NCCMismatch:
             )
         else:
             pairs = iter(self._batches)
-        mismatches = torch.zeros((), dtype=torch.int64, device=device)
-        total = torch.zeros((), dtype=torch.int64, device=device)
-        for features, valid in pairs:
-            features, valid = features.to(device), valid.to(device)
-            mismatches += ops.ncc_mismatch_count(features, valid, weight, bias, means, present)
-            total += valid.sum()
-        return mismatches, total
+        return count_mismatches(pairs, weight, bias, means, present)
 
     def compute(
         self,
@@ -131,6 +124,74 @@ class NCCMismatch:
         self._batches.clear()
         self._buffered_bytes = 0
         self.overflowed = False
+
+    def merge(self, other: NCCMismatch) -> None:
+        """Add the buffered samples of ``other`` (same classifier: the caller checks), within
+        this object's budget; past it, both buffers are dropped and NC4 needs a second pass."""
+        if not isinstance(other, NCCMismatch):
+            raise TypeError(f"NCCMismatch.merge: other must be an NCCMismatch, got {type(other)}")
+        if self.overflowed:
+            return
+        if other.overflowed or (
+            self._buffered_bytes + other._buffered_bytes > self.memory_budget_bytes
+        ):
+            self.reset()
+            self.overflowed = True
+            return
+        self._batches.extend(other._batches)
+        self._buffered_bytes += other._buffered_bytes
+
+    def state_dict(self) -> dict:
+        """The buffer (features in their dtype and validity masks, on their device; the
+        tensors themselves, not copies: they are never modified) and the overflow flag."""
+        return {
+            "features": [f for f, _ in self._batches],
+            "valid": [v for _, v in self._batches],
+            "overflowed": self.overflowed,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        missing = [k for k in ("features", "valid", "overflowed") if k not in state_dict]
+        if missing:
+            raise KeyError(f"NCCMismatch.load_state_dict: state_dict lacks {missing}")
+        features, valid = list(state_dict["features"]), list(state_dict["valid"])
+        if len(features) != len(valid) or any(
+            not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[1] != self.dim
+            for f in features
+        ):
+            raise ValueError(
+                f"NCCMismatch.load_state_dict: 'features' must be [B, {self.dim}] tensors, one "
+                "per 'valid' mask"
+            )
+        self.reset()
+        self.overflowed = bool(state_dict["overflowed"])
+        self._batches = list(zip(features, valid, strict=True))
+        self._buffered_bytes = sum(f.numel() * f.element_size() for f in features)
+
+
+def count_mismatches(
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    means: torch.Tensor,
+    present: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mismatches, valid samples) over ``(features, valid mask)`` pairs, as int64 scalars on
+    the device of ``means`` (float64 ``weight``, ``bias`` and ``means`` on that device)."""
+    device = means.device
+    mismatches = torch.zeros((), dtype=torch.int64, device=device)
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    for features, valid in pairs:
+        features, valid = features.to(device), valid.to(device)
+        mismatches += ops.ncc_mismatch_count(features, valid, weight, bias, means, present)
+        total += valid.sum()
+    return mismatches, total
+
+
+def valid_rows(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """bool ``[B]``: samples with a label in range and finite features (no host sync)."""
+    scratch = torch.zeros(2, dtype=torch.int64, device=features.device)
+    return count_invalid_rows_(features, labels, num_classes, scratch)
 
 
 def _means(stats: ClassStats) -> torch.Tensor:

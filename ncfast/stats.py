@@ -108,7 +108,8 @@ class ClassStats:
         return self._state
 
     # ----------------------------------------------------------------- update
-    def update(self, features: torch.Tensor, labels: torch.Tensor) -> ClassStats:
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add one batch ``features [B, P]``, ``labels [B]`` (returns None, as torchmetrics)."""
         check_batch(features, labels, self.num_classes, self.dim, "ClassStats.update")
         if self._state is None:
             self._allocate(features.device)
@@ -119,7 +120,7 @@ class ClassStats:
                 f"on {self.device}; move the batch or create ClassStats(device=...)"
             )
         if features.shape[0] == 0:
-            return self
+            return
         if self.device.type == "cpu" and self.on_invalid == "raise":
             # Free on the CPU: reject the batch before it touches the state.
             bad = torch.zeros(2, dtype=torch.int64)
@@ -128,7 +129,6 @@ class ClassStats:
                 raise InvalidInputError(_describe_invalid(bad, self.num_classes, "this batch"))
         ops.update_stats_(features, labels, *(state[k] for k in _STATE_KEYS))
         self._cache = {}
-        return self
 
     # ---------------------------------------------------------- merge, reduce
     def merge(self, other: ClassStats) -> ClassStats:
@@ -142,54 +142,37 @@ class ClassStats:
             )
         if other._state is None:
             return self
-        mine = self._require_state()
-        theirs = {k: v.to(self.device) for k, v in other._state.items()}
-        common = _pooled_means(
-            [mine["counts"], theirs["counts"]],
-            [_means_or_shift(mine), _means_or_shift(theirs)],
-        )
-        self._set_common_shift(common)
-        sums, scatter = ops.reshift(
-            theirs["counts"], theirs["shift"], theirs["sums"], theirs["scatter"], common
-        )
-        mine["sums"] += sums
-        mine["scatter"] += scatter
-        mine["counts"] += theirs["counts"]
-        mine["invalid"] += theirs["invalid"]
+        self._state = merged_state(self._require_state(), other._state)
         self._cache = {}
         return self
+
+    def reduced(self, group=None) -> ClassStats:
+        """A new ClassStats holding the statistics of all the data the processes of ``group``
+        saw, as one stream would; these statistics are left as they are, so updating and
+        reducing again (every epoch, say) goes on working. Collective: every rank calls it
+        (torch.distributed must be initialised). Exact as :meth:`merge`: see
+        :func:`all_reduced_state`."""
+        out = ClassStats(self.num_classes, self.dim, on_invalid=self.on_invalid)
+        out._state = all_reduced_state(self._require_state(), group, "ClassStats.reduced")
+        out._cache = {}
+        return out
 
     def all_reduce(self, group=None) -> ClassStats:
-        """Make these statistics, on every process of ``group``, equal to one stream over all
-        the data the processes saw (torch.distributed must be initialised). Collective: every
-        rank must call it.
-        """
-        import torch.distributed as dist
-
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                "ClassStats.all_reduce needs torch.distributed to be initialised "
-                "(torch.distributed.init_process_group)"
-            )
-        state = self._require_state()
-        counts = state["counts"].clone()
-        dist.all_reduce(counts, group=group)
-        weighted = _means_or_shift(state) * state["counts"].to(torch.float64)[:, None]
-        dist.all_reduce(weighted, group=group)
-        common = _divide_or_keep(weighted, counts, state["shift"])
-        self._set_common_shift(common)
-        for key in ("sums", "scatter", "invalid"):
-            dist.all_reduce(state[key], group=group)
-        state["counts"].copy_(counts)
+        """In place: make these statistics, on every process of ``group``, those of all the
+        data the processes saw (:meth:`reduced` keeps the local ones). Collective."""
+        self._state = all_reduced_state(self._require_state(), group, "ClassStats.all_reduce")
         self._cache = {}
         return self
 
-    def _set_common_shift(self, new_shift: torch.Tensor) -> None:
-        state = self._require_state()
-        state["sums"], state["scatter"] = ops.reshift(
-            state["counts"], state["shift"], state["sums"], state["scatter"], new_shift
-        )
-        state["shift"] = new_shift.clone()
+    @classmethod
+    def _over(cls, state: dict[str, torch.Tensor], on_invalid: str = "raise") -> ClassStats:
+        """A ClassStats working on the tensors of ``state`` (keys of :data:`_STATE_KEYS`) in
+        place, without copying them: for holders of the state such as the torchmetrics Metric."""
+        counts = state["counts"]
+        stats = cls(counts.shape[0], state["shift"].shape[1], on_invalid=on_invalid)
+        stats._state = {k: state[k] for k in _STATE_KEYS}
+        stats._cache = {}
+        return stats
 
     # ------------------------------------------------------- (de)serialisation
     def state_dict(self) -> dict:
@@ -348,6 +331,71 @@ def _means_or_shift(state: dict[str, torch.Tensor]) -> torch.Tensor:
 def _divide_or_keep(weighted: torch.Tensor, counts: torch.Tensor, fallback: torch.Tensor):
     n = counts.to(torch.float64)
     return torch.where((n > 0)[:, None], weighted / n.clamp(min=1)[:, None], fallback)
+
+
+def _reshifted(state: dict[str, torch.Tensor], new_shift: torch.Tensor) -> dict:
+    """A new state holding the samples of ``state`` about ``new_shift`` (``state`` untouched)."""
+    sums, scatter = ops.reshift(
+        state["counts"], state["shift"], state["sums"], state["scatter"], new_shift
+    )
+    return {
+        "counts": state["counts"].clone(),
+        "shift": new_shift.clone(),
+        "sums": sums,
+        "scatter": scatter,
+        "invalid": state["invalid"].clone(),
+    }
+
+
+def merged_state(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict:
+    """A new state (keys of :data:`_STATE_KEYS`) holding the samples of both, on ``mine``'s
+    device; the inputs are left as they are.
+
+    Exact: both are re-expressed about the pooled class means, which lie within the class's
+    spread of either's shift, so the re-shift adds terms of the size of the scatter (never of
+    ‖μ_c‖², which would cancel), and the sums then add as sums about one shift.
+    """
+    theirs = {k: v.to(mine["counts"].device) for k, v in theirs.items()}
+    common = _pooled_means(
+        [mine["counts"], theirs["counts"]], [_means_or_shift(mine), _means_or_shift(theirs)]
+    )
+    out = _reshifted(mine, common)
+    sums, scatter = ops.reshift(
+        theirs["counts"], theirs["shift"], theirs["sums"], theirs["scatter"], common
+    )
+    out["sums"] += sums
+    out["scatter"] += scatter
+    out["counts"] += theirs["counts"]
+    out["invalid"] += theirs["invalid"]
+    return out
+
+
+def all_reduced_state(state: dict[str, torch.Tensor], group=None, where: str = "all_reduce"):
+    """A new state holding the samples of ``state`` on every rank of ``group``; ``state`` is
+    left as it is. Collective (every rank calls it); the same on every rank.
+
+    Three all-reduces of sums, no gather: the counts, the count-weighted class means (C×P), then
+    each rank re-expresses its sums and scatter about the pooled class means (the common shift)
+    and the P×P scatters are summed. Exact as :func:`merged_state`: every rank's shift lies
+    within its class's spread of the pooled mean.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"{where} needs torch.distributed to be initialised "
+            "(torch.distributed.init_process_group)"
+        )
+    counts = state["counts"].clone()
+    dist.all_reduce(counts, group=group)
+    weighted = _means_or_shift(state) * state["counts"].to(torch.float64)[:, None]
+    dist.all_reduce(weighted, group=group)
+    common = _divide_or_keep(weighted, counts, state["shift"])
+    out = _reshifted(state, common)
+    for key in ("sums", "scatter", "invalid"):
+        dist.all_reduce(out[key], group=group)
+    out["counts"] = counts
+    return out
 
 
 def _pooled_means(counts: list[torch.Tensor], means: list[torch.Tensor]) -> torch.Tensor:

@@ -51,3 +51,12 @@ def pytest_runtest_makereport(item, call):
                 )
             )
     return report
+
+
+def stats_from(features, labels, num_classes: int, dim: int | None = None, **kwargs):
+    """A ClassStats that has seen one batch (``update`` returns None, as torchmetrics' does)."""
+    from ncfast import ClassStats
+
+    stats = ClassStats(num_classes, features.shape[1] if dim is None else dim, **kwargs)
+    stats.update(features, labels)
+    return stats

@@ -18,6 +18,7 @@ from ncfast.metrics import SPEC_KEYS
 from ncfast.paper.data import LabeledImages
 from ncfast.paper.evaluate import measure_split
 from tests import oracle
+from tests.conftest import stats_from
 from tests.test_metrics import (
     BACKENDS,
     DIMENSIONLESS_ATOL,
@@ -77,7 +78,7 @@ def test_identical_samples_are_an_error_not_perfect_collapse(backend, seed, dtyp
 
 
 def test_all_zero_features_are_an_error_not_nan(backend):
-    stats = ncfast.ClassStats(3, 5).update(torch.zeros(30, 5), torch.arange(30) % 3)
+    stats = stats_from(torch.zeros(30, 5), torch.arange(30) % 3, 3, 5)
     with pytest.raises(ncfast.DegenerateFeaturesError, match="every feature is zero"):
         ncfast.nc_metrics(stats)
     assert issubclass(ncfast.DegenerateFeaturesError, ValueError)

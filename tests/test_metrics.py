@@ -10,6 +10,7 @@ import ncfast
 from ncfast.backend import reference
 from ncfast.stats import ClassStats
 from tests import oracle
+from tests.conftest import stats_from
 
 try:
     from ncfast.backend import native as _native
@@ -217,7 +218,7 @@ def test_statistics_properties_match_numpy(seed):
 
 def test_balanced_total_is_within_plus_between(seed):
     features, labels, _, _ = make_data([40] * 6, 8, seed)
-    stats = ClassStats(6, 8).update(features, labels)
+    stats = stats_from(features, labels, 6, 8)
     sigma_t = stats.sigma_t
     # Σ_T = Σ_W + (M̄·π)M̄ᵀ and Σ_B = M̄M̄ᵀ/C with π = 1/C: the same C-term sums, rounded
     # differently; each entry errs by ≤ (C + 2)·eps of the largest entry, plus one addition.
@@ -251,7 +252,7 @@ def test_non_contiguous_inputs(seed):
 
 def test_empty_batches_change_nothing(seed):
     features, labels, _, _ = make_data([20, 20], 3, seed)
-    a = ClassStats(2, 3).update(features, labels)
+    a = stats_from(features, labels, 2, 3)
     b = ClassStats(2, 3)
     b.update(features[:0], labels[:0])
     b.update(features, labels)
@@ -309,7 +310,7 @@ def _normal_matrix_condition(stats: ClassStats, lam: float) -> float:
 
 def test_decomposition_identity_and_ls_perp_zero_at_least_squares(seed):
     features, labels, weight, bias = make_data([40, 75, 52, 66], 11, seed)
-    stats = ClassStats(4, 11).update(features, labels)
+    stats = stats_from(features, labels, 4, 11)
     for lam in (0.0, 0.003, 0.5):
         # The solve for W̃_LS errs by ≤ κ(K)·eps relative (first order); the identity of SPEC §3
         # holds to 1e-10 (its contract), far above that bound for this data.
@@ -330,7 +331,7 @@ def test_decomposition_identity_and_ls_perp_zero_at_least_squares(seed):
 
 def test_least_squares_classifier_matches_dense_normal_equations(seed):
     features, labels, _, _ = make_data([30, 45, 38], 7, seed)
-    stats = ClassStats(3, 7).update(features, labels)
+    stats = stats_from(features, labels, 3, 7)
     for lam in (0.0, 0.1):
         w_ls, b_ls = ncfast.least_squares_classifier(stats, lam)
         expected, _, _ = oracle.least_squares(features.numpy(), labels.numpy(), 3, lam)
@@ -349,7 +350,7 @@ def test_least_squares_predictions_invariant_to_full_rank_transform(seed):
     transform = basis * torch.logspace(0, -np.log10(MIX_CONDITION), 6, dtype=F64) @ basis.T
     preds, kappas = [], []
     for h in (centred, centred @ transform.T):
-        stats = ClassStats(4, 6).update(h, labels)
+        stats = stats_from(h, labels, 4, 6)
         kappas.append(_normal_matrix_condition(stats, 0.0))
         w, b = ncfast.least_squares_classifier(stats, 0.0)
         preds.append(h @ w.T + b)
@@ -373,7 +374,7 @@ def test_simplex_etf_with_isotropic_noise_is_collapsed(seed):
     evals, evecs = torch.linalg.eigh(noise.T @ noise / len(labels))
     noise = noise @ (evecs * evals.rsqrt()) @ evecs.T * sigma
     features = mbar.T[labels] + noise
-    stats = ClassStats(num_classes, dim).update(features, labels)
+    stats = stats_from(features, labels, num_classes, dim)
     r = ncfast.nc_metrics(stats, mbar.T.clone(), torch.zeros(num_classes))
     for key in (
         "nc2_equinorm_means",
@@ -516,7 +517,7 @@ def test_nc4_ties_go_to_lowest_index(monkeypatch, backend, case):
 
 def test_whiten_and_snr(seed):
     features, labels, _, _ = make_data([40, 50, 60], 5, seed)
-    stats = ClassStats(3, 5).update(features, labels)
+    stats = stats_from(features, labels, 3, 5)
     w = ncfast.whiten(stats)
     # The eigendecomposition is backward stable: W Σ_W W − I errs by ≤ P·eps·cond(Σ_W).
     atol = 5 * EPS * float(torch.linalg.cond(stats.sigma_w))
@@ -531,7 +532,7 @@ def test_whiten_and_snr(seed):
 def test_whiten_singular_within_scatter_reports_rank(seed):
     # P > N − C: Σ_W is singular; the pseudo-inverse square root acts on its range.
     features, labels, _, _ = make_data([4, 4, 4], 20, seed)
-    stats = ClassStats(3, 20).update(features, labels)
+    stats = stats_from(features, labels, 3, 20)
     r = ncfast.nc_metrics(stats)
     assert r["sigma_w_rank"] == 12 - 3
     w = ncfast.whiten(stats)

@@ -20,7 +20,7 @@ from ncfast.integrations.tensorboard import TensorBoardWriter, log_to_tensorboar
 from ncfast.monitor import NCMonitor
 from ncfast.stats import InvalidInputError
 from tests.test_metrics import oracle_rtol
-from tests.test_stats import assert_same_stats
+from tests.test_stats import assert_same_stats, fed
 
 F64 = torch.float64
 
@@ -208,7 +208,9 @@ def test_constructor_rejects_bad_modules_and_settings():
         NCMonitor(model, classifier=model[4], on_invalid="ignore")
     with pytest.raises(ValueError, match="memory_budget_bytes"):
         NCMonitor(model, classifier=model[4], memory_budget_bytes=-1)
-    with pytest.raises(TypeError, match="NCMonitor: memory_budget_bytes must be an integer, got bool"):
+    with pytest.raises(
+        TypeError, match="NCMonitor: memory_budget_bytes must be an integer, got bool"
+    ):
         NCMonitor(model, classifier=model[4], memory_budget_bytes=True)
     with pytest.raises(TypeError, match="distributed"):
         NCMonitor(model, classifier=model[4], distributed="yes")
@@ -304,6 +306,37 @@ def test_nested_passes_and_a_changed_classifier_are_errors():
             nc.labels(y)
             model(x).square().mean().backward()
             torch.optim.SGD(model.parameters(), lr=0.1).step()
+
+
+def test_open_and_close_without_a_with_block_equal_the_context_manager(seed):
+    """What callbacks do: open() at the start of a pass, labels before each forward, close()
+    at the end; the same metrics as the with block, bit for bit. cancel() drops a pass."""
+    model, (x, y) = mlp(seed), data(seed)
+    monitor = NCMonitor(model, classifier=model[4], weight_decay=0.1)
+    expected = run_pass(monitor, model, x, y).metrics
+    nc = monitor.measure().open()
+    assert nc.is_open and model[4]._forward_pre_hooks
+    with torch.no_grad():
+        for xb, yb in batches(x, y):
+            nc.labels(yb)
+            model(xb)
+    nc.close()
+    assert not nc.is_open and not model[4]._forward_pre_hooks
+    assert_same_metrics(nc.metrics, expected)
+    with pytest.raises(RuntimeError, match="can be opened once"):
+        nc.open()
+    with pytest.raises(RuntimeError, match="not open"):
+        nc.close()
+    # An abandoned pass: the hook goes, nothing is computed, and a new pass can open.
+    dropped = monitor.measure().open()
+    dropped.labels(y[:5])
+    dropped.cancel()
+    assert not model[4]._forward_pre_hooks
+    with pytest.raises(RuntimeError, match="not ended"):
+        _ = dropped.metrics
+    with pytest.raises(RuntimeError, match="not open"):
+        dropped.labels(y[:5])
+    assert_same_metrics(run_pass(monitor, model, x, y).metrics, expected)
 
 
 def test_distributed_true_without_a_process_group_is_a_clear_error():
@@ -428,26 +461,35 @@ def test_tensorboard_logger_writes_event_files(tmp_path, seed):
     np.testing.assert_allclose(event.value, metrics["nc1"], rtol=1e-6)  # stored as float32
 
 
-def _compute_twice_worker(rank, world, port, seed, out_dir):
+def _compute_every_epoch_worker(rank, world, port, seed, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model, (x, y) = mlp(seed), data(seed)
         with torch.no_grad():
             features = model[:4](x)
-        mine = torch.arange(len(y))[rank::world]
+        first_part = torch.arange(100)[rank::world]
+        second_part = torch.arange(100, len(y))[rank::world]
         m = ncfast.Measurement(5, 8, model[4].weight.detach(), model[4].bias.detach())
-        for chunk in torch.split(mine, 17):
+        for chunk in torch.split(first_part, 17):
             m.update(features[chunk], y[chunk])
+        local = m.state_dict()
         first = m.compute(distributed=True)
         second = m.compute(distributed=True)
-        try:
-            m.update(features[mine], y[mine])
-            refused = ""
-        except ValueError as exc:
-            refused = str(exc)
+        local_after = m.state_dict()
+        # Training goes on: more batches, and the next epoch's compute.
+        for chunk in torch.split(second_part, 17):
+            m.update(features[chunk], y[chunk])
+        third = m.compute(distributed=True)
         torch.save(
-            {"first": first, "second": second, "refused": refused, "stats": m.stats.state_dict()},
+            {
+                "first": first,
+                "second": second,
+                "third": third,
+                "local": local["stats"],
+                "local_after": local_after["stats"],
+                "reduced": m.computed_stats.state_dict(),
+            },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -455,22 +497,29 @@ def _compute_twice_worker(rank, world, port, seed, out_dir):
 
 
 @pytest.mark.slow  # two spawned processes importing torch: ~5 s on 2 cores
-def test_distributed_compute_twice_reduces_once(tmp_path, seed):
-    """Measurement.compute(distributed=True) called twice on 2 gloo ranks: the second call gives
-    the first call's result (the statistics are all-reduced once: a second reduction would double
-    the counts), and updating reduced statistics is an error."""
-    mp.spawn(_compute_twice_worker, args=(2, _free_port(), seed, str(tmp_path)), nprocs=2)
+def test_distributed_compute_leaves_local_state_and_can_be_called_every_epoch(tmp_path, seed):
+    """Measurement.compute(distributed=True) on 2 gloo ranks reduces into a copy: computing
+    twice gives the same result (bit for bit), the local statistics are untouched (bit for bit),
+    and after more batches the next compute holds every sample of every rank."""
+    mp.spawn(_compute_every_epoch_worker, args=(2, _free_port(), seed, str(tmp_path)), nprocs=2)
     model, (x, y) = mlp(seed), data(seed)
     with torch.no_grad():
         features = model[:4](x)
-    one_stream = ncfast.ClassStats(5, 8).update(features, y)
+    first_part = features[:100], y[:100]
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert saved["first"]["num_samples"] == len(y)
+        assert saved["first"]["num_samples"] == 100
         assert_same_metrics(saved["second"], saved["first"])  # bit for bit
-        reduced = ncfast.ClassStats.from_state_dict(saved["stats"])
-        assert_same_stats(reduced, one_stream, features, y)
-        assert "already all-reduced" in saved["refused"]
+        for key in ("counts", "shift", "sums", "scatter", "invalid"):
+            assert torch.equal(saved["local"][key], saved["local_after"][key]), key
+        assert int(saved["local"]["counts"].sum()) == 50  # this rank's own samples only
+        # Two float64 accumulations of the same samples: N·eps·κ of these features.
         assert_same_metrics(
-            saved["first"], direct(features, y, model[4]), rtol=oracle_rtol(features, y, 5)
+            saved["first"], direct(*first_part, model[4]), rtol=oracle_rtol(*first_part, 5)
         )
+        assert saved["third"]["num_samples"] == len(y)
+        assert_same_metrics(
+            saved["third"], direct(features, y, model[4]), rtol=oracle_rtol(features, y, 5)
+        )
+        reduced = ncfast.ClassStats.from_state_dict(saved["reduced"])
+        assert_same_stats(reduced, fed(ncfast.ClassStats(5, 8), features, y), features, y)

@@ -497,7 +497,8 @@ def test_package_works_on_the_reference_when_the_extension_cannot_load():
         "sys.meta_path.insert(0, Block())\n"
         "import torch, ncfast\n"
         "from ncfast.backend import ops\n"
-        "s = ncfast.ClassStats(3, 4).update(torch.randn(30, 4), torch.arange(30) % 3)\n"
+        "s = ncfast.ClassStats(3, 4)\n"
+        "s.update(torch.randn(30, 4), torch.arange(30) % 3)\n"
         "print(ops.BACKEND, '|', ops.NATIVE_UNAVAILABLE_REASON, '|', s.num_samples)\n"
     )
     backend, reason, n = (part.strip() for part in _run_python(code).split("|"))

@@ -15,6 +15,7 @@ import torch
 
 from ncfast import ClassStats
 from ncfast.backend import reference
+from tests.conftest import stats_from
 from tests.test_native import (
     CUDA_SKIP,
     STATE_KEYS,
@@ -210,7 +211,7 @@ def test_deterministic_mode_on_cuda(seed):
         state = new_state(20, 48, "cuda")
         with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
             torch.ops.ncfast.update_stats_(x, y, *(state[k] for k in STATE_KEYS))
-        runs = [ClassStats(20, 48, device="cuda").update(x, y) for _ in range(2)]
+        runs = [stats_from(x, y, 20, 48, device="cuda") for _ in range(2)]
         for k in STATE_KEYS:
             assert torch.equal(runs[0]._state[k], runs[1]._state[k]), k
     finally:

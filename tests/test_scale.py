@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_leaves
 import ncfast
 from ncfast.backend import reference
 from tests import oracle
+from tests.conftest import stats_from
 from tests.test_metrics import EPS, make_data, oracle_rtol, stream_tolerances
 
 
@@ -58,7 +59,7 @@ def test_update_leaves_float64_input_untouched(seed):
     features[3, 1] = float("nan")
     labels = torch.randint(0, 3, (40,), generator=g)
     before = features.clone()
-    ncfast.ClassStats(3, 5, on_invalid="skip").update(features, labels)
+    stats_from(features, labels, 3, 5, on_invalid="skip")
     torch.testing.assert_close(features, before, equal_nan=True, rtol=0, atol=0)
 
 
@@ -146,7 +147,7 @@ def test_left_singular_pairs_match_svd(dim, classes, seed):
 
 def test_nc1_with_more_classes_than_dimensions_matches_dense_pinv(seed):
     features, labels, _, _ = make_data([6] * 150, 20, seed)
-    stats = ncfast.ClassStats(150, 20).update(features, labels)
+    stats = stats_from(features, labels, 150, 20)
     got = ncfast.nc_metrics(stats)
     expected = oracle.nc_metrics(features.numpy(), labels.numpy(), 150)
     np.testing.assert_allclose(got["nc1"], expected["nc1"], rtol=oracle_rtol(features, labels, 150))

@@ -16,7 +16,13 @@ import torch.multiprocessing as mp
 import ncfast
 from ncfast.nc4 import NCCMismatch
 from ncfast.stats import ClassStats, InvalidInputError
-from tests.test_metrics import EPS, make_data, stream_tolerances
+from tests.test_metrics import EPS, make_data, oracle_rtol, stream, stream_tolerances
+
+
+def fed(stats: ClassStats, features: torch.Tensor, labels: torch.Tensor) -> ClassStats:
+    """``stats`` after ``update(features, labels)`` (update returns None, as torchmetrics')."""
+    stats.update(features, labels)
+    return stats
 
 
 def assert_same_stats(a: ClassStats, b: ClassStats, features=None, labels=None):
@@ -65,10 +71,10 @@ def test_merge_near_collapse_keeps_precision(seed):
     means = torch.randn(3, 8, generator=g, dtype=torch.float64) * 1e4 + 1e6
     labels = torch.arange(3).repeat(300)
     features = means[labels] + 1e-2 * torch.randn(900, 8, generator=g, dtype=torch.float64)
-    one = ClassStats(3, 8).update(features, labels)
-    merged = ClassStats(3, 8).update(features[:1], labels[:1])
-    merged.merge(ClassStats(3, 8).update(features[1:500], labels[1:500]))
-    merged.merge(ClassStats(3, 8).update(features[500:], labels[500:]))
+    one = fed(ClassStats(3, 8), features, labels)
+    merged = fed(ClassStats(3, 8), features[:1], labels[:1])
+    merged.merge(fed(ClassStats(3, 8), features[1:500], labels[1:500]))
+    merged.merge(fed(ClassStats(3, 8), features[500:], labels[500:]))
     assert_same_stats(one, merged, features, labels)
     # The check is sharp: a merge that lost the shifts (Σ hhᵀ − Nμμᵀ) errs by eps·max‖h‖²,
     # 1e5× the tolerance used, and 1e1× Σ_W itself.
@@ -92,17 +98,17 @@ def test_merge_adds_the_skipped_counts(seed):
     assert second.skipped == {"label_out_of_range": 3, "non_finite": 0}
     merged = ClassStats(3, 4, on_invalid="skip").merge(first).merge(second)
     assert merged.skipped == {"label_out_of_range": 3, "non_finite": 2}
-    assert_same_stats(merged, ClassStats(3, 4).update(features, labels), features, labels)
+    assert_same_stats(merged, fed(ClassStats(3, 4), features, labels), features, labels)
     # raise mode: counts deferred from another stream (the CUDA path) make reading raise
     deferred = ClassStats(3, 4).load_state_dict(first.state_dict())
-    clean = ClassStats(3, 4).update(features[40:], labels[40:])
+    clean = fed(ClassStats(3, 4), features[40:], labels[40:])
     with pytest.raises(InvalidInputError, match=r"2 sample\(s\) with non-finite"):
         ncfast.nc_metrics(clean.merge(deferred))
 
 
 def test_state_dict_round_trip_through_safe_torch_load(seed):
     features, labels, _, _ = make_data([30, 40], 4, seed)
-    stats = ClassStats(2, 4).update(features, labels)
+    stats = fed(ClassStats(2, 4), features, labels)
     buffer = io.BytesIO()
     torch.save(stats.state_dict(), buffer)
     buffer.seek(0)
@@ -117,7 +123,7 @@ def test_state_dict_round_trip_through_safe_torch_load(seed):
 
 
 def test_load_state_dict_rejects_mismatch():
-    stats = ClassStats(3, 4).update(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    stats = fed(ClassStats(3, 4), torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
     with pytest.raises(ValueError, match="num_classes=3, dim=4"):
         ClassStats(3, 5).load_state_dict(stats.state_dict())
     bad = stats.state_dict()
@@ -153,13 +159,18 @@ def _all_reduce_worker(rank, world, port, features, labels, out_dir):
             mine = torch.cat([mine, extra[labels[extra] == 3]])
         for chunk in torch.split(mine, 23):
             stats.update(features[chunk], labels[chunk])
-        stats.all_reduce()
-        torch.save(stats.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        local = stats.state_dict()
+        reduced = stats.reduced()
+        saved = {"reduced": reduced.state_dict(), "local": local, "after": stats.state_dict()}
+        saved["in_place"] = stats.all_reduce().state_dict()
+        torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_all_reduce_across_two_gloo_processes_equals_one_stream(tmp_path, seed):
+    """``reduced()`` returns the statistics of all ranks' samples and leaves the local ones as
+    they were (bit for bit); ``all_reduce()`` does the same reduction in place."""
     features, labels, _, _ = make_data([50, 70, 40, 60], 6, seed, offset=1e3)
     mp.spawn(
         _all_reduce_worker,
@@ -167,23 +178,27 @@ def test_all_reduce_across_two_gloo_processes_equals_one_stream(tmp_path, seed):
         nprocs=2,
         join=True,
     )
-    one = ClassStats(4, 6).update(features, labels)
-    reduced = [
-        ClassStats.from_state_dict(torch.load(tmp_path / f"rank{r}.pt", weights_only=True))
-        for r in range(2)
-    ]
-    for stats in reduced:
-        assert_same_stats(one, stats, features, labels)
-        assert stats.skipped == {"label_out_of_range": 1 + 3, "non_finite": 1 + 2}
+    one = fed(ClassStats(4, 6), features, labels)
+    saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for state in saved:
+        reduced = ClassStats.from_state_dict(state["reduced"])
+        assert_same_stats(one, reduced, features, labels)
+        assert reduced.skipped == {"label_out_of_range": 1 + 3, "non_finite": 1 + 2}
+        for key in ("counts", "shift", "sums", "scatter", "invalid"):
+            assert torch.equal(state["after"][key], state["local"][key]), key
+            assert torch.equal(state["in_place"][key], state["reduced"][key]), key
+        assert int(state["local"]["counts"].sum()) < len(labels)
     # Every rank holds identical statistics.
-    for key, value in reduced[0].state_dict().items():
-        other = reduced[1].state_dict()[key]
+    for key, value in saved[0]["reduced"].items():
+        other = saved[1]["reduced"][key]
         assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
 
 
 def test_all_reduce_without_process_group_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="init_process_group"):
+    with pytest.raises(RuntimeError, match="all_reduce needs.*init_process_group"):
         ClassStats(2, 3).all_reduce()
+    with pytest.raises(RuntimeError, match="reduced needs.*init_process_group"):
+        ClassStats(2, 3).reduced()
 
 
 # ------------------------------------------------------------------ bad input
@@ -207,15 +222,15 @@ def test_skip_mode_counts_and_drops_invalid_samples(seed):
     features, labels, _, _ = make_data([20, 30, 25], 4, seed)
     dirty_f = torch.cat([features, torch.full((2, 4), float("nan")), features[:3]])
     dirty_y = torch.cat([labels, torch.tensor([0, 1]), torch.tensor([7, -2, 3])])
-    skip = ClassStats(3, 4, on_invalid="skip").update(dirty_f, dirty_y)
-    clean = ClassStats(3, 4).update(features, labels)
+    skip = fed(ClassStats(3, 4, on_invalid="skip"), dirty_f, dirty_y)
+    clean = fed(ClassStats(3, 4), features, labels)
     assert skip.skipped == {"label_out_of_range": 3, "non_finite": 2}
     assert_same_stats(clean, skip, features, labels)
 
 
 def test_deferred_invalid_counts_are_reported_when_results_are_read():
     """The device path (CUDA) only counts invalid samples; reading a result raises."""
-    stats = ClassStats(2, 3).update(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    stats = fed(ClassStats(2, 3), torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
     state = stats.state_dict()
     state["invalid"] = torch.tensor([5, 1])
     deferred = ClassStats(2, 3).load_state_dict(state)
@@ -278,7 +293,7 @@ def test_counts_and_sizes_must_be_integers_not_bools(build, argument, kind):
 
 
 def test_fewer_than_two_classes_is_an_error():
-    stats = ClassStats(4, 3).update(torch.randn(5, 3), torch.full((5,), 2))
+    stats = fed(ClassStats(4, 3), torch.randn(5, 3), torch.full((5,), 2))
     with pytest.raises(ValueError, match="at least two classes.*1 of 4"):
         ncfast.nc_metrics(stats)
     with pytest.raises(ValueError, match="at least two classes.*0 of 4"):
@@ -293,7 +308,7 @@ def test_merge_rejects_other_shapes():
 
 
 def test_classifier_shape_and_lambda_are_checked():
-    stats = ClassStats(3, 2).update(torch.randn(9, 2), torch.arange(3).repeat(3))
+    stats = fed(ClassStats(3, 2), torch.randn(9, 2), torch.arange(3).repeat(3))
     with pytest.raises(ValueError, match=r"weight must have shape \[num_classes, dim\] = \[3, 2\]"):
         ncfast.nc_metrics(stats, torch.randn(2, 3))
     with pytest.raises(ValueError, match=r"bias must be a tensor of shape \[3\]"):
@@ -310,3 +325,69 @@ def test_device_mismatch_is_a_clear_error():
     stats = ClassStats(2, 3, device="meta")
     with pytest.raises(ValueError, match="statistics live on meta"):
         stats.update(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+# ------------------------------------------------------------------ Measurement
+def test_every_update_returns_none(seed):
+    """As torchmetrics' ``update``: nothing to chain on, so no caller relies on a return."""
+    features, labels, weight, bias = make_data([10, 12], 3, seed)
+    assert ClassStats(2, 3).update(features, labels) is None
+    assert NCCMismatch(weight, bias).update(features, labels) is None
+    assert ncfast.Measurement(2, 3, weight, bias).update(features, labels) is None
+
+
+def test_measurement_reset_merge_and_state_dict(seed):
+    features, labels, weight, bias = make_data([40, 55, 35], 6, seed)
+    expected = stream(features, labels, 3, 25, weight, bias, lam=0.1).compute()
+    assert expected["num_samples"] == len(labels) and "nc4_ncc_mismatch" in expected
+    # reset: a used measurement, reset and fed the same batches, equals a fresh one bit for bit.
+    used = stream(features[:70], labels[:70], 3, 25, weight, bias, lam=0.1)
+    used.compute()
+    used.reset()
+    for start in range(0, len(labels), 25):
+        used.update(features[start : start + 25], labels[start : start + 25])
+    assert_same_result(used.compute(), expected, rtol=0.0)
+    # merge: two streams merged hold every sample. Two float64 accumulations of the same
+    # samples differ by rounding: the brute-force bound N·eps·κ of these features covers it.
+    merged = stream(features[:61], labels[:61], 3, 25, weight, bias, lam=0.1)
+    merged.merge(stream(features[61:], labels[61:], 3, 25, weight, bias, lam=0.1))
+    assert_same_result(merged.compute(), expected, rtol=oracle_rtol(features, labels, 3, 0.1))
+    # state_dict through a safe torch.load, then the rest of the pass: the same operations on
+    # the same state as one uninterrupted pass, bit for bit.
+    first = stream(features[:50], labels[:50], 3, 25, weight, bias, lam=0.1)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = ncfast.Measurement(3, 6, weight, bias, weight_decay=0.1)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for start in range(50, len(labels), 25):
+        resumed.update(features[start : start + 25], labels[start : start + 25])
+    assert_same_result(resumed.compute(), expected, rtol=0.0)
+
+
+def test_measurement_merge_and_load_refuse_what_does_not_fit(seed):
+    features, labels, weight, bias = make_data([10, 12, 9], 4, seed)
+    with_classifier = stream(features, labels, 3, 8, weight, bias)
+    with pytest.raises(ValueError, match="different classifiers"):
+        with_classifier.merge(stream(features, labels, 3, 8, weight * 2, bias))
+    with pytest.raises(ValueError, match="one measurement has a classifier"):
+        with_classifier.merge(stream(features, labels, 3, 8))
+    with pytest.raises(TypeError, match="must be a Measurement"):
+        with_classifier.merge(with_classifier.stats)
+    with pytest.raises(ValueError, match="holds no NC4 buffer"):
+        with_classifier.load_state_dict(stream(features, labels, 3, 8).state_dict())
+    with pytest.raises(KeyError, match="'stats'"):
+        with_classifier.load_state_dict({})
+    # A buffer past the budget survives the merge as "needs a second pass".
+    small = stream(features, labels, 3, 8, weight, bias, memory_budget_bytes=features.numel() * 8)
+    small.merge(stream(features, labels, 3, 8, weight, bias))
+    assert small.needs_second_pass
+
+
+def assert_same_result(got: dict, expected: dict, rtol: float):
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(got[key], value, rtol=rtol, atol=0, msg=key)
+        else:
+            np.testing.assert_allclose(got[key], value, rtol=rtol, atol=1e-300, err_msg=key)

@@ -18,6 +18,7 @@ from ncfast import theory
 from ncfast.backend import reference
 from ncfast.cli import main
 from tests import oracle
+from tests.conftest import stats_from
 from tests.test_metrics import make_data
 
 F64 = torch.float64
@@ -66,7 +67,7 @@ def test_least_squares_loss_equals_metrics_and_oracle(c, n, p, seed):
     loss = float(theory.least_squares_loss(h, c))
 
     rows, labels = random_labels_layout(h, c)
-    stats = ncfast.ClassStats(c, p).update(rows, labels)
+    stats = stats_from(rows, labels, c, p)
     weight = torch.randn(c, p, dtype=F64, generator=g)
     expected = ncfast.nc_metrics(stats, weight=weight)["loss_ls"]
     # Each path rounds h − μ_c by eps·max|h|, against within-class deviations d whose thinnest
@@ -180,7 +181,7 @@ def test_renormalize_whitens_and_keeps_snr_singular_values(seed):
     mean_bound = EPS * (p**0.5 * w_norm * float(h.abs().max()) + c * n * float(x.abs().max()))
     assert x.mean(dim=1).abs().max() <= mean_bound
     rows, labels = random_labels_layout(h, c)
-    expected = ncfast.nc_metrics(ncfast.ClassStats(c, p).update(rows, labels))
+    expected = ncfast.nc_metrics(stats_from(rows, labels, c, p))
     got = torch.linalg.svdvals(theory.snr_of_features(x, c))[: c - 1]
     # SNR = W M̄ with W off by P·cond·eps relative: singular values off by that times ω_1, i.e.
     # relative to ω_j by P·cond·eps·ω_1/ω_{C−1}.
@@ -338,8 +339,22 @@ def test_closed_form_asymptote():
         (omega_tensor(1.0), omega_tensor(-1.0), 3, 2, ValueError, "t must be ≥ 0"),
         (omega_tensor(1.0), omega_tensor(math.inf), 3, 2, ValueError, "t contains NaN or inf"),
         (omega_tensor(1.0, 2.0, 3.0), omega_tensor(1.0), 3, 2, ValueError, "at most 2"),
-        (omega_tensor(1.0), omega_tensor(1.0), 1, 2, ValueError, "num_classes must be an integer ≥ 2"),
-        (omega_tensor(1.0), omega_tensor(1.0), 3, 0, ValueError, "per_class must be an integer ≥ 1"),
+        (
+            omega_tensor(1.0),
+            omega_tensor(1.0),
+            1,
+            2,
+            ValueError,
+            "num_classes must be an integer ≥ 2",
+        ),
+        (
+            omega_tensor(1.0),
+            omega_tensor(1.0),
+            3,
+            0,
+            ValueError,
+            "per_class must be an integer ≥ 1",
+        ),
         (omega_tensor(1.0), omega_tensor(1.0), 3.0, 2, TypeError, "num_classes must be an int"),
         ("abc", omega_tensor(1.0), 3, 2, TypeError, "omega0 must be a 1-D tensor"),
     ],

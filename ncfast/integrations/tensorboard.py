@@ -8,9 +8,7 @@ TensorBoard itself is optional (``pip install 'ncfast[tensorboard]'``) and impor
 
 from __future__ import annotations
 
-import numbers
-
-import torch
+from ncfast.measure import flat_scalars
 
 __all__ = ["TensorBoardWriter", "log_to_tensorboard"]
 
@@ -26,44 +24,12 @@ def log_to_tensorboard(writer, metrics: dict, step: int, prefix: str = "nc") -> 
             "log_to_tensorboard: writer must have add_scalar(tag, value, step), e.g. a "
             f"torch.utils.tensorboard.SummaryWriter; got {type(writer).__name__}"
         )
-    if not isinstance(metrics, dict):
-        raise TypeError(f"log_to_tensorboard: metrics must be a dict, got {type(metrics).__name__}")
-    written = 0
-    for key, value in metrics.items():
-        tag = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, torch.Tensor) and value.dim() == 0:
-            value = value.item()
-        if isinstance(value, bool):
-            value = int(value)
-        if isinstance(value, numbers.Real):
-            writer.add_scalar(tag, float(value), step)
-            written += 1
-            continue
-        values = _vector(value)
-        if values is None:
-            raise TypeError(
-                f"log_to_tensorboard: metrics[{key!r}] is a {type(value).__name__}; only numbers "
-                "and 1-d sequences of numbers can be logged"
-            )
-        for j, v in enumerate(values, start=1):
-            writer.add_scalar(f"{tag}/{j}", v, step)
-            written += 1
-    return written
-
-
-def _vector(value) -> list[float] | None:
-    if isinstance(value, torch.Tensor):
-        return value.detach().double().cpu().tolist() if value.dim() == 1 else None
-    try:
-        import numpy as np
-
-        if isinstance(value, np.ndarray):
-            return value.astype(float).tolist() if value.ndim == 1 else None
-    except ImportError:  # numpy is a dependency; keep the helper usable without it anyway
-        pass
-    if isinstance(value, (list, tuple)) and all(isinstance(v, numbers.Real) for v in value):
-        return [float(v) for v in value]
-    return None
+    values = flat_scalars(
+        metrics, f"{prefix}/" if prefix else "", "log_to_tensorboard", text_allowed=False
+    )
+    for tag, value in values.items():
+        writer.add_scalar(tag, value, step)
+    return len(values)
 
 
 class TensorBoardWriter:

@@ -1,0 +1,309 @@
+"""Neural Collapse of a LightningModule, measured at chosen epochs and logged with its logger.
+
+    from ncfast.integrations.lightning import NeuralCollapseCallback
+
+    trainer = Trainer(callbacks=[NeuralCollapseCallback(classifier="classifier")])
+    trainer.fit(model, train_loader, val_loader)   # logs nc/nc1, nc/nc2_..., every epoch
+
+The features are the input of the classifier (an ``nn.Linear`` of the module, by attribute
+name or object), or the output of ``penultimate``, taken by a forward hook
+(:class:`ncfast.monitor.NCMonitor`): no change to the module. By default the callback rides on
+the validation loop: while the chosen epochs validate, each batch's labels (``labels(batch)``,
+default ``batch[1]``) are paired with the features of that batch's forward pass, so measuring
+costs no extra forward pass. With ``dataloader=`` it runs its own pass over that loader (e.g. the
+training set in eval mode) at the end of the chosen training epochs instead.
+
+Under DDP every rank measures its own share (Lightning's distributed sampler for validation; a
+given loader's batches are dealt out by rank) and the statistics are reduced exactly across
+ranks, so every rank gets the metrics of all samples (:meth:`ncfast.ClassStats.reduced`). The
+values are then logged on every rank with ``sync_dist=False``, as there is nothing left to
+reduce: ``callback_metrics`` agree on all ranks (for checkpointing or early stopping on them) and
+Lightning's loggers write once, from rank 0. Lightning's hint to use ``sync_dist=True`` for
+these keys is silenced. Note that Lightning's distributed sampler pads the validation set with
+repeated samples when its size does not divide by the number of ranks; ``num_samples`` then
+counts them, as Lightning's own validation metrics do.
+
+Lightning is optional (``pip install 'ncfast[lightning]'``); the ``lightning`` package is used,
+else ``pytorch_lightning``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ncfast.checks import check_int
+from ncfast.measure import scalars
+from ncfast.metrics import DegenerateFeaturesError, _check_lambda, undefined_metrics
+from ncfast.monitor import MonitorPass, NCMonitor
+from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
+
+try:
+    from lightning.pytorch import Callback
+except ImportError:
+    try:
+        from pytorch_lightning import Callback
+    except ImportError as exc:  # an optional dependency: say which extra brings it
+        raise ImportError(
+            "ncfast.integrations.lightning needs Lightning, which is not installed: "
+            "pip install 'ncfast[lightning]' (or pip install lightning)"
+        ) from exc
+
+__all__ = ["NeuralCollapseCallback"]
+
+
+def _second_item(batch):
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    if isinstance(batch, dict) and "labels" in batch:
+        return batch["labels"]
+    raise TypeError(
+        "NeuralCollapseCallback: cannot find the labels of a validation batch of type "
+        f"{type(batch).__name__}; pass labels=a function of the batch returning them"
+    )
+
+
+class NeuralCollapseCallback(Callback):
+    """Measures every SPEC key of the model's penultimate features and logs the scalars.
+
+    - ``classifier``: the final ``nn.Linear`` of the LightningModule, or its attribute path
+      (``"classifier"``, ``"head.fc"``), resolved at ``setup``.
+    - ``penultimate``: optional module (or path) whose output is the feature; default: the
+      classifier's input.
+    - ``epochs``: the values of Lightning's ``trainer.current_epoch`` (from 0) to measure at, or a
+      function ``epoch -> bool``; ``None``: every epoch.
+    - ``dataloader``: measure on this loader of ``(inputs, labels)`` at the end of the chosen
+      training epochs (``model(inputs)`` runs the model), instead of during validation.
+      Under DDP it must yield the same batches in the same order on every rank (no shuffling).
+    - ``labels``: a function of a validation batch returning its labels (default ``batch[1]``,
+      or ``batch["labels"]``); ``dataloader_idx``: the validation dataloader to measure.
+    - ``weight_decay``: λ of HPD22 Eq. 3 (:func:`ncfast.mse_lambda`); ``prefix`` of the logged
+      keys; ``memory_budget_bytes`` and ``on_invalid`` as in :class:`ncfast.Measurement`.
+
+    :attr:`history` holds ``{"epoch": e, **metrics}`` per measurement (the SPEC dict, on every
+    rank); :attr:`metrics` the last one. Degenerate features (SPEC §2) log NaN and warn.
+    """
+
+    def __init__(
+        self,
+        classifier: str | nn.Linear = "classifier",
+        penultimate: str | nn.Module | None = None,
+        *,
+        epochs: Iterable[int] | Callable[[int], bool] | None = None,
+        dataloader: Iterable | None = None,
+        labels: Callable | None = None,
+        dataloader_idx: int = 0,
+        weight_decay: float = 0.0,
+        prefix: str = "nc/",
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+        on_invalid: str = "raise",
+    ):
+        where = "NeuralCollapseCallback"
+        if not isinstance(classifier, (str, nn.Linear)):
+            raise TypeError(
+                f"{where}: classifier must be an nn.Linear or the attribute path of one, got "
+                f"{type(classifier).__name__}"
+            )
+        if penultimate is not None and not isinstance(penultimate, (str, nn.Module)):
+            raise TypeError(
+                f"{where}: penultimate must be an nn.Module, its attribute path, or None, got "
+                f"{type(penultimate).__name__}"
+            )
+        if epochs is None or callable(epochs):
+            self._wanted = epochs
+        else:
+            try:
+                chosen = frozenset(check_int(e, "epochs", 0, where) for e in epochs)
+            except TypeError as exc:
+                raise TypeError(
+                    f"{where}: epochs must be None, a function of the epoch, or integers ≥ 0"
+                    f" ({exc})"
+                ) from None
+            self._wanted = chosen.__contains__
+        if labels is not None and not callable(labels):
+            raise TypeError(f"{where}: labels must be a function of the batch, or None")
+        if not isinstance(prefix, str):
+            raise TypeError(f"{where}: prefix must be a string, got {type(prefix).__name__}")
+        self.classifier, self.penultimate = classifier, penultimate
+        self.dataloader = dataloader
+        self.labels = labels or _second_item
+        self.dataloader_idx = check_int(dataloader_idx, "dataloader_idx", 0, where)
+        self.weight_decay = _check_lambda(weight_decay, where)
+        self.prefix = prefix
+        self.memory_budget_bytes = check_int(memory_budget_bytes, "memory_budget_bytes", 0, where)
+        self.on_invalid = on_invalid
+        self.monitor: NCMonitor | None = None
+        self.history: list[dict] = []
+        self.metrics: dict | None = None
+        self._pass: MonitorPass | None = None
+        self._measuring = False
+        self._result: dict | None = None
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        classifier = _module(pl_module, self.classifier, "classifier")
+        if not isinstance(classifier, nn.Linear):
+            raise TypeError(
+                f"NeuralCollapseCallback: classifier {self.classifier!r} of "
+                f"{type(pl_module).__name__} is a {type(classifier).__name__}, not an nn.Linear"
+            )
+        penultimate = (
+            None
+            if self.penultimate is None
+            else _module(pl_module, self.penultimate, "penultimate")
+        )
+        self.monitor = NCMonitor(
+            pl_module,
+            classifier,
+            penultimate,
+            weight_decay=self.weight_decay,
+            on_invalid=self.on_invalid,
+            memory_budget_bytes=self.memory_budget_bytes,
+        )
+        # Every rank logs the same, already global values (see the module docstring).
+        warnings.filterwarnings(
+            "ignore",
+            message=r"It is recommended to use `self\.log\('" + re.escape(self.prefix),
+            category=UserWarning,
+        )
+
+    def _wants(self, epoch: int) -> bool:
+        return self._wanted is None or bool(self._wanted(epoch))
+
+    # --------------------------------------------------- during validation
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._measuring = (
+            self.dataloader is None
+            and not trainer.sanity_checking
+            and self._wants(trainer.current_epoch)
+        )
+        self._pass = None
+
+    def on_validation_batch_start(
+        self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self._measuring:
+            return
+        if dataloader_idx != self.dataloader_idx:
+            # Another validation dataloader: its forward passes must not reach the hook.
+            self._finish_validation_pass(pl_module)
+            return
+        if self._pass is None:
+            self._pass = self.monitor.measure().open()
+        if self._pass.is_open:
+            self._pass.labels(self.labels(batch))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._measuring:
+            self._finish_validation_pass(pl_module)
+            self._measuring = False
+            self._record(trainer, pl_module)
+
+    def _finish_validation_pass(self, pl_module) -> None:
+        nc = self._pass
+        if nc is None or not nc.is_open:
+            return
+        try:
+            nc.close()
+            if nc.needs_second_pass:
+                # The validation loop cannot be run again from here: NC4 is left NaN.
+                warnings.warn(
+                    "NeuralCollapseCallback: the validation features exceeded "
+                    f"memory_budget_bytes={self.memory_budget_bytes}, so nc4_ncc_mismatch is "
+                    "NaN; raise the budget or pass dataloader= (which can run a second pass)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._result = {**nc.compute(nc4=False), "nc4_ncc_mismatch": math.nan}
+            else:
+                self._result = nc.metrics
+        except DegenerateFeaturesError as exc:
+            self._result = self._undefined(nc.measurement.computed_stats, exc)
+
+    # ------------------------------------------------------ own dataloader
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.dataloader is None or not self._wants(trainer.current_epoch):
+            return
+        batches = _RankShare(self.dataloader, trainer.global_rank, trainer.world_size)
+        try:
+            self._result = self.monitor.evaluate(batches)
+        except DegenerateFeaturesError as exc:
+            self._result = self._undefined(self.monitor.last_pass.measurement.computed_stats, exc)
+        self._record(trainer, pl_module)
+
+    # -------------------------------------------------------------- results
+    def _undefined(self, stats, exc: DegenerateFeaturesError) -> dict:
+        warnings.warn(
+            f"NeuralCollapseCallback: metrics undefined, logged as NaN: {exc.reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return undefined_metrics(stats, self.weight_decay, exc.reason)
+
+    def _record(self, trainer, pl_module) -> None:
+        result, self._result = self._result, None
+        if result is None:  # the measured dataloader had no batches
+            return
+        epoch = trainer.current_epoch
+        self.metrics = result
+        self.history.append({"epoch": epoch, **result})
+        values = {
+            key: torch.tensor(value, dtype=torch.float64, device=pl_module.device)
+            for key, value in scalars(result, self.prefix).items()
+        }
+        # Each rank holds the global values: nothing to reduce (sync_dist=False), and
+        # batch_size=1 keeps Lightning's epoch mean of one value exact.
+        pl_module.log_dict(
+            values,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=False,
+            batch_size=1,
+            add_dataloader_idx=False,
+        )
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._pass is not None:
+            self._pass.cancel()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._pass is not None:
+            self._pass.cancel()
+        self._pass = None
+
+
+def _module(root: nn.Module, spec, what: str) -> nn.Module:
+    if isinstance(spec, nn.Module):
+        return spec
+    try:
+        return root.get_submodule(spec)
+    except AttributeError:
+        names = ", ".join(name for name, _ in root.named_modules() if name) or "none"
+        raise ValueError(
+            f"NeuralCollapseCallback: {what} {spec!r} is not a submodule of "
+            f"{type(root).__name__} (its submodules: {names})"
+        ) from None
+
+
+class _RankShare:
+    """Batches ``rank``, ``rank + world``, … of ``loader``: each rank's share of a given
+    loader (re-iterable, for NC4's second pass)."""
+
+    def __init__(self, loader, rank: int, world: int):
+        sampler = getattr(loader, "sampler", None)
+        if world > 1 and isinstance(sampler, torch.utils.data.RandomSampler):
+            raise ValueError(
+                "NeuralCollapseCallback: dataloader shuffles (RandomSampler); under DDP every "
+                "rank must see the same batches in the same order to share them out: build it "
+                "with shuffle=False"
+            )
+        self.loader, self.rank, self.world = loader, rank, world
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.rank, None, self.world)
