@@ -31,6 +31,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 BASELINE_ARCHES = ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0")
 PTX_ARCH = "9.0"  # the PTX kept for newer GPUs (JIT-compiled by the driver)
 MIN_ARCH = (6, 0)  # the kernels' float64 atomicAdd needs sm_60
+CXX_FLAGS = ["-O3", "-fvisibility=hidden"]
+NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 
 def _env_flag(name: str) -> bool:
@@ -109,6 +111,9 @@ def compiled_targets(arch_list: str) -> str:
 
 
 def _extensions():
+    """The extension ncfast._C (with CUDA kernels where CUDA is there or FORCE_CUDA asks for
+    them) and the build command that builds it; none where NCFAST_NO_EXTENSION is set or torch
+    is not importable."""
     if _env_flag("NCFAST_NO_EXTENSION"):
         return [], {}
     cuda_home = _find_cuda_home()
@@ -117,7 +122,7 @@ def _extensions():
         os.environ["CUDA_HOME"] = cuda_home
     try:
         import torch
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension
     except ImportError as exc:
         print(
             f"ncfast: torch is not importable ({exc}); installing without the native extension. "
@@ -129,40 +134,51 @@ def _extensions():
     with_cuda = not _env_flag("NCFAST_CPU_ONLY") and (
         _env_flag("FORCE_CUDA") or (cuda_home is not None and torch.version.cuda is not None)
     )
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
-    nvcc_flags = ["-O3", "-lineinfo"]
-    define_macros = []
-    if with_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(
-                torch.cuda.get_arch_list(), _nvcc_gpu_codes(cuda_home)
-            )
-        arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
-        targets = compiled_targets(arch_list)
-        print(f"ncfast: CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list} ({targets})")
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        define_macros += [
-            ("NCFAST_WITH_CUDA", "1"),
-            ("NCFAST_CUDA_ARCH_LIST", '"' + targets + '"'),
-        ]
-        ext = CUDAExtension(
-            "ncfast._C",
-            sources,
-            define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        )
-    else:
-        ext = CppExtension(
-            "ncfast._C",
-            sources,
-            define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags},
-        )
+    ext = _cuda_extension(cuda_home) if with_cuda else _cpu_extension()
+    build_ext = _optional_build(BuildExtension)
+    return [ext], {"build_ext": build_ext.with_options(use_ninja=True)}
 
-    class OptionalBuildExtension(BuildExtension):
+
+def _cpu_sources() -> list[str]:
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    return sources + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+
+
+def _cpu_extension():
+    from torch.utils.cpp_extension import CppExtension
+
+    return CppExtension("ncfast._C", _cpu_sources(), extra_compile_args={"cxx": CXX_FLAGS})
+
+
+def _cuda_extension(cuda_home: str | None):
+    """The extension with the CUDA kernels, for TORCH_CUDA_ARCH_LIST (default: the
+    architectures of both torch and this nvcc, see :func:`default_arch_list`)."""
+    import torch
+    from torch.utils.cpp_extension import CUDAExtension
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(
+            torch.cuda.get_arch_list(), _nvcc_gpu_codes(cuda_home)
+        )
+    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+    targets = compiled_targets(arch_list)
+    print(f"ncfast: CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list} ({targets})")
+    sources = _cpu_sources()
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    return CUDAExtension(
+        "ncfast._C",
+        sources,
+        define_macros=[("NCFAST_WITH_CUDA", "1"), ("NCFAST_CUDA_ARCH_LIST", f'"{targets}"')],
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+    )
+
+
+def _optional_build(build_extension):
+    """``build_extension`` made optional: a failure leaves a working pure-torch install (the
+    reference backend), unless NCFAST_REQUIRE_EXTENSION is set."""
+
+    class OptionalBuildExtension(build_extension):
         """Builds ncfast._C; a failure leaves a working pure-torch install unless required."""
 
         failed = False
@@ -195,7 +211,7 @@ def _extensions():
                 file=sys.stderr,
             )
 
-    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+    return OptionalBuildExtension
 
 
 if __name__ == "__main__":  # pip's build backend and `python setup.py` both run it as __main__

@@ -32,6 +32,7 @@ import torch
 
 from ncfast.backend import reference
 from ncfast.backend.build_info import build_info
+from ncfast.backend.reference import STATE_KEYS, new_state
 
 try:
     from ncfast.backend import native as _native
@@ -52,18 +53,6 @@ QUICK_CASES = [
     (8192, 512, 10, "float32"),
     (1024, 2048, 1000, "bfloat16"),
 ]
-STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
-
-
-def new_state(classes: int, dim: int, device) -> dict[str, torch.Tensor]:
-    f64 = {"dtype": torch.float64, "device": device}
-    return {
-        "counts": torch.zeros(classes, dtype=torch.int64, device=device),
-        "shift": torch.zeros(classes, dim, **f64),
-        "sums": torch.zeros(classes, dim, **f64),
-        "scatter": torch.zeros(dim, dim, **f64),
-        "invalid": torch.zeros(2, dtype=torch.int64, device=device),
-    }
 
 
 def make_batches(n, batch, dim, classes, dtype, device, seed):

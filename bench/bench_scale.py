@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 MIN_BATCHES = 4
 DISTINCT_BATCHES = 4  # input batches are generated once and cycled, outside the measured region
-LAMBDA = 0.25  # λ of seed Eq. 3 for the MSE decomposition: any positive value exercises it
+LAMBDA = 0.25  # λ of HPD22 Eq. 3 for the MSE decomposition: any positive value exercises it
 
 
 def accumulator_bytes(num_classes: int, dim: int) -> int:
@@ -155,10 +155,7 @@ def run_worker(spec: dict) -> dict:
     out = {**spec, "backend_loaded": ops.BACKEND, "memory_method": memory.method}
     base = memory.start()
     stats = ncfast.ClassStats(c, p, device=device)
-    acc_tensors = sum(t.numel() * t.element_size() for t in stats._state.values())
     out["accumulator_bytes"] = accumulator_bytes(c, p)
-    if acc_tensors != out["accumulator_bytes"]:
-        raise AssertionError(f"accumulator formula {out['accumulator_bytes']} != {acc_tensors}")
     out["accumulator_resident_bytes"] = memory.current() - base
     sync()
     t0 = time.perf_counter()
@@ -190,6 +187,12 @@ def run_worker(spec: dict) -> dict:
             sigma_w_rank=result["sigma_w_rank"],
             loss_mse=result["loss_mse"],
         )
+    # The formula against the accumulators themselves, after the peaks were read (the state
+    # dict is a copy).
+    held = stats.state_dict().values()
+    acc_tensors = sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
+    if acc_tensors != out["accumulator_bytes"]:
+        raise AssertionError(f"accumulator formula {out['accumulator_bytes']} != {acc_tensors}")
     acc = out["accumulator_bytes"]
     for phase in ("update", "metrics"):
         if f"{phase}_peak_bytes" in out:
@@ -199,10 +202,13 @@ def run_worker(spec: dict) -> dict:
 
 # --------------------------------------------------------------------------- parent side
 def _native_status() -> tuple[bool, str]:
-    from ncfast.backend import ops
-
-    native, why_not = ops._load_native()  # whatever NCFAST_BACKEND says in this process
-    return native is not None, why_not
+    """Whether the native backend can be loaded here, whatever NCFAST_BACKEND says in this
+    process (the workers choose their own), and why not."""
+    try:
+        import ncfast.backend.native  # noqa: F401
+    except ImportError as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
 
 
 def _cpu_name() -> str:
@@ -273,7 +279,7 @@ def print_table(runs: list[dict]) -> None:
             print(f"native vs reference at C={c}, P={p}: " + ", ".join(parts))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU only, the cases that fit")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -291,8 +297,68 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _device(parser, args) -> str:
+    import torch
+
+    device = "cpu" if args.quick else args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return device
+
+
+def _cases(parser, args) -> list[tuple[int, ...]]:
+    if not args.cases:
+        return list(QUICK_CASES if args.quick else CASES)
+    try:
+        cases = [tuple(int(v) for v in case.split("x")) for case in args.cases.split(",")]
+    except ValueError:
+        parser.error(f"--cases must look like 1000x2048,32000x4096, got {args.cases!r}")
+    if any(len(case) != 2 or min(case) < 1 for case in cases):
+        parser.error(f"--cases must be positive CxP pairs, got {args.cases!r}")
+    return cases
+
+
+def _backends(parser, args, native_ok: bool, why_not: str) -> list[str]:
+    if args.backends == "auto":
+        return ["reference"] + (["native"] if native_ok else [])
+    backends = [b for b in args.backends.split(",") if b]
+    if set(backends) - {"reference", "native"}:
+        parser.error(f"--backends must name reference and/or native, got {args.backends!r}")
+    if "native" in backends and not native_ok:
+        parser.error(f"--backends native: the native extension is not available ({why_not})")
+    return backends
+
+
+def _quick_check(runs: list[dict]) -> bool:
+    """--quick: whether the C×P case of QUICK_CHECK finished within 2× the accumulators."""
+    check = [
+        r
+        for r in runs
+        if (r["num_classes"], r["dim"]) == QUICK_CHECK and r["backend"] == "reference"
+    ]
+    if not check or "error" in check[0]:
+        print(f"check C={QUICK_CHECK[0]}, P={QUICK_CHECK[1]}: did not finish")
+        return False
+    ratio = check[0]["update_peak_over_accumulators"]
+    metrics_ratio = check[0].get("metrics_peak_over_accumulators", float("nan"))
+    ok = ratio <= 2.0
+    print(
+        f"check C={QUICK_CHECK[0]}, P={QUICK_CHECK[1]}: finished; update peak "
+        f"{ratio:.2f}× the accumulators ({'within' if ok else 'OVER'} 2×); metric "
+        f"computation peak {metrics_ratio:.2f}× (its floor is set by the P×P "
+        "eigendecomposition of Σ_W, docs/memory.md)"
+    )
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return 0
@@ -305,32 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     phases = [p for p in args.phases.split(",") if p]
     if not phases or set(phases) - {"update", "metrics"} or "update" not in phases:
         parser.error("--phases must be 'update' or 'update,metrics'")
-    device = "cpu" if args.quick else args.device
+    device = _device(parser, args)
     if args.threads is None:
         args.threads = 1 if args.quick else 0
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    if args.cases:
-        try:
-            cases = [tuple(int(v) for v in case.split("x")) for case in args.cases.split(",")]
-        except ValueError:
-            parser.error(f"--cases must look like 1000x2048,32000x4096, got {args.cases!r}")
-        if any(len(case) != 2 or min(case) < 1 for case in cases):
-            parser.error(f"--cases must be positive CxP pairs, got {args.cases!r}")
-    else:
-        cases = QUICK_CASES if args.quick else CASES
-
+    cases = _cases(parser, args)
     native_ok, why_not = _native_status()
-    if args.backends == "auto":
-        backends = ["reference"] + (["native"] if native_ok else [])
-    else:
-        backends = [b for b in args.backends.split(",") if b]
-        if set(backends) - {"reference", "native"}:
-            parser.error(f"--backends must name reference and/or native, got {args.backends!r}")
-        if "native" in backends and not native_ok:
-            parser.error(f"--backends native: the native extension is not available ({why_not})")
+    backends = _backends(parser, args, native_ok, why_not)
 
     specs = [
         {
@@ -345,9 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         for c, p in cases
         for backend in backends
     ]
-    runs = []
-    for spec in tqdm(specs, desc="bench_scale", unit="run", file=sys.stderr):
-        runs.append(_run_one(spec, args.timeout))
+    runs = [
+        _run_one(spec, args.timeout)
+        for spec in tqdm(specs, desc="bench_scale", unit="run", file=sys.stderr)
+    ]
 
     meta = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -369,27 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"native backend not available ({why_not}): reference only")
     print_table(runs)
     print(f"written to {out}")
-    failed = [r for r in runs if "error" in r]
+    failed = any("error" in r for r in runs)
     if args.quick:
-        check = [
-            r
-            for r in runs
-            if (r["num_classes"], r["dim"]) == QUICK_CHECK and r["backend"] == "reference"
-        ]
-        ok = bool(check) and "error" not in check[0]
-        if ok:
-            ratio = check[0]["update_peak_over_accumulators"]
-            metrics_ratio = check[0].get("metrics_peak_over_accumulators", float("nan"))
-            ok = ratio <= 2.0
-            print(
-                f"check C={QUICK_CHECK[0]}, P={QUICK_CHECK[1]}: finished; update peak "
-                f"{ratio:.2f}× the accumulators ({'within' if ok else 'OVER'} 2×); metric "
-                f"computation peak {metrics_ratio:.2f}× (its floor is set by the P×P "
-                "eigendecomposition of Σ_W, docs/memory.md)"
-            )
-        else:
-            print(f"check C={QUICK_CHECK[0]}, P={QUICK_CHECK[1]}: did not finish")
-        return 0 if ok and not failed else 1
+        return 0 if _quick_check(runs) and not failed else 1
     return 1 if failed else 0
 
 

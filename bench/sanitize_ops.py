@@ -28,26 +28,15 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from ncfast.backend import reference  # noqa: E402
+from ncfast.backend.reference import STATE_KEYS, new_state  # noqa: E402
 
 try:
     from ncfast.backend import native as _native
 except ImportError as exc:
     sys.exit(f"sanitize_ops: the native extension is not available ({exc})")
 
-STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
-
-
-def new_state(num_classes: int, dim: int, device) -> dict[str, torch.Tensor]:
-    f64 = {"dtype": torch.float64, "device": device}
-    return {
-        "counts": torch.zeros(num_classes, dtype=torch.int64, device=device),
-        "shift": torch.zeros(num_classes, dim, **f64),
-        "sums": torch.zeros(num_classes, dim, **f64),
-        "scatter": torch.zeros(dim, dim, **f64),
-        "invalid": torch.zeros(2, dtype=torch.int64, device=device),
-    }
 
 
 def batch(g, rows, dim, num_classes, dtype, label_dtype, device, classes=None):

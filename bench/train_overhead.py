@@ -32,8 +32,10 @@ import torch
 
 from ncfast.backend import ops
 from ncfast.paper.checkpoint import load_checkpoint
+from ncfast.paper.config import TrainConfig
 from ncfast.paper.data import DatasetChecksumWarning
-from ncfast.paper.train import TrainConfig, train
+from ncfast.paper.train import train
+from ncfast.report.runs import CHECKPOINT_FILE
 
 SVHN_RAREST_CLASS = 4659  # images of the rarest digit in SVHN's training set
 SVHN_TEST_SIZE = 26032
@@ -72,7 +74,7 @@ def run(root: Path, out: Path, measure: bool, args) -> dict:
     start = time.perf_counter()
     train(config, progress=False)
     total = time.perf_counter() - start
-    payload = load_checkpoint(out / "checkpoint.pt")
+    payload = load_checkpoint(out / CHECKPOINT_FILE)
     rows = {}
     for row in payload["history"]:
         entry = rows.setdefault(row["epoch"], {"measure_time": 0.0, "forward_time": 0.0})

@@ -172,11 +172,11 @@ NccPlan plan_ncc(const at::Tensor& weight, const at::Tensor& bias, const at::Ten
                  const at::Tensor& present) {
   NccPlan plan;
   const at::Tensor mask = present.to(at::kDouble);
-  plan.centre = at::mv(class_means.to(at::kDouble).t(), mask) / mask.sum().clamp_min(1);
-  plan.mu = class_means.to(at::kDouble) - plan.centre;
+  plan.center = at::mv(class_means.to(at::kDouble).t(), mask) / mask.sum().clamp_min(1);
+  plan.mu = class_means.to(at::kDouble) - plan.center;
   plan.weight = weight.to(at::kDouble);
   plan.sq_norms = plan.mu.square().sum(1);
-  plan.bias = at::addmv(bias.to(at::kDouble), plan.weight, plan.centre).contiguous();
+  plan.bias = at::addmv(bias.to(at::kDouble), plan.weight, plan.center).contiguous();
   plan.present = present.contiguous();
   return plan;
 }

@@ -32,12 +32,12 @@ using MirrorFn = void (*)(at::Tensor& matrix);
 void accumulate_gram_(at::Tensor& scatter, const at::Tensor& z, MirrorFn mirror,
                       int64_t target_blocks, int64_t min_height, int64_t min_rows);
 
-// NC4 in centred coordinates (see reference.ncc_mismatch_count): with c = mean of the present
-// class means and mu_k = μ_k − c, the nearest-centre score of x is |mu_k|² − 2 (x − c)·mu_k and
-// the classifier's logit is (x − c)·w_k + (b_k + w_k·c), so one centred copy of a row block
+// NC4 in centered coordinates (see reference.ncc_mismatch_count): with c = mean of the present
+// class means and mu_k = μ_k − c, the nearest-center score of x is |mu_k|² − 2 (x − c)·mu_k and
+// the classifier's logit is (x − c)·w_k + (b_k + w_k·c), so one centered copy of a row block
 // and two GEMMs give both. The only [C, P] temporary is mu (as in the reference).
 struct NccPlan {
-  at::Tensor centre;    // [P] float64
+  at::Tensor center;    // [P] float64
   at::Tensor mu;        // [C, P] float64
   at::Tensor weight;    // [C, P] float64 (the argument itself when already float64)
   at::Tensor sq_norms;  // [C] float64 (|mu_k|²)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
-from ncfast.checks import check_int
-from ncfast.metrics import _check_lambda, nc_metrics
+from ncfast.checks import PairSource, check_classifier, check_int, check_weight_decay
+from ncfast.metrics import NCMetrics, nc_metrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, NCCMismatch, mismatch_fraction
 from ncfast.stats import ClassStats
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class Measurement:
@@ -37,14 +41,20 @@ class Measurement:
         device: torch.device | str | None = None,
         on_invalid: str = "raise",
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-    ):
+    ) -> None:
         num_classes = check_int(num_classes, "num_classes", 1, "Measurement")
         dim = check_int(dim, "dim", 1, "Measurement")
         check_int(memory_budget_bytes, "memory_budget_bytes", 0, "Measurement")
         self.stats = ClassStats(num_classes, dim, device=device, on_invalid=on_invalid)
-        self.weight, self.bias = weight, bias
-        self.weight_decay = _check_lambda(weight_decay, "Measurement")
-        self.ncc = NCCMismatch(weight, bias, memory_budget_bytes) if weight is not None else None
+        self.weight_decay = check_weight_decay(weight_decay, "Measurement")
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self.ncc: NCCMismatch | None = None
+        if weight is not None:
+            self.weight, self.bias = check_classifier(weight, bias, "Measurement", num_classes, dim)
+            self.ncc = NCCMismatch(self.weight, self.bias, memory_budget_bytes)
+        elif bias is not None:
+            raise ValueError("Measurement: bias was given without weight")
         # The statistics the last compute() used: self.stats, or their all-rank reduction.
         self.computed_stats: ClassStats | None = None
 
@@ -69,18 +79,18 @@ class Measurement:
                 "Measurement.merge: one measurement has a classifier and the other not; NC4 "
                 "and the classifier keys need the same classifier in both"
             )
-        if self.ncc is not None and not _same_classifier(self.ncc, other.ncc):
-            raise ValueError(
-                "Measurement.merge: the two measurements have different classifiers (weight or "
-                "bias); NC4 compares every sample with one classifier"
-            )
-        self.stats.merge(other.stats)
-        if self.ncc is not None:
+        if self.ncc is not None and other.ncc is not None:
+            if not _same_classifier(self.ncc, other.ncc):
+                raise ValueError(
+                    "Measurement.merge: the two measurements have different classifiers (weight "
+                    "or bias); NC4 compares every sample with one classifier"
+                )
             self.ncc.merge(other.ncc)
+        self.stats.merge(other.stats)
         self.computed_stats = None
         return self
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, object]:
         """The accumulated state: ``stats`` (:meth:`ClassStats.state_dict`) and, with a
         classifier, ``nc4`` (the buffered features of this pass, on their device, or the note
         that they exceeded the budget). Settings and the classifier are not included."""
@@ -89,20 +99,25 @@ class Measurement:
             "nc4": None if self.ncc is None else self.ncc.state_dict(),
         }
 
-    def load_state_dict(self, state_dict: dict) -> Measurement:
+    def load_state_dict(self, state_dict: Mapping[str, object]) -> Measurement:
         """Restore what :meth:`state_dict` returned (into a Measurement of the same classes,
         dim, and classifier or none)."""
-        if not isinstance(state_dict, dict) or "stats" not in state_dict:
+        if not isinstance(state_dict, Mapping) or "stats" not in state_dict:
             raise KeyError("Measurement.load_state_dict: state_dict lacks 'stats'")
-        nc4 = state_dict.get("nc4")
+        stats, nc4 = state_dict["stats"], state_dict.get("nc4")
+        if not isinstance(stats, Mapping) or not (nc4 is None or isinstance(nc4, Mapping)):
+            raise ValueError(
+                "Measurement.load_state_dict: 'stats' and 'nc4' must be the dicts that "
+                "state_dict() returned"
+            )
         if (nc4 is None) != (self.ncc is None):
             have = "has a classifier" if self.ncc is not None else "has no classifier"
             raise ValueError(
                 f"Measurement.load_state_dict: this measurement {have} but the state "
                 + ("holds no NC4 buffer" if nc4 is None else "holds an NC4 buffer")
             )
-        self.stats.load_state_dict(state_dict["stats"])
-        if self.ncc is not None:
+        self.stats.load_state_dict(stats)
+        if self.ncc is not None and nc4 is not None:
             self.ncc.load_state_dict(nc4)
         self.computed_stats = None
         return self
@@ -113,11 +128,11 @@ class Measurement:
 
     def compute(
         self,
-        second_pass: Iterable | Callable[[], Iterable] | None = None,
+        second_pass: PairSource[torch.Tensor, torch.Tensor] | None = None,
         distributed: bool = False,
-        group=None,
+        group: ProcessGroup | None = None,
         nc4: bool = True,
-    ) -> dict:
+    ) -> NCMetrics:
         """The SPEC dict; ``second_pass`` as in :meth:`ncfast.nc4.NCCMismatch.compute`.
 
         ``distributed=True`` (torch.distributed initialised; collective, every rank of ``group``
@@ -149,7 +164,7 @@ def _same_classifier(a: NCCMismatch, b: NCCMismatch) -> bool:
     )
 
 
-def scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
+def scalars(metrics: Mapping[str, object], prefix: str = "") -> dict[str, float]:
     """Every number of a SPEC dict as ``{prefix + key: float}``, for loggers: a vector value
     (``snr_singular_values``, a tensor or list) becomes ``{key}/1``, ``{key}/2``, … (j from 1,
     as ncfast's logs and plots count singular values); 0-d tensors and bools become floats.
@@ -157,9 +172,11 @@ def scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
     return flat_scalars(metrics, prefix, "scalars", text_allowed=True)
 
 
-def flat_scalars(metrics: dict, prefix: str, where: str, text_allowed: bool) -> dict[str, float]:
+def flat_scalars(
+    metrics: Mapping[str, object], prefix: str, where: str, text_allowed: bool
+) -> dict[str, float]:
     """:func:`scalars`, with errors that name ``where``; text values raise unless allowed."""
-    if not isinstance(metrics, dict):
+    if not isinstance(metrics, Mapping):
         raise TypeError(f"{where}: metrics must be a dict, got {type(metrics).__name__}")
     out: dict[str, float] = {}
     for key, value in metrics.items():
@@ -182,16 +199,19 @@ def flat_scalars(metrics: dict, prefix: str, where: str, text_allowed: bool) -> 
     return out
 
 
-def _as_float(value) -> float:
+def _as_float(value: numbers.Real) -> float:
     try:
         return float(value)
     except OverflowError:  # an integer beyond float64 (e.g. 10**400 in a hand-edited log)
-        return math.inf if value > 0 else -math.inf
+        return -math.inf if value < 0 else math.inf
 
 
-def _vector(value) -> list[float] | None:
+def _vector(value: object) -> list[float] | None:
     if isinstance(value, torch.Tensor):
-        return value.detach().double().cpu().tolist() if value.dim() == 1 else None
+        if value.dim() != 1:
+            return None
+        values: list[float] = value.detach().double().cpu().tolist()
+        return values
     if hasattr(value, "ndim") and hasattr(value, "tolist"):  # a numpy array
         return [float(v) for v in value.tolist()] if value.ndim == 1 else None
     if isinstance(value, (list, tuple)) and all(

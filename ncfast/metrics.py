@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import torch
 
 from ncfast.backend import ops
+from ncfast.checks import check_classifier, check_weight_decay
 from ncfast.errors import NCFastError
 from ncfast.stats import ClassStats
 
@@ -38,12 +40,40 @@ SPEC_KEYS = (
 )
 
 
+class NCMetrics(TypedDict, total=False):
+    """What :func:`nc_metrics` returns: the keys of :data:`SPEC_KEYS` that its inputs allow
+    (SPEC §2–§4; the classifier keys need a classifier, ``nc4_ncc_mismatch`` a per-sample pass).
+    Scalars are Python floats or ints; ``snr_singular_values`` is a float64 CPU tensor."""
+
+    nc1: float
+    nc2_equinorm_means: float
+    nc2_equinorm_classifiers: float
+    nc2_equiangular_means: float
+    nc2_equiangular_classifiers: float
+    nc2_maxangle_means: float
+    nc2_maxangle_classifiers: float
+    nc3_self_duality: float
+    nc4_ncc_mismatch: float
+    loss_mse: float
+    loss_ls: float
+    loss_nc1: float
+    loss_nc23: float
+    loss_ls_perp: float
+    snr_singular_values: torch.Tensor
+    snr_condition: float
+    sigma_b_rank: int
+    sigma_w_rank: int
+    classes_present: int
+    weight_decay: float
+    num_samples: int
+
+
 class DegenerateFeaturesError(NCFastError, ValueError):
     """The class means do not separate (or every feature is zero): the Neural Collapse metrics
     are undefined for these features (SPEC §2, "Degenerate data"). ``reason`` says what was found,
     without the name of the function that raised."""
 
-    def __init__(self, where: str, reason: str):
+    def __init__(self, where: str, reason: str) -> None:
         super().__init__(f"{where}: {reason}")
         self.reason = reason
 
@@ -76,7 +106,7 @@ def check_separation(stats: ClassStats, mbar: torch.Tensor, where: str) -> float
     """Raise :class:`DegenerateFeaturesError` when the class means do not separate (SPEC §2);
     else return ``bound``, the rounding level of M̄ defined below.
 
-    Every metric compares the centred class means M̄ (NC1 inverts Σ_B = M̄M̄ᵀ/C, NC2/NC3 normalise
+    Every metric compares the centered class means M̄ (NC1 inverts Σ_B = M̄M̄ᵀ/C, NC2/NC3 normalise
     its columns, NC4 measures distances to the means, the SNR whitens M̄), so they are undefined
     when M̄ is indistinguishable from zero. The rounding level, from the error bound of the
     float64 class means:
@@ -99,7 +129,7 @@ def check_separation(stats: ClassStats, mbar: torch.Tensor, where: str) -> float
     features of norm 1e6 the class means carry ~eps·1e6 of noise in every direction, far above
     rtol·max σ(M̄) when the means are 1 apart, and that noise inverted by Σ_B^† would dominate NC1.
     """
-    means, sigma_w = stats._finalized()
+    means, sigma_w = stats.finalized()
     present = stats.present
     counts = stats.counts[present].to(torch.float64)
     num_samples = int(counts.sum())
@@ -131,49 +161,17 @@ def check_separation(stats: ClassStats, mbar: torch.Tensor, where: str) -> float
     return bound
 
 
-def _check_classifier(stats: ClassStats, weight, bias, where: str):
-    c, p = stats.num_classes, stats.dim
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{where}: weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.shape != (c, p):
-        raise ValueError(
-            f"{where}: weight must have shape [num_classes, dim] = [{c}, {p}], "
-            f"got {list(weight.shape)}"
-        )
-    if bias is None:
-        bias = weight.new_zeros(c)
-    if not isinstance(bias, torch.Tensor) or bias.shape != (c,):
-        raise ValueError(
-            f"{where}: bias must be a tensor of shape [{c}] or None, "
-            f"got {list(getattr(bias, 'shape', [])) or type(bias).__name__}"
-        )
-    weight = weight.detach().to(stats.device, torch.float64)
-    bias = bias.detach().to(stats.device, torch.float64)
+def _float64_classifier(
+    stats: ClassStats, weight: torch.Tensor, bias: torch.Tensor | None, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier checked against the statistics' shape, in float64 on their device, with
+    finite entries (read here: the metrics read the statistics anyway)."""
+    weight, bias = check_classifier(weight, bias, where, stats.num_classes, stats.dim)
+    weight = weight.to(stats.device, torch.float64)
+    bias = bias.to(stats.device, torch.float64)
     if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
         raise ValueError(f"{where}: weight or bias contains NaN/inf")
     return weight, bias
-
-
-def _check_lambda(weight_decay: float, where: str) -> float:
-    lam = float(weight_decay)
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"{where}: weight_decay (λ of SPEC §3) must be ≥ 0, got {weight_decay!r}")
-    return lam
-
-
-def _means_and_priors(stats: ClassStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class means with zero rows for absent classes (they carry prior 0), and priors.
-
-    The finalized means are used as they are (read-only): ``stats.class_means`` would add a
-    NaN-masked copy and ``nan_to_num`` another, each [C, P] (docs/memory.md).
-    """
-    means, _ = stats._finalized()
-    return means, stats.priors
-
-
-def _sigma_w(stats: ClassStats) -> torch.Tensor:
-    """Σ_W as cached by the statistics, read-only: ``stats.sigma_w`` returns a [P, P] copy."""
-    return stats._finalized()[1]
 
 
 def least_squares_classifier(
@@ -185,14 +183,16 @@ def least_squares_classifier(
     second-moment matrix, the minimum-norm minimiser.
     """
     _require_two_classes(stats, "least_squares_classifier")
-    lam = _check_lambda(weight_decay, "least_squares_classifier")
-    means, priors = _means_and_priors(stats)
-    return ops.least_squares(means, priors, _sigma_w(stats), lam)
+    lam = check_weight_decay(weight_decay, "least_squares_classifier")
+    # Read-only, as cached: class_means and sigma_w would copy (docs/memory.md). Absent
+    # classes have zero rows and prior 0.
+    means, sigma_w = stats.finalized()
+    return ops.least_squares(means, stats.priors, sigma_w, lam)
 
 
 def whiten(stats: ClassStats) -> torch.Tensor:
     """Σ_W^{-1/2} ``[P, P]``: the symmetric (pseudo-)inverse square root (SPEC §4)."""
-    return ops.psd_inv_sqrt(_sigma_w(stats))[0]
+    return ops.psd_inv_sqrt(stats.finalized()[1])[0]
 
 
 def snr(stats: ClassStats) -> torch.Tensor:
@@ -210,7 +210,7 @@ def nc_metrics(
     weight_decay: float = 0.0,
     ncc_mismatch: float | None = None,
     rtol: float = DEFAULT_RTOL,
-) -> dict:
+) -> NCMetrics:
     """Every SPEC §2–§4 key the inputs allow, plus ``classes_present``, ``sigma_b_rank``,
     ``sigma_w_rank``, ``weight_decay`` (λ of Eq. 3) and ``num_samples``.
 
@@ -227,27 +227,23 @@ def nc_metrics(
     rounding noise would otherwise read as perfect collapse (see :func:`check_separation`).
     """
     _require_two_classes(stats, "nc_metrics")
-    lam = _check_lambda(weight_decay, "nc_metrics")
+    lam = check_weight_decay(weight_decay, "nc_metrics")
     present = stats.present
     c = int(present.sum())
     mbar = stats.centered_means  # [P, C]
     noise = check_separation(stats, mbar, "nc_metrics")
-    sigma_w = _sigma_w(stats)
+    # Read-only, as cached: class_means and sigma_w would copy (docs/memory.md). Absent
+    # classes have zero rows and prior 0.
+    means, sigma_w = stats.finalized()
 
-    out: dict = {
-        "num_samples": stats.num_samples,
-        "classes_present": c,
-        "weight_decay": lam,
-    }
-    out["nc1"], sigma_b_rank = ops.nc1(sigma_w, mbar, rtol, noise)
-    out["sigma_b_rank"] = sigma_b_rank
+    out: NCMetrics = {"num_samples": stats.num_samples, "classes_present": c, "weight_decay": lam}
+    out["nc1"], out["sigma_b_rank"] = ops.nc1(sigma_w, mbar, rtol, noise)
 
     norms = mbar.norm(dim=0)
     out["nc2_equinorm_means"] = float(norms.std() / norms.mean())
     out["nc2_equiangular_means"], out["nc2_maxangle_means"] = ops.pairwise_cosine_stats(mbar.T)
 
-    inv_sqrt, sigma_w_rank = ops.psd_inv_sqrt(sigma_w)
-    out["sigma_w_rank"] = sigma_w_rank
+    inv_sqrt, out["sigma_w_rank"] = ops.psd_inv_sqrt(sigma_w)
     # Whitening scales M̄'s rounding by at most ‖Σ_W^{-1/2}‖₂ ≤ ‖Σ_W^{-1/2}‖_F (one pass, no SVD).
     omega = ops.snr_singular_values(inv_sqrt, mbar, rtol, noise * float(inv_sqrt.norm()))
     del inv_sqrt  # [P, P], not needed below: keeps it out of the peak (docs/memory.md)
@@ -255,7 +251,7 @@ def nc_metrics(
     out["snr_condition"] = float(omega[0] / omega[-1]) if omega.numel() else float("nan")
 
     if weight is not None:
-        weight, bias = _check_classifier(stats, weight, bias, "nc_metrics")
+        weight, bias = _float64_classifier(stats, weight, bias, "nc_metrics")
         w_present = weight[present]
         w_norms = w_present.norm(dim=1)
         out["nc2_equinorm_classifiers"] = float(w_norms.std() / w_norms.mean())
@@ -264,8 +260,10 @@ def nc_metrics(
         dual = w_present.T / w_present.norm() - mbar / mbar.norm()
         out["nc3_self_duality"] = float(dual.square().sum())
         del w_present, dual  # [C, P] each, not needed by the decomposition
-        means, priors = _means_and_priors(stats)
-        out.update(ops.mse_decomposition(weight, bias, means, priors, sigma_w, lam))
+        terms = ops.mse_decomposition(weight, bias, means, stats.priors, sigma_w, lam)
+        out["loss_mse"], out["loss_ls"] = terms["loss_mse"], terms["loss_ls"]
+        out["loss_nc1"], out["loss_nc23"] = terms["loss_nc1"], terms["loss_nc23"]
+        out["loss_ls_perp"] = terms["loss_ls_perp"]
     elif bias is not None:
         raise ValueError("nc_metrics: bias was given without weight")
 
@@ -274,11 +272,12 @@ def nc_metrics(
     return out
 
 
-def undefined_metrics(stats: ClassStats, weight_decay: float, reason: str) -> dict:
+def undefined_metrics(stats: ClassStats, weight_decay: float, reason: str) -> dict[str, object]:
     """The result of :func:`nc_metrics` for degenerate features, for logs: every metric NaN
-    (``snr_singular_values`` empty), the bookkeeping keys as measured, and ``nc_undefined``
-    holding ``reason`` (the :attr:`DegenerateFeaturesError.reason`)."""
-    out: dict = {key: math.nan for key in SPEC_KEYS}
+    (the ranks too: not an :class:`NCMetrics`; ``snr_singular_values`` empty), the bookkeeping
+    keys as measured, and ``nc_undefined`` holding ``reason`` (the
+    :attr:`DegenerateFeaturesError.reason`)."""
+    out: dict[str, object] = {key: math.nan for key in SPEC_KEYS}
     out["snr_singular_values"] = torch.zeros(0, dtype=torch.float64)
     out.update(
         num_samples=stats.num_samples,

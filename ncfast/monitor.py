@@ -26,17 +26,26 @@ metrics of all ranks' samples (statistics through :meth:`ClassStats.reduced`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from ncfast.checks import check_int
+from ncfast.checks import PairSource, check_int, check_label_dtype, check_weight_decay, iter_pairs
 from ncfast.measure import Measurement
-from ncfast.metrics import _check_lambda
+from ncfast.metrics import NCMetrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 __all__ = ["MonitorPass", "NCMonitor"]
+
+# What the batches hold as model inputs: whatever ``forward`` (default: the model) takes.
+_Inputs = TypeVar("_Inputs")
 
 
 def _is_submodule(model: nn.Module, module: nn.Module) -> bool:
@@ -75,10 +84,10 @@ class NCMonitor:
         *,
         weight_decay: float = 0.0,
         distributed: bool | None = None,
-        group=None,
+        group: ProcessGroup | None = None,
         on_invalid: str = "raise",
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-    ):
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"NCMonitor: model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(classifier, nn.Linear):
@@ -113,7 +122,7 @@ class NCMonitor:
         self.penultimate = penultimate
         self.num_classes = classifier.out_features
         self.dim = classifier.in_features
-        self.weight_decay = _check_lambda(weight_decay, "NCMonitor")
+        self.weight_decay = check_weight_decay(weight_decay, "NCMonitor")
         self.distributed = distributed
         self.group = group
         self.on_invalid = on_invalid
@@ -135,49 +144,49 @@ class NCMonitor:
 
     def evaluate(
         self,
-        batches: Iterable | Callable[[], Iterable],
-        forward: Callable | None = None,
-    ) -> dict:
+        batches: PairSource[_Inputs, object],
+        forward: Callable[[_Inputs], object] | None = None,
+    ) -> NCMetrics:
         """Measure over ``batches`` of ``(inputs, labels)`` in eval mode without gradients, with
         a second pass over them if NC4 needs one (then ``batches`` must be re-iterable, like a
         DataLoader, or a callable returning a fresh iterable). ``forward(inputs)`` runs the model
         (default: ``model(inputs)``, tensors moved to the classifier's device). The model's
         train/eval mode is restored. Returns the SPEC dict.
         """
-        forward = forward or self._default_forward
+        run: Callable[[_Inputs], object] = forward or self._default_forward
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), self.measure() as nc:
-                for inputs, labels in _pairs(batches, "NCMonitor.evaluate"):
+                for inputs, labels in iter_pairs(batches, "NCMonitor.evaluate"):
                     nc.labels(labels)
-                    forward(inputs)
+                    run(inputs)
             if nc.needs_second_pass:
-                return nc.compute(second_pass=batches, forward=forward)
+                return nc.compute(second_pass=batches, forward=run)
             return nc.metrics
         finally:
             self.model.train(was_training)
 
-    def _default_forward(self, inputs):
+    def _default_forward(self, inputs: object) -> object:
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.to(self.classifier.weight.device, non_blocking=True)
         return self.model(inputs)
 
     # ------------------------------------------------------------------- hooks
-    def _register(self, sink: Callable[[torch.Tensor], None]):
+    def _register(self, sink: Callable[[torch.Tensor], None]) -> RemovableHandle:
         if self.penultimate is None:
 
-            def pre_hook(module, args):
+            def pre_hook(module: nn.Module, args: tuple[object, ...]) -> None:
                 sink(self._features(args[0] if args else None))
 
             return self.classifier.register_forward_pre_hook(pre_hook)
 
-        def hook(module, args, output):
+        def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
             sink(self._features(output))
 
         return self.penultimate.register_forward_hook(hook)
 
-    def _features(self, value) -> torch.Tensor:
+    def _features(self, value: object) -> torch.Tensor:
         what = (
             "input of the classifier"
             if self.penultimate is None
@@ -221,16 +230,17 @@ class MonitorPass:
     distributed mode this is collective: every rank closes).
     """
 
-    def __init__(self, monitor: NCMonitor):
+    def __init__(self, monitor: NCMonitor) -> None:
         self.monitor = monitor
         self.measurement: Measurement | None = None
         self.batches = 0
         self._pending: torch.Tensor | None = None
-        self._handle = None
+        self._handle: RemovableHandle | None = None
         self._state = "new"
-        self._metrics: dict | None = None
+        self._metrics: NCMetrics | None = None
         self._distributed = False
         self._needs_second_pass = False
+        self._versions: tuple[int, int | None] = (0, None)
 
     # ------------------------------------------------------------- open, close
     def open(self) -> MonitorPass:
@@ -294,7 +304,12 @@ class MonitorPass:
     def __enter__(self) -> MonitorPass:
         return self.open()
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if exc_type is not None:
             self.cancel()
             return
@@ -308,7 +323,7 @@ class MonitorPass:
             self.monitor._open = None
 
     # ------------------------------------------------------------- feeding
-    def labels(self, labels) -> None:
+    def labels(self, labels: object) -> None:
         """Labels of the samples of the next forward pass (a tensor, list or array of ints;
         any device: they are moved to the features' device)."""
         if self._state != "open":
@@ -330,10 +345,7 @@ class MonitorPass:
                     "MonitorPass.labels: labels must be a tensor (or a list/array) of integer "
                     f"class indices, got {type(labels).__name__}"
                 ) from exc
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(
-                f"MonitorPass.labels: labels must be integer class indices, got {labels.dtype}"
-            )
+        check_label_dtype(labels, "labels", "MonitorPass.labels")
         self._pending = self.monitor._flat_labels(labels)
 
     def _on_features(self, features: torch.Tensor) -> None:
@@ -350,8 +362,14 @@ class MonitorPass:
                 f"{features.shape[0]} samples (features {list(features.shape)} at the "
                 f"{self._hooked_what()}); the labels must match the samples of the forward pass"
             )
-        self.measurement.update(features, labels.to(features.device, non_blocking=True))
+        self._opened().update(features, labels.to(features.device, non_blocking=True))
         self.batches += 1
+
+    def _opened(self) -> Measurement:
+        """The measurement of this pass (made when it opened)."""
+        if self.measurement is None:
+            raise RuntimeError("MonitorPass: the pass was never opened (use monitor.measure())")
+        return self.measurement
 
     def _hooked_what(self) -> str:
         mon = self.monitor
@@ -367,17 +385,18 @@ class MonitorPass:
         return self._needs_second_pass
 
     def _agree_on_second_pass(self) -> bool:
-        need = self.measurement.needs_second_pass
+        measurement = self._opened()
+        need = measurement.needs_second_pass
         if self._distributed:
             import torch.distributed as dist
 
-            flag = torch.tensor(int(need), device=self.measurement.stats.device)
+            flag = torch.tensor(int(need), device=measurement.stats.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.monitor.group)
             need = bool(flag)
         return need
 
     @property
-    def metrics(self) -> dict:
+    def metrics(self) -> NCMetrics:
         """The SPEC dict of this pass (available once the ``with`` block has ended)."""
         if self._metrics is not None:
             return self._metrics
@@ -394,10 +413,10 @@ class MonitorPass:
 
     def compute(
         self,
-        second_pass: Iterable | Callable[[], Iterable] | None = None,
-        forward: Callable | None = None,
+        second_pass: PairSource[_Inputs, object] | None = None,
+        forward: Callable[[_Inputs], object] | None = None,
         nc4: bool = True,
-    ) -> dict:
+    ) -> NCMetrics:
         """The SPEC dict, running ``second_pass`` (``(inputs, labels)`` batches over the same
         samples, or a callable returning them) through the model if NC4 needs it; ``forward``
         as in :meth:`NCMonitor.evaluate`; ``nc4=False``: without ``nc4_ncc_mismatch`` (and
@@ -411,7 +430,12 @@ class MonitorPass:
             self._metrics = metrics
         return self._metrics
 
-    def _compute(self, second_pass, forward, nc4: bool = True) -> dict:
+    def _compute(
+        self,
+        second_pass: PairSource[_Inputs, object] | None,
+        forward: Callable[[_Inputs], object] | None,
+        nc4: bool = True,
+    ) -> NCMetrics:
         mon = self.monitor
         if _versions(mon.classifier.weight, mon.classifier.bias) != self._versions:
             raise RuntimeError(
@@ -421,25 +445,30 @@ class MonitorPass:
         features = None
         if second_pass is not None:
             features = _SecondPass(mon, second_pass, forward or mon._default_forward)
-        return self.measurement.compute(
+        return self._opened().compute(
             second_pass=features, distributed=self._distributed, group=mon.group, nc4=nc4
         )
 
 
-class _SecondPass:
+class _SecondPass(Generic[_Inputs]):
     """Iterable of (features, labels) obtained by running ``(inputs, labels)`` batches through
     the model with the monitor's hook capturing the features (no gradients)."""
 
-    def __init__(self, monitor: NCMonitor, batches, forward):
+    def __init__(
+        self,
+        monitor: NCMonitor,
+        batches: PairSource[_Inputs, object],
+        forward: Callable[[_Inputs], object],
+    ) -> None:
         self.monitor, self.batches, self.forward = monitor, batches, forward
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         mon = self.monitor
         captured: list[torch.Tensor] = []
         handle = mon._register(captured.append)
         seen = 0
         try:
-            for inputs, labels in _pairs(self.batches, "MonitorPass.compute(second_pass)"):
+            for inputs, labels in iter_pairs(self.batches, "MonitorPass.compute(second_pass)"):
                 seen += 1
                 with torch.no_grad():
                     self.forward(inputs)
@@ -461,24 +490,8 @@ class _SecondPass:
             handle.remove()
 
 
-def _versions(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+def _versions(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int | None]:
+    """The in-place modification counters of the classifier's parameters (torch's
+    ``Tensor._version``, the counter autograd itself checks): they change on any optimizer
+    step or in-place write."""
     return (weight._version, None if bias is None else bias._version)
-
-
-def _pairs(batches, where: str):
-    iterable = batches() if callable(batches) else batches
-    try:
-        iterator = iter(iterable)
-    except TypeError:
-        raise TypeError(
-            f"{where}: batches must be an iterable of (inputs, labels), got "
-            f"{type(iterable).__name__}"
-        ) from None
-    for batch in iterator:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError(
-                f"{where}: each batch must be an (inputs, labels) pair, got "
-                f"{type(batch).__name__}"
-                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-            )
-        yield batch

@@ -1,4 +1,4 @@
-"""NC4 (nearest-class-centre mismatch) in the same pass as the class statistics.
+"""NC4 (nearest-class-center mismatch) in the same pass as the class statistics.
 
 NC4 compares each sample's classifier decision with its nearest class mean, and those means are
 only known at the end of the pass. While the features fit ``memory_budget_bytes`` they are kept,
@@ -9,13 +9,13 @@ buffer is dropped and :meth:`NCCMismatch.compute` asks for a second streaming pa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
 from ncfast.backend import ops
 from ncfast.backend.reference import count_invalid_rows_
-from ncfast.checks import check_int
+from ncfast.checks import PairSource, check_classifier, check_int, iter_pairs
 from ncfast.stats import ClassStats, check_batch
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes
@@ -25,7 +25,7 @@ class NCCMismatch:
     """Streaming NC4: ``update(features, labels)`` per batch, then ``compute(stats)``.
 
     ``weight [C, P]`` and ``bias [C]`` are the classifier whose argmax is compared with the
-    nearest class centre; samples with invalid labels or non-finite features are ignored, as in
+    nearest class center; samples with invalid labels or non-finite features are ignored, as in
     :class:`~ncfast.stats.ClassStats`.
     """
 
@@ -34,25 +34,14 @@ class NCCMismatch:
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-    ):
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(
-                "NCCMismatch: weight must be a [num_classes, dim] tensor, got "
-                f"{list(getattr(weight, 'shape', [])) or type(weight).__name__}"
-            )
+    ) -> None:
+        weight, bias = check_classifier(weight, bias, "NCCMismatch")
         self.num_classes, self.dim = weight.shape
-        if bias is None:
-            bias = weight.new_zeros(self.num_classes)
-        if not isinstance(bias, torch.Tensor) or bias.shape != (self.num_classes,):
-            raise ValueError(
-                f"NCCMismatch: bias must have shape [{self.num_classes}], "
-                f"got {list(getattr(bias, 'shape', [])) or type(bias).__name__}"
-            )
         self.memory_budget_bytes = check_int(
             memory_budget_bytes, "memory_budget_bytes", 0, "NCCMismatch"
         )
-        self.weight = weight.detach().to(torch.float64)
-        self.bias = bias.detach().to(weight.device, torch.float64)
+        self.weight = weight.to(torch.float64)
+        self.bias = bias.to(weight.device, torch.float64)
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._buffered_bytes = 0
         self.overflowed = False
@@ -81,16 +70,19 @@ class NCCMismatch:
     def count(
         self,
         stats: ClassStats,
-        second_pass: Iterable | Callable[[], Iterable] | None = None,
+        second_pass: PairSource[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mismatches, valid samples) of the samples this object saw, as device int64 scalars,
         with the means of ``stats``. :meth:`compute` divides them; a distributed measurement sums
         them over ranks first (the means then come from the all-reduced statistics).
         """
-        means = _means(stats)
+        # Read-only, as cached: nan_to_num(stats.class_means) would make two [C, P] copies
+        # (docs/memory.md). Absent classes have zero rows.
+        means = stats.finalized()[0]
         present = stats.present
         device = means.device
         weight, bias = self.weight.to(device), self.bias.to(device)
+        pairs: Iterator[tuple[torch.Tensor, torch.Tensor]]
         if self.overflowed:
             if second_pass is None:
                 raise ValueError(
@@ -98,21 +90,29 @@ class NCCMismatch:
                     f"{self.memory_budget_bytes}, so NC4 needs a second pass: pass second_pass="
                     "an iterable (or a callable returning one) of (features, labels) batches"
                 )
-            batches = second_pass() if callable(second_pass) else second_pass
             pairs = (
-                (f, self._valid(f, y)) for f, y in _checked(batches, self.num_classes, self.dim)
+                (features, self._valid(features, labels))
+                for features, labels in self._checked(second_pass)
             )
         else:
             pairs = iter(self._batches)
         return count_mismatches(pairs, weight, bias, means, present)
 
+    def _checked(
+        self, second_pass: PairSource[torch.Tensor, torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        where = "NCCMismatch.compute(second_pass)"
+        for features, labels in iter_pairs(second_pass, where, "features"):
+            check_batch(features, labels, self.num_classes, self.dim, where)
+            yield features, labels
+
     def compute(
         self,
         stats: ClassStats,
-        second_pass: Iterable | Callable[[], Iterable] | None = None,
+        second_pass: PairSource[torch.Tensor, torch.Tensor] | None = None,
     ) -> float:
         """Fraction of valid samples whose classifier decision differs from the nearest class
-        centre, with the means of ``stats`` (which must come from the same samples).
+        center, with the means of ``stats`` (which must come from the same samples).
 
         ``second_pass`` (needed only when :attr:`needs_second_pass`): an iterable of
         ``(features, labels)`` batches over the same samples, or a callable returning one.
@@ -141,7 +141,7 @@ class NCCMismatch:
         self._batches.extend(other._batches)
         self._buffered_bytes += other._buffered_bytes
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, list[torch.Tensor] | bool]:
         """The buffer (features in their dtype and validity masks, on their device; the
         tensors themselves, not copies: they are never modified) and the overflow flag."""
         return {
@@ -150,14 +150,17 @@ class NCCMismatch:
             "overflowed": self.overflowed,
         }
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, object]) -> None:
+        """Restore what :meth:`state_dict` returned (for a classifier of the same ``dim``)."""
         missing = [k for k in ("features", "valid", "overflowed") if k not in state_dict]
         if missing:
             raise KeyError(f"NCCMismatch.load_state_dict: state_dict lacks {missing}")
-        features, valid = list(state_dict["features"]), list(state_dict["valid"])
-        if len(features) != len(valid) or any(
-            not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[1] != self.dim
-            for f in features
+        features, valid = _tensors(state_dict["features"]), _tensors(state_dict["valid"])
+        if (
+            features is None
+            or valid is None
+            or len(features) != len(valid)
+            or any(f.dim() != 2 or f.shape[1] != self.dim for f in features)
         ):
             raise ValueError(
                 f"NCCMismatch.load_state_dict: 'features' must be [B, {self.dim}] tensors, one "
@@ -194,12 +197,6 @@ def valid_rows(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     return count_invalid_rows_(features, labels, num_classes, scratch)
 
 
-def _means(stats: ClassStats) -> torch.Tensor:
-    """Class means with zero rows for absent classes, read-only from the statistics' cache:
-    ``nan_to_num(stats.class_means)`` would make two [C, P] copies (docs/memory.md)."""
-    return stats._finalized()[0]
-
-
 def mismatch_fraction(mismatches: torch.Tensor, total: torch.Tensor, stats: ClassStats) -> float:
     """mismatches / total, after checking that ``total`` is the number of samples in ``stats``."""
     n_total = int(total)
@@ -211,12 +208,8 @@ def mismatch_fraction(mismatches: torch.Tensor, total: torch.Tensor, stats: Clas
     return int(mismatches) / max(n_total, 1)
 
 
-def _checked(batches: Iterable, num_classes: int, dim: int):
-    for batch in batches:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError(
-                "NCCMismatch.compute: second_pass must yield (features, labels) pairs, "
-                f"got {type(batch).__name__}"
-            )
-        check_batch(batch[0], batch[1], num_classes, dim, "NCCMismatch.compute(second_pass)")
-        yield batch
+def _tensors(value: object) -> list[torch.Tensor] | None:
+    """``value`` as a list of tensors, or None when it is not a sequence of tensors."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, torch.Tensor) for v in value):
+        return None
+    return list(value)

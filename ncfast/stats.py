@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 import torch
 
 from ncfast.backend import ops
-from ncfast.backend.reference import INVALID_LABEL, INVALID_NONFINITE, count_invalid_rows_
+from ncfast.backend.reference import (
+    INVALID_LABEL,
+    INVALID_NONFINITE,
+    STATE_KEYS,
+    count_invalid_rows_,
+    new_state,
+)
 from ncfast.checks import check_int, check_label_dtype
 from ncfast.errors import NCFastError
 
-_STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 _ON_INVALID = ("raise", "skip")
 
 
@@ -17,7 +28,9 @@ class InvalidInputError(NCFastError, ValueError):
     """Raised when streamed samples had labels out of range or non-finite features."""
 
 
-def check_batch(features, labels, num_classes: int, dim: int, where: str) -> None:
+def check_batch(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, dim: int, where: str
+) -> None:
     """Host-side shape/dtype checks of one batch; never reads tensor values."""
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"{where}: features must be a torch.Tensor, got {type(features).__name__}")
@@ -65,7 +78,7 @@ class ClassStats:
         dim: int,
         device: torch.device | str | None = None,
         on_invalid: str = "raise",
-    ):
+    ) -> None:
         self.num_classes = check_int(num_classes, "num_classes", 1, "ClassStats")
         self.dim = check_int(dim, "dim", 1, "ClassStats")
         if on_invalid not in _ON_INVALID:
@@ -74,21 +87,16 @@ class ClassStats:
             )
         self.on_invalid = on_invalid
         self._state: dict[str, torch.Tensor] | None = None
+        # (class means, Σ_W) of the current state, until it changes.
+        self._final: tuple[torch.Tensor, torch.Tensor] | None = None
         if device is not None:
             self._allocate(torch.device(device))
 
     # ------------------------------------------------------------------ state
-    def _allocate(self, device: torch.device) -> None:
-        c, p = self.num_classes, self.dim
-        f64 = {"dtype": torch.float64, "device": device}
-        self._state = {
-            "counts": torch.zeros(c, dtype=torch.int64, device=device),
-            "shift": torch.zeros(c, p, **f64),
-            "sums": torch.zeros(c, p, **f64),
-            "scatter": torch.zeros(p, p, **f64),
-            "invalid": torch.zeros(2, dtype=torch.int64, device=device),
-        }
-        self._cache: dict[str, object] = {}
+    def _allocate(self, device: torch.device) -> dict[str, torch.Tensor]:
+        self._state = new_state(self.num_classes, self.dim, device)
+        self._final = None
+        return self._state
 
     @property
     def device(self) -> torch.device | None:
@@ -99,36 +107,35 @@ class ClassStats:
         if self._state is not None:
             for t in self._state.values():
                 t.zero_()
-            self._cache = {}
+            self._final = None
         return self
 
     def _require_state(self) -> dict[str, torch.Tensor]:
         if self._state is None:
-            self._allocate(torch.device("cpu"))
+            return self._allocate(torch.device("cpu"))
         return self._state
 
     # ----------------------------------------------------------------- update
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Add one batch ``features [B, P]``, ``labels [B]`` (returns None, as torchmetrics)."""
         check_batch(features, labels, self.num_classes, self.dim, "ClassStats.update")
-        if self._state is None:
-            self._allocate(features.device)
-        state = self._state
-        if features.device != self.device:
+        state = self._allocate(features.device) if self._state is None else self._state
+        device = state["counts"].device
+        if features.device != device:
             raise ValueError(
                 f"ClassStats.update: features are on {features.device} but the statistics live "
-                f"on {self.device}; move the batch or create ClassStats(device=...)"
+                f"on {device}; move the batch or create ClassStats(device=...)"
             )
         if features.shape[0] == 0:
             return
-        if self.device.type == "cpu" and self.on_invalid == "raise":
+        if device.type == "cpu" and self.on_invalid == "raise":
             # Free on the CPU: reject the batch before it touches the state.
             bad = torch.zeros(2, dtype=torch.int64)
             count_invalid_rows_(features, labels, self.num_classes, bad)
             if bad.any():
                 raise InvalidInputError(_describe_invalid(bad, self.num_classes, "this batch"))
-        ops.update_stats_(features, labels, *(state[k] for k in _STATE_KEYS))
-        self._cache = {}
+        ops.update_stats_(features, labels, *(state[k] for k in STATE_KEYS))
+        self._final = None
 
     # ---------------------------------------------------------- merge, reduce
     def merge(self, other: ClassStats) -> ClassStats:
@@ -143,10 +150,10 @@ class ClassStats:
         if other._state is None:
             return self
         self._state = merged_state(self._require_state(), other._state)
-        self._cache = {}
+        self._final = None
         return self
 
-    def reduced(self, group=None) -> ClassStats:
+    def reduced(self, group: ProcessGroup | None = None) -> ClassStats:
         """A new ClassStats holding the statistics of all the data the processes of ``group``
         saw, as one stream would; these statistics are left as they are, so updating and
         reducing again (every epoch, say) goes on working. Collective: every rank calls it
@@ -154,35 +161,39 @@ class ClassStats:
         :func:`all_reduced_state`."""
         out = ClassStats(self.num_classes, self.dim, on_invalid=self.on_invalid)
         out._state = all_reduced_state(self._require_state(), group, "ClassStats.reduced")
-        out._cache = {}
         return out
 
-    def all_reduce(self, group=None) -> ClassStats:
+    def all_reduce(self, group: ProcessGroup | None = None) -> ClassStats:
         """In place: make these statistics, on every process of ``group``, those of all the
         data the processes saw (:meth:`reduced` keeps the local ones). Collective."""
         self._state = all_reduced_state(self._require_state(), group, "ClassStats.all_reduce")
-        self._cache = {}
+        self._final = None
         return self
 
     @classmethod
-    def _over(cls, state: dict[str, torch.Tensor], on_invalid: str = "raise") -> ClassStats:
-        """A ClassStats working on the tensors of ``state`` (keys of :data:`_STATE_KEYS`) in
-        place, without copying them: for holders of the state such as the torchmetrics Metric."""
+    def wrap(cls, state: Mapping[str, torch.Tensor], on_invalid: str = "raise") -> ClassStats:
+        """A ClassStats working on the tensors of ``state`` (the accumulator layout of
+        :mod:`ncfast.backend.reference`, keys :data:`~ncfast.backend.reference.STATE_KEYS`) in
+        place, without copying them: for holders of the state such as the torchmetrics Metric.
+        Updates write into those tensors; results are computed from them."""
         counts = state["counts"]
         stats = cls(counts.shape[0], state["shift"].shape[1], on_invalid=on_invalid)
-        stats._state = {k: state[k] for k in _STATE_KEYS}
-        stats._cache = {}
+        stats._state = {k: state[k] for k in STATE_KEYS}
         return stats
 
     # ------------------------------------------------------- (de)serialisation
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, torch.Tensor | int | str]:
+        """Copies of the accumulator tensors (:data:`~ncfast.backend.reference.STATE_KEYS`)
+        and the settings ``num_classes``, ``dim``, ``on_invalid``."""
         state = self._require_state()
-        out = {k: v.clone() for k, v in state.items()}
+        out: dict[str, torch.Tensor | int | str] = {k: v.clone() for k, v in state.items()}
         out.update(num_classes=self.num_classes, dim=self.dim, on_invalid=self.on_invalid)
         return out
 
-    def load_state_dict(self, state_dict: dict) -> ClassStats:
-        missing = [k for k in (*_STATE_KEYS, "num_classes", "dim") if k not in state_dict]
+    def load_state_dict(self, state_dict: Mapping[str, object]) -> ClassStats:
+        """Restore what :meth:`state_dict` returned (same ``num_classes`` and ``dim``) into these
+        statistics, on their device."""
+        missing = [k for k in (*STATE_KEYS, "num_classes", "dim") if k not in state_dict]
         if missing:
             raise KeyError(f"load_state_dict: state_dict lacks {missing}")
         if (state_dict["num_classes"], state_dict["dim"]) != (self.num_classes, self.dim):
@@ -192,7 +203,7 @@ class ClassStats:
                 f"num_classes={self.num_classes}, dim={self.dim}"
             )
         state = self._require_state()
-        for k in _STATE_KEYS:
+        for k in STATE_KEYS:
             v = state_dict[k]
             if not isinstance(v, torch.Tensor) or v.shape != state[k].shape:
                 raise ValueError(
@@ -200,16 +211,24 @@ class ClassStats:
                     f"got {getattr(v, 'shape', type(v).__name__)}"
                 )
             state[k].copy_(v.to(state[k].device, state[k].dtype))
-        self._cache = {}
+        self._final = None
         return self
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict, device=None) -> ClassStats:
+    def from_state_dict(
+        cls, state_dict: Mapping[str, object], device: torch.device | str | None = None
+    ) -> ClassStats:
+        """A new ClassStats holding what :meth:`state_dict` returned, on ``device`` (default:
+        where the saved tensors are)."""
+        counts = state_dict["counts"]
+        if device is None and isinstance(counts, torch.Tensor):
+            device = counts.device
+        on_invalid = state_dict.get("on_invalid", "raise")
         stats = cls(
-            int(state_dict["num_classes"]),
-            int(state_dict["dim"]),
-            device=device or state_dict["counts"].device,
-            on_invalid=state_dict.get("on_invalid", "raise"),
+            check_int(state_dict["num_classes"], "num_classes", 1, "from_state_dict"),
+            check_int(state_dict["dim"], "dim", 1, "from_state_dict"),
+            device=device,
+            on_invalid=str(on_invalid),
         )
         return stats.load_state_dict(state_dict)
 
@@ -232,14 +251,16 @@ class ClassStats:
             )
 
     # ---------------------------------------------------------------- results
-    def _finalized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if "final" not in self._cache:
+    def finalized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class means ``[C, P]`` with zero rows for absent classes, Σ_W ``[P, P]``), float64,
+        computed once per state and cached: the tensors themselves, not copies, so callers
+        must not modify them. For metric code that reads large statistics without the
+        copies (and NaN rows) of :attr:`class_means` and :attr:`sigma_w` (docs/memory.md)."""
+        if self._final is None:
             self.check()
             s = self._require_state()
-            self._cache["final"] = ops.finalize_stats(
-                s["counts"], s["shift"], s["sums"], s["scatter"]
-            )
-        return self._cache["final"]
+            self._final = ops.finalize_stats(s["counts"], s["shift"], s["sums"], s["scatter"])
+        return self._final
 
     @property
     def counts(self) -> torch.Tensor:
@@ -270,25 +291,25 @@ class ClassStats:
     @property
     def class_means(self) -> torch.Tensor:
         """μ_c, float64 ``[C, P]``; NaN rows for absent classes."""
-        means, _ = self._finalized()
+        means, _ = self.finalized()
         return torch.where(self.present[:, None], means, torch.full_like(means, float("nan")))
 
     @property
     def global_mean(self) -> torch.Tensor:
         """μ_G = Σ_c π_c μ_c (sample-weighted), float64 ``[P]``."""
-        means, _ = self._finalized()
+        means, _ = self.finalized()
         return self.priors @ means
 
     @property
     def centered_means(self) -> torch.Tensor:
         """M̄ = [μ_c − μ_G] over present classes, float64 ``[P, C_present]``."""
-        means, _ = self._finalized()
+        means, _ = self.finalized()
         return (means[self.present] - self.global_mean).T
 
     @property
     def sigma_w(self) -> torch.Tensor:
         """Σ_W = (1/N) Σ_i (h_i − μ_{y_i})(h_i − μ_{y_i})ᵀ, float64 ``[P, P]``."""
-        return self._finalized()[1].clone()
+        return self.finalized()[1].clone()
 
     @property
     def sigma_b(self) -> torch.Tensor:
@@ -328,12 +349,14 @@ def _means_or_shift(state: dict[str, torch.Tensor]) -> torch.Tensor:
     return state["shift"] + state["sums"] / n.clamp(min=1)[:, None]
 
 
-def _divide_or_keep(weighted: torch.Tensor, counts: torch.Tensor, fallback: torch.Tensor):
+def _divide_or_keep(
+    weighted: torch.Tensor, counts: torch.Tensor, fallback: torch.Tensor
+) -> torch.Tensor:
     n = counts.to(torch.float64)
     return torch.where((n > 0)[:, None], weighted / n.clamp(min=1)[:, None], fallback)
 
 
-def _reshifted(state: dict[str, torch.Tensor], new_shift: torch.Tensor) -> dict:
+def _reshifted(state: dict[str, torch.Tensor], new_shift: torch.Tensor) -> dict[str, torch.Tensor]:
     """A new state holding the samples of ``state`` about ``new_shift`` (``state`` untouched)."""
     sums, scatter = ops.reshift(
         state["counts"], state["shift"], state["sums"], state["scatter"], new_shift
@@ -347,18 +370,21 @@ def _reshifted(state: dict[str, torch.Tensor], new_shift: torch.Tensor) -> dict:
     }
 
 
-def merged_state(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict:
-    """A new state (keys of :data:`_STATE_KEYS`) holding the samples of both, on ``mine``'s
-    device; the inputs are left as they are.
+def merged_state(
+    mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A new state (keys of :data:`~ncfast.backend.reference.STATE_KEYS`) holding the samples
+    of both, on ``mine``'s device; the inputs are left as they are.
 
     Exact: both are re-expressed about the pooled class means, which lie within the class's
     spread of either's shift, so the re-shift adds terms of the size of the scatter (never of
     ‖μ_c‖², which would cancel), and the sums then add as sums about one shift.
     """
     theirs = {k: v.to(mine["counts"].device) for k, v in theirs.items()}
-    common = _pooled_means(
-        [mine["counts"], theirs["counts"]], [_means_or_shift(mine), _means_or_shift(theirs)]
-    )
+    mine_means = _means_or_shift(mine)
+    weighted = mine_means * mine["counts"].to(torch.float64)[:, None]
+    weighted += _means_or_shift(theirs) * theirs["counts"].to(torch.float64)[:, None]
+    common = _divide_or_keep(weighted, mine["counts"] + theirs["counts"], mine_means)
     out = _reshifted(mine, common)
     sums, scatter = ops.reshift(
         theirs["counts"], theirs["shift"], theirs["sums"], theirs["scatter"], common
@@ -370,7 +396,11 @@ def merged_state(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor])
     return out
 
 
-def all_reduced_state(state: dict[str, torch.Tensor], group=None, where: str = "all_reduce"):
+def all_reduced_state(
+    state: dict[str, torch.Tensor],
+    group: ProcessGroup | None = None,
+    where: str = "all_reduce",
+) -> dict[str, torch.Tensor]:
     """A new state holding the samples of ``state`` on every rank of ``group``; ``state`` is
     left as it is. Collective (every rank calls it); the same on every rank.
 
@@ -396,9 +426,3 @@ def all_reduced_state(state: dict[str, torch.Tensor], group=None, where: str = "
         dist.all_reduce(out[key], group=group)
     out["counts"] = counts
     return out
-
-
-def _pooled_means(counts: list[torch.Tensor], means: list[torch.Tensor]) -> torch.Tensor:
-    total = sum(c.to(torch.float64) for c in counts)
-    weighted = sum(m * c.to(torch.float64)[:, None] for m, c in zip(means, counts, strict=True))
-    return _divide_or_keep(weighted, total, means[0])

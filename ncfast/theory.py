@@ -1,4 +1,4 @@
-"""Dynamics on the central path (SPEC §5; seed Thm. 3, Prop. 2, Cors. 1–2), λ = 0, balanced.
+"""Dynamics on the central path (SPEC §5; HPD22 Thm. 3, Prop. 2, Cors. 1–2), λ = 0, balanced.
 
 Two independent routes to the SNR singular values ω_j(t):
 
@@ -6,10 +6,9 @@ Two independent routes to the SNR singular values ω_j(t):
   ``C² log ω + C ω² + ω⁴/4 = a_j + t/N`` (a_j fixed by ω_j(0)) for ω(t).
 - :func:`simulate_central_path` integrates the continually renormalized gradient flow (HPD22 Eq. 5)
   on the unconstrained-features model: L_LS is computed by the SPEC §3 code
-  (:func:`ncfast.backend.reference.least_squares` plus the §3 loss formulas), differentiated with
-  autograd
-  with respect to the features, projected on the tangent space of {X : Σ_W(X) = I}, stepped
-  (classical RK4) and renormalized back onto that manifold.
+  (:func:`ncfast.backend.reference.least_squares` and :func:`ncfast.backend.reference.mse_loss`),
+  differentiated with autograd with respect to the features, projected on the tangent space of
+  {X : Σ_W(X) = I}, stepped (classical RK4) and renormalized back onto that manifold.
 
 Features are a matrix ``H [P, C·N]`` whose columns are grouped by class: column ``c·N + i`` is
 sample i of class c (balanced, N per class).
@@ -33,7 +32,7 @@ Derivation (checked numerically by tests/test_theory.py). Let Z be the within-cl
   G Zᵀ = 2Γ, hence S = 2Γ/CN and Π G has columns (1/N) g_c: the flow moves the class means only,
   every sample of class c by the same amount, and Σ_W is a first integral.
 - With Σ_W = I, zero global mean and M̄ = U diag(ω) Vᵀ: W_LS = V diag(ω/(C+ω²)) Uᵀ and
-  L_LS = ½ Σ_j 1/(C + ω_j²), so ∂L/∂M̄ = −U diag(ω/(C+ω²)²) Vᵀ (Vᵀ1 = 0: the centring is
+  L_LS = ½ Σ_j 1/(C + ω_j²), so ∂L/∂M̄ = −U diag(ω/(C+ω²)²) Vᵀ (Vᵀ1 = 0: the centering is
   inert) and dM̄/dt = (1/N) U diag(ω/(C+ω²)²) Vᵀ: U, V fixed, dω_j/dt = (1/N) ω_j/(C+ω_j²)².
   Separating variables, (C²/ω + 2Cω + ω³) dω = dt/N integrates to the law above.
 """
@@ -43,19 +42,22 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import torch
-from tqdm.auto import tqdm
 
 from ncfast.backend import reference
 from ncfast.checks import check_int
 
 __all__ = [
+    "CentralPathFit",
     "CentralPathRun",
     "central_path_potential",
     "feature_statistics",
     "fit_central_path",
+    "flow_velocity",
     "initial_features",
     "least_squares_loss",
     "renormalize",
@@ -75,7 +77,7 @@ _SINGLE_THREAD_NUMEL = 1 << 16
 # ----------------------------------------------------------------------------- input checks
 
 
-def _as_vector(values, name: str, where: str) -> torch.Tensor:
+def _as_vector(values: object, name: str, where: str) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         tensor = values.detach()
     else:
@@ -93,7 +95,7 @@ def _as_vector(values, name: str, where: str) -> torch.Tensor:
     return tensor
 
 
-def _check_features(features, num_classes: int, where: str) -> tuple[int, int]:
+def _check_features(features: object, num_classes: int, where: str) -> tuple[int, int]:
     """(P, N) of a balanced, class-grouped feature matrix ``[P, C·N]``."""
     check_int(num_classes, "num_classes", 2, where)
     if not isinstance(features, torch.Tensor):
@@ -133,12 +135,13 @@ def _solve_potential(
     safeguard keeps every iterate inside the bracket under rounding. Where c1 = 0 and the target
     F(u0) + increment ≤ 0 there is no solution (F > 0) and ω = 0 (the limit) is returned.
     """
-    base, s = torch.broadcast_tensors(base.to(_F64), increment.to(_F64))
+    # torch.broadcast_tensors is unannotated in torch (def broadcast_tensors(*tensors)).
+    base, s = torch.broadcast_tensors(base.to(_F64), increment.to(_F64))  # type: ignore[no-untyped-call]
     u0 = base.log()
     e2, e4 = torch.exp(2.0 * u0), torch.exp(4.0 * u0)
     r = c1 * u0 + c2 * e2 + c3 * e4 + s  # target of F, only for the bracket
 
-    def excess_and_slope(d):
+    def excess_and_slope(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         value = c1 * d - s
         slope = torch.full_like(d, c1)
         if c2:
@@ -241,42 +244,19 @@ def feature_statistics(
     return means.T, sigma_w, deviations
 
 
-def _loss_ls(
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    class_means: torch.Tensor,
-    priors: torch.Tensor,
-    sigma_w: torch.Tensor,
-) -> torch.Tensor:
-    """loss_nc1 + loss_nc23 of SPEC §3 at (W_LS, b_LS), λ = 0, as a differentiable tensor.
-
-    The same centred-coordinate formulas as
-    :func:`ncfast.backend.reference.mse_decomposition` (which
-    returns Python floats): ½ tr(W Σ_W Wᵀ) + ½ Σ_c π_c ‖V g̃_c − e_c‖² with V = [W, b + W μ_G]
-    and g̃_c = [μ_c − μ_G; 1].
-    """
-    c = class_means.shape[0]
-    mu_g = priors @ class_means
-    g = torch.cat([class_means - mu_g, torch.ones_like(priors)[:, None]], dim=1)
-    v = torch.cat([weight, (bias + weight @ mu_g)[:, None]], dim=1)
-    eye = torch.eye(c, dtype=_F64, device=weight.device)
-    fit = (priors * ((g @ v.T) - eye).square().sum(1)).sum()
-    spread = ((weight @ sigma_w) * weight).sum()
-    return 0.5 * (fit + spread)
-
-
 def least_squares_loss(features: torch.Tensor, num_classes: int) -> torch.Tensor:
     """L_LS(H) of SPEC §3 (λ = 0) for balanced class-grouped features ``[P, C·N]``.
 
-    W̃_LS comes from :func:`ncfast.backend.reference.least_squares` (differentiable: a Cholesky solve
-    whenever Σ_T is well conditioned); autograd through it gives ∇_H L_LS. Equals the
-    ``loss_ls`` of :func:`ncfast.nc_metrics` (tested to 1e-12).
+    W̃_LS comes from :func:`ncfast.backend.reference.least_squares` (differentiable: a Cholesky
+    solve whenever Σ_T is well conditioned) and the loss from
+    :func:`ncfast.backend.reference.mse_loss`, the code of the SPEC §3 decomposition; autograd
+    through both gives ∇_H L_LS. Equals the ``loss_ls`` of :func:`ncfast.nc_metrics`.
     """
     _check_features(features, num_classes, "least_squares_loss")
     class_means, sigma_w, _ = feature_statistics(features, num_classes)
     priors = torch.full((num_classes,), 1.0 / num_classes, dtype=_F64, device=features.device)
     weight, bias = reference.least_squares(class_means, priors, sigma_w, 0.0)
-    return _loss_ls(weight, bias, class_means, priors, sigma_w)
+    return reference.mse_loss(weight, bias, class_means, priors, sigma_w, 0.0)
 
 
 def tangent_projection(
@@ -295,6 +275,8 @@ def tangent_projection(
         )
     _, _, z = feature_statistics(features.detach(), num_classes)
     g = gradient.to(_F64)
+    k_evals: torch.Tensor  # torch.linalg is unannotated (Any) in torch's stubs
+    k_evecs: torch.Tensor
     k_evals, k_evecs = torch.linalg.eigh(z @ z.T)
     if not bool(k_evals.min() > p * torch.finfo(_F64).eps * k_evals.max()):
         raise ValueError(
@@ -355,14 +337,14 @@ def initial_features(
     omega = _as_vector(omega0, "omega0", where)
     if omega.numel() != c - 1 or (omega <= 0).any():
         raise ValueError(f"{where}: omega0 must hold {c - 1} positive values, got {omega.tolist()}")
-    # V: an orthonormal basis of 1⊥ in R^C (centred means); U: orthonormal in R^P.
-    basis = torch.linalg.qr(
+    # V: an orthonormal basis of 1⊥ in R^C (centered means); U: orthonormal in R^P.
+    basis: torch.Tensor = torch.linalg.qr(
         torch.cat(
             [torch.ones(c, 1, dtype=_F64), torch.randn(c, c - 1, dtype=_F64, generator=generator)],
             dim=1,
         )
     )[0][:, 1:]
-    u = torch.linalg.qr(torch.randn(p, c - 1, dtype=_F64, generator=generator))[0]
+    u: torch.Tensor = torch.linalg.qr(torch.randn(p, c - 1, dtype=_F64, generator=generator))[0]
     mbar = u @ torch.diag(omega) @ basis.T  # [P, C]
     z = torch.randn(p, c, n, dtype=_F64, generator=generator)
     z = (z - z.mean(dim=2, keepdim=True)).reshape(p, c * n)
@@ -412,7 +394,7 @@ class CentralPathRun:
     v0: torch.Tensor
     features: torch.Tensor = field(repr=False)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
         """JSON-ready series (lists of floats)."""
         return {
             "num_classes": self.num_classes,
@@ -427,18 +409,20 @@ class CentralPathRun:
         }
 
 
-def _flow(x: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The continually renormalized flow's velocity −Π_X ∇_X L_LS(X) (HPD22 Eq. 5)."""
+def flow_velocity(x: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The continually renormalized flow's velocity −Π_X ∇_X L_LS(X) (HPD22 Eq. 5) at balanced,
+    class-grouped features ``x [P, C·N]`` on the manifold (module docstring: every sample of
+    class c moves by the same (1/N) g_c)."""
     x = x.detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(least_squares_loss(x, num_classes), x)
     return -tangent_projection(grad, x.detach(), num_classes)
 
 
 def _rk4_step(x: torch.Tensor, dt: float, num_classes: int) -> torch.Tensor:
-    k1 = _flow(x, num_classes)
-    k2 = _flow(x + 0.5 * dt * k1, num_classes)
-    k3 = _flow(x + 0.5 * dt * k2, num_classes)
-    k4 = _flow(x + dt * k3, num_classes)
+    k1 = flow_velocity(x, num_classes)
+    k2 = flow_velocity(x + 0.5 * dt * k1, num_classes)
+    k3 = flow_velocity(x + 0.5 * dt * k2, num_classes)
+    k4 = flow_velocity(x + dt * k3, num_classes)
     return x + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
 
 
@@ -476,8 +460,18 @@ def simulate_central_path(
         return _simulate(features, c, n, p, steps, dt, max_log_step, progress)
 
 
+def _progress(steps: Iterable[int], show: bool) -> Iterable[int]:
+    """``steps``, with a progress bar when ``show`` (tqdm is imported only then)."""
+    if not show:
+        return steps
+    from tqdm.auto import tqdm
+
+    bar: Iterable[int] = tqdm(steps, desc="central path", leave=False)
+    return bar
+
+
 @contextlib.contextmanager
-def _single_thread():
+def _single_thread() -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -486,7 +480,16 @@ def _single_thread():
         torch.set_num_threads(previous)
 
 
-def _simulate(features, c, n, p, steps, dt, max_log_step, progress) -> CentralPathRun:
+def _simulate(
+    features: torch.Tensor,
+    c: int,
+    n: int,
+    p: int,
+    steps: int,
+    dt: float | None,
+    max_log_step: float,
+    progress: bool,
+) -> CentralPathRun:
     x = renormalize(features, c)
     snr0 = snr_of_features(x, c)
     u_full, _, vh0 = torch.linalg.svd(snr0, full_matrices=False)
@@ -494,7 +497,7 @@ def _simulate(features, c, n, p, steps, dt, max_log_step, progress) -> CentralPa
     target = u0 @ v0.T  # Û_0 V̂_0ᵀ, [P, C]
     target_features = target.repeat_interleave(n, dim=1)  # (Û_0V̂_0ᵀ) ⊗ 1_Nᵀ
 
-    def record(x_):
+    def record(x_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         snr_t = snr_of_features(x_, c)
         omega_t = torch.linalg.svdvals(snr_t)[: c - 1]
         w_max = omega_t[0]
@@ -507,7 +510,7 @@ def _simulate(features, c, n, p, steps, dt, max_log_step, progress) -> CentralPa
     drift = []
     eye = torch.eye(p, dtype=_F64)
     t = 0.0
-    for _ in tqdm(range(steps), desc="central path", disable=not progress, leave=False):
+    for _ in _progress(range(steps), progress):
         omega_min = float(records[-1][0][-1])
         step = dt if dt is not None else max_log_step * n * (c + omega_min**2) ** 2
         x_new = _rk4_step(x, float(step), c)
@@ -537,7 +540,23 @@ def _simulate(features, c, n, p, steps, dt, max_log_step, progress) -> CentralPa
 # ----------------------------------------------------------------------------- fit
 
 
-def fit_central_path(times, omega) -> dict:
+class CentralPathFit(TypedDict):
+    """What :func:`fit_central_path` returns (float64 CPU tensors)."""
+
+    c1: float
+    c2: float
+    c3: float
+    kappa: float
+    a: torch.Tensor
+    c1_over_c3: float
+    c2_over_c3: float
+    r2_time: float
+    r2_omega: float
+    spread: torch.Tensor
+    predicted_omega: torch.Tensor
+
+
+def fit_central_path(times: object, omega: object) -> CentralPathFit:
     """Fit ``c1 log ω + c2 ω² + c3 ω⁴ = a_j + κ t`` to measured SNR singular values.
 
     ``times [T]`` (epochs or steps, any units) and ``omega [T, J]`` (positive). Linear least
@@ -552,51 +571,12 @@ def fit_central_path(times, omega) -> dict:
     predicted ω over all entries), ``spread [T]`` (ω_max/ω_min per time), ``predicted_omega
     [T, J]`` (the fitted law solved for ω at each time).
     """
-    where = "fit_central_path"
-    t = _as_vector(times, "times", where)
-    if not isinstance(omega, torch.Tensor):
-        omega = torch.as_tensor(omega)
-    w = omega.detach().to(_F64).cpu()
-    if w.dim() != 2 or w.shape[0] != t.numel():
-        raise ValueError(
-            f"{where}: omega must have shape [len(times), J] = [{t.numel()}, J], "
-            f"got {list(w.shape)}"
-        )
+    t, w = _checked_fit_data(times, omega, "fit_central_path")
     num_t, num_j = w.shape
-    if num_j == 0:
-        raise ValueError(f"{where}: omega has no singular values (J = 0)")
-    if not torch.isfinite(w).all() or (w <= 0).any():
-        raise ValueError(f"{where}: omega must be positive and finite")
-    if num_t * num_j < num_j + 4 or num_t < 3:
-        raise ValueError(
-            f"{where}: need at least 3 times and more equations (T·J = {num_t * num_j}) than "
-            f"unknowns (3 + J = {3 + num_j}) plus one"
-        )
-    t = t.cpu()
-    if float(t.max() - t.min()) <= 0:
-        raise ValueError(f"{where}: times must not all be equal")
-
-    features = torch.stack([w.log(), w.square(), w.square().square()], dim=-1).reshape(-1, 3)
+    terms = torch.stack([w.log(), w.square(), w.square().square()], dim=-1).reshape(-1, 3)
     offsets = -torch.eye(num_j, dtype=_F64).repeat(num_t, 1)  # −a_j column per j
     target = t.repeat_interleave(num_j)
-    best = None
-    for size in (3, 2, 1):
-        for face in itertools.combinations(range(3), size):
-            design = torch.cat([features[:, list(face)], offsets], dim=1)
-            scale = design.norm(dim=0).clamp(min=torch.finfo(_F64).tiny)
-            sol = torch.linalg.lstsq(design / scale, target[:, None], driver="gelsd").solution
-            sol = sol[:, 0] / scale
-            if (sol[:size] < 0).any():
-                continue
-            residual = float((design @ sol - target).square().sum())
-            if best is None or residual < best[0] * (1 - 1e-12):
-                coeffs = [0.0, 0.0, 0.0]
-                for i, k in enumerate(face):
-                    coeffs[k] = float(sol[i])
-                best = (residual, coeffs, sol[size:])
-    if best is None:  # every face negative: data decreasing in time
-        raise ValueError(f"{where}: no fit with c ≥ 0 exists (ω decreasing over time?)")
-    residual, (c1, c2, c3), a = best
+    residual, (c1, c2, c3), a = _nonnegative_fit(terms, offsets, target)
     total = float((target - target.mean()).square().sum())
     # Solve the fitted law from base ω = 1 (F(0) = c2 + c3).
     increment = a[None, :] + t[:, None] - (c2 + c3)
@@ -616,3 +596,56 @@ def fit_central_path(times, omega) -> dict:
         "spread": w.max(dim=1).values / w.min(dim=1).values,
         "predicted_omega": predicted,
     }
+
+
+def _checked_fit_data(
+    times: object, omega: object, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(times ``[T]``, omega ``[T, J]``) as float64 CPU tensors, checked for the fit."""
+    t = _as_vector(times, "times", where).cpu()
+    w = (omega if isinstance(omega, torch.Tensor) else torch.as_tensor(omega)).detach()
+    w = w.to(_F64).cpu()
+    if w.dim() != 2 or w.shape[0] != t.numel():
+        raise ValueError(
+            f"{where}: omega must have shape [len(times), J] = [{t.numel()}, J], "
+            f"got {list(w.shape)}"
+        )
+    num_t, num_j = w.shape
+    if num_j == 0:
+        raise ValueError(f"{where}: omega has no singular values (J = 0)")
+    if not torch.isfinite(w).all() or (w <= 0).any():
+        raise ValueError(f"{where}: omega must be positive and finite")
+    if num_t * num_j < num_j + 4 or num_t < 3:
+        raise ValueError(
+            f"{where}: need at least 3 times and more equations (T·J = {num_t * num_j}) than "
+            f"unknowns (3 + J = {3 + num_j}) plus one"
+        )
+    if float(t.max() - t.min()) <= 0:
+        raise ValueError(f"{where}: times must not all be equal")
+    return t, w
+
+
+def _nonnegative_fit(
+    terms: torch.Tensor, offsets: torch.Tensor, target: torch.Tensor
+) -> tuple[float, list[float], torch.Tensor]:
+    """(residual, [c1, c2, c3], offsets a) of the least-squares fit ``terms·c + offsets·a ≈
+    target`` with c ≥ 0: the best unconstrained fit over every face of the orthant (the
+    subsets of c allowed to be nonzero) whose coefficients come out non-negative."""
+    best: tuple[float, list[float], torch.Tensor] | None = None
+    for size in (3, 2, 1):
+        for face in itertools.combinations(range(3), size):
+            design = torch.cat([terms[:, list(face)], offsets], dim=1)
+            scale = design.norm(dim=0).clamp(min=torch.finfo(_F64).tiny)
+            solution = torch.linalg.lstsq(design / scale, target[:, None], driver="gelsd")
+            sol: torch.Tensor = solution.solution[:, 0] / scale
+            if (sol[:size] < 0).any():
+                continue
+            residual = float((design @ sol - target).square().sum())
+            if best is None or residual < best[0] * (1 - 1e-12):
+                coeffs = [0.0, 0.0, 0.0]
+                for i, k in enumerate(face):
+                    coeffs[k] = float(sol[i])
+                best = (residual, coeffs, sol[size:])
+    if best is None:  # every face negative: data decreasing in time
+        raise ValueError("fit_central_path: no fit with c ≥ 0 exists (ω decreasing over time?)")
+    return best

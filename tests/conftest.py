@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
 
 import pytest
 
@@ -51,6 +52,32 @@ def pytest_runtest_makereport(item, call):
                 )
             )
     return report
+
+
+def _native_missing() -> str:
+    """Why the native backend cannot run here ("" when it can)."""
+    try:
+        from ncfast.backend import native  # noqa: F401
+    except ImportError as exc:
+        return f"ncfast._C is not built ({exc})"
+    return ""
+
+
+NATIVE_MISSING = _native_missing()
+BACKENDS = [
+    "reference",
+    pytest.param("native", marks=pytest.mark.skipif(bool(NATIVE_MISSING), reason=NATIVE_MISSING)),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> Iterator[str]:
+    """Runs the test on the reference backend and again on the native one (skipped, with the
+    reason, where the extension is not built); yields the backend's name."""
+    from ncfast.backend import ops
+
+    with ops.use_backend(request.param):
+        yield request.param
 
 
 def stats_from(features, labels, num_classes: int, dim: int | None = None, **kwargs):

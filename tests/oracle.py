@@ -1,7 +1,7 @@
 """An independent float64 numpy brute force of every SPEC quantity: explicit loops, dense pinv.
 
 Shares no code with ncfast. Deliberately naive: per-sample loops, P×P pseudo-inverses, the
-uncentred normal equations of SPEC §3 exactly as written.
+uncentered normal equations of SPEC §3 exactly as written.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def inv_sqrt(matrix: np.ndarray):
 
 
 def least_squares(h, y, num_classes, lam):
-    """W̃_LS = R A⁺ from the uncentred (P+1)-dimensional normal equations, dense pinv."""
+    """W̃_LS = R A⁺ from the uncentered (P+1)-dimensional normal equations, dense pinv."""
     h = np.asarray(h, dtype=np.float64)
     n, p = h.shape
     ht = np.hstack([h, np.ones((n, 1))])

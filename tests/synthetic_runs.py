@@ -12,15 +12,9 @@ import torch
 
 from ncfast.measure import Measurement
 from ncfast.metrics import mse_lambda
+from ncfast.report.runs import to_json_value
 
 MEASURE_EPOCHS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 18, 22, 27, 33, 40)
-
-
-def _jsonable(metrics: dict) -> dict:
-    out = {}
-    for k, v in metrics.items():
-        out[k] = v.tolist() if isinstance(v, torch.Tensor) else v
-    return out
 
 
 def synthetic_records(
@@ -69,7 +63,7 @@ def synthetic_records(
                 "epoch_time": 1.0,
                 "measure_time": 0.1,
             }
-            rec.update(_jsonable(m))
+            rec.update(to_json_value(m))
             records.append(rec)
     return records
 

@@ -13,11 +13,13 @@ from click.testing import CliRunner
 
 from ncfast import metrics
 from ncfast.cli import main
-from ncfast.paper.analyze import analyze, robustness_lines
+from ncfast.paper.analyze import analyze
 from ncfast.paper.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ncfast.paper.train import TrainConfig, train
+from ncfast.paper.config import TrainConfig
+from ncfast.paper.train import train
 from ncfast.report.plots import FIGURE_NAMES
 from ncfast.report.runs import load_run
+from ncfast.report.summary import robustness_lines
 from ncfast.report.tables import table1_rows
 
 # Every key of SPEC §2–§4 as measure_split returns it.
@@ -222,5 +224,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, run_dir):
     bad = {**payload, "config": {**payload["config"], "net": "alexnet"}}
     save_checkpoint(tmp_path / "bad.pt", bad)
     fails([str(tmp_path / "bad.pt")], "training options are unusable")
-    with pytest.raises(ValueError, match="robustness_samples"):
+    with pytest.raises(TypeError, match="robustness_samples"):
         analyze(ckpt, robustness_samples=2.5)
+    with pytest.raises(ValueError, match="robustness_samples"):
+        analyze(ckpt, robustness_samples=-1)

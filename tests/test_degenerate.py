@@ -13,31 +13,16 @@ import torch
 from torch import nn
 
 import ncfast
-from ncfast.backend import reference
 from ncfast.metrics import SPEC_KEYS
 from ncfast.paper.data import LabeledImages
 from ncfast.paper.evaluate import measure_split
 from tests import oracle
 from tests.conftest import stats_from
-from tests.test_metrics import (
-    BACKENDS,
-    DIMENSIONLESS_ATOL,
-    EPS,
-    F64,
-    _native,
-    orthonormal_columns,
-)
+from tests.test_metrics import DIMENSIONLESS_ATOL, EPS, F64, orthonormal_columns
 
+# Every test here that takes the `backend` fixture (tests/conftest.py) runs on the reference and
+# on the native backend.
 BOOKKEEPING = ("classes_present", "weight_decay", "num_samples")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    """Every test here runs on the reference and on the native backend."""
-    monkeypatch.setattr(
-        ncfast.backend.ops, "_impl", reference if request.param == "reference" else _native
-    )
-    return request.param
 
 
 def streamed(features, labels, num_classes, batch=37, weight=None):
@@ -88,12 +73,12 @@ def separated_by(separation: float, seed: int, num_classes=3, per_class=100, dim
     """Features at a common point of norm 1, class means ``separation`` apart from it (unit
     directions), within-class spread separation/100 (Σ_W nonzero)."""
     g = torch.Generator().manual_seed(seed)
-    centre = torch.randn(dim, generator=g, dtype=F64)
-    centre /= centre.norm()
+    center = torch.randn(dim, generator=g, dtype=F64)
+    center /= center.norm()
     directions = orthonormal_columns(dim, num_classes, g).T
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     noise = torch.randn(len(labels), dim, generator=g, dtype=F64) * separation / 100
-    return centre + separation * directions[labels] + noise, labels
+    return center + separation * directions[labels] + noise, labels
 
 
 @pytest.mark.parametrize(("factor", "degenerate"), [(1e3, False), (1e-2, True)])

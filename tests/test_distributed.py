@@ -39,12 +39,12 @@ from click.testing import CliRunner
 from ncfast.cli import main
 from ncfast.paper import distributed as D
 from ncfast.paper.checkpoint import load_checkpoint
+from ncfast.paper.config import TrainConfig
 from ncfast.paper.data import load_dataset
 from ncfast.paper.evaluate import measure_split
 from ncfast.paper.robustness import robustness
 from ncfast.paper.train import (
     ROBUSTNESS_KEYS,
-    TrainConfig,
     build_model,
     epoch_batches,
     epoch_permutation,
@@ -209,6 +209,22 @@ def test_torchrun_environment(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     ctx = D.setup("cpu")
     assert ctx.world_size == 1 and not ctx.owns_group and not dist.is_initialized()
+
+
+def test_cli_errors_of_a_process_name_its_rank(tmp_path, monkeypatch):
+    # Under torchrun every process prints its own error line: it says which rank it is.
+    import importlib
+
+    from ncfast.paper.rundir import RunDirectoryError
+
+    def fails(config, progress):
+        raise RunDirectoryError("out: R is in use")
+
+    monkeypatch.setattr(importlib.import_module("ncfast.cli.train"), "train", fails)
+    for key, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(main, ["train", *COMMON, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "Error: rank 1: out: R is in use" in result.output
 
 
 def test_cli_refuses_a_batch_the_processes_cannot_share(tmp_path, monkeypatch):

@@ -29,9 +29,10 @@ from click.testing import CliRunner
 from ncfast.cli import main
 from ncfast.metrics import SPEC_KEYS
 from ncfast.paper.checkpoint import load_checkpoint
+from ncfast.paper.config import TrainConfig
 from ncfast.paper.losses import compute_loss, parse_mse_scale
 from ncfast.paper.models import FAMILIES, paper_net
-from ncfast.paper.train import TrainConfig, build_model, load_data
+from ncfast.paper.train import build_model, load_data
 from ncfast.report.plots import FIGURE_NAMES
 from tests import data_fixtures
 from tests.conftest import test_seed

@@ -12,11 +12,6 @@ from ncfast.stats import ClassStats
 from tests import oracle
 from tests.conftest import stats_from
 
-try:
-    from ncfast.backend import native as _native
-except ImportError:  # no compiled extension: only the reference backend exists
-    _native = None
-
 NON_SCALAR_KEYS = (
     "snr_singular_values",
     "sigma_b_rank",
@@ -68,14 +63,14 @@ def make_data(
     present = torch.tensor(counts) > 0
     num_present = int(present.sum())
     priors = torch.tensor(counts, dtype=F64)[present] / num_samples
-    # Centred means M̄ = Q diag(s) Rᵀ with πᵀQ = 0, so the prior-weighted mean of the rows is 0
+    # Centered means M̄ = Q diag(s) Rᵀ with πᵀQ = 0, so the prior-weighted mean of the rows is 0
     # and the measured M̄ has exactly the singular values s.
     rank = min(num_present - 1, dim)
     singular = torch.logspace(0, -np.log10(MEANS_CONDITION), rank, dtype=F64)
     singular *= mean_scale * (dim * num_present / singular.square().sum()) ** 0.5
-    centred = orthonormal_columns(num_present, rank, g, against=priors) * singular
+    centered = orthonormal_columns(num_present, rank, g, against=priors) * singular
     means = torch.randn(num_classes, dim, generator=g, dtype=F64) * mean_scale  # absent: unused
-    means[present] = centred @ orthonormal_columns(dim, rank, g).T
+    means[present] = centered @ orthonormal_columns(dim, rank, g).T
     offset = mean_scale * dim**0.5 if offset is None else offset
     common = torch.randn(dim, generator=g, dtype=F64)
     common = common / common.norm() * offset
@@ -127,7 +122,7 @@ def oracle_rtol(features, labels, num_classes, lam=0.0) -> float:
     """Relative error bound for comparing with tests/oracle.py: N·eps·κ, with κ the larger of
     cond(Σ_W)·cond(M̄)² (the brute force accumulates N outer products, forms Σ_B's
     pseudo-inverse, which squares cond(M̄), and whitens by Σ_W^{-1/2}) and the condition of the
-    uncentred (P+1) normal equations it solves for W̃_LS."""
+    uncentered (P+1) normal equations it solves for W̃_LS."""
     s = oracle.statistics(features.numpy(), labels.numpy(), num_classes)
     mbar_sv = np.linalg.svd(s["mbar"], compute_uv=False)
     mbar_sv = mbar_sv[mbar_sv > 1e-10 * mbar_sv[0]]
@@ -196,7 +191,7 @@ def test_statistics_properties_match_numpy(seed):
         stats.update(features[start : start + 13], labels[start : start + 13])
     s = oracle.statistics(features.numpy(), labels.numpy(), 4)
     atol_means, atol_sigma = stream_tolerances(features, labels, against_brute_force=True)
-    # Σ_B and Σ_T add products of the centred means: their error adds 2·δμ·max‖μ_c − μ_G‖.
+    # Σ_B and Σ_T add products of the centered means: their error adds 2·δμ·max‖μ_c − μ_G‖.
     atol_between = atol_sigma + 2 * atol_means * float(np.linalg.norm(s["mbar"], axis=0).max())
     np.testing.assert_array_equal(stats.counts.numpy(), s["counts"])
     present = s["present"]
@@ -302,9 +297,9 @@ def test_near_collapse_float64_exact_where_naive_float32_fails(seed):
 
 
 def _normal_matrix_condition(stats: ClassStats, lam: float) -> float:
-    """cond of K, the centred normal equations behind W̃_LS and the decomposition (SPEC §3)."""
-    means, _ = stats._finalized()
-    k, _, _ = reference._centred_normal_equations(means, stats.priors, stats.sigma_w, lam)
+    """cond of K, the centered normal equations behind W̃_LS and the decomposition (SPEC §3)."""
+    means, _ = stats.finalized()
+    k, _, _ = reference.centered_normal_equations(means, stats.priors, stats.sigma_w, lam)
     return float(torch.linalg.cond(k))
 
 
@@ -329,6 +324,35 @@ def test_decomposition_identity_and_ls_perp_zero_at_least_squares(seed):
         assert r_pert["loss_mse"] > r_ls["loss_mse"]
 
 
+def test_mse_loss_is_the_oracle_loss_and_differentiable(seed):
+    """reference.mse_loss (shared by the decomposition and ncfast.theory) against the SPEC §3
+    loss summed sample by sample in numpy, with λ; and its gradient in the weight is the
+    analytic one, the first P columns of W̃ A − R with A = H̃H̃ᵀ/N + λI (HPD22 Eq. 3
+    differentiated)."""
+    features, labels, weight, bias = make_data([40, 75, 52], 9, seed)
+    stats = stats_from(features, labels, 3, 9)
+    means, sigma_w = stats.finalized()
+    lam = 0.05
+    w = weight.clone().requires_grad_(True)
+    loss = reference.mse_loss(w, bias, means, stats.priors, sigma_w, lam)
+    expected = oracle.nc_metrics(features.numpy(), labels.numpy(), 3, weight, bias, lam)
+    # Both sum N non-negative terms of the statistics (N·eps·κ, see oracle_rtol).
+    rtol = oracle_rtol(features, labels, 3, lam)
+    assert float(loss.detach()) == pytest.approx(expected["loss_mse"], rel=rtol)
+    (grad,) = torch.autograd.grad(loss, w)
+    _, a, r = oracle.least_squares(features.numpy(), labels.numpy(), 3, lam)
+    w_tilde = np.hstack([weight.numpy(), bias.numpy()[:, None]])
+    analytic = (w_tilde @ a - r)[:, :9]
+    # The difference of two terms of the size of W̃A and R, each to the same N·eps·κ.
+    atol = rtol * max(np.abs(w_tilde @ a).max(), np.abs(r).max())
+    np.testing.assert_allclose(grad.numpy(), analytic, rtol=0, atol=atol)
+
+
+def test_nc_metrics_type_lists_every_spec_key():
+    """NCMetrics (the annotated return type of nc_metrics) and SPEC_KEYS name the same keys."""
+    assert set(ncfast.metrics.NCMetrics.__annotations__) == set(ncfast.metrics.SPEC_KEYS)
+
+
 def test_least_squares_classifier_matches_dense_normal_equations(seed):
     features, labels, _, _ = make_data([30, 45, 38], 7, seed)
     stats = stats_from(features, labels, 3, 7)
@@ -344,12 +368,12 @@ def test_least_squares_classifier_matches_dense_normal_equations(seed):
 def test_least_squares_predictions_invariant_to_full_rank_transform(seed):
     """HPD22 Eq. 7: W_LS(AH̄)·AH̄ does not depend on a symmetric full-rank A (λ = 0)."""
     features, labels, _, _ = make_data([50, 60, 55, 45], 6, seed)
-    centred = features - features.mean(0)
+    centered = features - features.mean(0)
     g = torch.Generator().manual_seed(seed + 1)
     basis = orthonormal_columns(6, 6, g)
     transform = basis * torch.logspace(0, -np.log10(MIX_CONDITION), 6, dtype=F64) @ basis.T
     preds, kappas = [], []
-    for h in (centred, centred @ transform.T):
+    for h in (centered, centered @ transform.T):
         stats = stats_from(h, labels, 4, 6)
         kappas.append(_normal_matrix_condition(stats, 0.0))
         w, b = ncfast.least_squares_classifier(stats, 0.0)
@@ -402,7 +426,7 @@ def test_simplex_etf_with_isotropic_noise_is_collapsed(seed):
 
 
 def _informative_classifier(features, labels, num_classes, seed):
-    """A classifier close to the nearest-class-centre rule (w_c ≈ μ_c, b_c = −‖μ_c‖²/2), so NC4
+    """A classifier close to the nearest-class-center rule (w_c ≈ μ_c, b_c = −‖μ_c‖²/2), so NC4
     is strictly between 0 and 1 (a random classifier disagrees with every sample now and then)."""
     g = torch.Generator().manual_seed(seed + 2)
     means = torch.stack([features[labels == k].mean(0) for k in range(num_classes)])
@@ -452,7 +476,7 @@ def test_nc4_counts_only_valid_samples_when_skipping(seed, budget):
     assert m.stats.skipped == {"label_out_of_range": 40, "non_finite": 30}
 
 
-# NC4 ties (SPEC §2: both the classifier's argmax and the nearest centre's argmin go to the
+# NC4 ties (SPEC §2: both the classifier's argmax and the nearest center's argmin go to the
 # lowest index). Integer features and weights, so every product and sum below is exact and the
 # ties are exact in any summation order. Class means (−2, 0), (2, 0), (0, 3); the two samples at
 # (0, 0) are equidistant (distance 2) from the means of classes 0 and 1.
@@ -469,20 +493,16 @@ TIE_LABELS = [0, 0, 0, 1, 1, 2, 2]
 TIE_CASES = {
     # name: (weight, bias, the rule the case isolates). Distance ties only: the classifier picks
     # class 0 at (0, 0) without a tie, and no logits tie anywhere.
-    "nearest_centre_tie": ([[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [0.5, 0.0, 0.0], "argmin"),
+    "nearest_center_tie": ([[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [0.5, 0.0, 0.0], "argmin"),
     # Logit ties between classes 0 and 1 (identical rows) at the samples on the x axis; class 2
     # wins clearly at (±1, 3).
     "logit_tie": ([[0.0, 0.0], [0.0, 0.0], [0.0, 1.0]], [1.0, 1.0, 0.0], "argmax"),
 }
-BACKENDS = [
-    "reference",
-    pytest.param("native", marks=pytest.mark.skipif(_native is None, reason="ncfast._C not built")),
-]
 
 
 def _mismatch_with_tie_rule(features, labels, weight, bias, pick_max, pick_min) -> float:
     """NC4 by hand (numpy, exact here); ``pick_max``/``pick_min`` choose among the tied indices
-    of the classifier's argmax and of the nearest centre's argmin."""
+    of the classifier's argmax and of the nearest center's argmin."""
     x, y = np.asarray(features), np.asarray(labels)
     w, b = np.asarray(weight), np.asarray(bias)
     means = np.stack([x[y == k].mean(0) for k in range(len(b))])
@@ -496,12 +516,8 @@ def _mismatch_with_tie_rule(features, labels, weight, bias, pick_max, pick_min) 
     return mismatches / len(x)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(TIE_CASES))
-def test_nc4_ties_go_to_lowest_index(monkeypatch, backend, case):
-    monkeypatch.setattr(
-        ncfast.backend.ops, "_impl", reference if backend == "reference" else _native
-    )
+def test_nc4_ties_go_to_lowest_index(backend, case):
     weight, bias, rule = TIE_CASES[case]
     args = (TIE_FEATURES, TIE_LABELS, weight, bias)
     lowest = _mismatch_with_tie_rule(*args, min, min)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ncfast.paper.losses import LOSSES, check_loss, compute_loss, one_hot, parse_mse_scale
-from ncfast.paper.models import FAMILIES, NETS, PAPER_NETS, build, paper_net
+from ncfast.paper.models import FAMILIES, NETS, PAPER_NETS, build, paper_net, parameter_count
 from ncfast.paper.models.resnet import StridedPointwiseConv
 
 # Tiny widths keep every network under a second on the CPU.
@@ -25,7 +25,7 @@ def test_interface_32px(net, channels):
     _check_interface(net, channels, 32)
 
 
-# STL10 (96×96, 3 channels) is trained with these (seed Table A.2).
+# STL10 (96×96, 3 channels) is trained with these (HPD22 Table A.2).
 @pytest.mark.parametrize("net", sorted(set(PAPER_NETS["stl10"].values())))
 def test_interface_96px(net):
     _check_interface(net, 3, 96)
@@ -129,6 +129,31 @@ PARAMS = {
 def test_full_width_parameter_counts(net, size):
     model = build(net, 10, 3, size)
     assert sum(p.numel() for p in model.parameters()) == PARAMS[net, size]
+
+
+@pytest.mark.parametrize(("net", "size"), sorted(PARAMS))
+def test_parameter_count_without_building(net, size):
+    assert parameter_count(net, 10, 3, size) == PARAMS[net, size]
+    # An odd width rounds every layer's channels: the count is the built network's.
+    built = build(net, 7, 1, size, 0.3)
+    assert parameter_count(net, 7, 1, size, 0.3) == sum(p.numel() for p in built.parameters())
+
+
+@pytest.mark.slow
+def test_counting_parameters_allocates_nothing_and_loads_no_compiler():
+    # Counting a width of 1000 (9e12 parameters) must not allocate them, and must not load
+    # torch._dynamo (random initialisation of meta tensors does: ~1 s at every `ncfast train`).
+    code = (
+        "import sys\n"
+        "from ncfast.paper.config import TrainConfig\n"
+        "from ncfast.paper.models import parameter_count\n"
+        "TrainConfig(dataset='mnist5k', net='densenet250', device='cpu').resolved()\n"
+        "print(parameter_count('vgg11', 10, 1, 32, 1000.0), 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["9216011200010", "False"]
 
 
 def test_densenet_large_parameter_counts():

@@ -35,8 +35,8 @@ def mlp(seed: int, classes: int = 5) -> nn.Sequential:
 def data(seed: int, n: int = 150, classes: int = 5, dim: int = 10):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, classes, (n,), generator=g)
-    centres = torch.randn(classes, dim, generator=g, dtype=F64) * 2
-    return centres[labels] + torch.randn(n, dim, generator=g, dtype=F64), labels
+    centers = torch.randn(classes, dim, generator=g, dtype=F64) * 2
+    return centers[labels] + torch.randn(n, dim, generator=g, dtype=F64), labels
 
 
 def batches(x, y, sizes=(17, 1, 40, 33)):

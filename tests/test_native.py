@@ -17,15 +17,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ncfast.backend import reference
+from ncfast.backend import ops, reference
+from ncfast.backend.reference import STATE_KEYS, new_state
 from tests import exact, oracle
 
 try:
-    from ncfast.backend import native as _native
+    from ncfast.backend import native as native_backend
 
     NATIVE_MISSING = ""
 except ImportError as exc:  # no compiled extension: the reference backend is in use
-    _native = None
+    native_backend = None
     NATIVE_MISSING = f"ncfast._C is not built ({exc})"
 
 if NATIVE_MISSING and os.environ.get("NCFAST_REQUIRE_EXTENSION") == "1":
@@ -34,11 +35,11 @@ pytestmark = pytest.mark.skipif(bool(NATIVE_MISSING), reason=NATIVE_MISSING or "
 
 
 def _cuda_skip_reason() -> str:
-    if _native is None:
+    if native_backend is None:
         return NATIVE_MISSING
     if not torch.cuda.is_available():
         return "no CUDA device"
-    if not _native.WITH_CUDA:
+    if not native_backend.WITH_CUDA:
         return "ncfast._C was built without CUDA kernels"
     return ""
 
@@ -52,18 +53,6 @@ DEVICES = [
 ]
 FEATURE_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 LABEL_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
-STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
-
-
-def new_state(num_classes: int, dim: int, device="cpu") -> dict[str, torch.Tensor]:
-    f64 = {"dtype": torch.float64, "device": device}
-    return {
-        "counts": torch.zeros(num_classes, dtype=torch.int64, device=device),
-        "shift": torch.zeros(num_classes, dim, **f64),
-        "sums": torch.zeros(num_classes, dim, **f64),
-        "scatter": torch.zeros(dim, dim, **f64),
-        "invalid": torch.zeros(2, dtype=torch.int64, device=device),
-    }
 
 
 def update(fn, state, features, labels):
@@ -129,7 +118,7 @@ def test_update_matches_reference_and_numpy(device, dtype, layout, seed):
     expected_invalid = torch.zeros(2, dtype=torch.int64)
     for batch in (37, 64, 5, 80):
         x, y = make_batch(batch, dim, num_classes, dtype, label_dtype, g, device, layout=layout)
-        update(_native.update_stats_, native, x, y)
+        update(native_backend.update_stats_, native, x, y)
         update(reference.update_stats_, ref, x.cpu(), y.cpu())
         label_ok = (y.cpu().long() >= 0) & (y.cpu().long() < num_classes)
         finite = torch.isfinite(x.cpu().double()).all(dim=1)
@@ -162,7 +151,7 @@ def test_update_reads_every_label_dtype(device, label_dtype, seed):
     x, y = make_batch(50, 4, 5, torch.float32, label_dtype, g, device)
     y = y[::2]  # non-contiguous labels
     x = x[::2]
-    update(_native.update_stats_, native, x, y)
+    update(native_backend.update_stats_, native, x, y)
     update(reference.update_stats_, ref, x.cpu(), y.cpu())
     assert_state_matches(native, ref)
 
@@ -180,7 +169,7 @@ def test_update_random_shapes_match_reference(batches, dim, num_classes, dtype, 
     native, ref = new_state(num_classes, dim), new_state(num_classes, dim)
     for batch in batches:
         x, y = make_batch(batch, dim, num_classes, dtype, torch.int64, g, "cpu", layout=seed % 3)
-        update(_native.update_stats_, native, x, y)
+        update(native_backend.update_stats_, native, x, y)
         update(reference.update_stats_, ref, x, y)
     assert_state_matches(native, ref)
 
@@ -190,13 +179,18 @@ def test_empty_batch_is_a_no_op(device, seed):
     g = torch.Generator().manual_seed(seed)
     state = new_state(4, 6, device)
     update(
-        _native.update_stats_, state, *make_batch(30, 6, 4, torch.float32, torch.int64, g, device)
+        native_backend.update_stats_,
+        state,
+        *make_batch(30, 6, 4, torch.float32, torch.int64, g, device),
     )
     before = {k: v.clone() for k, v in state.items()}
     for dtype in FEATURE_DTYPES:
         empty = torch.empty(0, 6, dtype=dtype, device=device)
         update(
-            _native.update_stats_, state, empty, torch.empty(0, dtype=torch.int64, device=device)
+            native_backend.update_stats_,
+            state,
+            empty,
+            torch.empty(0, dtype=torch.int64, device=device),
         )
     for k in STATE_KEYS:
         assert torch.equal(state[k], before[k]), k
@@ -208,7 +202,7 @@ def test_all_rows_invalid_only_counts_them(device, seed):
     x = torch.randn(6, 5, generator=torch.Generator().manual_seed(seed)).to(device)
     x[:3, 0] = float("nan")
     y = torch.tensor([0, 1, 2, 3, -4, 7], device=device)
-    update(_native.update_stats_, state, x, y)
+    update(native_backend.update_stats_, state, x, y)
     assert state["invalid"].tolist() == [3, 3]
     assert state["counts"].sum().item() == 0
     assert not state["scatter"].any() and not state["sums"].any()
@@ -221,7 +215,7 @@ def test_single_class_and_more_classes_than_features(device, num_classes, dim, s
     native, ref = new_state(num_classes, dim, device), new_state(num_classes, dim)
     for batch in (40, 200, 33):
         x, y = make_batch(batch, dim, num_classes, torch.float32, torch.int64, g, device)
-        update(_native.update_stats_, native, x, y)
+        update(native_backend.update_stats_, native, x, y)
         update(reference.update_stats_, ref, x.cpu(), y.cpu())
     assert_state_matches(native, ref)
 
@@ -248,14 +242,19 @@ def test_update_stays_exact_near_collapse(device, seed):
     features, labels = _near_collapse_data(seed)
     state = new_state(4, 8, device)
     for chunk in torch.split(torch.arange(len(labels)), 97):
-        update(_native.update_stats_, state, features[chunk].to(device), labels[chunk].to(device))
+        update(
+            native_backend.update_stats_,
+            state,
+            features[chunk].to(device),
+            labels[chunk].to(device),
+        )
     means, scatter = finalized(state)
     exp_means, exp_scatter = exact.class_statistics(features.numpy(), labels.numpy(), 4)
     # mean = shift + sums/n with the shift within the spread (1e-2) of the mean: one rounding of
     # the sum (eps/2 relative) plus the sums' accumulation error, n·eps·Σ|z|/n ≈ 150·eps·0.05
     # absolute; rtol 1e-15 (≈ 4.5 eps) and atol 1e-15 cover both with margin.
     np.testing.assert_allclose(means.numpy(), exp_means, rtol=1e-15, atol=1e-15)
-    # N Σ_W from the centred rows: sums of N = 600 products of size spread², N·eps relative
+    # N Σ_W from the centered rows: sums of N = 600 products of size spread², N·eps relative
     # (≈ 1.3e-13); 1e-11 leaves a factor ~75.
     err = np.abs(scatter.numpy() - exp_scatter).max() / np.abs(exp_scatter).max()
     assert err < 1e-11, err
@@ -275,7 +274,7 @@ def test_gram_panels_and_full_product_agree(monkeypatch, mode, seed):
     asymmetry_bound = torch.zeros(150, 150, dtype=torch.float64)
     for batch in (600, 70):
         x, y = make_batch(batch, 150, 6, torch.float32, torch.int64, g, "cpu")
-        update(_native.update_stats_, native, x, y)
+        update(native_backend.update_stats_, native, x, y)
         update(reference.update_stats_, ref, x, y)
         scatter = native["scatter"]
         if (mode or ("panels" if batch >= 512 else "full")) == "panels":
@@ -300,7 +299,7 @@ def test_update_with_noncontiguous_state_writes_back(seed):
     state["scatter"] = torch.zeros(5, 5, dtype=torch.float64).t()  # transposed view
     state["shift"] = torch.zeros(5, 3, dtype=torch.float64).t()
     x, y = make_batch(40, 5, 3, torch.float32, torch.int64, g, "cpu")
-    update(_native.update_stats_, state, x, y)
+    update(native_backend.update_stats_, state, x, y)
     update(reference.update_stats_, ref, x, y)
     assert_state_matches(state, ref)
 
@@ -340,7 +339,7 @@ def _ncc_case(g, batch, dim, num_classes, dtype, device, layout=0):
     return tuple(a.to(device) for a in args)
 
 
-def _ncc_numpy(features, valid, weight, bias, means, present):
+def ncc_numpy(features, valid, weight, bias, means, present):
     h = features.double().cpu().numpy()
     w, b, mu = weight.cpu().numpy(), bias.cpu().numpy(), means.cpu().numpy()
     classes = np.flatnonzero(present.cpu().numpy())
@@ -357,18 +356,18 @@ def test_ncc_mismatch_matches_reference_and_numpy(device, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     for batch, dim, num_classes, layout in ((90, 12, 6, 0), (41, 5, 30, 1), (1, 3, 2, 2)):
         args = _ncc_case(g, batch, dim, num_classes, dtype, device, layout)
-        got = _native.ncc_mismatch_count(*args)
+        got = native_backend.ncc_mismatch_count(*args)
         assert got.device.type == device and got.dtype == torch.int64 and got.dim() == 0
         expected = reference.ncc_mismatch_count(*(a.cpu() for a in args))
-        assert int(got) == int(expected) == _ncc_numpy(*args)
+        assert int(got) == int(expected) == ncc_numpy(*args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_ncc_mismatch_empty_batch_and_all_invalid(device, seed):
     g = torch.Generator().manual_seed(seed)
     x, valid, w, b, m, present = _ncc_case(g, 20, 4, 3, torch.float32, device)
-    assert int(_native.ncc_mismatch_count(x[:0], valid[:0], w, b, m, present)) == 0
-    assert int(_native.ncc_mismatch_count(x, torch.zeros_like(valid), w, b, m, present)) == 0
+    assert int(native_backend.ncc_mismatch_count(x[:0], valid[:0], w, b, m, present)) == 0
+    assert int(native_backend.ncc_mismatch_count(x, torch.zeros_like(valid), w, b, m, present)) == 0
 
 
 # ---------------------------------------------------------------- op registration
@@ -398,7 +397,7 @@ def test_update_under_torch_compile_fullgraph(backend, seed):
 
     @torch.compile(fullgraph=True, backend=backend)
     def step(features, labels, counts, shift, sums, scatter, invalid):
-        _native.update_stats_(features * 2, labels, counts, shift, sums, scatter, invalid)
+        native_backend.update_stats_(features * 2, labels, counts, shift, sums, scatter, invalid)
         return scatter.diagonal().sum()
 
     g = torch.Generator().manual_seed(seed)
@@ -406,7 +405,7 @@ def test_update_under_torch_compile_fullgraph(backend, seed):
     for _ in range(2):
         x, y = make_batch(20, 6, 3, torch.float32, torch.int64, g, "cpu", bad=False)
         trace = step(x, y, *(compiled[k] for k in STATE_KEYS))
-        update(_native.update_stats_, eager, x * 2, y)
+        update(native_backend.update_stats_, eager, x * 2, y)
     for k in STATE_KEYS:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-14, atol=1e-12)
     torch.testing.assert_close(trace, eager["scatter"].diagonal().sum())
@@ -419,12 +418,12 @@ def test_cuda_update_never_synchronises_with_the_host(seed):
     g = torch.Generator().manual_seed(seed)
     state = new_state(10, 64, "cuda")
     x, y = make_batch(300, 64, 10, torch.bfloat16, torch.int64, g, "cuda")
-    _native.update_stats_(x, y, *(state[k] for k in STATE_KEYS))  # warm-up (allocator)
+    native_backend.update_stats_(x, y, *(state[k] for k in STATE_KEYS))  # warm-up (allocator)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            _native.update_stats_(x, y, *(state[k] for k in STATE_KEYS))
+            native_backend.update_stats_(x, y, *(state[k] for k in STATE_KEYS))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
@@ -440,7 +439,7 @@ def test_cuda_large_batch_both_gram_schemes(monkeypatch, mode, seed):
     g = torch.Generator().manual_seed(seed)
     native, ref = new_state(10, 256, "cuda"), new_state(10, 256)
     x, y = make_batch(9000, 256, 10, torch.float32, torch.int64, g, "cuda")
-    update(_native.update_stats_, native, x, y)
+    update(native_backend.update_stats_, native, x, y)
     update(reference.update_stats_, ref, x.cpu(), y.cpu())
     if mode == "panels":
         assert torch.equal(native["scatter"], native["scatter"].T)
@@ -448,30 +447,53 @@ def test_cuda_large_batch_both_gram_schemes(monkeypatch, mode, seed):
 
 
 # ------------------------------------------------------------------- backend wiring
-def test_ops_uses_native_unless_told_otherwise():
-    from ncfast.backend import ops
+def test_use_backend_switches_the_ops_and_restores_them(monkeypatch):
+    """ops.use_backend (the `backend` fixture of tests/conftest.py) routes every op to the named
+    backend inside the block and restores the previous one after it, also after an error."""
+    calls = []
+    for name, module in (("reference", reference), ("native", native_backend)):
+        monkeypatch.setattr(
+            module, "pairwise_cosine_stats", lambda vectors, tile=0, n=name: calls.append(n)
+        )
+    vectors = torch.eye(3)
+    before = ops.BACKEND
+    for name in ("reference", "native"):
+        with ops.use_backend(name):
+            assert ops.BACKEND == name
+            ops.pairwise_cosine_stats(vectors)
+    with pytest.raises(ZeroDivisionError), ops.use_backend("reference"):
+        ops.pairwise_cosine_stats(vectors)
+        raise ZeroDivisionError
+    assert ops.BACKEND == before
+    ops.pairwise_cosine_stats(vectors)
+    assert calls == ["reference", "native", "reference", before]
+    with pytest.raises(ValueError, match="use_backend: name must be one of reference, native"):
+        with ops.use_backend("cuda"):
+            pass
 
+
+def test_ops_uses_native_unless_told_otherwise():
     if os.environ.get("NCFAST_BACKEND", "") in ("", "native"):
         assert ops.BACKEND == "native"
         assert ops.NATIVE_UNAVAILABLE_REASON == ""
 
 
 def test_extension_built_for_another_torch_or_cuda_is_refused_loudly(monkeypatch):
-    """_check_build runs at import: another torch major.minor or CUDA major version is a
+    """check_build runs at import: another torch major.minor or CUDA major version is a
     RuntimeError (not a quiet fallback)."""
-    _native._check_build()  # this build matches
-    monkeypatch.setattr(_native, "COMPILED_TORCH_VERSION", "1.13.1")
+    native_backend.check_build()  # this build matches
+    monkeypatch.setattr(native_backend, "COMPILED_TORCH_VERSION", "1.13.1")
     with pytest.raises(RuntimeError, match=r"compiled against torch 1\.13\.1"):
-        _native._check_build()
-    monkeypatch.setattr(_native, "COMPILED_TORCH_VERSION", torch.__version__)
-    monkeypatch.setattr(_native, "WITH_CUDA", True)
+        native_backend.check_build()
+    monkeypatch.setattr(native_backend, "COMPILED_TORCH_VERSION", torch.__version__)
+    monkeypatch.setattr(native_backend, "WITH_CUDA", True)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(_native, "COMPILED_CUDA_VERSION", "12.8")
+    monkeypatch.setattr(native_backend, "COMPILED_CUDA_VERSION", "12.8")
     with pytest.raises(RuntimeError, match=r"compiled with CUDA 12\.8 .* major versions must"):
-        _native._check_build()
+        native_backend.check_build()
     # Within a CUDA major version the runtime is compatible (torch's own rule): accepted.
-    monkeypatch.setattr(_native, "COMPILED_CUDA_VERSION", "13.2")
-    _native._check_build()
+    monkeypatch.setattr(native_backend, "COMPILED_CUDA_VERSION", "13.2")
+    native_backend.check_build()
 
 
 def _run_python(code: str, **env) -> str:
@@ -516,7 +538,9 @@ def test_info_command_reports_the_build():
     assert "native extension: present" in text
     assert f"torch: {torch.__version__}" in text
     assert "active backend:" in text
-    cuda_line = "CUDA kernels: compiled" if _native.WITH_CUDA else "CUDA kernels: not compiled"
+    cuda_line = (
+        "CUDA kernels: compiled" if native_backend.WITH_CUDA else "CUDA kernels: not compiled"
+    )
     assert cuda_line in text
     as_json = CliRunner().invoke(main, ["info", "--json"])
     assert as_json.exit_code == 0 and '"extension": true' in as_json.output

@@ -17,7 +17,7 @@ import torch
 from ncfast.backend import reference
 
 try:
-    from ncfast.backend import native as _native
+    from ncfast.backend import native as native_backend
 except ImportError as exc:  # no compiled extension: nothing here applies
     pytest.skip(f"ncfast._C is not built ({exc})", allow_module_level=True)
 
@@ -27,7 +27,7 @@ DEFAULT_CUDA13 = "sm_75;sm_80;sm_86;sm_89;sm_90;sm_100;sm_120;compute_90"
 
 
 def _targets(text):
-    return _native.parse_arch_list(text)
+    return native_backend.parse_arch_list(text)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def _targets(text):
     ],
 )
 def test_kernel_image_follows_cuda_compatibility_rules(capability, targets, expected):
-    image = _native.kernel_image_for(capability, _targets(targets))
+    image = native_backend.kernel_image_for(capability, _targets(targets))
     assert (str(image) if image is not None else None) == expected
 
 
@@ -60,7 +60,7 @@ def test_arch_lists_of_both_forms_parse_alike():
     assert _targets("7.5 8.0;9.0+PTX") == _targets("sm_75,sm_80;sm_90;compute_90")
     assert [str(t) for t in _targets("9.0a+PTX")] == ["sm_90a", "compute_90a"]
     with pytest.raises(ValueError, match="'Hopper' is neither"):
-        _native.parse_arch_list("8.0;Hopper")
+        native_backend.parse_arch_list("8.0;Hopper")
 
 
 @pytest.fixture
@@ -69,9 +69,9 @@ def mocked_gpus(monkeypatch):
     DEFAULT_CUDA13, and a fresh per-device cache."""
 
     def install(devices: dict[int, tuple[str, tuple[int, int]]], targets=DEFAULT_CUDA13):
-        monkeypatch.setattr(_native, "WITH_CUDA", True)
-        monkeypatch.setattr(_native, "COMPILED_TARGETS", _targets(targets))
-        monkeypatch.setattr(_native, "_DEVICE_KERNELS", {})
+        monkeypatch.setattr(native_backend, "WITH_CUDA", True)
+        monkeypatch.setattr(native_backend, "COMPILED_TARGETS", _targets(targets))
+        monkeypatch.setattr(native_backend, "_DEVICE_KERNELS", {})
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: len(devices))
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: devices[i][0])
@@ -91,17 +91,17 @@ def test_gpu_without_a_kernel_falls_back_with_one_warning(mocked_gpus, monkeypat
     mocked_gpus({0: ("Tesla V100-SXM2-16GB", (7, 0)), 1: ("Tesla T4", (7, 5))})
     calls = _record_reference_calls(monkeypatch)
     v100 = types.SimpleNamespace(device=torch.device("cuda", 0))  # only .device is read
-    with pytest.warns(_native.NativeKernelFallbackWarning, match=r"compute capability 7\.0"):
-        _native.update_stats_(v100, *[None] * 6)
+    with pytest.warns(native_backend.NativeKernelFallbackWarning, match=r"compute capability 7\.0"):
+        native_backend.update_stats_(v100, *[None] * 6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per device, not per call
-        _native.update_stats_(v100, *[None] * 6)
-        _native.ncc_mismatch_count(v100, *[None] * 5)
+        native_backend.update_stats_(v100, *[None] * 6)
+        native_backend.ncc_mismatch_count(v100, *[None] * 5)
     assert calls == ["update_stats_", "update_stats_", "ncc_mismatch_count"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _native._kernels_for(torch.device("cuda", 1))  # the T4 runs sm_75, silently
-    assert _native._DEVICE_KERNELS == {0: False, 1: True}
+        assert native_backend.kernels_for(torch.device("cuda", 1))  # the T4 runs sm_75, silently
+    assert native_backend._DEVICE_KERNELS == {0: False, 1: True}
 
 
 def test_deterministic_mode_takes_the_reference_update_on_cuda(mocked_gpus, monkeypatch):
@@ -110,22 +110,23 @@ def test_deterministic_mode_takes_the_reference_update_on_cuda(mocked_gpus, monk
     index_add_ torch makes deterministic); NC4 (integer counts) keeps its kernels."""
     mocked_gpus({0: ("NVIDIA H200", (9, 0))})
     gpu = torch.device("cuda", 0)
-    assert _native._update_kernels_for(gpu)
+    assert native_backend.update_kernels_for(gpu)
     calls = _record_reference_calls(monkeypatch)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert not _native._update_kernels_for(gpu)
-        assert _native._kernels_for(gpu)
-        assert _native._update_kernels_for(torch.device("cpu"))  # the CPU update is ordered
-        _native.update_stats_(types.SimpleNamespace(device=gpu), *[None] * 6)
+        assert not native_backend.update_kernels_for(gpu)
+        assert native_backend.kernels_for(gpu)
+        assert native_backend.update_kernels_for(torch.device("cpu"))  # the CPU update is ordered
+        native_backend.update_stats_(types.SimpleNamespace(device=gpu), *[None] * 6)
     finally:
         torch.use_deterministic_algorithms(was)
     assert calls == ["update_stats_"]
 
 
 def test_cpu_update_is_bitwise_reproducible_under_deterministic_mode(seed):
-    from tests.test_native import STATE_KEYS, make_batch, new_state
+    from ncfast.backend.reference import STATE_KEYS, new_state
+    from tests.test_native import make_batch
 
     g = torch.Generator().manual_seed(seed)
     batches = [make_batch(700, 40, 9, torch.float32, torch.int64, g, "cpu") for _ in range(2)]
@@ -198,5 +199,5 @@ def test_recorded_targets_are_what_nvcc_embeds():
     assert setup.compiled_targets("8.0;9.0+PTX") == "sm_80;sm_90;compute_90"
     assert setup.compiled_targets("Ampere") == "sm_80;sm_86;compute_86"  # torch's named list
     # The extension's own record parses back to the images that run where expected.
-    targets = _native.parse_arch_list(setup.compiled_targets("7.5;9.0+PTX;12.0"))
-    assert str(_native.kernel_image_for((11, 0), targets)) == "compute_90"
+    targets = native_backend.parse_arch_list(setup.compiled_targets("7.5;9.0+PTX;12.0"))
+    assert str(native_backend.kernel_image_for((11, 0), targets)) == "compute_90"

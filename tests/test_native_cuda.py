@@ -15,15 +15,14 @@ import torch
 
 from ncfast import ClassStats
 from ncfast.backend import reference
+from ncfast.backend.reference import STATE_KEYS, new_state
 from tests.conftest import stats_from
 from tests.test_native import (
     CUDA_SKIP,
-    STATE_KEYS,
-    _native,
-    _ncc_numpy,
     assert_state_matches,
     make_batch,
-    new_state,
+    native_backend,
+    ncc_numpy,
     update,
     valid_rows,
 )
@@ -49,7 +48,7 @@ def _check_against_reference(features, labels, num_classes, rtol=1e-12):
     """One native update of the batch against the float64 reference on the same device."""
     dim = features.shape[1]
     native, ref = new_state(num_classes, dim, "cuda"), new_state(num_classes, dim, "cuda")
-    update(_native.update_stats_, native, features, labels)
+    update(native_backend.update_stats_, native, features, labels)
     update(reference.update_stats_, ref, features.double(), labels)
     assert_state_matches(native, ref, rtol=rtol)
     return native
@@ -69,7 +68,7 @@ def test_strided_device_features(dtype, seed):
     bias = torch.randn(7, generator=g, device="cuda", dtype=torch.float64)
     present = torch.ones(7, dtype=torch.bool, device="cuda")
     args = (x, valid, weight, bias, means, present)
-    assert int(_native.ncc_mismatch_count(*args)) == int(reference.ncc_mismatch_count(*args))
+    assert int(native_backend.ncc_mismatch_count(*args)) == int(reference.ncc_mismatch_count(*args))
 
 
 @pytest.mark.parametrize("num_classes", [32, 100, 1000])
@@ -85,8 +84,8 @@ def test_ncc_with_many_classes(num_classes, seed):
     bias = torch.randn(num_classes, generator=g, dtype=torch.float64)
     present = torch.rand(num_classes, generator=g) > 0.2
     args = [a.cuda() for a in (x, valid, weight, bias, means, present)]
-    got = int(_native.ncc_mismatch_count(*args))
-    assert got == int(reference.ncc_mismatch_count(*args)) == _ncc_numpy(*args)
+    got = int(native_backend.ncc_mismatch_count(*args))
+    assert got == int(reference.ncc_mismatch_count(*args)) == ncc_numpy(*args)
 
 
 @pytest.mark.parametrize("num_classes", [257, 1300])
@@ -97,7 +96,7 @@ def test_update_with_more_classes_than_a_block(num_classes, seed):
     native, ref = new_state(num_classes, 40, "cuda"), new_state(num_classes, 40)
     for batch in (900, 2000, 700):
         x, y = make_batch(batch, 40, num_classes, torch.bfloat16, torch.int32, g, "cuda")
-        update(_native.update_stats_, native, x, y)
+        update(native_backend.update_stats_, native, x, y)
         update(reference.update_stats_, ref, x.cpu(), y.cpu())
     assert_state_matches(native, ref)
 
@@ -110,7 +109,7 @@ def test_default_gram_scheme_on_a_large_batch(monkeypatch, seed):
     native, ref = new_state(10, 384, "cuda"), new_state(10, 384)
     for batch in (9000, 500):
         x, y = make_batch(batch, 384, 10, torch.float32, torch.int64, g, "cuda")
-        update(_native.update_stats_, native, x, y)
+        update(native_backend.update_stats_, native, x, y)
         update(reference.update_stats_, ref, x.cpu(), y.cpu())
         if batch >= 8192:
             assert torch.equal(native["scatter"], native["scatter"].T)
@@ -131,7 +130,7 @@ def test_update_runs_on_the_current_stream(seed):
         features = torch.full_like(source, float("nan"))
         torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time before the input is ready
         features.copy_(source)
-        update(_native.update_stats_, state, features, labels)
+        update(native_backend.update_stats_, state, features, labels)
     side.synchronize()
     ref = new_state(10, 64)
     update(reference.update_stats_, ref, x_host, y_host)
@@ -162,12 +161,12 @@ def test_class_stats_update_captured_in_a_cuda_graph(seed):
             static_y.copy_(y)
             graph.replay()
             update(reference.update_stats_, ref, x, y)
-    assert_state_matches(stats._state, ref)
+    assert_state_matches(stats.state_dict(), ref)
 
 
 def test_batch_of_more_than_2_31_elements_in_fp16(seed):
     """B·P > 2^31 (2,097,216 × 1024 fp16, 4.3 GB): every element offset must be 64-bit. Peak
-    memory ≈ 4.3 GB input + 17.2 GB float64 centred rows (native), then up to four float64
+    memory ≈ 4.3 GB input + 17.2 GB float64 centered rows (native), then up to four float64
     copies of the batch for the reference (≈ 70 GB); skipped on smaller GPUs."""
     batch, dim, num_classes = 2**21 + 64, 1024, 10
     assert batch * dim > 2**31
@@ -181,14 +180,14 @@ def test_batch_of_more_than_2_31_elements_in_fp16(seed):
     features += labels[:, None].to(torch.float16)
     features[-1, -1] = float("inf")  # an invalid row at the very end
     native = new_state(num_classes, dim, "cuda")
-    update(_native.update_stats_, native, features, labels)
+    update(native_backend.update_stats_, native, features, labels)
     valid = torch.ones(batch, dtype=torch.bool, device="cuda")
     weight = torch.randn(num_classes, dim, generator=g, device="cuda", dtype=torch.float64)
     bias = torch.zeros(num_classes, device="cuda", dtype=torch.float64)
     means = torch.arange(num_classes, device="cuda", dtype=torch.float64)[:, None].expand(-1, dim)
     present = torch.ones(num_classes, dtype=torch.bool, device="cuda")
     valid[-1] = False
-    nc4 = int(_native.ncc_mismatch_count(features, valid, weight, bias, means, present))
+    nc4 = int(native_backend.ncc_mismatch_count(features, valid, weight, bias, means, present))
     torch.cuda.synchronize()
     ref = new_state(num_classes, dim, "cuda")
     update(reference.update_stats_, ref, features, labels)
@@ -213,6 +212,6 @@ def test_deterministic_mode_on_cuda(seed):
             torch.ops.ncfast.update_stats_(x, y, *(state[k] for k in STATE_KEYS))
         runs = [stats_from(x, y, 20, 48, device="cuda") for _ in range(2)]
         for k in STATE_KEYS:
-            assert torch.equal(runs[0]._state[k], runs[1]._state[k]), k
+            assert torch.equal(runs[0].state_dict()[k], runs[1].state_dict()[k]), k
     finally:
         torch.use_deterministic_algorithms(was)

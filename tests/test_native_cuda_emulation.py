@@ -74,7 +74,7 @@ def _build() -> ctypes.CDLL:
     lib.ncfast_emu_update_stats.argtypes = [PTR, INT, I64, I64, PTR, INT, I64, I64, I64, I64]
     lib.ncfast_emu_update_stats.argtypes += [PTR] * 6
     lib.ncfast_emu_mirror.argtypes = [PTR, I64]
-    lib.ncfast_emu_ncc_centre.argtypes = [PTR, INT, I64, I64, PTR, I64, PTR, I64, I64, PTR]
+    lib.ncfast_emu_ncc_center.argtypes = [PTR, INT, I64, I64, PTR, I64, PTR, I64, I64, PTR]
     lib.ncfast_emu_ncc_count.argtypes = [PTR, PTR, PTR, PTR, PTR, PTR, I64, I64, I64, PTR]
     lib.ncfast_emu_seed.argtypes = [ctypes.c_uint]
     return lib
@@ -102,7 +102,7 @@ def scratch_fields(lib, scratch, batch, num_classes) -> dict[str, torch.Tensor]:
 
 def emulated_update(lib, features, labels, counts, shift, sums, scatter, invalid):
     """update_stats_cuda (csrc/cuda/ops_cuda.cpp) with the kernels emulated: the same scratch
-    layout and zeroing, then scatter += zᵀz. Returns the centred rows z and the scratch fields
+    layout and zeroing, then scatter += zᵀz. Returns the centered rows z and the scratch fields
     (None for an empty batch)."""
     b, p = features.shape
     c = counts.shape[0]
@@ -112,27 +112,22 @@ def emulated_update(lib, features, labels, counts, shift, sums, scatter, invalid
     total = lib.ncfast_emu_update_scratch_bytes(b, p, c, ctypes.byref(zeroed))
     scratch = torch.full((total,), 0xAB, dtype=torch.uint8)  # poison what is not zeroed
     scratch[: zeroed.value] = 0
-    centred = torch.full((b, p), float("nan"), dtype=torch.float64)  # every element is written
+    centered = torch.full((b, p), float("nan"), dtype=torch.float64)  # every element is written
     rc = lib.ncfast_emu_update_stats(
         features.data_ptr(), FEATURE_KIND[features.dtype], features.stride(0), features.stride(1),
         labels.data_ptr(), LABEL_KIND[labels.dtype], labels.stride(0), b, p, c,
         counts.data_ptr(), shift.data_ptr(), sums.data_ptr(), invalid.data_ptr(),
-        scratch.data_ptr(), centred.data_ptr(),
+        scratch.data_ptr(), centered.data_ptr(),
     )  # fmt: skip
     _check(lib, rc)
-    scatter.addmm_(centred.T, centred)
-    return centred, scratch_fields(lib, scratch, b, c)
+    scatter.addmm_(centered.T, centered)
+    return centered, scratch_fields(lib, scratch, b, c)
 
 
 def new_state(num_classes, dim):
-    f64 = {"dtype": torch.float64}
-    return [
-        torch.zeros(num_classes, dtype=torch.int64),
-        torch.zeros(num_classes, dim, **f64),
-        torch.zeros(num_classes, dim, **f64),
-        torch.zeros(dim, dim, **f64),
-        torch.zeros(2, dtype=torch.int64),
-    ]
+    """The CPU accumulator state as a list in the order the ops take it."""
+    state = reference.new_state(num_classes, dim)
+    return [state[k] for k in reference.STATE_KEYS]
 
 
 def make_batch(g, batch, dim, num_classes, dtype, label_dtype, layout, classes=None):
@@ -169,7 +164,7 @@ def test_emulated_update_kernels_match_reference(emu, dtype, seed):
         reference.update_stats_(x, y, *ref)
         label_ok = (y.long() >= 0) & (y.long() < num_classes)
         valid = label_ok & torch.isfinite(x.double()).all(dim=1)
-        assert not z[~valid].any(), "invalid rows must be zero in the centred buffer"
+        assert not z[~valid].any(), "invalid rows must be zero in the centered buffer"
         for k in range(num_classes):  # first seen: the shift is the first valid sample
             rows = torch.nonzero(valid & (y.long() == k)).flatten()
             if counts_before[k] == 0 and rows.numel():
@@ -212,7 +207,7 @@ def test_emulated_update_near_collapse_is_exact(emu, seed):
     _, exact_scatter = exact.class_statistics(features.numpy(), labels.numpy(), 3)
     exact_sigma_w = exact_scatter / 400
     err = np.abs(sigma_w.numpy() - exact_sigma_w).max() / np.abs(exact_sigma_w).max()
-    # Rows centred on a shift within the class spread: the error is that of summing
+    # Rows centered on a shift within the class spread: the error is that of summing
     # ~n products of size spread² (n·eps relative, n = 400 → ~1e-13), not of 1e12 − 1e12.
     assert err < 1e-11, err
 
@@ -226,7 +221,7 @@ def _expected_new_classes(counts_before, labels, valid):
 @pytest.mark.parametrize("num_classes", [9, 1300])  # one, and three chunks of the last block
 def test_emulated_compact_list_of_first_seen_classes(emu, seed, num_classes):
     """The first kernel's last block lists the classes first seen in the batch, ascending; the
-    centring kernel sets the shifts of exactly those. Batches with every class new, with none
+    centering kernel sets the shifts of exactly those. Batches with every class new, with none
     new, and with some new (more new classes than a warp, spread over the chunks)."""
     g = torch.Generator().manual_seed(seed)
     emu.ncfast_emu_seed(seed % 1000)
@@ -261,7 +256,7 @@ def test_emulated_compact_list_of_first_seen_classes(emu, seed, num_classes):
 
 def test_emulated_row_tiles_are_ranked_by_class_once(emu, seed):
     """tile_order: within each tile of 128 rows, the tile-local row indices in stable class
-    order, invalid rows last (the order the centring kernel walks for every column tile)."""
+    order, invalid rows last (the order the centering kernel walks for every column tile)."""
     g = torch.Generator().manual_seed(seed)
     emu.ncfast_emu_seed(seed % 1000)
     num_classes, batch = 5, 300  # two full tiles and a partial one
@@ -315,22 +310,22 @@ def test_emulated_ncc_kernels_match_reference(emu, dtype, seed):
     bias = torch.randn(num_classes, generator=g, dtype=torch.float64)
 
     mask = present.double()
-    centre = (means * mask[:, None]).sum(0) / mask.sum()
-    mu = means - centre
-    centred = torch.full((batch, dim), float("nan"), dtype=torch.float64)
+    center = (means * mask[:, None]).sum(0) / mask.sum()
+    mu = means - center
+    centered = torch.full((batch, dim), float("nan"), dtype=torch.float64)
     _check(
         emu,
-        emu.ncfast_emu_ncc_centre(
+        emu.ncfast_emu_ncc_center(
             x.data_ptr(), FEATURE_KIND[dtype], x.stride(0), x.stride(1), valid.data_ptr(),
-            valid.stride(0), centre.data_ptr(), batch, dim, centred.data_ptr(),
+            valid.stride(0), center.data_ptr(), batch, dim, centered.data_ptr(),
         ),
     )  # fmt: skip
-    expected_centred = torch.where(valid[:, None], x.double() - centre, 0.0)
-    assert torch.equal(centred, expected_centred)
-    near = (centred @ mu.T).contiguous()
-    logits = (centred @ weight.T).contiguous()
+    expected_centered = torch.where(valid[:, None], x.double() - center, 0.0)
+    assert torch.equal(centered, expected_centered)
+    near = (centered @ mu.T).contiguous()
+    logits = (centered @ weight.T).contiguous()
     sq_norms = mu.square().sum(1)
-    folded_bias = bias + weight @ centre
+    folded_bias = bias + weight @ center
     count = _emulated_ncc_count(emu, near, logits, sq_norms, folded_bias, present, valid)
     assert count == int(reference.ncc_mismatch_count(x, valid, weight, bias, means, present))
 

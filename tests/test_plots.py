@@ -7,7 +7,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -24,6 +28,7 @@ from ncfast.report.runs import (
     history_arrays,
     load_run,
     run_from_history,
+    to_json_value,
     zero_error_epoch,
 )
 from ncfast.report.tables import summary, table1_rows, to_csv, to_markdown, write_table1
@@ -58,6 +63,31 @@ def grid_dirs(tmp_path_factory):
 
 
 # ---- ncfast.report.runs --------------------------------------------------------------------------
+def test_to_json_value_converts_what_a_measurement_returns():
+    value = {
+        "omega": torch.tensor([2.0, float("nan")], dtype=torch.float64),
+        "half": torch.tensor([1.5], dtype=torch.bfloat16),  # no numpy for bf16
+        "count": torch.tensor(3),
+        "mean": np.float32(0.25),
+        4: (np.arange(2), Path("runs/a")),
+        "far": -math.inf,
+        "name": "mse",
+    }
+    loose = to_json_value(value)
+    assert loose["omega"][0] == 2.0 and math.isnan(loose["omega"][1])  # metrics.jsonl keeps NaN
+    assert loose["far"] == -math.inf
+    strict = to_json_value(value, strict=True)
+    assert strict == {
+        "omega": [2.0, None],
+        "half": [1.5],
+        "count": 3,
+        "mean": 0.25,
+        "4": [[0, 1], "runs/a"],
+        "far": None,
+        "name": "mse",
+    }
+    assert type(strict["count"]) is int and type(strict["mean"]) is float
+    json.dumps(strict, allow_nan=False)  # strict JSON, as report.json
 
 
 def test_load_run_and_history_arrays(tmp_path, records):
@@ -249,7 +279,7 @@ def test_grid_overlays_losses_per_dataset_network_cell(tmp_path, grid_dirs):
     for rec in runs[0].records:
         if rec["split"] == "test":
             rec["robustness"] = 0.01 * rec["epoch"]
-    runs[0]._history.clear()
+    runs[0].forget_history()
     fig = figure(runs, "robustness")
     (curve,) = [line for line in _lines(fig) if len(line.get_xdata()) > 2]
     np.testing.assert_allclose(curve.get_ydata(), 0.01 * runs[0].history("test")["epoch"])
@@ -267,7 +297,7 @@ def test_robustness_figure_draws_tight_bound_and_out_of_range(tmp_path, grid_dir
                 if k == 0:
                     rec["robustness_tight"] = 0.005 * rec["epoch"]
                     rec["robustness_out_of_range"] = 0.01 * rec["epoch"]
-        run._history.clear()
+        run.forget_history()
     fig = figure(runs, "robustness")
     main_ax = next(ax for ax in fig.axes if ax.get_title() == "mnist · vgg11")
     (right_ax,) = [ax for ax in fig.axes if ax is not main_ax and ax.has_data()]
@@ -399,3 +429,21 @@ def test_two_runs_of_one_loss_in_a_cell_are_told_apart(tmp_path):
     legend_text = {t.get_text() for t in fig.legends[0].get_texts()}
     assert {"MSE (seed0)", "MSE (seed1)"} <= legend_text
     plt.close(fig)
+
+
+def test_drawing_selects_no_backend_and_needs_no_pyplot(tmp_path, grid_dirs):
+    # A user's backend (here "pdf", standing for an interactive one) stays what it was: the
+    # figures are matplotlib Figures saved without pyplot.
+    code = (
+        "import sys, matplotlib\n"
+        "matplotlib.use('pdf')\n"
+        "from ncfast.report.plots import plot_runs\n"
+        "from ncfast.report.runs import load_run\n"
+        f"paths = plot_runs([load_run({str(grid_dirs[0])!r})], {str(tmp_path)!r}, ('png',))\n"
+        "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules, len(paths))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[:2] == ["pdf", "False"] and int(out[2]) > 5
+    assert (tmp_path / "nc1.png").stat().st_size > 0

@@ -302,7 +302,7 @@ def test_divergence_first_seen_by_the_measurement(tmp_path, tiny_data, monkeypat
     # features end the run the same way (not as the library's InvalidInputError).
     import ncfast.paper.train as train_module
 
-    monkeypatch.setattr(train_module, "_eval_outputs_finite", lambda *args: True)
+    monkeypatch.setattr(train_module, "eval_outputs_finite", lambda *args: True)
     out = tmp_path / "run"
     config = tiny_config(out, lr=50.0, batch_size=80, epochs=3, measure_epochs="all")
     with pytest.raises(TrainingDivergedError, match="diverged at epoch 2"):

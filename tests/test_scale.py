@@ -88,7 +88,7 @@ def test_update_with_repeated_new_classes_and_skipped_rows_matches_numpy(seed):
 def test_symmetrize_in_tiles_equals_half_sum(size, tile, seed):
     a = torch.randn(size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     expected = (a + a.T) / 2  # exact equality: one commutative addition and an exact halving
-    reference._symmetrize_(a, tile)
+    reference.symmetrize_(a, tile)
     assert torch.equal(a, a.T)
     torch.testing.assert_close(a, expected, rtol=0, atol=0)
 
@@ -106,7 +106,7 @@ def test_finalize_and_inverse_square_root_beyond_one_tile(seed):
     sigma_w = stats.sigma_w
     assert torch.equal(sigma_w, sigma_w.T)
     # Entrywise, as tests.test_metrics.stream_tolerances: each entry averages N products of
-    # deviations |d| ≤ max|h − μ_y|, both sides' sums err by ≤ N·eps·max|d|²; the centring adds
+    # deviations |d| ≤ max|h − μ_y|, both sides' sums err by ≤ N·eps·max|d|²; the centering adds
     # 2·eps·max|h|·max|d| here and 2·N·eps·max|h|·max|d| in the brute force (means from raw sums).
     x = features.numpy()
     size, dev = np.abs(x).max(), np.abs(x - expected["means"][labels.numpy()]).max()
@@ -124,7 +124,7 @@ def test_finalize_and_inverse_square_root_beyond_one_tile(seed):
 @pytest.mark.parametrize("dim, classes", [(30, 200), (50, 20)])
 def test_left_singular_pairs_match_svd(dim, classes, seed):
     """C > P goes through R of M̄ᵀ = QR; U and s as the direct SVD's (signs free), rank-deficient
-    M̄ (centred: rank ≤ C − 1) keeps only the nonzero directions."""
+    M̄ (centered: rank ≤ C − 1) keeps only the nonzero directions."""
     g = torch.Generator().manual_seed(seed)
     raw = torch.randn(dim, classes, generator=g, dtype=torch.float64)
     mbar = raw - raw.mean(dim=1, keepdim=True)
@@ -160,7 +160,7 @@ def test_pairwise_cosines_in_tiles_never_form_classes_by_classes(seed):
     classes, dim = 4500, 6
     g = torch.Generator().manual_seed(seed)
     vectors = torch.randn(classes, dim, generator=g, dtype=torch.float64)
-    vectors[:, 0] += 0.3  # cosines not centred on -1/(C-1)
+    vectors[:, 0] += 0.3  # cosines not centered on -1/(C-1)
     with LargestAllocation() as probe:
         std, max_angle = reference.pairwise_cosine_stats(vectors)
     assert probe.numel <= 1 << 24 < classes * classes, (probe.numel, probe.op)
@@ -177,7 +177,7 @@ def test_pairwise_cosines_in_tiles_never_form_classes_by_classes(seed):
 
 def test_mse_decomposition_with_many_classes_never_forms_classes_by_classes(seed):
     """C = 4200 > 4096: the fit terms Σ_c π_c ‖W μ_c + b − e_c‖² run in class tiles; against the
-    dense uncentred formulas of SPEC §3 (numpy, with the C×C identity)."""
+    dense uncentered formulas of SPEC §3 (numpy, with the C×C identity)."""
     classes, dim, lam = 4200, 4, 0.05
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(classes, dim, generator=g, dtype=torch.float64)
@@ -199,7 +199,7 @@ def test_mse_decomposition_with_many_classes_never_forms_classes_by_classes(seed
         return 0.5 * (fit + np.trace(w @ sw @ w.T) + lam * (np.sum(w**2) + np.sum(b**2)))
 
     w_ls, b_ls = (t.numpy() for t in reference.least_squares(means, priors, sigma_w, lam))
-    # The same sums of C² non-negative terms, tiled and centred here, dense and uncentred in
+    # The same sums of C² non-negative terms, tiled and centered here, dense and uncentered in
     # numpy: ≤ C²·eps relative (recursive summation's worst case) at the same W.
     rtol = classes**2 * EPS
     np.testing.assert_allclose(got["loss_mse"], loss(weight.numpy(), bias.numpy()), rtol=rtol)

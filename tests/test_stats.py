@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ncfast
+from ncfast.backend import reference
 from ncfast.nc4 import NCCMismatch
 from ncfast.stats import ClassStats, InvalidInputError
 from tests.test_metrics import EPS, make_data, oracle_rtol, stream, stream_tolerances
@@ -319,6 +320,68 @@ def test_classifier_shape_and_lambda_are_checked():
         ncfast.nc_metrics(stats, torch.randn(3, 2), weight_decay=-1.0)
     with pytest.raises(ValueError, match="bias was given without weight"):
         ncfast.nc_metrics(stats, None, torch.randn(3))
+
+
+def test_classifier_is_checked_where_it_is_given():
+    """One classifier check (ncfast.checks.check_classifier) for every entry point: the error
+    comes at construction and names the argument."""
+    with pytest.raises(ValueError, match=r"Measurement: weight must have shape .* = \[3, 2\]"):
+        ncfast.Measurement(3, 2, torch.randn(2, 3))
+    with pytest.raises(ValueError, match="Measurement: bias was given without weight"):
+        ncfast.Measurement(3, 2, None, torch.zeros(3))
+    with pytest.raises(TypeError, match="NCCMismatch: weight must be a torch.Tensor, got list"):
+        NCCMismatch([[1.0, 0.0]])
+    with pytest.raises(
+        ValueError, match=r"NCCMismatch: weight must have shape \[num_classes, dim\]"
+    ):
+        NCCMismatch(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"NCCMismatch: bias must be a tensor of shape \[3\]"):
+        NCCMismatch(torch.zeros(3, 2), torch.zeros(2))
+    stats = fed(ClassStats(3, 2), torch.randn(9, 2), torch.arange(3).repeat(3))
+    with pytest.raises(TypeError, match="nc_metrics: bias must be a tensor of shape"):
+        ncfast.nc_metrics(stats, torch.randn(3, 2), [0.0, 0.0, 0.0])
+
+
+def test_nc4_second_pass_must_be_an_iterable_of_pairs(seed):
+    g = torch.Generator().manual_seed(seed)
+    features, labels = torch.randn(12, 2, generator=g), torch.arange(3).repeat(4)
+    stats = fed(ClassStats(3, 2), features, labels)
+    ncc = NCCMismatch(torch.randn(3, 2, generator=g), memory_budget_bytes=0)
+    ncc.update(features, labels)
+    assert ncc.needs_second_pass
+    where = r"NCCMismatch.compute\(second_pass\)"
+    with pytest.raises(TypeError, match=rf"{where}: batches must be an iterable of \(features"):
+        ncc.compute(stats, second_pass=3)
+    with pytest.raises(ValueError, match=rf"{where}: each batch must be a \(features, labels\)"):
+        ncc.compute(stats, second_pass=[(features, labels, labels)])
+    with pytest.raises(TypeError, match=rf"{where}: labels must be integer class indices"):
+        ncc.compute(stats, second_pass=lambda: [(features, labels.float())])
+    fraction = ncc.compute(
+        stats, second_pass=lambda: [(features[:5], labels[:5]), (features[5:], labels[5:])]
+    )
+    assert fraction == ncc.compute(stats, second_pass=[(features, labels)])
+
+
+def test_state_layout_is_new_state_and_wrap_works_in_place(seed):
+    """ClassStats keeps the layout of ncfast.backend.reference.new_state; wrap() updates the
+    given tensors themselves; finalized() is cached until the state changes."""
+    c, p = 3, 4
+    fresh = reference.new_state(c, p)
+    state = ClassStats(c, p, device="cpu").state_dict()
+    assert list(fresh) == list(reference.STATE_KEYS)
+    for key in reference.STATE_KEYS:
+        assert (state[key].shape, state[key].dtype) == (fresh[key].shape, fresh[key].dtype), key
+        assert not fresh[key].any()
+    g = torch.Generator().manual_seed(seed)
+    features, labels = torch.randn(10, p, generator=g), torch.tensor([0, 1] * 5)
+    wrapped = ClassStats.wrap(fresh)
+    wrapped.update(features, labels)
+    assert int(fresh["counts"].sum()) == 10  # written into the caller's tensors
+    final = wrapped.finalized()
+    assert wrapped.finalized() is final  # cached: no recomputation, no copy
+    assert not final[0][2].any()  # the absent class has a zero row, not NaN
+    wrapped.update(features, labels)
+    assert wrapped.finalized() is not final
 
 
 def test_device_mismatch_is_a_clear_error():

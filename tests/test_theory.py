@@ -72,11 +72,11 @@ def test_least_squares_loss_equals_metrics_and_oracle(c, n, p, seed):
     expected = ncfast.nc_metrics(stats, weight=weight)["loss_ls"]
     # Each path rounds h − μ_c by eps·max|h|, against within-class deviations d whose thinnest
     # direction has variance λ_min(Σ_W) (SPEC §1: ‖h‖ times the spread), over N samples, then
-    # solves the centred normal equations K (SPEC §3): N·eps·(max|h|·max|d|/λ_min + cond(K)).
-    means, _ = stats._finalized()
+    # solves the centered normal equations K (SPEC §3): N·eps·(max|h|·max|d|/λ_min + cond(K)).
+    means, _ = stats.finalized()
     spread = float((rows - means[labels]).abs().max())
     lam_min = float(torch.linalg.eigvalsh(stats.sigma_w)[0])
-    k, _, _ = reference._centred_normal_equations(means, stats.priors, stats.sigma_w, 0.0)
+    k, _, _ = reference.centered_normal_equations(means, stats.priors, stats.sigma_w, 0.0)
     kappa = float(h.abs().max()) * spread / lam_min + float(torch.linalg.cond(k))
     rtol = c * n * EPS * kappa
     assert loss == pytest.approx(expected, rel=rtol)
@@ -111,11 +111,11 @@ def test_gradient_envelope_theorem(seed):
     means, sigma_w, _ = theory.feature_statistics(h, c)
     priors = torch.full((c,), 1.0 / c, dtype=F64)
     weight, bias = reference.least_squares(means.detach(), priors, sigma_w.detach(), 0.0)
-    frozen = theory._loss_ls(weight, bias, means, priors, sigma_w)
+    frozen = reference.mse_loss(weight, bias, means, priors, sigma_w, 0.0)
     (partial,) = torch.autograd.grad(frozen, h)
     # The two differ by the stationarity residual of the computed W̃_LS: the solve in K (SPEC §3)
     # is accurate to cond(K)·eps, over statistics of N samples.
-    k, _, _ = reference._centred_normal_equations(means.detach(), priors, sigma_w.detach(), 0.0)
+    k, _, _ = reference.centered_normal_equations(means.detach(), priors, sigma_w.detach(), 0.0)
     atol = c * n * float(torch.linalg.cond(k)) * EPS * float(full.abs().max())
     torch.testing.assert_close(full, partial, rtol=0, atol=atol)
 
@@ -157,7 +157,7 @@ def test_tangent_projection_is_orthogonal_projection_off_manifold(seed):
 def test_projected_gradient_moves_only_class_means(seed):
     c, n, p = 4, 5, 7
     x = theory.initial_features(c, n, p, omega0=omega_tensor(3.0, 1.2, 0.4), generator=gen(seed))
-    velocity = theory._flow(x, c)
+    velocity = theory.flow_velocity(x, c)
     torch.testing.assert_close(velocity, analytic_velocity(x, c), rtol=1e-10, atol=1e-14)
     blocks = velocity.reshape(p, c, n)
     torch.testing.assert_close(blocks, blocks[:, :, :1].expand_as(blocks), rtol=0, atol=1e-14)
@@ -175,7 +175,7 @@ def test_renormalize_whitens_and_keeps_snr_singular_values(seed):
     _, sigma_w, _ = theory.feature_statistics(x, c)
     atol = p * kappa * EPS
     torch.testing.assert_close(sigma_w, torch.eye(p, dtype=F64), rtol=0, atol=atol)
-    # Zero in exact arithmetic: the centring rounds at max|h| (then whitened: × ‖W‖₂, √P entries)
+    # Zero in exact arithmetic: the centering rounds at max|h| (then whitened: × ‖W‖₂, √P entries)
     # and the mean over N columns adds N·eps·max|x|.
     w_norm = float(torch.linalg.matrix_norm(reference.psd_inv_sqrt(sigma_h)[0], ord=2))
     mean_bound = EPS * (p**0.5 * w_norm * float(h.abs().max()) + c * n * float(x.abs().max()))

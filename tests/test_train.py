@@ -22,19 +22,23 @@ from ncfast.paper.checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
+from ncfast.paper.config import (
+    EXPERIMENT_FIELDS,
+    INVOCATION_FIELDS,
+    PAPER_MEASURE_EPOCHS,
+    PRESETS,
+    REFERENCE_LR,
+    TrainConfig,
+    default_measure_epochs,
+)
 from ncfast.paper.data import LabeledImages
 from ncfast.paper.evaluate import measure_split
 from ncfast.paper.losses import compute_loss
 from ncfast.paper.models import build
+from ncfast.paper.rundir import RunDirectoryError
 from ncfast.paper.train import (
-    PAPER_MEASURE_EPOCHS,
-    PRESETS,
-    REFERENCE_LR,
     ROW_KEYS,
-    RunDirectoryError,
-    TrainConfig,
     build_model,
-    default_measure_epochs,
     epoch_batches,
     epoch_permutation,
     train,
@@ -99,7 +103,7 @@ def without_timing(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- configuration
 def test_paper_defaults():
     c = TrainConfig(dataset="svhn", net="vgg").resolved()
-    assert c.net == "vgg13"  # seed Table A.2
+    assert c.net == "vgg13"  # HPD22 Table A.2
     assert (c.epochs, c.batch_size, c.weight_decay, c.momentum) == (350, 128, 5e-4, 0.9)
     assert c.lr_milestones == (116, 233) and c.lr_gamma == 0.1
     assert c.measure_epochs == PAPER_MEASURE_EPOCHS and len(PAPER_MEASURE_EPOCHS) == 50
@@ -327,6 +331,36 @@ def test_resume_a_checkpoint_from_before_an_option_existed(tmp_path, tiny_data):
         train(tiny_config(out, resume=True, measure_epochs=(2,)), progress=False, data=tiny_data)
 
 
+def test_a_resumption_may_change_how_it_runs_not_what_it_is(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    kwargs = {"measure_epochs": (2,)}
+    train(tiny_config(out, stop_after=1, **kwargs), progress=False, data=tiny_data)
+    # Every option of the Experiment, changed, is refused naming it (one of each kind).
+    experiment = {
+        "width": 0.125,
+        "momentum": 0.5,
+        "seed": 1,
+        "precision": "bf16",
+        "batch_size": 8,
+        "measure_batch_size": 16,
+        "channels_last": False,
+        "lr_milestones": (2,),  # the default is (1,)
+    }
+    assert set(experiment) <= set(EXPERIMENT_FIELDS)
+    for name, value in experiment.items():
+        changed = tiny_config(out, resume=True, **{**kwargs, name: value})
+        with pytest.raises(RunDirectoryError, match=f"{name}: checkpoint"):
+            train(changed, progress=False, data=tiny_data)
+    # The Invocation may change: another memory budget, the overhead timing, DeepFool.
+    invocation = {"memory_budget_bytes": 2**20, "measure_overhead": True, "robustness_samples": 2}
+    assert set(invocation) <= set(INVOCATION_FIELDS)
+    resumed = tiny_config(out, resume=True, **kwargs, **invocation)
+    train(resumed, progress=False, data=tiny_data)
+    test_row = read_rows(out)[1]
+    assert test_row["epoch"] == 2 and test_row["robustness_samples"] == 2
+    assert "forward_time" in test_row
+
+
 def test_measured_metrics_equal_a_separate_pass_from_the_checkpoint(tmp_path, tiny_data):
     out = train(tiny_config(tmp_path / "run", epochs=3), progress=False, data=tiny_data)
     last = {r["split"]: r for r in read_rows(out) if r["epoch"] == 3}
@@ -366,7 +400,7 @@ def test_measured_metrics_equal_a_separate_pass_from_the_checkpoint(tmp_path, ti
             else:
                 assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
         assert got["loss_mse"] == pytest.approx(brute["loss_mse"], rel=1e-6)
-        # The logged loss is the MSELoss of the network; seed Eq. 3 is (C/2) of it plus the
+        # The logged loss is the MSELoss of the network; HPD22 Eq. 3 is (C/2) of it plus the
         # weight-decay term (SPEC §3).
         w_tilde_sq = float(weight.double().square().sum() + bias.double().square().sum())
         assert got["loss_mse"] == pytest.approx(
@@ -543,6 +577,7 @@ def test_cli_errors(tmp_path):
     (run / "checkpoint.pt").write_bytes(b"\x00" * 100)
     result = runner.invoke(main, ["train", "--resume", "--out", str(run)])
     assert result.exit_code == 1 and "corrupt" in result.output, result.output
+    assert f"Error: cannot resume: checkpoint {run / 'checkpoint.pt'}" in result.output
 
     result = runner.invoke(main, ["train", "--resume", "--out", str(tmp_path / "none")])
     assert result.exit_code == 1 and "does not exist" in result.output

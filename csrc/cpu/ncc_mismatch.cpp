@@ -1,6 +1,6 @@
 // CPU NC4 mismatch count (semantics: ncfast.reference.ncc_mismatch_count).
 //
-// Per row block: upcast and centre the rows, two dgemms against mu and W give the nearest-centre
+// Per row block: upcast and center the rows, two dgemms against mu and W give the nearest-center
 // scores and the logits, then argmin, argmax and the comparison happen in one sweep. Blocks
 // bound the float64 temporaries (never [B, C] or [B, P] for a large batch); BLAS runs outside
 // our parallel loops (it threads itself).
@@ -37,7 +37,7 @@ int64_t count_typed(const at::Tensor& features, const bool* valid, int64_t valid
   const T* x = features.const_data_ptr<T>();
   const int64_t s0 = features.stride(0);
   const int64_t s1 = features.stride(1);
-  const double* centre = plan.centre.const_data_ptr<double>();
+  const double* center = plan.center.const_data_ptr<double>();
   const double* sq = plan.sq_norms.const_data_ptr<double>();
   const double* bias = plan.bias.const_data_ptr<double>();
   const bool* present = plan.present.const_data_ptr<bool>();
@@ -52,7 +52,7 @@ int64_t count_typed(const at::Tensor& features, const bool* valid, int64_t valid
   std::atomic<int64_t> total{0};
   for (int64_t r0 = 0; r0 < b; r0 += rows) {
     const int64_t n = std::min(rows, b - r0);
-    at::Tensor xc = at::empty({n, p}, plan.centre.options());
+    at::Tensor xc = at::empty({n, p}, plan.center.options());
     double* xcp = xc.data_ptr<double>();
     at::parallel_for(0, n, fill_grain, [&](int64_t first, int64_t last) {
       for (int64_t r = first; r < last; ++r) {
@@ -62,7 +62,7 @@ int64_t count_typed(const at::Tensor& features, const bool* valid, int64_t valid
           continue;
         }
         const T* row = x + (r0 + r) * s0;
-        for (int64_t j = 0; j < p; ++j) out[j] = static_cast<double>(row[j * s1]) - centre[j];
+        for (int64_t j = 0; j < p; ++j) out[j] = static_cast<double>(row[j * s1]) - center[j];
       }
     });
     const at::Tensor near = at::mm(xc, mu_t);        // [n, C]: (x − c)·mu_k

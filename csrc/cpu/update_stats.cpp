@@ -2,7 +2,7 @@
 //
 // One pass classifies the rows (label range, finiteness) and a stable counting sort groups the
 // valid ones by class. A second pass upcasts, subtracts each row's class shift and writes the
-// float64 centred rows z_i into a class-sorted buffer while summing them per class (blocks of
+// float64 centered rows z_i into a class-sorted buffer while summing them per class (blocks of
 // whole rows; the result does not depend on the number of threads). Then scatter += ZᵀZ by
 // BLAS: for large batches only the upper triangle, in row panels, each panel one
 // single-threaded dgemm plus the copy of its transpose onto the lower triangle, panels taken
@@ -107,7 +107,7 @@ void first_seen_shifts(const T* x, int64_t row_stride, int64_t col_stride, int64
 // which classes can share with a neighbour, are summed after the parallel loop in block order,
 // so the result does not depend on the number of threads.
 template <typename T, bool kUnitStride>
-void centre_rows(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
+void center_rows(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
                  const std::vector<int64_t>& order, const std::vector<Segment>& segments,
                  const double* shift, double* sums, double* z) {
   const int64_t n = static_cast<int64_t>(order.size());
@@ -217,7 +217,7 @@ void update_typed(const at::Tensor& features, const at::Tensor& labels, at::Tens
 
   // Pass 1: classify rows. row_class = class, or -1 (bad label) / -2 (non-finite features).
   std::vector<int64_t> row_class(b);
-  // Inline (no parallel region) below ~1M elements: it is a fraction of the centring cost.
+  // Inline (no parallel region) below ~1M elements: it is a fraction of the centering cost.
   const int64_t grain = std::max<int64_t>(256, (int64_t{1} << 20) / std::max<int64_t>(p, 1));
   at::parallel_for(0, b, grain, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
@@ -270,24 +270,24 @@ void update_typed(const at::Tensor& features, const at::Tensor& labels, at::Tens
     }
   }
 
-  // Pass 2: first-seen shifts, then centred rows and class sums.
+  // Pass 2: first-seen shifts, then centered rows and class sums.
   const bool any_first_seen =
       std::any_of(segments.begin(), segments.end(), [](const Segment& s) { return s.first_seen; });
   at::Tensor z = at::empty({n_valid, p}, shift.options());
   double* sh = shift.data_ptr<double>();
   if (unit) {
     if (any_first_seen) first_seen_shifts<T, true>(x, row_stride, 1, p, order, segments, sh);
-    centre_rows<T, true>(x, row_stride, 1, p, order, segments, sh, sums.data_ptr<double>(),
+    center_rows<T, true>(x, row_stride, 1, p, order, segments, sh, sums.data_ptr<double>(),
                          z.data_ptr<double>());
   } else {
     if (any_first_seen) {
       first_seen_shifts<T, false>(x, row_stride, col_stride, p, order, segments, sh);
     }
-    centre_rows<T, false>(x, row_stride, col_stride, p, order, segments, sh,
+    center_rows<T, false>(x, row_stride, col_stride, p, order, segments, sh,
                           sums.data_ptr<double>(), z.data_ptr<double>());
   }
 
-  // Pass 3: the within-class scatter of the centred rows.
+  // Pass 3: the within-class scatter of the centered rows.
   accumulate_gram_cpu_(scatter, z);
   for (int64_t k = 0; k < c; ++k) cnt[k] += batch_counts[k];
 }

@@ -40,7 +40,7 @@ struct UpdateParams {
   int* new_classes;       // [classes]: the first *num_new entries list them, ascending
   int* row_class;         // [batch]: class, or -1 for an invalid row
   int* tile_order;        // [batch]: per row tile, the tile-local indices of its rows by class
-  double* centred;        // [batch, dim] output: z_i = h_i − s_{y_i}, zero rows if invalid
+  double* centered;       // [batch, dim] output: z_i = h_i − s_{y_i}, zero rows if invalid
 };
 
 // Rows of one tile: the first kernel ranks them by class, the second walks them in that order.
@@ -76,10 +76,10 @@ void launch_update_stats(const UpdateParams& params, int feature_kind, cudaStrea
 // m[i, j] = m[j, i] for i > j, m [p, p] row-major.
 void launch_mirror_upper_to_lower(double* matrix, int64_t p, cudaStream_t stream);
 
-// out[i, :] = valid[i] ? float64(x[i, :]) − centre : 0, out [batch, dim] contiguous.
-void launch_ncc_centre(const void* features, int feature_kind, int64_t row_stride,
+// out[i, :] = valid[i] ? float64(x[i, :]) − center : 0, out [batch, dim] contiguous.
+void launch_ncc_center(const void* features, int feature_kind, int64_t row_stride,
                        int64_t col_stride, const bool* valid, int64_t valid_stride,
-                       const double* centre, int64_t batch, int64_t dim, double* out,
+                       const double* center, int64_t batch, int64_t dim, double* out,
                        cudaStream_t stream);
 
 // *count += #{valid i : argmin_k (sq[k] − 2 near[i,k], absent k excluded) ≠

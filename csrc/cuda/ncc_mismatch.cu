@@ -1,5 +1,5 @@
 // NC4 on CUDA: the two kernels around the cuBLAS GEMMs of ncc_mismatch_count_cuda
-// (ops_cuda.cpp): centring of a row block, then the argmin/argmax/compare/count sweep.
+// (ops_cuda.cpp): centering of a row block, then the argmin/argmax/compare/count sweep.
 #include <algorithm>
 
 #include "device_common.cuh"
@@ -9,8 +9,8 @@ namespace cuda {
 namespace detail {
 
 template <typename T>
-__global__ void ncc_centre_kernel(const T* x, int64_t row_stride, int64_t col_stride,
-                                  const bool* valid, int64_t valid_stride, const double* centre,
+__global__ void ncc_center_kernel(const T* x, int64_t row_stride, int64_t col_stride,
+                                  const bool* valid, int64_t valid_stride, const double* center,
                                   int64_t batch, int64_t dim, double* out) {
   const int64_t total = batch * dim;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
@@ -18,7 +18,7 @@ __global__ void ncc_centre_kernel(const T* x, int64_t row_stride, int64_t col_st
     const int64_t i = idx / dim;
     const int64_t j = idx - i * dim;
     out[idx] =
-        valid[i * valid_stride] ? to_double(x[i * row_stride + j * col_stride]) - centre[j] : 0.0;
+        valid[i * valid_stride] ? to_double(x[i * row_stride + j * col_stride]) - center[j] : 0.0;
   }
 }
 
@@ -90,40 +90,40 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-void launch_ncc_centre_typed(const void* x, int64_t row_stride, int64_t col_stride,
-                             const bool* valid, int64_t valid_stride, const double* centre,
+void launch_ncc_center_typed(const void* x, int64_t row_stride, int64_t col_stride,
+                             const bool* valid, int64_t valid_stride, const double* center,
                              int64_t batch, int64_t dim, double* out, cudaStream_t stream) {
   const int64_t total = batch * dim;
   const unsigned blocks =
       static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65536));
-  NCFAST_LAUNCH(ncc_centre_kernel<T>, blocks, kThreads, stream, static_cast<const T*>(x),
-                row_stride, col_stride, valid, valid_stride, centre, batch, dim, out);
-  check_launch("ncc_centre_kernel");
+  NCFAST_LAUNCH(ncc_center_kernel<T>, blocks, kThreads, stream, static_cast<const T*>(x),
+                row_stride, col_stride, valid, valid_stride, center, batch, dim, out);
+  check_launch("ncc_center_kernel");
 }
 
 }  // namespace detail
 
-void launch_ncc_centre(const void* features, int feature_kind, int64_t row_stride,
+void launch_ncc_center(const void* features, int feature_kind, int64_t row_stride,
                        int64_t col_stride, const bool* valid, int64_t valid_stride,
-                       const double* centre, int64_t batch, int64_t dim, double* out,
+                       const double* center, int64_t batch, int64_t dim, double* out,
                        cudaStream_t stream) {
   if (batch == 0 || dim == 0) return;
   switch (feature_kind) {
     case kF16:
-      detail::launch_ncc_centre_typed<c10::Half>(features, row_stride, col_stride, valid,
-                                                 valid_stride, centre, batch, dim, out, stream);
+      detail::launch_ncc_center_typed<c10::Half>(features, row_stride, col_stride, valid,
+                                                 valid_stride, center, batch, dim, out, stream);
       break;
     case kBF16:
-      detail::launch_ncc_centre_typed<c10::BFloat16>(features, row_stride, col_stride, valid,
-                                                     valid_stride, centre, batch, dim, out, stream);
+      detail::launch_ncc_center_typed<c10::BFloat16>(features, row_stride, col_stride, valid,
+                                                     valid_stride, center, batch, dim, out, stream);
       break;
     case kF32:
-      detail::launch_ncc_centre_typed<float>(features, row_stride, col_stride, valid, valid_stride,
-                                             centre, batch, dim, out, stream);
+      detail::launch_ncc_center_typed<float>(features, row_stride, col_stride, valid, valid_stride,
+                                             center, batch, dim, out, stream);
       break;
     default:
-      detail::launch_ncc_centre_typed<double>(features, row_stride, col_stride, valid, valid_stride,
-                                              centre, batch, dim, out, stream);
+      detail::launch_ncc_center_typed<double>(features, row_stride, col_stride, valid, valid_stride,
+                                              center, batch, dim, out, stream);
       break;
   }
 }

@@ -44,7 +44,7 @@ void update_stats_cuda(const at::Tensor& features, const at::Tensor& labels, at:
   at::Tensor scratch = at::empty({layout.total_bytes}, features.options().dtype(at::kByte));
   char* base = static_cast<char*>(scratch.data_ptr());
   C10_CUDA_CHECK(cudaMemsetAsync(base, 0, static_cast<size_t>(layout.zeroed_bytes), stream));
-  at::Tensor centred = at::empty({b, p}, shift.options());
+  at::Tensor centered = at::empty({b, p}, shift.options());
 
   cuda::UpdateParams q{};
   q.features = features.const_data_ptr();
@@ -61,12 +61,12 @@ void update_stats_cuda(const at::Tensor& features, const at::Tensor& labels, at:
   q.sums = sums.data_ptr<double>();
   q.invalid = invalid.data_ptr<int64_t>();
   cuda::UpdateScratch::bind(q, base);
-  q.centred = centred.data_ptr<double>();
+  q.centered = centered.data_ptr<double>();
   cuda::launch_update_stats(q, feature_kind(features.scalar_type()), stream);
 
-  // Invalid rows of `centred` are zero, so the GEMM runs over the whole batch and the host
+  // Invalid rows of `centered` are zero, so the GEMM runs over the whole batch and the host
   // never needs the number of valid rows.
-  accumulate_gram_(scatter, centred, &mirror_upper_to_lower_cuda, /*target_blocks=*/4,
+  accumulate_gram_(scatter, centered, &mirror_upper_to_lower_cuda, /*target_blocks=*/4,
                    /*min_height=*/64, /*min_rows=*/8192);
 }
 
@@ -91,13 +91,13 @@ at::Tensor ncc_mismatch_count_cuda(const at::Tensor& features, const at::Tensor&
     const int64_t n = std::min(rows, b - r0);
     const at::Tensor x = features.narrow(0, r0, n);
     const at::Tensor v = valid.narrow(0, r0, n);
-    at::Tensor centred = at::empty({n, p}, plan.centre.options());
-    cuda::launch_ncc_centre(x.const_data_ptr(), feature_kind(x.scalar_type()), x.stride(0),
+    at::Tensor centered = at::empty({n, p}, plan.center.options());
+    cuda::launch_ncc_center(x.const_data_ptr(), feature_kind(x.scalar_type()), x.stride(0),
                             x.stride(1), v.const_data_ptr<bool>(), v.stride(0),
-                            plan.centre.const_data_ptr<double>(), n, p, centred.data_ptr<double>(),
+                            plan.center.const_data_ptr<double>(), n, p, centered.data_ptr<double>(),
                             stream);
-    const at::Tensor near = at::mm(centred, mu_t);        // [n, C], contiguous
-    const at::Tensor logits = at::mm(centred, weight_t);  // [n, C], contiguous
+    const at::Tensor near = at::mm(centered, mu_t);        // [n, C], contiguous
+    const at::Tensor logits = at::mm(centered, weight_t);  // [n, C], contiguous
     cuda::launch_ncc_count(near.const_data_ptr<double>(), logits.const_data_ptr<double>(),
                            plan.sq_norms.const_data_ptr<double>(),
                            plan.bias.const_data_ptr<double>(), plan.present.const_data_ptr<bool>(),

@@ -1,5 +1,5 @@
 // The fused statistics update on CUDA: two kernels per batch and no host synchronisation
-// (classify_rows_kernel, then centre_rows_kernel; ops_cuda.cpp adds the Gram GEMM), and the
+// (classify_rows_kernel, then center_rows_kernel; ops_cuda.cpp adds the Gram GEMM), and the
 // mirror of the Gram panels. Templates are instantiated for the four feature dtypes only;
 // labels of any integer dtype are read through a run-time switch (common.h).
 #include "device_common.cuh"
@@ -10,8 +10,8 @@ namespace detail {
 
 constexpr int kClassifyThreads = 512;  // 16 warps, 8 rows each: one row tile per block
 constexpr int kClassifyWarps = kClassifyThreads / 32;
-constexpr int kRowsPerWarpCentre = kRowsPerTile / kWarps;
-constexpr int kColsPerBlockCentre = 32;  // one column per lane
+constexpr int kRowsPerWarpCenter = kRowsPerTile / kWarps;
+constexpr int kColsPerBlockCenter = 32;  // one column per lane
 
 __device__ __forceinline__ int rows_in_tile(int64_t batch, int64_t row0) {
   return batch - row0 < kRowsPerTile ? static_cast<int>(batch - row0) : kRowsPerTile;
@@ -137,7 +137,7 @@ __device__ __forceinline__ double shift_of(const UpdateParams& q, const T* x, in
 // z = h − s_y (float64) and sums z over runs of one class, so the class sums cost one atomic
 // per run instead of one per element.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) centre_rows_kernel(UpdateParams q) {
+__global__ void __launch_bounds__(kThreads) center_rows_kernel(UpdateParams q) {
   __shared__ int cls[kRowsPerTile];
   __shared__ int order[kRowsPerTile];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerTile;
@@ -150,14 +150,14 @@ __global__ void __launch_bounds__(kThreads) centre_rows_kernel(UpdateParams q) {
   __syncthreads();
   const int warp = t >> 5;
   const int lane = t & 31;
-  const int64_t j = static_cast<int64_t>(blockIdx.y) * kColsPerBlockCentre + lane;
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * kColsPerBlockCenter + lane;
   const bool col_ok = j < q.dim;
   const T* x = static_cast<const T*>(q.features);
   int current = -1;
   double acc = 0.0;
   double s = 0.0;
-  for (int k = 0; k < kRowsPerWarpCentre; ++k) {
-    const int position = warp * kRowsPerWarpCentre + k;
+  for (int k = 0; k < kRowsPerWarpCenter; ++k) {
+    const int position = warp * kRowsPerWarpCenter + k;
     if (position >= rows_here) break;  // warp-uniform
     const int slot = order[position];
     const int c = cls[slot];
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) centre_rows_kernel(UpdateParams q) {
     }
     if (!col_ok) continue;
     const int64_t i = row0 + slot;
-    double* z = q.centred + i * q.dim + j;
+    double* z = q.centered + i * q.dim + j;
     if (c < 0) {
       *z = 0.0;  // invalid rows add nothing to the Gram product
       continue;
@@ -221,9 +221,9 @@ void launch_update_typed(const UpdateParams& q, cudaStream_t stream) {
   check_launch("classify_rows_kernel");
   if (q.dim == 0) return;
   const dim3 grid(row_tiles,
-                  static_cast<unsigned>((q.dim + kColsPerBlockCentre - 1) / kColsPerBlockCentre));
-  NCFAST_LAUNCH(centre_rows_kernel<T>, grid, kThreads, stream, q);
-  check_launch("centre_rows_kernel");
+                  static_cast<unsigned>((q.dim + kColsPerBlockCenter - 1) / kColsPerBlockCenter));
+  NCFAST_LAUNCH(center_rows_kernel<T>, grid, kThreads, stream, q);
+  check_launch("center_rows_kernel");
 }
 
 }  // namespace detail

@@ -6,11 +6,14 @@ import os
 
 import torch
 
-from ncfast import __version__
-from ncfast.backend import ops
+
+def cuda_version_string(version: int) -> str | None:
+    """CUDA's version number as CUDA writes it (``CUDA_VERSION``, 12040) in the usual form
+    ("12.4"); None for 0 (built without CUDA)."""
+    return f"{version // 1000}.{version % 1000 // 10}" if version else None
 
 
-def build_info() -> dict:
+def build_info() -> dict[str, object]:
     """A JSON-serialisable description of the installation.
 
     Keys: ncfast, torch, torch_cuda, cuda_available, devices, device_kernels, backend,
@@ -20,31 +23,37 @@ def build_info() -> dict:
     extension_compiler. device_kernels has one entry per visible GPU: device, name, capability
     ("8.6"), kernel_image ("sm_86", "compute_90" or None) and uses (what runs its tensors).
     """
-    info: dict = {
+    # Imported here: the native module imports this one while ncfast itself is importing.
+    from ncfast import __version__
+    from ncfast.backend import ops
+
+    devices = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else []
+    )
+    info: dict[str, object] = {
         "ncfast": __version__,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
-        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available()
-        else [],
+        "devices": devices,
         "backend": ops.BACKEND,
         "backend_requested": os.environ.get("NCFAST_BACKEND", "") or None,
         "native_unavailable_reason": ops.NATIVE_UNAVAILABLE_REASON or None,
     }
-    info["device_kernels"] = [_device_kernels(i) for i in range(len(info["devices"]))]
+    info["device_kernels"] = [_device_kernels(i) for i in range(len(devices))]
     try:
         from ncfast import _C
     except ImportError as exc:
         info.update(extension=False, extension_path=None, extension_error=str(exc))
         return info
-    cuda = _C.cuda_version_int
     info.update(
         extension=True,
         extension_path=_C.__file__,
         extension_error=None,
         extension_cuda=bool(_C.with_cuda),
-        extension_cuda_version=f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None,
+        extension_cuda_version=cuda_version_string(_C.cuda_version_int),
         extension_arch_list=_C.cuda_arch_list or None,
         extension_torch=_C.torch_version,
         extension_compiler=_C.compiler,
@@ -52,10 +61,12 @@ def build_info() -> dict:
     return info
 
 
-def _device_kernels(index: int) -> dict:
+def _device_kernels(index: int) -> dict[str, str | None]:
     """Which code runs ncfast's ops on tensors of CUDA device `index`."""
+    from ncfast.backend import ops
+
     major, minor = torch.cuda.get_device_capability(index)
-    entry = {
+    entry: dict[str, str | None] = {
         "device": f"cuda:{index}",
         "name": torch.cuda.get_device_name(index),
         "capability": f"{major}.{minor}",

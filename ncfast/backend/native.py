@@ -3,11 +3,11 @@
 
 Compiled ops (``torch.ops.ncfast.*``, a CPU and a CUDA implementation each, ``csrc/``):
 
-- ``update_stats_``: the per-batch hot path. Validation, upcast, per-class shift, centring and
+- ``update_stats_``: the per-batch hot path. Validation, upcast, per-class shift, centering and
   class sums fused in one pass over the batch, then one float64 Gram update (BLAS/cuBLAS; the
   upper triangle only, in panels, when that saves flops). On CUDA: two kernels, one memset and
   the GEMM, no host synchronisation.
-- ``ncc_mismatch_count``: NC4 as GEMMs of the centred rows against the centred class means and
+- ``ncc_mismatch_count``: NC4 as GEMMs of the centered rows against the centered class means and
   the classifier, fused with the argmin/argmax/compare/count sweep.
 
 The other functions are the reference's own (and say so by identity): each is one or two
@@ -50,11 +50,10 @@ from ncfast._C import cuda_version_int as _CUDA_VERSION_INT
 from ncfast._C import torch_version as COMPILED_TORCH_VERSION
 from ncfast._C import with_cuda as _WITH_CUDA
 from ncfast.backend import reference
+from ncfast.backend.build_info import cuda_version_string
 
 WITH_CUDA = bool(_WITH_CUDA)
-COMPILED_CUDA_VERSION = (
-    f"{_CUDA_VERSION_INT // 1000}.{_CUDA_VERSION_INT % 1000 // 10}" if _CUDA_VERSION_INT else None
-)
+COMPILED_CUDA_VERSION = cuda_version_string(_CUDA_VERSION_INT)
 
 # Functions whose reference implementation is already the right one (see module docstring).
 finalize_stats = reference.finalize_stats
@@ -73,7 +72,7 @@ def _version_parts(version: str | None, parts: int) -> tuple[int, ...] | None:
     return tuple(int(part) for part in version.split("+")[0].split(".")[:parts])
 
 
-def _check_build() -> None:
+def check_build() -> None:
     """Refuse, loudly, an extension compiled against another torch (major.minor: its C++ ABI)
     or another CUDA major version than the running one: its kernels could crash or compute
     garbage rather than fail cleanly. Within a CUDA major version the runtime is compatible,
@@ -95,7 +94,7 @@ def _check_build() -> None:
         )
 
 
-_check_build()
+check_build()
 
 
 # ----------------------------------------------------------- GPU architectures
@@ -183,7 +182,7 @@ def _cuda_device_kernels(index: int) -> bool:
     known = _DEVICE_KERNELS.get(index)
     if known is not None:
         return known
-    capability = tuple(torch.cuda.get_device_capability(index))
+    capability = torch.cuda.get_device_capability(index)
     ok = kernel_image_for(capability, COMPILED_TARGETS) is not None
     if not ok:
         arch = f"{capability[0]}.{capability[1]}"
@@ -201,19 +200,35 @@ def _cuda_device_kernels(index: int) -> bool:
 
 
 # ----------------------------------------------------------------- fake (meta) kernels
-# Shapes only, for FakeTensor tracing (torch.compile, opcheck).
-@torch.library.register_fake("ncfast::update_stats_")
-def _update_stats_fake(features, labels, counts, shift, sums, scatter, invalid):
+# Shapes only, for FakeTensor tracing (torch.compile, opcheck). register_fake has no return
+# annotation in torch, so mypy would call the decorated functions untyped.
+@torch.library.register_fake("ncfast::update_stats_")  # type: ignore[untyped-decorator]
+def _update_stats_fake(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    counts: torch.Tensor,
+    shift: torch.Tensor,
+    sums: torch.Tensor,
+    scatter: torch.Tensor,
+    invalid: torch.Tensor,
+) -> None:
     return None
 
 
-@torch.library.register_fake("ncfast::ncc_mismatch_count")
-def _ncc_mismatch_count_fake(features, valid, weight, bias, class_means, present):
+@torch.library.register_fake("ncfast::ncc_mismatch_count")  # type: ignore[untyped-decorator]
+def _ncc_mismatch_count_fake(
+    features: torch.Tensor,
+    valid: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    class_means: torch.Tensor,
+    present: torch.Tensor,
+) -> torch.Tensor:
     return features.new_empty((), dtype=torch.int64)
 
 
 # ------------------------------------------------------------------------ dispatch
-def _kernels_for(device: torch.device) -> bool:
+def kernels_for(device: torch.device) -> bool:
     """Whether compiled kernels run on tensors of ``device``."""
     if device.type == "cpu":
         return True
@@ -222,17 +237,25 @@ def _kernels_for(device: torch.device) -> bool:
     return _cuda_device_kernels(device.index if device.index is not None else 0)
 
 
-def _update_kernels_for(device: torch.device) -> bool:
-    """As _kernels_for, and on CUDA not while deterministic algorithms are required (the
+def update_kernels_for(device: torch.device) -> bool:
+    """As kernels_for, and on CUDA not while deterministic algorithms are required (the
     module docstring says why)."""
     if device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
         return False
-    return _kernels_for(device)
+    return kernels_for(device)
 
 
-def update_stats_(features, labels, counts, shift, sums, scatter, invalid) -> None:
+def update_stats_(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    counts: torch.Tensor,
+    shift: torch.Tensor,
+    sums: torch.Tensor,
+    scatter: torch.Tensor,
+    invalid: torch.Tensor,
+) -> None:
     """Add one batch to the accumulator state in place (see reference.update_stats_)."""
-    if not _update_kernels_for(features.device):
+    if not update_kernels_for(features.device):
         reference.update_stats_(features, labels, counts, shift, sums, scatter, invalid)
         return
     state = (counts, shift, sums, scatter, invalid)
@@ -246,10 +269,19 @@ def update_stats_(features, labels, counts, shift, sums, scatter, invalid) -> No
         target.copy_(result)
 
 
-def ncc_mismatch_count(features, valid, weight, bias, class_means, present):
+def ncc_mismatch_count(
+    features: torch.Tensor,
+    valid: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    class_means: torch.Tensor,
+    present: torch.Tensor,
+) -> torch.Tensor:
     """NC4 mismatches among the ``valid`` rows, int64 device scalar (see reference)."""
-    if not _kernels_for(features.device):
+    if not kernels_for(features.device):
         return reference.ncc_mismatch_count(features, valid, weight, bias, class_means, present)
-    return torch.ops.ncfast.ncc_mismatch_count(
+    # torch.ops.* are resolved at run time (Any to mypy): the schema says Tensor.
+    count: torch.Tensor = torch.ops.ncfast.ncc_mismatch_count(
         features, valid.to(torch.bool), weight, bias, class_means, present.to(torch.bool)
     )
+    return count

@@ -2,28 +2,108 @@
 
 ``NCFAST_BACKEND=reference`` or ``native`` forces a backend; unset, the native one is used when
 ``ncfast._C`` is importable. Every function below has the signature of its twin in
-``ncfast.backend.reference``.
+``ncfast.backend.reference``; :class:`Backend` spells those signatures out, and both backend
+modules are checked against it (mypy). :func:`use_backend` switches for a block of code (tests
+and benchmarks compare the two).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from types import ModuleType
+from collections.abc import Callable, Iterator
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
+
+import torch
 
 from ncfast.backend import reference
 
 _BACKENDS = ("reference", "native")
+_Params = ParamSpec("_Params")
+_Result = TypeVar("_Result")
 
 
-def _load_native() -> tuple[ModuleType | None, str]:
+class Backend(Protocol):
+    """The ops every backend module provides (the signatures of :mod:`.reference`)."""
+
+    def update_stats_(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        counts: torch.Tensor,
+        shift: torch.Tensor,
+        sums: torch.Tensor,
+        scatter: torch.Tensor,
+        invalid: torch.Tensor,
+    ) -> None: ...
+
+    def finalize_stats(
+        self, counts: torch.Tensor, shift: torch.Tensor, sums: torch.Tensor, scatter: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def reshift(
+        self,
+        counts: torch.Tensor,
+        shift: torch.Tensor,
+        sums: torch.Tensor,
+        scatter: torch.Tensor,
+        new_shift: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def psd_inv_sqrt(
+        self, matrix: torch.Tensor, rel_eps: float | None = None
+    ) -> tuple[torch.Tensor, int]: ...
+
+    def nc1(
+        self, sigma_w: torch.Tensor, mbar: torch.Tensor, rtol: float = ..., atol: float = ...
+    ) -> tuple[float, int]: ...
+
+    def snr_singular_values(
+        self,
+        sigma_w_inv_sqrt: torch.Tensor,
+        mbar: torch.Tensor,
+        rtol: float = ...,
+        atol: float = ...,
+    ) -> torch.Tensor: ...
+
+    def pairwise_cosine_stats(
+        self, vectors: torch.Tensor, tile: int = ...
+    ) -> tuple[float, float]: ...
+
+    def least_squares(
+        self, class_means: torch.Tensor, priors: torch.Tensor, sigma_w: torch.Tensor, lam: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def mse_decomposition(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        class_means: torch.Tensor,
+        priors: torch.Tensor,
+        sigma_w: torch.Tensor,
+        lam: float,
+    ) -> dict[str, float]: ...
+
+    def ncc_mismatch_count(
+        self,
+        features: torch.Tensor,
+        valid: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        class_means: torch.Tensor,
+        present: torch.Tensor,
+    ) -> torch.Tensor: ...
+
+
+def _load_native() -> tuple[Backend | None, str]:
     try:
-        from ncfast.backend import native as _native  # optional compiled extension
+        from ncfast.backend import native  # optional compiled extension
     except ImportError as exc:  # no extension built: the reference is complete on its own
         return None, f"{type(exc).__name__}: {exc}"
-    return _native, ""
+    return native, ""
 
 
-def _select() -> tuple[ModuleType, str, str]:
+def _select() -> tuple[Backend, str, str]:
     requested = os.environ.get("NCFAST_BACKEND", "").strip().lower()
     if requested and requested not in _BACKENDS:
         raise ValueError(
@@ -43,41 +123,48 @@ def _select() -> tuple[ModuleType, str, str]:
 _impl, BACKEND, NATIVE_UNAVAILABLE_REASON = _select()
 
 
-def update_stats_(features, labels, counts, shift, sums, scatter, invalid) -> None:
-    _impl.update_stats_(features, labels, counts, shift, sums, scatter, invalid)
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops of backend ``name`` (``"reference"`` or ``"native"``) inside the ``with``
+    block, then the previous one again; :data:`BACKEND` says which is in use. ImportError when
+    the native extension is asked for but missing. Not thread-safe: for tests and benchmarks."""
+    global _impl, BACKEND
+    if name not in _BACKENDS:
+        raise ValueError(f"use_backend: name must be one of {', '.join(_BACKENDS)}, got {name!r}")
+    chosen, why_not = _load_native() if name == "native" else (reference, "")
+    if chosen is None:
+        raise ImportError(f"use_backend: the native backend is not available ({why_not})")
+    previous = _impl, BACKEND
+    _impl, BACKEND = chosen, name
+    try:
+        yield
+    finally:
+        _impl, BACKEND = previous
 
 
-def finalize_stats(counts, shift, sums, scatter):
-    return _impl.finalize_stats(counts, shift, sums, scatter)
+def _dispatch(
+    method: Callable[Concatenate[Backend, _Params], _Result],
+) -> Callable[_Params, _Result]:
+    """The op ``method`` names, run by the backend in use at call time (so that
+    :func:`use_backend` switches it), with the signature :class:`Backend` gives it."""
+    name = method.__name__
+
+    def run(*args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
+        op: Callable[_Params, _Result] = getattr(_impl, name)
+        return op(*args, **kwargs)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = f"``{name}`` of the backend in use (see :func:`.reference.{name}`)."
+    return run
 
 
-def reshift(counts, shift, sums, scatter, new_shift):
-    return _impl.reshift(counts, shift, sums, scatter, new_shift)
-
-
-def psd_inv_sqrt(matrix, rel_eps=None):
-    return _impl.psd_inv_sqrt(matrix, rel_eps)
-
-
-def nc1(sigma_w, mbar, rtol=1e-10, atol=0.0):
-    return _impl.nc1(sigma_w, mbar, rtol, atol)
-
-
-def snr_singular_values(sigma_w_inv_sqrt, mbar, rtol=1e-10, atol=0.0):
-    return _impl.snr_singular_values(sigma_w_inv_sqrt, mbar, rtol, atol)
-
-
-def pairwise_cosine_stats(vectors, tile=0):
-    return _impl.pairwise_cosine_stats(vectors, tile)
-
-
-def least_squares(class_means, priors, sigma_w, lam):
-    return _impl.least_squares(class_means, priors, sigma_w, lam)
-
-
-def mse_decomposition(weight, bias, class_means, priors, sigma_w, lam):
-    return _impl.mse_decomposition(weight, bias, class_means, priors, sigma_w, lam)
-
-
-def ncc_mismatch_count(features, valid, weight, bias, class_means, present):
-    return _impl.ncc_mismatch_count(features, valid, weight, bias, class_means, present)
+update_stats_ = _dispatch(Backend.update_stats_)
+finalize_stats = _dispatch(Backend.finalize_stats)
+reshift = _dispatch(Backend.reshift)
+psd_inv_sqrt = _dispatch(Backend.psd_inv_sqrt)
+nc1 = _dispatch(Backend.nc1)
+snr_singular_values = _dispatch(Backend.snr_singular_values)
+pairwise_cosine_stats = _dispatch(Backend.pairwise_cosine_stats)
+least_squares = _dispatch(Backend.least_squares)
+mse_decomposition = _dispatch(Backend.mse_decomposition)
+ncc_mismatch_count = _dispatch(Backend.ncc_mismatch_count)

@@ -14,15 +14,32 @@ Accumulator state of the streamed statistics (SPEC §1), all on one device:
 Then μ_c = s_c + d_c / n_c and N Σ_W = S − Σ_c d_c d_cᵀ / n_c. Because s_c lies within the
 within-class spread of μ_c, every subtraction above involves numbers of the size of that spread,
 not of the means: this is what keeps the statistics exact near collapse (SPEC §1).
+:func:`new_state` allocates this layout; :data:`STATE_KEYS` is the order the update ops take.
 """
 
 from __future__ import annotations
 
 import torch
 
+# The accumulator state's tensors, in the order update_stats_ takes them.
+STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
 INVALID_LABEL = 0
 INVALID_NONFINITE = 1
 _WELL_CONDITIONED = 1e-8  # smallest/largest squared Cholesky pivot for a trusted solve
+
+
+def new_state(
+    num_classes: int, dim: int, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """An empty accumulator state (the layout of the module docstring) on ``device``."""
+    float64 = torch.float64
+    return {
+        "counts": torch.zeros(num_classes, dtype=torch.int64, device=device),
+        "shift": torch.zeros(num_classes, dim, dtype=float64, device=device),
+        "sums": torch.zeros(num_classes, dim, dtype=float64, device=device),
+        "scatter": torch.zeros(dim, dim, dtype=float64, device=device),
+        "invalid": torch.zeros(2, dtype=torch.int64, device=device),
+    }
 
 
 def count_invalid_rows_(
@@ -96,12 +113,12 @@ def finalize_stats(
     means = torch.addcmul(shift, sums, inv_n[:, None])
     means.masked_fill_((n <= 0)[:, None], 0.0)
     within = torch.addmm(scatter, (sums * inv_n[:, None]).T, sums, alpha=-1.0)
-    _symmetrize_(within)
+    symmetrize_(within)
     within.div_(n.sum().clamp(min=1))
     return means, within
 
 
-def _symmetrize_(matrix: torch.Tensor, tile: int = 512) -> None:
+def symmetrize_(matrix: torch.Tensor, tile: int = 512) -> None:
     """matrix ← (matrix + matrixᵀ) / 2 in place, in row tiles: no second [P, P] matrix.
 
     Tile t averages rows t with columns t onward and mirrors them; both blocks it reads are
@@ -215,7 +232,8 @@ def snr_singular_values(
 ) -> torch.Tensor:
     """Nonzero singular values of SNR = Σ_W^{-1/2} M̄, descending (SPEC §4): those above
     ``rtol · max`` and ``atol`` (the rounding level of M̄ after whitening)."""
-    s = torch.linalg.svdvals(sigma_w_inv_sqrt @ mbar)
+    # torch.linalg's functions are untyped (Any) in torch's stubs: name the result's type.
+    s: torch.Tensor = torch.linalg.svdvals(sigma_w_inv_sqrt @ mbar)
     return s[_kept(s, rtol, atol)]
 
 
@@ -256,31 +274,35 @@ def least_squares(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """W̃_LS = R A⁻¹ of SPEC §3 as (W_LS ``[C, P]``, b_LS ``[C]``).
 
-    ``class_means [C, P]`` and ``priors [C]`` (π_c, zero for absent classes). Solved in centred
+    ``class_means [C, P]`` and ``priors [C]`` (π_c, zero for absent classes). Solved in centered
     coordinates: with T = [[I, μ_G], [0, 1]], A = T (D + λ T⁻¹T⁻ᵀ) Tᵀ where D = diag(Σ_T, 1), so
     V = W̃ T solves V K = R_c with K = D + λ T⁻¹T⁻ᵀ and R_c = [Π M̄ᵀ, π]. K is far better
     conditioned than A when the global mean is large (post-ReLU features): for λ = 0 it is Σ_T.
+    Differentiable (ncfast.theory takes gradients through it) whenever the Cholesky solve is used.
     """
     p = class_means.shape[1]
-    k, r_c, mu_g = _centred_normal_equations(class_means, priors, sigma_w, lam)
+    k, r_c, mu_g = centered_normal_equations(class_means, priors, sigma_w, lam)
     v = _solve_psd_right(k, r_c, positive_definite=lam > 0)
     weight = v[:, :p]
     bias = v[:, p] - weight @ mu_g
     return weight, bias
 
 
-def _centred_normal_equations(
+def centered_normal_equations(
     class_means: torch.Tensor, priors: torch.Tensor, sigma_w: torch.Tensor, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(K ``[P+1, P+1]``, R_c ``[C, P+1]``, μ_G ``[P]``): the normal equations V K = R_c of
+    :func:`least_squares` in centered coordinates. cond(K) bounds the error of the solve, and
+    so of every SPEC §3 key (the tests' tolerances use it)."""
     p = class_means.shape[1]
     mu_g = priors @ class_means
-    centred = class_means - mu_g
+    centered = class_means - mu_g
     # K is assembled in place: Σ_T = Σ_W + Σ_c π_c (μ_c − μ_G)(μ_c − μ_G)ᵀ and the λ terms go
     # straight into K's [P, P] block, so K is the only [P, P]-sized allocation here.
     k = sigma_w.new_zeros(p + 1, p + 1)
     top = k[:p, :p]
     top.copy_(sigma_w)
-    top.addmm_((centred * priors[:, None]).T, centred)
+    top.addmm_((centered * priors[:, None]).T, centered)
     k[p, p] = 1.0
     if lam:
         # λ T⁻¹T⁻ᵀ with T⁻¹ = [[I, −μ_G], [0, 1]]
@@ -289,7 +311,7 @@ def _centred_normal_equations(
         k[:p, p] -= lam * mu_g
         k[p, :p] -= lam * mu_g
         k[p, p] += lam
-    r_c = torch.cat([centred * priors[:, None], priors[:, None]], dim=1)
+    r_c = torch.cat([centered * priors[:, None], priors[:, None]], dim=1)
     return k, r_c, mu_g
 
 
@@ -309,11 +331,71 @@ def _solve_psd_right(k: torch.Tensor, rhs: torch.Tensor, positive_definite: bool
         if positive_definite or bool(pivots.min() > _WELL_CONDITIONED * pivots.max()):
             # X L Lᵀ = rhs as two triangular solves: cholesky_solve would copy L.
             y = torch.linalg.solve_triangular(chol.mT, rhs, upper=True, left=False)
-            return torch.linalg.solve_triangular(chol, y, upper=False, left=False)
+            solution: torch.Tensor = torch.linalg.solve_triangular(chol, y, upper=False, left=False)
+            return solution
+    evecs: torch.Tensor
     evals, evecs = torch.linalg.eigh(k)
     keep = evals > k.shape[0] * torch.finfo(k.dtype).eps * evals.abs().max()
     inv = torch.where(keep, 1.0 / evals.clamp(min=torch.finfo(k.dtype).tiny), 0.0)
     return ((rhs @ evecs) * inv) @ evecs.T
+
+
+def _centered_classifier(
+    weight: torch.Tensor, bias: torch.Tensor, mu_g: torch.Tensor
+) -> torch.Tensor:
+    """V = W̃ T = [W, b + W μ_G] ``[C, P+1]``: the classifier in centered coordinates."""
+    weight = weight.to(torch.float64)
+    return torch.cat([weight, (bias.to(torch.float64) + weight @ mu_g)[:, None]], dim=1)
+
+
+def _squared_error_terms(
+    v: torch.Tensor,
+    class_means: torch.Tensor,
+    priors: torch.Tensor,
+    sigma_w: torch.Tensor,
+    mu_g: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, spread) of SPEC §3 for V = [W, b + W μ_G]: fit = Σ_c π_c ‖V g̃_c − e_c‖² with
+    g̃_c = [μ_c − μ_G; 1] (class means against their targets) and spread = tr(W Σ_W Wᵀ) (the
+    within-class scatter through W). Both are sums of non-negative terms (no cancellation)
+    and differentiable in every argument.
+    """
+    c, p = class_means.shape
+    g = torch.cat([class_means - mu_g, torch.ones_like(priors)[:, None]], dim=1)  # g̃_c
+    # In class tiles: the [C, C] outputs (and an identity) would be 8 GB at C = 32000.
+    tile = max(1, min(c, (1 << 24) // max(c, 1)))
+    fit = v.new_zeros(())
+    for start in range(0, c, tile):
+        stop = min(c, start + tile)
+        block = g[start:stop] @ v.T
+        rows = torch.arange(stop - start, device=block.device)
+        block[rows, rows + start] -= 1.0
+        fit = fit + (priors[start:stop] * block.square().sum(1)).sum()
+    weight = v[:, :p]
+    spread = ((weight @ sigma_w) * weight).sum()
+    return fit, spread
+
+
+def mse_loss(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    class_means: torch.Tensor,
+    priors: torch.Tensor,
+    sigma_w: torch.Tensor,
+    lam: float,
+) -> torch.Tensor:
+    """The MSE objective of SPEC §3 (HPD22 Eq. 3) for classifier (weight ``[C, P]``, bias
+    ``[C]``) from the class statistics, as a differentiable float64 scalar tensor:
+    ½ (Σ_c π_c ‖V g̃_c − e_c‖² + tr(W Σ_W Wᵀ) + λ ‖W̃‖²) (the ``loss_mse`` of
+    :func:`mse_decomposition`; at (W_LS, b_LS), ``loss_ls``)."""
+    mu_g = priors @ class_means
+    fit, spread = _squared_error_terms(
+        _centered_classifier(weight, bias, mu_g), class_means, priors, sigma_w, mu_g
+    )
+    loss = fit + spread
+    if lam:
+        loss = loss + lam * (weight.square().sum() + bias.square().sum())
+    return 0.5 * loss
 
 
 def mse_decomposition(
@@ -325,40 +407,25 @@ def mse_decomposition(
     lam: float,
 ) -> dict[str, float]:
     """SPEC §3 terms for classifier (weight ``[C, P]``, bias ``[C]``): loss_mse, loss_ls,
-    loss_nc1, loss_nc23, loss_ls_perp. All sums of non-negative terms in centred coordinates.
+    loss_nc1, loss_nc23, loss_ls_perp. All sums of non-negative terms in centered coordinates.
     """
-    c, p = class_means.shape
-    k, r_c, mu_g = _centred_normal_equations(class_means, priors, sigma_w, lam)
+    p = class_means.shape[1]
+    k, r_c, mu_g = centered_normal_equations(class_means, priors, sigma_w, lam)
     v_ls = _solve_psd_right(k, r_c, positive_definite=lam > 0)
     del r_c  # [C, P + 1]: keeps it out of the peak below
     w_ls = v_ls[:, :p]
     b_ls = v_ls[:, p] - w_ls @ mu_g
     weight = weight.to(torch.float64)
     bias = bias.to(torch.float64)
-    v = torch.cat([weight, (bias + weight @ mu_g)[:, None]], dim=1)
-    g = torch.cat([class_means - mu_g, torch.ones_like(priors)[:, None]], dim=1)  # g̃_c
-    tile = max(1, min(c, (1 << 24) // max(c, 1)))
-
-    def fit(v_: torch.Tensor) -> torch.Tensor:  # Σ_c π_c ‖V g̃_c − e_c‖²
-        # In class tiles: the [C, C] outputs (and an identity) would be 8 GB at C = 32000.
-        total = v_.new_zeros(())
-        for start in range(0, c, tile):
-            stop = min(c, start + tile)
-            block = g[start:stop] @ v_.T
-            rows = torch.arange(stop - start, device=block.device)
-            block[rows, rows + start] -= 1.0
-            total = total + (priors[start:stop] * block.square().sum(1)).sum()
-        return total
-
-    def spread(w_: torch.Tensor) -> torch.Tensor:  # tr(W Σ_W Wᵀ)
-        return ((w_ @ sigma_w) * w_).sum()
-
+    v = _centered_classifier(weight, bias, mu_g)
+    fit, spread = _squared_error_terms(v, class_means, priors, sigma_w, mu_g)
+    fit_ls, spread_ls = _squared_error_terms(v_ls, class_means, priors, sigma_w, mu_g)
     sq_norm = weight.square().sum() + bias.square().sum()
     sq_norm_ls = w_ls.square().sum() + b_ls.square().sum()
     delta = v - v_ls
-    loss_mse = 0.5 * (fit(v) + spread(weight) + lam * sq_norm)
-    loss_nc1 = 0.5 * (spread(w_ls) + lam * sq_norm_ls)
-    loss_nc23 = 0.5 * fit(v_ls)
+    loss_mse = 0.5 * (fit + spread + lam * sq_norm)
+    loss_nc1 = 0.5 * (spread_ls + lam * sq_norm_ls)
+    loss_nc23 = 0.5 * fit_ls
     loss_ls_perp = 0.5 * (delta @ k).mul_(delta).sum()
     return {
         "loss_mse": float(loss_mse),
@@ -379,16 +446,16 @@ def ncc_mismatch_count(
 ) -> torch.Tensor:
     """Number of rows with ``valid`` set where argmax_c (w_c·h + b_c) differs from the
     argmin over present classes c of ‖h − μ_c‖ (SPEC §2, NC4), as a device int64 scalar.
-    Ties go to the lowest index (torch's argmax/argmin). Distances are taken after centring on
+    Ties go to the lowest index (torch's argmax/argmin). Distances are taken after centering on
     the mean of the present class means so that a large common offset does not swamp them.
     """
     x = torch.where(valid[:, None], features.to(torch.float64), 0.0)
     mask = present.to(torch.float64)
-    centre = (class_means * mask[:, None]).sum(0) / mask.sum().clamp(min=1)
-    mu = class_means - centre
+    center = (class_means * mask[:, None]).sum(0) / mask.sum().clamp(min=1)
+    mu = class_means - center
     # ‖h − μ_c‖² − ‖h‖² = −2 h·μ_c + ‖μ_c‖², written into one [B, C] buffer (B·C·8 bytes is
     # 256 MiB at B = 1024, C = 32000: no second or third copy).
-    scores = torch.addmm(mu.square().sum(1), x - centre, mu.T, alpha=-2.0)
+    scores = torch.addmm(mu.square().sum(1), x - center, mu.T, alpha=-2.0)
     scores.masked_fill_(~present[None, :], float("inf"))
     ncc = scores.argmin(1)
     del scores

@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from ncfast import __version__
+from ncfast.cli._shared import Group
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ncfast")
 def main() -> None:
     """Measure Neural Collapse exactly and fast (Han, Papyan & Donoho, ICLR 2022)."""

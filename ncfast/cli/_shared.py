@@ -1,10 +1,49 @@
-"""Options and helpers that several commands share."""
+"""What the commands share: the one place errors become messages and exit codes, and options
+and helpers several commands use."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+
+from ncfast.errors import NCFastError
+
+# Keys of click's context meta (shared by a command and its group) that commands set for the
+# error messages: a prefix of every error line (e.g. the torchrun rank), and the output
+# directory that a failed write names when the OSError names no file (default: --out).
+ERROR_PREFIX = "ncfast.error_prefix"
+OUTPUT_DIR = "ncfast.output_dir"
+
+
+class Command(click.Command):
+    """A command whose errors print as one line (``Error: ...``), never a traceback:
+
+    - :class:`ncfast.errors.NCFastError` (the run, its files or its data cannot be used as
+      asked): its message, exit code 1;
+    - any other ``ValueError`` (an option the library refused): a usage error, exit code 2;
+    - ``OSError`` (a write failed: disk full, permission lost): ``cannot write FILE (reason)``,
+      exit code 1.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except NCFastError as exc:  # first: most of them are ValueErrors too
+            raise click.ClickException(ctx.meta.get(ERROR_PREFIX, "") + str(exc)) from None
+        except ValueError as exc:
+            raise click.UsageError(str(exc), ctx) from None
+        except OSError as exc:
+            out = ctx.meta.get(OUTPUT_DIR, ctx.params.get("out"))
+            raise write_failed(exc, out) from None
+
+
+class Group(click.Group):
+    """A group whose commands (and subgroups' commands) are :class:`Command`."""
+
+    command_class = Command
+    group_class = type  # subgroups are of this class too
+
 
 figure_formats_option = click.option(
     "--format",
@@ -40,11 +79,8 @@ def write_failed(exc: OSError, out: Path | None = None) -> click.ClickException:
 
 def load_runs_for_output(run_dirs: tuple[Path, ...], out: Path) -> list:
     """The runs in ``run_dirs``, with ``--out`` checked to be a usable directory."""
-    from ncfast.report.runs import RunError, load_run
+    from ncfast.report.runs import load_run
 
-    try:
-        runs = [load_run(p) for p in run_dirs]
-    except RunError as exc:
-        raise click.ClickException(str(exc)) from None
+    runs = [load_run(p) for p in run_dirs]
     check_output_dir(out)
     return runs

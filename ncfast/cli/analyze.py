@@ -1,4 +1,4 @@
-"""``ncfast analyze CHECKPOINT.pt``: measure a trained network and report what the seed reports."""
+"""``ncfast analyze CHECKPOINT.pt``: measure a trained network and report what HPD22 reports."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ncfast.cli import main
-from ncfast.cli._shared import check_output_dir, figure_formats_option, write_failed
+from ncfast.cli._shared import OUTPUT_DIR, check_output_dir, figure_formats_option
 
 
 @main.command("analyze")
@@ -59,36 +59,31 @@ def analyze_command(
     and data, measure every NC quantity on the training and test sets, DeepFool robustness and
     the central-path fit; write report.json, summary.md and the run's figures, and print a
     compact table."""
-    from ncfast.paper.analyze import analyze, format_table
-    from ncfast.paper.checkpoint import CheckpointError
-    from ncfast.paper.data import DatasetError
+    from ncfast.paper.analyze import analyze
+    from ncfast.report.runs import ANALYSIS_DIR, CHECKPOINT_FILE
+    from ncfast.report.summary import format_table
 
     if checkpoint.is_dir():  # a run directory: its checkpoint
-        if not (checkpoint / "checkpoint.pt").is_file():
+        if not (checkpoint / CHECKPOINT_FILE).is_file():
             raise click.UsageError(
-                f"CHECKPOINT: {checkpoint} is a directory without a checkpoint.pt (give a "
+                f"CHECKPOINT: {checkpoint} is a directory without a {CHECKPOINT_FILE} (give a "
                 "checkpoint file, or a run directory written by ncfast train)"
             )
-        checkpoint = checkpoint / "checkpoint.pt"
+        checkpoint = checkpoint / CHECKPOINT_FILE
+    report_dir = out if out is not None else checkpoint.parent / ANALYSIS_DIR
+    click.get_current_context().meta[OUTPUT_DIR] = report_dir
     if checkpoint.is_file():  # else analyze() says what is wrong with it
-        check_output_dir(out if out is not None else checkpoint.parent / "analysis")
-    try:
-        report = analyze(
-            checkpoint,
-            data_root=data_root,
-            out_dir=out,
-            robustness_samples=robustness_samples,
-            device=device,
-            robustness_seed=robustness_seed,
-            formats=formats,
-            progress=not quiet,
-        )
-    except (CheckpointError, DatasetError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    except OSError as exc:
-        raise write_failed(exc, out or checkpoint.parent / "analysis") from None
+        check_output_dir(report_dir)
+    report = analyze(
+        checkpoint,
+        data_root=data_root,
+        out_dir=out,
+        robustness_samples=robustness_samples,
+        device=device,
+        robustness_seed=robustness_seed,
+        formats=formats,
+        progress=not quiet,
+    )
     click.echo(format_table(report), nl=False)
     files = report["files"]
     click.echo(f"written: {files['report']}, {files['summary']}, {len(files['figures'])} figures")

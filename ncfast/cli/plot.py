@@ -1,4 +1,4 @@
-"""``ncfast plot RUN_DIR [RUN_DIR ...] --out DIR``: the seed's figures from run directories."""
+"""``ncfast plot RUN_DIR [RUN_DIR ...] --out DIR``: HPD22's figures from run directories."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ncfast.cli import main
-from ncfast.cli._shared import figure_formats_option, load_runs_for_output, write_failed
+from ncfast.cli._shared import figure_formats_option, load_runs_for_output
 
 
 @main.command("plot")
@@ -20,15 +20,12 @@ from ncfast.cli._shared import figure_formats_option, load_runs_for_output, writ
 )
 @figure_formats_option
 def plot_command(run_dirs: tuple[Path, ...], out: Path, formats: tuple[str, ...]) -> None:
-    """Plot the runs in RUN_DIR... (written by `ncfast train --out`) in the style of the seed's
+    """Plot the runs in RUN_DIR... (written by `ncfast train --out`) in the style of HPD22's
     Figs. 2–12: one panel per dataset × network, runs of a cell overlaid (e.g. MSE vs CE)."""
     from ncfast.report.plots import plot_runs
 
     runs = load_runs_for_output(run_dirs, out)
-    try:
-        paths = plot_runs(runs, out, formats)
-    except OSError as exc:
-        raise write_failed(exc, out) from None
+    paths = plot_runs(runs, out, formats)
     for path in paths:
         click.echo(str(path))
     click.echo(f"{len(paths)} files from {len(runs)} run(s) in {out}")

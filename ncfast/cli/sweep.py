@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ncfast.cli import main
-from ncfast.cli._shared import figure_formats_option, write_failed
+from ncfast.cli._shared import figure_formats_option
 
 
 @main.command(
@@ -178,49 +178,30 @@ def sweep_command(
           --jobs 2 --epochs 2 --width 0.0625 --per-class 5 --device cpu
       ncfast sweep --status sweeps/paper
     """
-    from ncfast.paper.sweep import Grid, SlurmOptions, Sweep, SweepError
+    from ncfast.paper.sweep import SlurmOptions, Sweep, SweepError
 
-    grid_given = any(v is not None for v in (datasets, nets, losses, lrs, seeds, preset))
-    try:
+    grid_options = {
+        key: value
+        for key, value in (
+            ("datasets", datasets),
+            ("nets", nets),
+            ("losses", losses),
+            ("lrs", lrs),
+            ("seeds", seeds),
+        )
+        if value is not None
+    }
+    try:  # the sweep's setup errors are about its options: usage errors
         if status_dir is not None or report_dir is not None:
-            if status_dir is not None and report_dir is not None:
-                raise click.UsageError("give --status DIR or --report DIR, not both")
-            if grid_given or train_args or out is not None:
+            if grid_options or preset or train_args or out is not None:
                 raise click.UsageError(
                     "--status/--report read the grid from DIR/sweep.json; give no other option"
                 )
-            if status_dir is not None:
-                click.echo(Sweep(status_dir).status_text())
-                return
-            _report(Sweep(report_dir), formats)
+            _status_or_report(status_dir, report_dir, formats)
             return
         if out is None:
             raise click.UsageError("give --out DIR (the sweep directory)")
-        grid = None
-        if grid_given or train_args:
-            grid_options = {
-                key: value
-                for key, value in (
-                    ("datasets", datasets),
-                    ("nets", nets),
-                    ("losses", losses),
-                    ("lrs", lrs),
-                    ("seeds", seeds),
-                )
-                if value is not None
-            }
-            if preset == "paper":
-                from ncfast.paper.sweep import PAPER_GRID
-
-                grid = Grid.from_options(
-                    **{**PAPER_GRID, **grid_options},
-                    train_args=["--preset", "paper", *train_args],
-                )
-            else:
-                if datasets is None:
-                    raise click.UsageError("give --datasets (or --preset paper)")
-                grid = Grid.from_options(**grid_options, train_args=train_args)
-        sweep = Sweep(out, grid)
+        sweep = Sweep(out, _grid(preset, grid_options, train_args))
         slurm = SlurmOptions(
             partition=partition,
             time=time_limit,
@@ -245,8 +226,6 @@ def sweep_command(
         )
     except SweepError as exc:
         raise click.UsageError(str(exc)) from None
-    except OSError as exc:
-        raise write_failed(exc) from None
     except KeyboardInterrupt:
         raise click.ClickException(
             "interrupted; the same command continues the sweep (finished runs are kept, "
@@ -266,7 +245,36 @@ def sweep_command(
     _report(sweep, formats)
 
 
+def _grid(preset: str | None, grid_options: dict, train_args: tuple[str, ...]):
+    """The grid given on the command line (None: the one stored in --out)."""
+    from ncfast.paper.sweep import PAPER_GRID, Grid
+
+    if not (grid_options or preset or train_args):
+        return None
+    if preset == "paper":
+        return Grid.from_options(
+            **{**PAPER_GRID, **grid_options}, train_args=["--preset", "paper", *train_args]
+        )
+    if "datasets" not in grid_options:
+        raise click.UsageError("give --datasets (or --preset paper)")
+    return Grid.from_options(**grid_options, train_args=train_args)
+
+
+def _status_or_report(status_dir: Path | None, report_dir: Path | None, formats) -> None:
+    """``--status DIR``: print the counts; ``--report DIR``: select and write the report."""
+    from ncfast.paper.sweep import Sweep
+
+    if status_dir is not None and report_dir is not None:
+        raise click.UsageError("give --status DIR or --report DIR, not both")
+    if status_dir is not None:
+        click.echo(Sweep(status_dir).status_text())
+    else:
+        _report(Sweep(report_dir), formats)
+
+
 def _report(sweep, formats) -> None:
+    """Select the learning rates and write the report; print the selection. A SweepError here
+    (nothing finished) is the run's, not the options': exit code 1."""
     from ncfast.paper.sweep import SweepError
 
     try:
@@ -274,8 +282,6 @@ def _report(sweep, formats) -> None:
         paths = sweep.report(formats, selection)
     except SweepError as exc:
         raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise write_failed(exc) from None
     for entry in selection["selected"]:
         where = f"{entry['dataset']} {entry['net']} {entry['loss']}"
         if entry["lr"] is None:

@@ -7,21 +7,14 @@ import os
 import click
 
 from ncfast.cli import main
-from ncfast.cli._shared import write_failed
-from ncfast.paper.checkpoint import CheckpointError
-from ncfast.paper.data import DATASETS, DatasetError
+from ncfast.cli._shared import ERROR_PREFIX
+from ncfast.paper.config import MAX_SEED, PRESETS, TrainConfig
+from ncfast.paper.data import DATASETS
 from ncfast.paper.distributed import DistributedError, torchrun_environment
 from ncfast.paper.losses import LOSSES, parse_mse_scale
 from ncfast.paper.models import FAMILIES, NETS
-from ncfast.paper.train import (
-    MAX_SEED,
-    PRESETS,
-    RunDirectoryError,
-    TrainConfig,
-    check_tensorboard,
-    resume_config,
-    train,
-)
+from ncfast.paper.rundir import check_tensorboard
+from ncfast.paper.train import resume_config, train
 
 
 def _int_list(ctx, param, value):
@@ -80,7 +73,7 @@ def _int_list(ctx, param, value):
     type=click.Choice(sorted(NETS) + list(FAMILIES)),
     default=None,
     help="Network, or a family (vgg, resnet, densenet) for the paper's depth on this "
-    "dataset (seed Table A.2). Default: resnet.",
+    "dataset (HPD22 Table A.2). Default: resnet.",
 )
 @click.option("--width", type=float, default=None, help="Channel width multiplier (default 1).")
 @click.option("--loss", type=click.Choice(LOSSES), default=None, help="Loss (default mse).")
@@ -132,7 +125,7 @@ def _int_list(ctx, param, value):
     "--robustness-samples",
     type=click.IntRange(min=0),
     default=None,
-    help="DeepFool robustness (seed Fig. 9) of this many seeded test images at each "
+    help="DeepFool robustness (HPD22 Fig. 9) of this many seeded test images at each "
     "measurement, logged as 'robustness' (default 0: off; 100 with --preset paper).",
 )
 @click.option(
@@ -215,6 +208,29 @@ def train_command(preset, resume, overwrite, quiet, measure_epochs, **options) -
       ncfast train --resume --out runs/svhn-vgg13-mse-seed0
       torchrun --nproc_per_node=4 -m ncfast train --dataset cifar10 --net resnet --data-root DIR
     """
+    config = _config(preset, resume, overwrite, measure_epochs, options)
+    resolved = config.resolved()  # option errors before anything is loaded
+    processes = _processes()
+    if resolved.batch_size % processes:
+        raise click.UsageError(
+            f"--batch-size {config.batch_size} is the global batch and must be divisible "
+            f"by the number of processes ({processes})"
+        )
+    if config.tensorboard is not None:
+        try:
+            check_tensorboard()
+        except ImportError as err:
+            raise click.UsageError(str(err)) from None
+    if processes > 1:
+        click.get_current_context().meta[ERROR_PREFIX] = f"rank {_rank()}: "
+    out = train(config, progress=not quiet)
+    if not quiet and _rank() == 0:
+        click.echo(f"run written to {out}/ (config.json, metrics.jsonl, checkpoint.pt)")
+
+
+def _config(preset, resume: bool, overwrite: bool, measure_epochs, options: dict) -> TrainConfig:
+    """The run's TrainConfig from the command line (with --resume: the stored one, with the
+    options given now on top)."""
     if options["mse_scale"] is not None:
         options["mse_scale"] = _parse_scale(options["mse_scale"])
     options["measure_epochs"] = measure_epochs
@@ -225,46 +241,11 @@ def train_command(preset, resume, overwrite, quiet, measure_epochs, **options) -
         )
     if options["tensorboard"] is not None and options["tensorboard"].strip().lower() == "none":
         options["tensorboard"] = _NO_TENSORBOARD
-    try:
-        if resume:
-            config = _resumed(preset, options)
-        else:
-            if options["tensorboard"] is _NO_TENSORBOARD:
-                options["tensorboard"] = None
-            config = TrainConfig.from_preset(preset, overwrite=overwrite, **options)
-        resolved = config.resolved()  # option errors before anything is loaded
-        processes = _processes()
-        if resolved.batch_size % processes:
-            raise click.UsageError(
-                f"--batch-size {resolved.batch_size} is the global batch and must be divisible "
-                f"by the number of processes ({processes})"
-            )
-    except CheckpointError as err:
-        raise click.ClickException(f"cannot resume: {err}") from None
-    except RunDirectoryError as err:
-        raise click.ClickException(str(err)) from None
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
-    if config.tensorboard is not None:
-        try:
-            check_tensorboard()
-        except ImportError as err:
-            raise click.UsageError(str(err)) from None
-    try:
-        out = train(config, progress=not quiet)
-    except (
-        DatasetError,
-        CheckpointError,
-        RunDirectoryError,
-        DistributedError,
-        FloatingPointError,
-    ) as err:
-        prefix = f"rank {_rank()}: " if processes > 1 else ""
-        raise click.ClickException(f"{prefix}{err}") from None
-    except OSError as err:
-        raise write_failed(err) from None
-    if not quiet and _rank() == 0:
-        click.echo(f"run written to {out}/ (config.json, metrics.jsonl, checkpoint.pt)")
+    if resume:
+        return _resumed(preset, options)
+    if options["tensorboard"] is _NO_TENSORBOARD:
+        options["tensorboard"] = None
+    return TrainConfig.from_preset(preset, overwrite=overwrite, **options)
 
 
 # --tensorboard none: no logging, also where the resumed run logged.

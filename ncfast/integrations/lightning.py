@@ -38,9 +38,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ncfast.checks import check_int
+from ncfast.checks import check_int, check_weight_decay
 from ncfast.measure import scalars
-from ncfast.metrics import DegenerateFeaturesError, _check_lambda, undefined_metrics
+from ncfast.metrics import DegenerateFeaturesError, undefined_metrics
 from ncfast.monitor import MonitorPass, NCMonitor
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
 
@@ -134,7 +134,7 @@ class NeuralCollapseCallback(Callback):
         self.dataloader = dataloader
         self.labels = labels or _second_item
         self.dataloader_idx = check_int(dataloader_idx, "dataloader_idx", 0, where)
-        self.weight_decay = _check_lambda(weight_decay, where)
+        self.weight_decay = check_weight_decay(weight_decay, where)
         self.prefix = prefix
         self.memory_budget_bytes = check_int(memory_budget_bytes, "memory_budget_bytes", 0, where)
         self.on_invalid = on_invalid

@@ -49,10 +49,11 @@ import warnings
 import torch
 from torch import nn
 
-from ncfast.checks import check_int
-from ncfast.metrics import _check_lambda, nc_metrics
+from ncfast.backend.reference import STATE_KEYS
+from ncfast.checks import check_int, check_weight_decay
+from ncfast.metrics import nc_metrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, count_mismatches, mismatch_fraction, valid_rows
-from ncfast.stats import _STATE_KEYS, ClassStats, all_reduced_state, check_batch, merged_state
+from ncfast.stats import ClassStats, all_reduced_state, check_batch, merged_state
 
 try:
     from torchmetrics import Metric
@@ -107,7 +108,7 @@ class NeuralCollapse(Metric):
         super().__init__(**kwargs)
         self.num_classes = check_int(num_classes, "num_classes", 1, "NeuralCollapse")
         self.dim = check_int(dim, "dim", 1, "NeuralCollapse")
-        self.weight_decay = _check_lambda(weight_decay, "NeuralCollapse")
+        self.weight_decay = check_weight_decay(weight_decay, "NeuralCollapse")
         self.memory_budget_bytes = check_int(
             memory_budget_bytes, "memory_budget_bytes", 0, "NeuralCollapse"
         )
@@ -137,7 +138,7 @@ class NeuralCollapse(Metric):
     # ---------------------------------------------------------------- update
     def _stats(self) -> ClassStats:
         """A ClassStats working on this metric's state tensors (no copy)."""
-        return ClassStats._over({k: getattr(self, k) for k in _STATE_KEYS}, self.on_invalid)
+        return ClassStats.wrap({k: getattr(self, k) for k in STATE_KEYS}, self.on_invalid)
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         check_batch(features, labels, self.num_classes, self.dim, "NeuralCollapse.update")
@@ -171,8 +172,8 @@ class NeuralCollapse(Metric):
     # ------------------------------------------------------- merge and sync
     def _reduce_states(self, incoming_state: dict) -> None:
         """``merge_state``: add another metric's samples exactly (about a common shift)."""
-        mine = {k: getattr(self, k) for k in _STATE_KEYS}
-        merged = merged_state(mine, {k: incoming_state[k] for k in _STATE_KEYS})
+        mine = {k: getattr(self, k) for k in STATE_KEYS}
+        merged = merged_state(mine, {k: incoming_state[k] for k in STATE_KEYS})
         for key, value in merged.items():
             setattr(self, key, value)
         if self.nc4:
@@ -192,7 +193,7 @@ class NeuralCollapse(Metric):
         import torch.distributed as dist
 
         group = process_group or self.process_group
-        local = {k: getattr(self, k) for k in _STATE_KEYS}
+        local = {k: getattr(self, k) for k in STATE_KEYS}
         reduced = all_reduced_state(local, group, "NeuralCollapse sync")
         for key, value in reduced.items():
             setattr(self, key, value)
@@ -209,7 +210,7 @@ class NeuralCollapse(Metric):
         if dropped or int(self.counts.sum()) == 0:
             return torch.tensor([dropped, 0, 0], dtype=torch.int64, device=device)
         stats = self._stats()
-        means, _ = stats._finalized()
+        means, _ = stats.finalized()
         weight, bias = self._weight_bias(device)
         pairs = zip(self.nc4_features, self.nc4_valid, strict=True)
         mismatches, total = count_mismatches(pairs, weight, bias, means, stats.present)

@@ -32,6 +32,7 @@ from typing import IO
 import torch
 
 from ncfast.errors import NCFastError
+from ncfast.report.runs import CHECKPOINT_FILE, RunError, check_record
 
 FORMAT = "ncfast-checkpoint-v1"
 REQUIRED_KEYS = (
@@ -231,7 +232,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     (missing, a directory, corrupt, containing code, or a field of the wrong type)."""
     path = Path(path)
     if path.is_dir():
-        hint = path / "checkpoint.pt"
+        hint = path / CHECKPOINT_FILE
         raise CheckpointError(
             f"checkpoint {path} is a directory, not a checkpoint file"
             + (f"; give {hint}" if hint.is_file() else "")
@@ -271,6 +272,20 @@ def check_payload(payload, path: str | os.PathLike = "checkpoint") -> None:
     def bad(field: str, expected: str, value) -> CheckpointError:
         return CheckpointError(f"{where}: '{field}' must be {expected}, got {_describe(value)}")
 
+    _check_plain_fields(payload, bad)
+    _check_optimizer_payload(payload["optimizer"], bad)
+    _check_rng_payload(payload["rng"], bad, where)
+    _check_history_payload(payload["history"], payload["epoch"], bad, where)
+    wall_time = payload.get("wall_time", 0.0)
+    if not _is_number(wall_time) or wall_time < 0:
+        raise bad("wall_time", "a finite number of seconds ≥ 0", wall_time)
+    epoch_times = payload.get("epoch_times", [])
+    if not isinstance(epoch_times, list) or not all(_is_number(t) and t >= 0 for t in epoch_times):
+        raise bad("epoch_times", "a list of seconds", epoch_times)
+
+
+def _check_plain_fields(payload: dict, bad) -> None:
+    """The version, epoch, config, model and scheduler entries have their types."""
     if not isinstance(payload["ncfast_version"], str):
         raise bad("ncfast_version", "a string", payload["ncfast_version"])
     epoch = payload["epoch"]
@@ -286,16 +301,15 @@ def check_payload(payload, path: str | os.PathLike = "checkpoint") -> None:
         or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items())
     ):
         raise bad("model", "a non-empty state dict (names to tensors)", model)
-    _check_optimizer_payload(payload["optimizer"], bad)
     scheduler = payload["scheduler"]
     if not isinstance(scheduler, dict) or not all(isinstance(k, str) for k in scheduler):
         raise bad("scheduler", "a state dict", scheduler)
-    _check_rng_payload(payload["rng"], bad, where)
-    history = payload["history"]
+
+
+def _check_history_payload(history, epoch: int, bad, where: str) -> None:
+    """Valid metrics records (:func:`ncfast.report.runs.check_record`), none after ``epoch``."""
     if not isinstance(history, list):
         raise bad("history", "a list of metric records", history)
-    from ncfast.report.runs import RunError, check_record
-
     for i, record in enumerate(history):
         try:
             check_record(record, f"{where}: 'history' record {i}")
@@ -306,12 +320,6 @@ def check_payload(payload, path: str | os.PathLike = "checkpoint") -> None:
                 f"{where}: 'history' record {i} is of epoch {record['epoch']}, after the "
                 f"checkpoint's epoch {epoch}"
             )
-    wall_time = payload.get("wall_time", 0.0)
-    if not _is_number(wall_time) or wall_time < 0:
-        raise bad("wall_time", "a finite number of seconds ≥ 0", wall_time)
-    epoch_times = payload.get("epoch_times", [])
-    if not isinstance(epoch_times, list) or not all(_is_number(t) and t >= 0 for t in epoch_times):
-        raise bad("epoch_times", "a list of seconds", epoch_times)
 
 
 def _describe(value) -> str:

@@ -212,7 +212,7 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
     PyTorch's :class:`torch.nn.SyncBatchNorm` does this on GPUs only; this version runs on any
     device and backend (gloo on the CPU): the per-channel sums go through a differentiable
     all-reduce (:func:`all_reduce_sum`), so autograd gives the gradient of the global batch.
-    The variance is the mean of centred squares (two reductions), for accuracy. Eval mode, or
+    The variance is the mean of centered squares (two reductions), for accuracy. Eval mode, or
     a single process, is plain BatchNorm2d.
     """
 
@@ -233,9 +233,9 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
                 "batch norm needs at least 2"
             )
         mean = count_and_sums[1:] / count
-        centred = x32 - mean.view(1, -1, 1, 1)
-        var = all_reduce_sum(centred.square().sum(dims)) / count
-        y = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        centered = x32 - mean.view(1, -1, 1, 1)
+        var = all_reduce_sum(centered.square().sum(dims)) / count
+        y = centered * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
         if self.affine:
             y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
         if self.track_running_stats:

@@ -113,40 +113,12 @@ def measure_split(
     """
     scale = check_loss(loss, mse_scale)
     check_precision(precision)
-    for attr in ("features", "classifier"):
-        if not hasattr(model, attr):
-            raise TypeError(
-                f"measure_split: model must have .features(x) and .classifier (an nn.Linear); "
-                f"{type(model).__name__} lacks .{attr}"
-            )
-    classifier = model.classifier
-    if not isinstance(classifier, nn.Linear):
-        raise TypeError(
-            f"measure_split: model.classifier must be an nn.Linear, got {type(classifier).__name__}"
-        )
+    classifier = _checked_classifier(model, data)
     num_classes = data.num_classes
-    if classifier.out_features != num_classes:
-        raise ValueError(
-            f"measure_split: the classifier has {classifier.out_features} outputs but the "
-            f"{data.name} data has {num_classes} classes"
-        )
-    if len(data) == 0:
-        raise ValueError(f"measure_split: the {data.name} {data.split} split is empty")
     device = data.images.device
     if channels_last is None:
         channels_last = prefers_channels_last(model)
-    bounds = None
-    if distributed:
-        import torch.distributed as dist
-
-        from ncfast.paper.distributed import shard_bounds
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(
-                "measure_split(distributed=True) needs torch.distributed to be initialised "
-                "(torch.distributed.init_process_group)"
-            )
-        bounds = shard_bounds(len(data), dist.get_rank(group), dist.get_world_size(group))
+    bounds = _shard(len(data), group) if distributed else None
     was_training = model.training
     model.eval()
     try:
@@ -185,12 +157,55 @@ def measure_split(
             # Collapsed to a point (or dead) features: a logged row of NaN metrics with the
             # reason, never a crash of the training run nor a number that reads as collapse.
             # Every rank sees the same reduced statistics, so every rank lands here.
-            result = undefined_metrics(measurement.stats, measurement.weight_decay, exc.reason)
+            # computed_stats: all ranks' samples (the local measurement.stats keeps only this
+            # rank's), so num_samples is the split's.
+            stats = measurement.computed_stats or measurement.stats
+            result = undefined_metrics(stats, measurement.weight_decay, exc.reason)
         totals = torch.stack([loss_sum, wrong.double()])
         if distributed:
+            import torch.distributed as dist
+
             dist.all_reduce(totals, group=group)
         loss_total, wrong_total = totals.tolist()
     finally:
         model.train(was_training)
     n = len(data)
     return {"error": wrong_total / n, "loss": loss_total / n, **result}
+
+
+def _checked_classifier(model: nn.Module, data) -> nn.Linear:
+    """``model.classifier``, checked: the model has the interface measurement needs, its
+    classifier is an ``nn.Linear`` with one output per class of ``data``, which is not empty."""
+    for attr in ("features", "classifier"):
+        if not hasattr(model, attr):
+            raise TypeError(
+                f"measure_split: model must have .features(x) and .classifier (an nn.Linear); "
+                f"{type(model).__name__} lacks .{attr}"
+            )
+    classifier = model.classifier
+    if not isinstance(classifier, nn.Linear):
+        raise TypeError(
+            f"measure_split: model.classifier must be an nn.Linear, got {type(classifier).__name__}"
+        )
+    if classifier.out_features != data.num_classes:
+        raise ValueError(
+            f"measure_split: the classifier has {classifier.out_features} outputs but the "
+            f"{data.name} data has {data.num_classes} classes"
+        )
+    if len(data) == 0:
+        raise ValueError(f"measure_split: the {data.name} {data.split} split is empty")
+    return classifier
+
+
+def _shard(num_samples: int, group) -> tuple[int, int]:
+    """This rank's contiguous share of a split (torch.distributed must be initialised)."""
+    import torch.distributed as dist
+
+    from ncfast.paper.distributed import shard_bounds
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "measure_split(distributed=True) needs torch.distributed to be initialised "
+            "(torch.distributed.init_process_group)"
+        )
+    return shard_bounds(num_samples, dist.get_rank(group), dist.get_world_size(group))

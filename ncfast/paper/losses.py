@@ -5,7 +5,7 @@ Every loss maps logits ``[B, C]`` and integer labels ``[B]`` to the mean loss of
 batch sums and divide once by N.
 
 - ``mse``: PyTorch's ``MSELoss()`` against one-hot targets, i.e. the mean over the B×C entries of
-  ``(f(x) − e_y)²`` (SPEC §3: with SGD weight decay ``wd`` this is seed Eq. 3 with λ = C·wd/2).
+  ``(f(x) − e_y)²`` (SPEC §3: with SGD weight decay ``wd`` this is HPD22 Eq. 3 with λ = C·wd/2).
 - ``ce``: cross-entropy.
 - ``mse-rescaled``: Hui & Belkin (2021), "Evaluation of neural architectures trained with square
   loss vs cross-entropy": the true class's entry is weighted by ``k`` and its target is ``M``,

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ncfast.checks import check_int, check_number
+
 DEFAULT_OVERSHOOT = 0.02
 DEFAULT_MAX_ITER = 50
 DEFAULT_SAMPLES = 100
@@ -69,10 +71,8 @@ class DeepFoolResult:
 
 
 def _check_overshoot_and_iter(overshoot: float, max_iter: int, where: str) -> None:
-    if not isinstance(overshoot, (int, float)) or not math.isfinite(overshoot) or overshoot < 0:
-        raise ValueError(f"{where}: overshoot must be a finite number ≥ 0, got {overshoot!r}")
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"{where}: max_iter must be an integer ≥ 1, got {max_iter!r}")
+    check_number(overshoot, "overshoot", where, minimum=0.0)
+    check_int(max_iter, "max_iter", 1, where)
 
 
 def _logit_jacobian(model: nn.Module, x: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -198,8 +198,7 @@ def tight_scales(
     """
     if not isinstance(tolerance, float) or not 0 < tolerance < 1:
         raise ValueError(f"tight_scales: tolerance must be a float in (0, 1), got {tolerance!r}")
-    if not isinstance(scan_points, int) or isinstance(scan_points, bool) or scan_points < 1:
-        raise ValueError(f"tight_scales: scan_points must be an integer ≥ 1, got {scan_points!r}")
+    check_int(scan_points, "scan_points", 1, "tight_scales")
     x0 = images.detach()
     if result.total.shape != x0.shape:
         raise ValueError(
@@ -309,15 +308,9 @@ def out_of_range_fractions(
     return outside.flatten(1).double().mean(dim=1)
 
 
-def _check_samples(samples, where: str) -> int:
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-        raise ValueError(f"{where}: samples must be an integer ≥ 1, got {samples!r}")
-    return samples
-
-
 def sample_indices(num_images: int, samples: int, seed: int = 0) -> torch.Tensor:
     """The fixed, seeded sample of image indices (the same for every epoch and run)."""
-    _check_samples(samples, "sample_indices")
+    check_int(samples, "samples", 1, "sample_indices")
     gen = torch.Generator().manual_seed(int(seed))
     return torch.randperm(num_images, generator=gen)[: min(samples, num_images)]
 
@@ -353,10 +346,9 @@ def robustness(
     ``robustness_out_of_range`` (the fraction of the pixels of ``x + (1 + overshoot)·r`` outside
     the valid range, :func:`out_of_range_fractions`); and counts.
     """
-    _check_samples(samples, "robustness")
+    check_int(samples, "samples", 1, "robustness")
     _check_overshoot_and_iter(overshoot, max_iter, "robustness")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"robustness: batch_size must be an integer ≥ 1, got {batch_size!r}")
+    check_int(batch_size, "batch_size", 1, "robustness")
     if not hasattr(data, "batch"):
         raise TypeError(
             f"robustness: data must provide batch(index) -> (images, labels), "

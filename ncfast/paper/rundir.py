@@ -19,7 +19,10 @@
   left behind is deleted the next time the directory is locked;
 - partial files: the temporary ``.checkpoint.pt.*.tmp`` (and ``.config.json.*.tmp``,
   ``.metrics.jsonl.*.tmp``) files of a write that was killed are deleted when the directory is
-  locked: nobody else can be writing them then.
+  locked: nobody else can be writing them then;
+- the records: :meth:`RunDirectory.start` writes ``config.json`` and the log a run begins (or
+  resumes) with, :meth:`RunDirectory.save` each checkpoint and the log lines of its epoch, and
+  with :meth:`RunDirectory.open_tensorboard` every logged number also goes to TensorBoard.
 """
 
 from __future__ import annotations
@@ -36,15 +39,19 @@ from pathlib import Path
 
 from ncfast.errors import NCFastError
 from ncfast.paper.checkpoint import save_checkpoint, write_text_atomic
-from ncfast.report.runs import CONFIG_FILE, METRICS_FILE
+from ncfast.report.runs import (
+    ANALYSIS_DIR,
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    metrics_lines,
+)
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-CHECKPOINT_FILE = "checkpoint.pt"
-ANALYSIS_DIR = "analysis"
 LOCK_FILE = ".ncfast.lock"
 TRASH_PREFIX = ".ncfast-trash-"
 # The files of a run, in the order an overwrite removes them (the checkpoint first).
@@ -89,6 +96,7 @@ class RunDirectory:
         self._lock_fd: int | None = None
         self._created: list[Path] = []  # folders lock() created, deepest first
         self.stale_owner: dict | None = None  # the owner of a stale lock lock() took over
+        self.tensorboard = None  # a SummaryWriter once open_tensorboard() ran
 
     # ------------------------------------------------------------------------------ names
     @property
@@ -340,22 +348,25 @@ class RunDirectory:
         except OSError as exc:
             raise RunDirectoryError(f"cannot write {path} ({_reason(exc)})") from None
 
-    def write_config(self, text: str) -> Path:
+    def write_config(self, record: dict) -> Path:
+        """Replace ``config.json`` (atomically) with ``record``."""
+        text = json.dumps(record, indent=2) + "\n"
         return self._written(self.config_path, lambda: write_text_atomic(self.config_path, text))
 
-    def write_metrics(self, text: str) -> Path:
-        """Replace the log (atomically) with ``text``."""
+    def write_metrics(self, rows: list[dict]) -> Path:
+        """Replace the log (atomically) with ``rows``."""
+        text = metrics_lines(rows)
         return self._written(self.metrics_path, lambda: write_text_atomic(self.metrics_path, text))
 
-    def append_metrics(self, text: str) -> None:
-        """Append ``text`` to the log; on failure the log is cut back to its old length."""
+    def append_metrics(self, rows: list[dict]) -> None:
+        """Append ``rows`` to the log; on failure the log is cut back to its old length."""
         self._require_lock()
         path = self.metrics_path
         try:
             with path.open("ab") as f:
                 size = f.tell()
                 try:
-                    f.write(text.encode("utf-8"))
+                    f.write(metrics_lines(rows).encode("utf-8"))
                     f.flush()
                 except OSError:
                     f.truncate(size)
@@ -372,12 +383,74 @@ class RunDirectory:
             kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint yet"
             raise RunDirectoryError(f"{err}; {kept}") from None
 
+    # --------------------------------------------------------------------- the records
+    def start(self, config_record: dict, history: list[dict], replace: bool) -> None:
+        """Begin writing a run: with ``replace`` the old run's files go first (:meth:`clear`),
+        then ``config.json`` and the log, rewritten from ``history`` (the checkpoint's: lines
+        a killed run wrote after its checkpoint are dropped, so the log matches it)."""
+        if replace:
+            self.clear()
+        self.write_config(config_record)
+        self.write_metrics(history)
+
+    def save(self, payload: dict, rows: list[dict], epoch: int) -> None:
+        """The checkpoint of ``epoch``, then its log lines (and TensorBoard scalars). The
+        checkpoint comes first: a failed write leaves the log as it was, and a resumption
+        rewrites the log from the checkpoint's history (so a kill between the two loses
+        nothing)."""
+        self.save_checkpoint(payload)
+        if not rows:
+            return
+        self.append_metrics(rows)
+        for row in rows:
+            numbers = {k: v for k, v in row.items() if k not in ("epoch", "split")}
+            self.log_scalars(numbers, epoch, row["split"])
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
+    # ---------------------------------------------------------------------- TensorBoard
+    def open_tensorboard(self, folder: str | os.PathLike, first_step: int) -> None:
+        """Log to TensorBoard in ``folder`` from now on; events a killed run wrote at steps
+        from ``first_step`` on (after its checkpoint) are hidden. Needs the tensorboard package
+        (:func:`check_tensorboard`)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.close_tensorboard()
+        self.tensorboard = SummaryWriter(log_dir=str(folder), purge_step=first_step)
+
+    def log_scalars(self, values: dict, step: int, prefix: str) -> None:
+        """``{prefix}/{key}`` for each number of ``values`` (``{prefix}/{key}/{j}`` for the j-th,
+        from 1, of a list) at ``step``; nothing without :meth:`open_tensorboard`."""
+        if self.tensorboard is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, (list, tuple)):
+                for j, item in enumerate(value, start=1):
+                    self.tensorboard.add_scalar(f"{prefix}/{key}/{j}", item, step)
+            else:
+                self.tensorboard.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close_tensorboard(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+
+def check_tensorboard() -> None:
+    """ImportError naming the optional extra when TensorBoard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "--tensorboard needs the tensorboard package, which is not installed: "
+            "pip install 'ncfast[tensorboard]' (or pip install tensorboard)"
+        ) from None
+
 
 __all__ = [
-    "CHECKPOINT_FILE",
-    "CONFIG_FILE",
     "LOCK_FILE",
-    "METRICS_FILE",
     "RunDirectory",
     "RunDirectoryError",
+    "check_tensorboard",
+    "check_writable_dir",
 ]

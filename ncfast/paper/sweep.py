@@ -51,19 +51,21 @@ from pathlib import Path
 
 import click
 
-from ncfast.cli.train import train_command
 from ncfast.errors import NCFastError
-
-# The training and report code a sweep drives, imported in one place (the package layout moves
-# this module to ncfast/paper/sweep.py).
 from ncfast.paper.checkpoint import load_checkpoint, write_text_atomic
+from ncfast.paper.config import MAX_SEED, TrainConfig
 from ncfast.paper.data import DATASETS, DatasetError, default_root, download_dataset
 from ncfast.paper.losses import LOSSES, parse_mse_scale
 from ncfast.paper.models import FAMILIES, NETS, paper_net
 from ncfast.paper.rundir import RunDirectory, RunDirectoryError
-from ncfast.paper.train import MAX_SEED, TrainConfig
-from ncfast.report.plots import LOSS_COLORS, OTHER_COLORS, plot_runs
-from ncfast.report.runs import RunError, load_run, read_metrics
+from ncfast.report.plots import LOSS_COLORS, OTHER_COLORS, new_figure, plot_runs, save_figure
+from ncfast.report.runs import (
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    RunError,
+    load_run,
+    read_metrics,
+)
 from ncfast.report.tables import write_table1
 
 SWEEP_FILE = "sweep.json"
@@ -218,6 +220,10 @@ class RunSpec:
 def train_options(args: Sequence[str]) -> tuple[str | None, dict]:
     """``ncfast train`` options (a list of command-line words) as ``(preset, TrainConfig
     fields)``; SweepError naming the option when they do not parse or are the sweep's own."""
+    # The runs are `ncfast train` command lines, so their words are read with that command's own
+    # parser: one grammar for both (the one import of the CLI outside it, see tests/test_layers).
+    from ncfast.cli.train import train_command
+
     try:
         ctx = train_command.make_context("ncfast train", list(args), resilient_parsing=False)
     except click.ClickException as exc:
@@ -379,7 +385,7 @@ class Grid:
                         lr=lr,
                         seed=seed,
                     ).resolved()
-                except ValueError as exc:
+                except (TypeError, ValueError) as exc:
                     raise SweepError(f"run {spec.name}: {exc}") from None
                 if key == "cell" and spec == first:
                     resolved = config
@@ -425,7 +431,7 @@ def in_use(run_dir: str | os.PathLike) -> bool:
 
 def final_test_error(run_dir: str | os.PathLike, epochs: int) -> float | None:
     """The test error logged at epoch ``epochs`` (None when the run has not logged it)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return None
     try:
@@ -440,7 +446,7 @@ def final_test_error(run_dir: str | os.PathLike, epochs: int) -> float | None:
 
 def checkpoint_epoch(run_dir: str | os.PathLike) -> int:
     """The epoch of the run's checkpoint (0 when there is none)."""
-    path = Path(run_dir) / "checkpoint.pt"
+    path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         return 0
     return int(load_checkpoint(path)["epoch"])
@@ -610,7 +616,7 @@ class TrainingRun:
             *self.spec.train_args(),
             *("--out", str(run_dir), "--quiet"),
         ]
-        if (run_dir / "checkpoint.pt").is_file():
+        if (run_dir / CHECKPOINT_FILE).is_file():
             argv.append("--resume")
         elif RunDirectory(run_dir).holds_run():
             # Killed before its first checkpoint: nothing to resume and nothing to lose (ncfast
@@ -874,7 +880,7 @@ class Sweep:
         """One line per state count, for ``ncfast sweep --status``."""
         states = self.states()
         counts = {k: len(v) for k, v in states.items()}
-        resumable = sum((self.run_dir(s) / "checkpoint.pt").is_file() for s in states["waiting"])
+        resumable = sum((self.run_dir(s) / CHECKPOINT_FILE).is_file() for s in states["waiting"])
         lines = [
             f"{self.out}: {len(self.specs)} runs ({self.grid.shape()})",
             f"done {counts['done']}, running {counts['running']}, failed {counts['failed']}, "
@@ -1321,7 +1327,7 @@ def lr_sweep_figure(selection: dict, out_dir: str | os.PathLike, formats=("png",
     """Final test error against learning rate (log x): a panel per (dataset, network), a line
     per loss (mean over seeds), the selected rate circled, failed rates marked × at the top.
     Written as ``lr_sweep.<format>``; returns the paths."""
-    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     entries = selection["selected"]
     datasets = list(dict.fromkeys(e["dataset"] for e in entries))
@@ -1331,13 +1337,7 @@ def lr_sweep_figure(selection: dict, out_dir: str | os.PathLike, formats=("png",
         if e["net"] not in rows[e["dataset"]]:
             rows[e["dataset"]].append(e["net"])
     nrows = max(len(v) for v in rows.values())
-    fig, axes = plt.subplots(
-        nrows,
-        len(datasets),
-        figsize=(3.4 * len(datasets), 2.6 * nrows),
-        squeeze=False,
-        constrained_layout=True,
-    )
+    fig, axes = new_figure(nrows, len(datasets), (3.4 * len(datasets), 2.6 * nrows))
     losses = list(dict.fromkeys(e["loss"] for e in entries))
     colors = {
         loss: LOSS_COLORS.get(loss, OTHER_COLORS[k % len(OTHER_COLORS)])
@@ -1350,42 +1350,34 @@ def lr_sweep_figure(selection: dict, out_dir: str | os.PathLike, formats=("png",
                 ax.set_visible(False)
                 continue
             net = rows[dataset][row]
-            for e in entries:
-                if (e["dataset"], e["net"]) != (dataset, net):
-                    continue
-                color = colors[e["loss"]]
-                by_lr = {float(k): v for k, v in (e.get("test_error_by_lr") or {}).items()}
-                if by_lr:
-                    lrs = sorted(by_lr)
-                    ax.plot(lrs, [by_lr[x] for x in lrs], "o-", color=color, ms=3, label=e["loss"])
-                    ax.plot(
-                        [e["lr"]], [e["test_error"]], "o", ms=10, mfc="none", mec=color, mew=1.5
-                    )
-                if e["lrs_failed"]:
-                    ax.plot(e["lrs_failed"], [1.0] * len(e["lrs_failed"]), "x", color=color)
-            ax.set_xscale("log")
-            ax.set_title(f"{dataset} · {net}", fontsize=9)
-            ax.set_xlabel("learning rate", fontsize=8)
-            ax.set_ylabel("final test error", fontsize=8)
-            ax.tick_params(which="both", labelsize=7)
-            ax.grid(True, which="major", alpha=0.3)
-    handles = [
-        plt.Line2D([], [], color=colors[loss], marker="o", ms=3, label=loss) for loss in losses
-    ]
+            cell = [e for e in entries if (e["dataset"], e["net"]) == (dataset, net)]
+            _lr_panel(ax, f"{dataset} · {net}", cell, colors)
+    handles = [Line2D([], [], color=colors[loss], marker="o", ms=3, label=loss) for loss in losses]
     handles.append(
-        plt.Line2D([], [], color="gray", marker="o", ms=9, mfc="none", ls="", label="selected")
+        Line2D([], [], color="gray", marker="o", ms=9, mfc="none", ls="", label="selected")
     )
-    handles.append(plt.Line2D([], [], color="gray", marker="x", ls="", label="failed"))
+    handles.append(Line2D([], [], color="gray", marker="x", ls="", label="failed"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in formats:
-        path = out_dir / f"lr_sweep.{fmt}"
-        fig.savefig(path, dpi=150)
-        paths.append(path)
-    plt.close(fig)
-    return paths
+    return save_figure(fig, out_dir, "lr_sweep", formats)
+
+
+def _lr_panel(ax, title: str, entries: list[dict], colors: dict) -> None:
+    """One (dataset, network) panel of :func:`lr_sweep_figure`: a line per loss."""
+    for e in entries:
+        color = colors[e["loss"]]
+        by_lr = {float(k): v for k, v in (e.get("test_error_by_lr") or {}).items()}
+        if by_lr:
+            lrs = sorted(by_lr)
+            ax.plot(lrs, [by_lr[x] for x in lrs], "o-", color=color, ms=3, label=e["loss"])
+            ax.plot([e["lr"]], [e["test_error"]], "o", ms=10, mfc="none", mec=color, mew=1.5)
+        if e["lrs_failed"]:
+            ax.plot(e["lrs_failed"], [1.0] * len(e["lrs_failed"]), "x", color=color)
+    ax.set_xscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("learning rate", fontsize=8)
+    ax.set_ylabel("final test error", fontsize=8)
+    ax.tick_params(which="both", labelsize=7)
+    ax.grid(True, which="major", alpha=0.3)
 
 
 __all__ = [

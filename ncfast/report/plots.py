@@ -1,4 +1,4 @@
-"""Figures in the style of HPD22's Figs. 2–12 from training runs (matplotlib, Agg backend).
+"""Figures in the style of HPD22's Figs. 2–12 from training runs (matplotlib).
 
 Every figure is a grid with one panel per (dataset, network) cell — datasets as columns,
 networks as rows, as in HPD22's Fig. 2 — and the runs of a cell overlaid in one colour per
@@ -8,6 +8,10 @@ zero-training-error epoch (red, as in HPD22, when there is one variant). Within 
 line style says which quantity: solid for class means / the training set, dashed for
 classifiers / the test set (in the robustness figure: solid DeepFool's r, dashed the tight s*·r,
 dash-dot the percentage of out-of-range pixels on a second axis).
+
+Figures are ``matplotlib.figure.Figure`` objects made without pyplot: drawing them selects no
+global backend (a user's interactive one stays), and :func:`save_figure` writes them to files
+(PNG/PDF/SVG need no backend of their own), the one figure saver of ncfast.
 """
 
 from __future__ import annotations
@@ -17,11 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator, NullFormatter
 
@@ -112,7 +114,7 @@ METRIC_FIGURES = (
     ),
     MetricFigure(
         "ncc_mismatch",
-        "Convergence to nearest class centre (HPD22 Fig. 8)",
+        "Convergence to nearest class center (HPD22 Fig. 8)",
         "proportion mismatch",
         (
             Curve("nc4_ncc_mismatch", "train", "-", "train"),
@@ -257,13 +259,7 @@ def _grid(runs: Sequence[Run], title: str, panel_w=3.4, panel_h=2.6):
     losses = {r.loss for r in runs}
     suffix = f" · {next(iter(losses))}" if len(losses) == 1 else ""
     nrows, ncols = len(nets), len(datasets)
-    fig, axes = plt.subplots(
-        nrows,
-        ncols,
-        figsize=_figsize(nrows, ncols, panel_w, panel_h),
-        squeeze=False,
-        constrained_layout=True,
-    )
+    fig, axes = new_figure(nrows, ncols, _figsize(nrows, ncols, panel_w, panel_h))
     panel = {}
     for i, net in enumerate(nets):
         for j, ds in enumerate(datasets):
@@ -336,13 +332,25 @@ def _legend(fig, variants: dict[int, tuple[str, str]], styles, one_variant: bool
     _figure_legend(fig, handles)
 
 
-def _save(fig, out_dir: Path, name: str, formats: Sequence[str]) -> list[Path]:
+def new_figure(nrows: int, ncols: int, figsize: tuple[float, float]):
+    """A figure (no pyplot, so no global backend) with a ``nrows × ncols`` grid of axes
+    (always a 2-d array) and constrained layout."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def save_figure(
+    fig: Figure, out_dir: str | Path, name: str, formats: Sequence[str] = FORMATS
+) -> list[Path]:
+    """Write ``fig`` as ``out_dir/<name>.<format>`` for each format (PNG at 150 dpi; PDF and
+    SVG are vector); returns the paths. ``out_dir`` is created if missing."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in formats:
         path = out_dir / f"{name}.{fmt}"
         fig.savefig(path, dpi=150 if fmt == "png" else None)
         paths.append(path)
-    plt.close(fig)
     return paths
 
 
@@ -485,13 +493,7 @@ def snr_figure(runs: Sequence[Run], fits: dict[int, dict] | None = None):
     n = len(runs_with)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(
-        nrows,
-        ncols,
-        figsize=_figsize(nrows, ncols, 4.0, 3.1),
-        squeeze=False,
-        constrained_layout=True,
-    )
+    fig, axes = new_figure(nrows, ncols, _figsize(nrows, ncols, 4.0, 3.1))
     for k in range(n, nrows * ncols):
         axes[k // ncols][k % ncols].set_axis_off()
     any_fit = False
@@ -499,7 +501,7 @@ def snr_figure(runs: Sequence[Run], fits: dict[int, dict] | None = None):
         ax = axes[k // ncols][k % ncols]
         hist = _history(run, "train")
         epochs, omega = hist["epoch"], hist["snr_singular_values"]
-        cmap = plt.get_cmap("viridis")
+        cmap = colormaps["viridis"]
         num = omega.shape[1]
         colors = [cmap(j / max(num - 1, 1) * 0.9) for j in range(num)]
         for j in range(num):
@@ -568,19 +570,19 @@ def plot_runs(
     bad = [f for f in formats if f not in ("png", "pdf", "svg")]
     if bad:
         raise ValueError(f"plot_runs: formats must be among png, pdf, svg; got {bad}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     for name in FIGURE_NAMES:
         fig = figure(runs, name, fits)
         if fig is not None:
-            paths += _save(fig, out_dir, name, formats)
+            paths += save_figure(fig, out_dir, name, formats)
     return paths
 
 
 def figure(runs: Sequence[Run], name: str, fits: dict[int, dict] | None = None):
-    """The figure ``name`` (one of :data:`FIGURE_NAMES`) for ``runs``, or None without data.
-    The caller closes it (``plt.close(fig)``)."""
+    """The figure ``name`` (one of :data:`FIGURE_NAMES`) for ``runs``, or None without data: a
+    ``matplotlib.figure.Figure`` outside pyplot (nothing to close; ``fig.savefig`` or
+    :func:`save_figure` writes it)."""
     if name == "decomposition":
         return decomposition_figure(runs)
     if name == "snr":

@@ -1,5 +1,5 @@
-"""Reading training-run directories: ``metrics.jsonl`` and ``config.json`` (written by
-``ncfast train``), with errors that say which file and line was wrong.
+"""Training-run directories: their file names, and reading ``metrics.jsonl`` and
+``config.json`` (written by ``ncfast train``) with errors that say which file and line was wrong.
 
 A run's history is one flat record per measured epoch and split (``train``/``test``); here it
 becomes, per split, an array per key over the measured epochs (``snr_singular_values`` a
@@ -18,8 +18,11 @@ import numpy as np
 
 from ncfast.errors import NCFastError
 
+# The files of a run directory (ncfast.paper.rundir.RunDirectory writes them).
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+ANALYSIS_DIR = "analysis"  # ncfast analyze's report of the checkpoint
 SPLITS = ("train", "test")
 REQUIRED_KEYS = ("epoch", "split", "error")
 
@@ -58,6 +61,29 @@ def check_record(rec, where: str) -> dict:
         if isinstance(value, list) and not all(v is None or _is_number(v) for v in value):
             raise RunError(f"{where}: {key!r} must be a list of numbers, got {_short(value)}")
     return rec
+
+
+def to_json_value(value, strict: bool = False):
+    """``value`` in JSON's types: tensors and numpy arrays to (nested) lists, numpy and 0-d
+    tensor scalars to Python numbers, tuples to lists, dict keys to strings, paths to strings.
+    NaN and ±inf stay (``metrics.jsonl`` holds them as Python's json writes them) unless
+    ``strict``, which makes them None (strict JSON, as ``report.json``)."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()  # torch tensors (any dtype), numpy arrays and scalars
+    if isinstance(value, float):
+        return value if math.isfinite(value) or not strict else None
+    if isinstance(value, dict):
+        return {str(k): to_json_value(v, strict) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(v, strict) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def metrics_lines(records: list[dict]) -> str:
+    """``records`` as lines of ``metrics.jsonl`` (one JSON object per line)."""
+    return "".join(json.dumps(record) + "\n" for record in records)
 
 
 def _short(value) -> str:
@@ -188,7 +214,10 @@ def zero_error_epoch(records_or_history) -> int | None:
 
 @dataclass
 class Run:
-    """A training run: its directory, config and validated metrics records."""
+    """A training run: its directory, config and validated metrics records.
+
+    :meth:`history` arrays are computed once per split and cached; after changing
+    ``records``, call :meth:`forget_history`."""
 
     path: Path
     config: dict
@@ -196,9 +225,14 @@ class Run:
     _history: dict = field(default_factory=dict, repr=False)
 
     def history(self, split: str = "train") -> dict[str, np.ndarray]:
+        """:func:`history_arrays` of ``split`` (cached)."""
         if split not in self._history:
             self._history[split] = history_arrays(self.records, split)
         return self._history[split]
+
+    def forget_history(self) -> None:
+        """Drop the cached :meth:`history` (``records`` were changed)."""
+        self._history.clear()
 
     @property
     def zero_error_epoch(self) -> int | None:
@@ -261,7 +295,7 @@ def run_from_history(records: list[dict], config: dict, path: str | Path = ".") 
 def central_path_fit(run: Run, split: str = "train", start_epoch: int | None = None) -> dict:
     """The SPEC §5 central-path law fitted to the run's logged SNR singular values.
 
-    Fitted over the terminal phase (epochs ≥ the zero-error epoch, where the seed's theory
+    Fitted over the terminal phase (epochs ≥ the zero-error epoch, where HPD22's theory
     applies; all epochs if zero error was never reached; or from ``start_epoch``) by
     :func:`ncfast.theory.fit_central_path` with t = epoch. Returns ``fitted`` (bool), ``epochs``
     (the t used), ``start_epoch``, and, when fitted, that function's result with tensors as

@@ -1,4 +1,4 @@
-"""Table 1 of the seed: test accuracy when zero training error is first reached vs at the end.
+"""HPD22's Table 1: test accuracy when zero training error is first reached vs at the end.
 
 Accuracy is ``100·(1 − test error)`` at the first measured epoch with training error 0 and at
 the last measured epoch; the improvement is their difference in percentage points. Runs that
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ncfast.report.runs import Run
+from ncfast.report.summary import format_value
 
 COLUMNS = (
     ("dataset", "dataset"),
@@ -72,11 +73,8 @@ def summary(rows: Sequence[dict]) -> dict:
 
 
 def _cell(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    return str(value)
+    """A cell of Table 1: percentages and epochs to 2 decimals, ``—`` where there is none."""
+    return format_value(value, ".2f")
 
 
 def to_markdown(rows: Sequence[dict]) -> str:

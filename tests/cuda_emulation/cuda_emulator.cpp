@@ -54,12 +54,12 @@ void ncfast_emu_update_scratch_offsets(int64_t batch, int64_t classes, int64_t* 
 }
 
 // The kernel half of update_stats_cuda (csrc/cuda/ops_cuda.cpp); the caller zeroes the first
-// zeroed_bytes of `scratch` and adds centredᵀ·centred to the scatter itself.
+// zeroed_bytes of `scratch` and adds centeredᵀ·centered to the scatter itself.
 int ncfast_emu_update_stats(const void* features, int feature_kind, int64_t row_stride,
                             int64_t col_stride, const void* labels, int label_kind,
                             int64_t label_stride, int64_t batch, int64_t dim, int64_t classes,
                             int64_t* counts, double* shift, double* sums, int64_t* invalid,
-                            char* scratch, double* centred) {
+                            char* scratch, double* centered) {
   return guarded([&] {
     ncfast::cuda::UpdateParams q{};
     q.features = features;
@@ -76,7 +76,7 @@ int ncfast_emu_update_stats(const void* features, int feature_kind, int64_t row_
     q.sums = sums;
     q.invalid = invalid;
     ncfast::cuda::UpdateScratch::bind(q, scratch);
-    q.centred = centred;
+    q.centered = centered;
     ncfast::cuda::launch_update_stats(q, feature_kind, nullptr);
   });
 }
@@ -85,12 +85,12 @@ int ncfast_emu_mirror(double* matrix, int64_t p) {
   return guarded([&] { ncfast::cuda::launch_mirror_upper_to_lower(matrix, p, nullptr); });
 }
 
-int ncfast_emu_ncc_centre(const void* features, int feature_kind, int64_t row_stride,
+int ncfast_emu_ncc_center(const void* features, int feature_kind, int64_t row_stride,
                           int64_t col_stride, const bool* valid, int64_t valid_stride,
-                          const double* centre, int64_t batch, int64_t dim, double* out) {
+                          const double* center, int64_t batch, int64_t dim, double* out) {
   return guarded([&] {
-    ncfast::cuda::launch_ncc_centre(features, feature_kind, row_stride, col_stride, valid,
-                                    valid_stride, centre, batch, dim, out, nullptr);
+    ncfast::cuda::launch_ncc_center(features, feature_kind, row_stride, col_stride, valid,
+                                    valid_stride, center, batch, dim, out, nullptr);
   });
 }
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ncfast.checks import check_device, check_int
 from ncfast.paper.data import formats
 from ncfast.paper.data.errors import DatasetArgumentError, DatasetChecksumWarning, DatasetError
 from ncfast.paper.data.images import LabeledImages
@@ -51,10 +52,10 @@ def load_dataset(
     ``download=True`` fetches missing files with torchvision's downloader first.
     """
     info = get_info(name)
-    per_class = _check_per_class(per_class)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise DatasetArgumentError(f"seed must be an integer, got {seed!r}")
-    device = _check_device(device)
+    if per_class is not None:
+        per_class = check_int(per_class, "per_class (--per-class)", 1, "load_dataset")
+    seed = check_int(seed, "seed", 0, "load_dataset")
+    device = check_device(device, "device", "load_dataset")
     if not isinstance(download, bool):
         raise DatasetArgumentError(f"download must be True or False, got {download!r}")
 
@@ -71,34 +72,10 @@ def load_dataset(
         train, test = _read_mnist5k()
     if info.raw_image_size != info.image_size:
         train, test = _pad(train, info), _pad(test, info)
-    return _prepare(info, train, test, per_class, int(seed), device)
+    return _prepare(info, train, test, per_class, seed, device)
 
 
 # --- arguments -------------------------------------------------------------------------------
-
-
-def _check_per_class(per_class) -> int | None:
-    if per_class is None:
-        return None
-    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)):
-        raise DatasetArgumentError(
-            f"per_class (--per-class) must be a positive integer, got {per_class!r}"
-        )
-    if per_class < 1:
-        raise DatasetArgumentError(
-            f"per_class (--per-class) must be a positive integer, got {per_class}"
-        )
-    return int(per_class)
-
-
-def _check_device(device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DatasetArgumentError(f"device {device!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DatasetArgumentError(f"device {device} requested but CUDA is not available")
-    return device
 
 
 # --- files -----------------------------------------------------------------------------------

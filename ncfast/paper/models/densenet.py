@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ncfast.paper.models.base import FeatureClassifier, init_weights, scaled
+from ncfast.paper.models.base import FeatureClassifier, scaled
 
 BOTTLENECK_FACTOR = 4  # the 1×1 convolution outputs 4k channels
 COMPRESSION = 0.5  # transitions halve the channels
@@ -78,6 +78,4 @@ def densenet(
             channels = out
     layers += [nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
     body = nn.Sequential(*layers)
-    model = FeatureClassifier(body, channels, num_classes, in_channels, image_size)
-    init_weights(model)
-    return model
+    return FeatureClassifier(body, channels, num_classes, in_channels, image_size)

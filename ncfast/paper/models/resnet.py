@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ncfast.paper.models.base import FeatureClassifier, init_weights, scaled
+from ncfast.paper.models.base import FeatureClassifier, scaled
 
 
 class BasicBlock(nn.Module):
@@ -103,6 +103,4 @@ def resnet(
             layers.append(block(in_planes, planes, stride))
             in_planes = planes * block.expansion
     body = nn.Sequential(*layers)
-    model = FeatureClassifier(body, in_planes, num_classes, in_channels, image_size)
-    init_weights(model)
-    return model
+    return FeatureClassifier(body, in_planes, num_classes, in_channels, image_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ncfast.paper.models.base import FeatureClassifier, init_weights, scaled
+from ncfast.paper.models.base import FeatureClassifier, scaled
 
 # Channels per conv layer; "M" is a 2×2 max-pool (Simonyan & Zisserman, configurations A and B).
 VGG_LAYERS = {
@@ -32,6 +32,4 @@ def vgg(
         channels = out
     # 32×32 inputs end at 1×1; larger ones (STL10's 96×96 → 3×3) are average-pooled to 1×1.
     body = nn.Sequential(*layers)
-    model = FeatureClassifier(body, channels, num_classes, in_channels, image_size)
-    init_weights(model)
-    return model
+    return FeatureClassifier(body, channels, num_classes, in_channels, image_size)
