@@ -1,3 +1,6 @@
+"""``python -m ncfast``: the command line (as ``torchrun -m ncfast train ...`` needs)."""
+
 from ncfast.cli import main
 
-main(prog_name="ncfast")
+if __name__ == "__main__":
+    main(prog_name="ncfast")

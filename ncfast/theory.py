@@ -377,7 +377,7 @@ class CentralPathRun:
     - ``alignment [S+1]``: ‖SNR_t / ω_max(t) − Û_0 V̂_0ᵀ‖_F (Corollary 2, Eq. 10)
     - ``feature_alignment [S+1]``: ‖X_t/ω_max(t) − (Û_0V̂_0ᵀ)⊗1_Nᵀ‖_F / ‖(Û_0V̂_0ᵀ)⊗1_Nᵀ‖_F
       (Eq. 11)
-    - ``manifold_drift [S]``: max |Σ_W − I| after each step, before renormalization
+    - ``manifold_drift [S]``: max ``|Σ_W − I|`` after each step, before renormalization
     - ``u0 [P, C−1]``, ``v0 [C, C−1]``: singular vectors of SNR at t = 0; ``features``: final X
     """
 

@@ -26,6 +26,7 @@ falls back to the reference) and RuntimeError when the extension was built for a
 CUDA major version (rebuild it).
 
 CUDA tensors take the reference instead of the compiled kernels, per call, when
+
 - the extension holds no kernel image that runs on the tensor's GPU (its compute capability
   outside the compiled architectures and below no compiled PTX): one warning per device names
   the capability (``kernel_image_for`` decides, ``ncfast info`` shows it);
@@ -254,7 +255,7 @@ def update_stats_(
     scatter: torch.Tensor,
     invalid: torch.Tensor,
 ) -> None:
-    """Add one batch to the accumulator state in place (see reference.update_stats_)."""
+    """Add one batch to the accumulator state in place (see ``reference.update_stats_``)."""
     if not update_kernels_for(features.device):
         reference.update_stats_(features, labels, counts, shift, sums, scatter, invalid)
         return

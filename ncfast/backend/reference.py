@@ -239,7 +239,7 @@ def snr_singular_values(
 
 def pairwise_cosine_stats(vectors: torch.Tensor, tile: int = 0) -> tuple[float, float]:
     """Over unordered pairs of rows of ``vectors [C, P]``: (std of cosines with Bessel's
-    correction, mean of |cos + 1/(C−1)|), accumulated in row tiles so no C×C matrix exists
+    correction, mean of ``|cos + 1/(C−1)|``), accumulated in row tiles so no C×C matrix exists
     when ``tile`` < C. Sums are taken of cos + 1/(C−1), which is small near a simplex ETF, so
     the variance does not cancel catastrophically.
     """

@@ -1,5 +1,5 @@
 """Neural Collapse as a ``torchmetrics.Metric``: ``update(features, labels)``, ``compute()``,
-``reset()``, in a ``MetricCollection``, synced across processes without touching local state.
+``reset()``, in a ``MetricCollection``, synced across processes without touching local state::
 
     from ncfast.integrations.torchmetrics import NeuralCollapse
 
