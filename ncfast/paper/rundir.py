@@ -38,6 +38,7 @@ import uuid
 from pathlib import Path
 
 from ncfast.errors import NCFastError
+from ncfast.measure import scalars
 from ncfast.paper.checkpoint import save_checkpoint, write_text_atomic
 from ncfast.report.runs import (
     ANALYSIS_DIR,
@@ -423,12 +424,8 @@ class RunDirectory:
         from 1, of a list) at ``step``; nothing without :meth:`open_tensorboard`."""
         if self.tensorboard is None:
             return
-        for key, value in values.items():
-            if isinstance(value, (list, tuple)):
-                for j, item in enumerate(value, start=1):
-                    self.tensorboard.add_scalar(f"{prefix}/{key}/{j}", item, step)
-            else:
-                self.tensorboard.add_scalar(f"{prefix}/{key}", value, step)
+        for tag, value in scalars(values, f"{prefix}/").items():  # text (nc_undefined) left out
+            self.tensorboard.add_scalar(tag, value, step)
 
     def close_tensorboard(self) -> None:
         if self.tensorboard is not None:
