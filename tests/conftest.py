@@ -1,4 +1,5 @@
-"""Shared fixtures of the test suite.
+"""Shared fixtures of the test suite (plain helpers live in modules by topic: tests/feeding.py,
+tests/tolerances.py, tests/synthetic_features.py, tests/tiny_runs.py, ...).
 
 Random tests take the ``seed`` fixture: a fresh seed per test (so repeated runs explore new
 inputs), or the value of ``NCFAST_TEST_SEED`` when it is set (to replay a failure). A failing
@@ -7,33 +8,24 @@ test's report names its seed and the command line that replays it.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator
 
 import pytest
+import torch
 
-SEED_ENV = "NCFAST_TEST_SEED"
+# Helper modules that assert: pytest rewrites their asserts as it does the tests' (the values
+# in a failure's message). Registered before anything imports them.
+pytest.register_assert_rewrite("tests.assertions", "tests.native_checks", "tests.tolerances")
 
-
-def test_seed() -> int:
-    """``NCFAST_TEST_SEED`` if set, else a fresh random seed in [0, 2**31)."""
-    text = os.environ.get(SEED_ENV, "").strip()
-    if text:
-        try:
-            return int(text)
-        except ValueError:
-            raise pytest.UsageError(f"{SEED_ENV} must be an integer, got {text!r}") from None
-    return secrets.randbelow(2**31)
-
-
-test_seed.__test__ = False  # a helper, not a test
+from tests.native_checks import NATIVE_MISSING  # noqa: E402
+from tests.seeds import SEED_ENV, draw_seed  # noqa: E402
+from tests.tiny_runs import synthetic_split  # noqa: E402
 
 
 @pytest.fixture
 def seed(request) -> int:
     """The random seed of this test (printed when it fails; override with NCFAST_TEST_SEED)."""
-    value = test_seed()
+    value = draw_seed()
     request.node.user_properties.append(("seed", value))
     return value
 
@@ -54,16 +46,6 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-def _native_missing() -> str:
-    """Why the native backend cannot run here ("" when it can)."""
-    try:
-        from ncfast.backend import native  # noqa: F401
-    except ImportError as exc:
-        return f"ncfast._C is not built ({exc})"
-    return ""
-
-
-NATIVE_MISSING = _native_missing()
 BACKENDS = [
     "reference",
     pytest.param("native", marks=pytest.mark.skipif(bool(NATIVE_MISSING), reason=NATIVE_MISSING)),
@@ -80,10 +62,18 @@ def backend(request) -> Iterator[str]:
         yield request.param
 
 
-def stats_from(features, labels, num_classes: int, dim: int | None = None, **kwargs):
-    """A ClassStats that has seen one batch (``update`` returns None, as torchmetrics' does)."""
-    from ncfast import ClassStats
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for the module's tests, restored afterwards: tiny networks are
+    dominated by per-op overhead, and on a shared 2-core machine a second OpenMP thread only adds
+    waiting (on a 2-core CI machine a lane's time is then its CPU time)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
-    stats = ClassStats(num_classes, features.shape[1] if dim is None else dim, **kwargs)
-    stats.update(features, labels)
-    return stats
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    """Training and test splits of tests/tiny_runs.py's synthetic images: 20 and 6 per class."""
+    return synthetic_split("train", 20, 0), synthetic_split("test", 6, 1)

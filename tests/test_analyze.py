@@ -28,16 +28,6 @@ SGD_WEIGHT_DECAY = 5e-4
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # Tiny networks are dominated by per-op overhead; on a shared 2-core machine a second
-    # OpenMP thread only adds waiting. Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("run") / "mnist5k-vgg11"
     config = TrainConfig(

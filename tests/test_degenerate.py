@@ -17,8 +17,9 @@ from ncfast.metrics import SPEC_KEYS
 from ncfast.paper.data import LabeledImages
 from ncfast.paper.evaluate import measure_split
 from tests import oracle
-from tests.conftest import stats_from
-from tests.test_metrics import DIMENSIONLESS_ATOL, EPS, F64, orthonormal_columns
+from tests.feeding import stats_from, stream
+from tests.synthetic_features import F64, orthonormal_columns
+from tests.tolerances import DIMENSIONLESS_ATOL, EPS
 
 # Every test here that takes the `backend` fixture (tests/conftest.py) runs on the reference and
 # on the native backend.
@@ -26,12 +27,8 @@ BOOKKEEPING = ("classes_present", "weight_decay", "num_samples")
 
 
 def streamed(features, labels, num_classes, batch=37, weight=None):
-    m = ncfast.Measurement(
-        num_classes, features.shape[1], weight, None if weight is None else torch.zeros(num_classes)
-    )
-    for start in range(0, len(labels), batch):
-        m.update(features[start : start + batch], labels[start : start + batch])
-    return m
+    bias = None if weight is None else torch.zeros(num_classes)
+    return stream(features, labels, num_classes, batch, weight, bias)
 
 
 def rounding_bound(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:

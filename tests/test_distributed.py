@@ -25,7 +25,6 @@ import itertools
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,23 +50,17 @@ from ncfast.paper.train import (
     min_last_batch,
     train,
 )
-from tests.test_train import read_rows, synthetic_split, tiny_config
+from tests.process_group import free_port, gloo_group
+from tests.tiny_runs import TINY_TRAIN_ARGS, read_rows, synthetic_split, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 # The run of every multi-process test: 50 training images (10 classes), 1000 test images.
 PER_CLASS = 5
 MEASURE_BATCH = 25  # divides each process's share of both splits (25 and 500)
 COMMON = (
-    "--dataset",
-    "mnist5k",
+    *TINY_TRAIN_ARGS,
     "--per-class",
     str(PER_CLASS),
-    "--net",
-    "vgg11",
-    "--width",
-    "0.0625",
-    "--epochs",
-    "2",
     "--batch-size",
     "20",
     "--lr",
@@ -76,8 +69,6 @@ COMMON = (
     "all",
     "--measure-batch-size",
     str(MEASURE_BATCH),
-    "--device",
-    "cpu",
     "--quiet",
 )
 # Keys that differ between runs by design (timing, process count).
@@ -248,12 +239,6 @@ def test_measure_split_distributed_needs_a_process_group():
         measure_split(model, data, loss="mse", sgd_weight_decay=0.0, batch_size=8, distributed=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Unequal shares of one batch of 11 images (channels-last, as training feeds them).
 BN_SHARES = ((0, 7), (7, 11))
 
@@ -356,23 +341,19 @@ def _train_part(rank: int, out_dir: str) -> dict:
 
 def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         results = {
             "bn": _bn_part(rank),
             "measure": _measure_part(rank),
             "train": _train_part(rank, out_dir),
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     results = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     results[0]["run"] = out / "run"
     return results
@@ -546,13 +527,14 @@ def test_two_processes_resume_a_one_process_run_and_measure_exactly(one_process_
 
 # ------------------------------------------------------------------- robustness, TensorBoard
 @pytest.fixture(scope="module")
-def tiny_data():
+def tiny_data_40():
+    """The splits of the shared ``tiny_data`` with half the training images: 10 per class."""
     return synthetic_split("train", 10, 0), synthetic_split("test", 6, 1)
 
 
-def test_robustness_is_logged_on_test_rows(tmp_path, tiny_data):
+def test_robustness_is_logged_on_test_rows(tmp_path, tiny_data_40):
     config = tiny_config(tmp_path / "run", robustness_samples=5, measure_epochs=(2,))
-    rows = read_rows(train(config, progress=False, data=tiny_data))
+    rows = read_rows(train(config, progress=False, data=tiny_data_40))
     assert [r["split"] for r in rows] == ["train", "test"]
     for row in rows:
         if row["split"] == "train":
@@ -565,7 +547,7 @@ def test_robustness_is_logged_on_test_rows(tmp_path, tiny_data):
     payload = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     model = build_model(config.resolved(), 4, 1, 32)
     model.load_state_dict(payload["model"])
-    expected = robustness(model, tiny_data[1], samples=5, seed=config.seed, progress=False)
+    expected = robustness(model, tiny_data_40[1], samples=5, seed=config.seed, progress=False)
     for key in ROBUSTNESS_KEYS:
         if math.isnan(expected[key]):
             assert math.isnan(rows[-1][key])
@@ -578,13 +560,13 @@ def test_robustness_is_logged_on_test_rows(tmp_path, tiny_data):
         tiny_config(tmp_path, robustness_samples=-1).resolved()
 
 
-def test_tensorboard_logs_every_scalar_per_split(tmp_path, tiny_data):
+def test_tensorboard_logs_every_scalar_per_split(tmp_path, tiny_data_40):
     pytest.importorskip("tensorboard", reason="tensorboard (an optional extra) not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logdir = tmp_path / "tb"
     config = tiny_config(tmp_path / "run", tensorboard=str(logdir), measure_epochs=(2,))
-    rows = read_rows(train(config, progress=False, data=tiny_data))
+    rows = read_rows(train(config, progress=False, data=tiny_data_40))
     events = EventAccumulator(str(logdir))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -615,11 +597,11 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
     assert "Traceback" not in result.output
 
 
-def test_stop_after_errors(tmp_path, tiny_data):
+def test_stop_after_errors(tmp_path, tiny_data_40):
     with pytest.raises(ValueError, match="stop_after"):
         tiny_config(tmp_path, stop_after=3).resolved()
     out = tmp_path / "run"
-    train(tiny_config(out, stop_after=1, measure_epochs="none"), progress=False, data=tiny_data)
+    train(tiny_config(out, stop_after=1, measure_epochs="none"), progress=False, data=tiny_data_40)
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
     result = CliRunner().invoke(
         main, ["train", "--resume", "--out", str(out), "--stop-after", "1", "--quiet"]

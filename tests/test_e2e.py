@@ -35,7 +35,8 @@ from ncfast.paper.models import FAMILIES, paper_net
 from ncfast.paper.train import build_model, load_data
 from ncfast.report.plots import FIGURE_NAMES
 from tests import data_fixtures
-from tests.conftest import test_seed
+from tests.seeds import draw_seed
+from tests.tiny_runs import read_rows
 
 pytestmark = [
     pytest.mark.e2e,
@@ -180,28 +181,14 @@ class Matrix:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # Tiny networks are dominated by per-op overhead: a second OpenMP thread only adds waiting
-    # (and on a 2-core CI machine the lane's time is then its CPU time). Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def matrix(tmp_path_factory, one_thread) -> Matrix:
-    return Matrix(tmp_path_factory.mktemp("e2e"), test_seed())
+    return Matrix(tmp_path_factory.mktemp("e2e"), draw_seed())
 
 
 @pytest.fixture(autouse=True)
 def _report_matrix_seed(request, matrix):
     # The module's seed, named in a failure's report (tests/conftest.py) like the seed fixture's.
     request.node.user_properties.append(("seed", matrix.seed))
-
-
-def read_records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def is_number(value) -> bool:
@@ -278,7 +265,7 @@ def test_train_then_analyze(matrix, case):
     assert (config["in_channels"], config["image_size"]) == INPUT_SHAPES[case.dataset]
 
     # train: metrics.jsonl holds both splits at epochs 1 and 2, every key finite
-    records = read_records(run_dir)
+    records = read_rows(run_dir)
     assert sorted((r["epoch"], r["split"]) for r in records) == [
         (1, "test"),
         (1, "train"),
@@ -365,7 +352,7 @@ def test_plot_and_table_of_all_runs(matrix, tmp_path):
         assert f"| {case.dataset} | {case.net} | {case.loss} | {run_dir.name} |" in markdown
         # Table 1's final accuracy is 100·(1 − test error) at the last measured epoch; the same
         # float64 expression, and CSV writes floats as their round-tripping repr: exact.
-        last = {(r["epoch"], r["split"]): r for r in read_records(run_dir)}[EPOCHS, "test"]
+        last = {(r["epoch"], r["split"]): r for r in read_rows(run_dir)}[EPOCHS, "test"]
         test_error = last["error"]
         assert int(row["final_epoch"]) == EPOCHS
         assert float(row["acc_final"]) == 100.0 * (1.0 - test_error)

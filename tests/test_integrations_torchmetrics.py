@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +18,13 @@ from torch import nn
 
 import ncfast
 from ncfast.nc4 import NCCMismatch
-from tests.test_metrics import EPS, make_data, stream_tolerances
+from tests.process_group import free_port, gloo_group
+from tests.synthetic_features import F64, make_data
+from tests.tolerances import EPS, stream_tolerances
 
 torchmetrics = pytest.importorskip("torchmetrics")
 from ncfast.integrations.torchmetrics import NeuralCollapse  # noqa: E402
 
-F64 = torch.float64
 BATCH = 23
 
 
@@ -241,22 +241,14 @@ def test_on_cuda_after_to_equals_the_cpu_result(seed):
 
 
 # ---------------------------------------------------------------- two gloo processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _refuse_gather(*args, **kwargs):
     raise AssertionError("NeuralCollapse must all-reduce its states, not gather them")
 
 
 def _sync_worker(rank, world, port, data, out_dir):
     features, labels, weight, bias = data
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    dist.all_gather = dist.all_gather_object = _refuse_gather  # torchmetrics' default sync
-    try:
+    with gloo_group(rank, world, port):
+        dist.all_gather = dist.all_gather_object = _refuse_gather  # torchmetrics' default sync
         n = len(labels)
         # Unequal, interleaved shards; rank 1 never sees class 3.
         mine = torch.arange(n)[rank::world]
@@ -280,8 +272,6 @@ def _sync_worker(rank, world, port, data, out_dir):
             {"half": half, "full": full, "again": again, "untouched": untouched},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two spawned processes importing torch and torchmetrics: ~8 s on 2 cores
@@ -291,7 +281,7 @@ def test_two_gloo_processes_compute_what_one_process_computes(tmp_path, seed):
     accumulation and the next epoch go on), and no state is gathered."""
     data = make_data([50, 70, 40, 60], 6, seed, spread=1e-2, offset=10.0)
     features, labels, weight, bias = data
-    mp.spawn(_sync_worker, args=(2, _free_port(), data, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_sync_worker, args=(2, free_port(), data, str(tmp_path)), nprocs=2, join=True)
     n = len(labels)
     half = NeuralCollapse(4, 6, (weight, bias), weight_decay=0.05)
     feed(half, features[: n // 2], labels[: n // 2])

@@ -10,7 +10,9 @@ import ncfast
 from ncfast.backend import reference
 from ncfast.stats import ClassStats
 from tests import oracle
-from tests.conftest import stats_from
+from tests.feeding import stats_from, stream
+from tests.synthetic_features import F64, MIX_CONDITION, make_data, orthonormal_columns
+from tests.tolerances import DIMENSIONLESS_ATOL, EPS, oracle_rtol, stream_tolerances
 
 NON_SCALAR_KEYS = (
     "snr_singular_values",
@@ -21,124 +23,6 @@ NON_SCALAR_KEYS = (
     "num_samples",
 )
 SCALAR_KEYS = [k for k in ncfast.metrics.SPEC_KEYS if k not in NON_SCALAR_KEYS]
-
-
-F64 = torch.float64
-EPS = float(np.finfo(np.float64).eps)
-
-# Bounded conditioning of the test data (make_data): the within-class mixing matrix has singular
-# values log-spaced in [1/MIX_CONDITION, 1], so cond(Σ_W) = MIX_CONDITION² = 16 exactly (the
-# within-class deviations are whitened before mixing), and the nonzero singular values of M̄
-# are log-spaced over a ratio MEANS_CONDITION = 10. A Gaussian mixing matrix, as before, is
-# nearly singular now and then (condition 2.6e9 seen), which made exact checks flaky.
-MIX_CONDITION = 4.0
-MEANS_CONDITION = 10.0
-# Keys that are cosines or ratios of norms of O(1) unit-scaled terms: their absolute rounding
-# error is a few eps, which matters where the exact value is 0 (two balanced classes: equal
-# norms, cosine exactly −1).
-DIMENSIONLESS_ATOL = 100 * EPS
-
-
-def orthonormal_columns(rows: int, cols: int, g: torch.Generator, against=None) -> torch.Tensor:
-    """Haar-random ``[rows, cols]`` with orthonormal columns, orthogonal to ``against`` if given."""
-    extra = 0 if against is None else 1
-    a = torch.randn(rows, cols + extra, generator=g, dtype=F64)
-    if against is not None:
-        a[:, 0] = against
-    return torch.linalg.qr(a).Q[:, extra:]
-
-
-def make_data(
-    counts, dim, seed, spread=1.0, offset=None, mean_scale=3.0, mix_condition=MIX_CONDITION
-):
-    """Features with class means of RMS norm mean_scale·√P, within-class spread ``spread``, a
-    common offset of norm ``offset`` (default: the size of a class mean), and bounded
-    conditioning: cond(Σ_W) = mix_condition², nonzero singular values of M̄ spread over
-    MEANS_CONDITION (rank min(C_present − 1, P)). Returns (features, labels, weight, bias)."""
-    g = torch.Generator().manual_seed(seed)
-    num_classes = len(counts)
-    labels = torch.cat([torch.full((n,), k) for k, n in enumerate(counts)])
-    labels = labels[torch.randperm(len(labels), generator=g)]
-    num_samples = len(labels)
-    present = torch.tensor(counts) > 0
-    num_present = int(present.sum())
-    priors = torch.tensor(counts, dtype=F64)[present] / num_samples
-    # Centered means M̄ = Q diag(s) Rᵀ with πᵀQ = 0, so the prior-weighted mean of the rows is 0
-    # and the measured M̄ has exactly the singular values s.
-    rank = min(num_present - 1, dim)
-    singular = torch.logspace(0, -np.log10(MEANS_CONDITION), rank, dtype=F64)
-    singular *= mean_scale * (dim * num_present / singular.square().sum()) ** 0.5
-    centered = orthonormal_columns(num_present, rank, g, against=priors) * singular
-    means = torch.randn(num_classes, dim, generator=g, dtype=F64) * mean_scale  # absent: unused
-    means[present] = centered @ orthonormal_columns(dim, rank, g).T
-    offset = mean_scale * dim**0.5 if offset is None else offset
-    common = torch.randn(dim, generator=g, dtype=F64)
-    common = common / common.norm() * offset
-    # Within-class deviations with zero class means and pooled covariance exactly the identity
-    # on a subspace of dimension min(N − C, P) (all of R^P when N − C ≥ P), then mixed.
-    deviations = torch.randn(num_samples, dim, generator=g, dtype=F64)
-    for k in range(num_classes):
-        deviations[labels == k] -= deviations[labels == k].mean(0)
-    u, _, vh = torch.linalg.svd(deviations, full_matrices=False)
-    kept = min(num_samples - num_present, dim)
-    deviations = u[:, :kept] @ vh[:kept] * num_samples**0.5
-    mix_singular = torch.logspace(0, -np.log10(mix_condition), dim, dtype=F64)
-    mix = orthonormal_columns(dim, dim, g) * mix_singular @ orthonormal_columns(dim, dim, g).T
-    features = means[labels] + common + deviations @ mix * spread
-    weight = torch.randn(num_classes, dim, generator=g, dtype=F64)
-    bias = torch.randn(num_classes, generator=g, dtype=F64)
-    return features, labels, weight, bias
-
-
-def stream_tolerances(
-    features: torch.Tensor, labels: torch.Tensor, against_brute_force: bool = False
-) -> tuple[float, float]:
-    """Absolute error bounds (class means, Σ_W) for comparing two float64 accumulations of the
-    same ``features``: two one-pass ncfast streams, or one and tests/oracle.py.
-
-    ncfast: each deviation h − s from a class's shift rounds by eps·‖h‖ and the sums of N terms
-    add N·eps of their terms (SPEC §1: errors scale with ‖h‖ times the spread, not ‖h‖²): means
-    ≤ 2·eps·max‖h‖ + N·eps·max‖d‖, Σ_W ≤ 2·eps·max‖h‖·max‖d‖ + N·eps·max‖d‖² (d = h − μ_y).
-    Merges and reductions re-express sums about another shift within the spread: terms of the
-    same sizes. The brute force sums the features themselves: means ≤ N·eps·max‖h‖, and its
-    h − μ_y inherit that: Σ_W ≤ 2·N·eps·max‖h‖·max‖d‖ + N·eps·max‖d‖².
-    """
-    x = features.to(torch.float64)
-    means = torch.zeros(int(labels.max()) + 1, x.shape[1], dtype=torch.float64)
-    means.index_add_(0, labels, x)
-    means /= torch.bincount(labels).clamp(min=1)[:, None]
-    size = float(x.norm(dim=1).max())
-    dev = float((x - means[labels]).norm(dim=1).max())
-    n = len(labels)
-    ours = (2 * EPS * size + n * EPS * dev, 2 * EPS * size * dev + n * EPS * dev**2)
-    if against_brute_force:
-        theirs = (n * EPS * size, 2 * n * EPS * size * dev + n * EPS * dev**2)
-    else:
-        theirs = ours
-    return ours[0] + theirs[0], ours[1] + theirs[1]
-
-
-def oracle_rtol(features, labels, num_classes, lam=0.0) -> float:
-    """Relative error bound for comparing with tests/oracle.py: N·eps·κ, with κ the larger of
-    cond(Σ_W)·cond(M̄)² (the brute force accumulates N outer products, forms Σ_B's
-    pseudo-inverse, which squares cond(M̄), and whitens by Σ_W^{-1/2}) and the condition of the
-    uncentered (P+1) normal equations it solves for W̃_LS."""
-    s = oracle.statistics(features.numpy(), labels.numpy(), num_classes)
-    mbar_sv = np.linalg.svd(s["mbar"], compute_uv=False)
-    mbar_sv = mbar_sv[mbar_sv > 1e-10 * mbar_sv[0]]
-    kappa = np.linalg.cond(s["sigma_w"]) * (mbar_sv[0] / mbar_sv[-1]) ** 2
-    _, normal_matrix, _ = oracle.least_squares(features.numpy(), labels.numpy(), num_classes, lam)
-    kappa = max(kappa, np.linalg.cond(normal_matrix))
-    rtol = len(labels) * EPS * kappa
-    assert rtol < 1e-6, f"test data too ill-conditioned for a sharp check (rtol {rtol:.1e})"
-    return rtol
-
-
-def stream(features, labels, num_classes, batch_size, weight=None, bias=None, lam=0.0, **kw):
-    m = ncfast.Measurement(num_classes, features.shape[1], weight, bias, weight_decay=lam, **kw)
-    for start in range(0, len(labels), batch_size):
-        m.update(features[start : start + batch_size], labels[start : start + batch_size])
-    return m
 
 
 def assert_matches_oracle(result, expected, rtol, keys=SCALAR_KEYS):

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -19,8 +17,10 @@ import ncfast
 from ncfast.integrations.tensorboard import TensorBoardWriter, log_to_tensorboard
 from ncfast.monitor import NCMonitor
 from ncfast.stats import InvalidInputError
-from tests.test_metrics import oracle_rtol
-from tests.test_stats import assert_same_stats, fed
+from tests.assertions import assert_same_metrics, assert_same_stats
+from tests.feeding import fed
+from tests.process_group import free_port, gloo_group
+from tests.tolerances import oracle_rtol
 
 F64 = torch.float64
 
@@ -61,18 +61,6 @@ def direct(features, labels, classifier, weight_decay=0.0, sizes=(17, 1, 40, 33)
     for h, y in batches(features, labels, sizes):
         m.update(h, y)
     return m.compute()
-
-
-def assert_same_metrics(got: dict, expected: dict, rtol: float = 0.0):
-    """Every key equal, to ``rtol`` (0: bit for bit). Features from forward passes over other
-    batch sizes differ by rounding (other GEMM blocking): such comparisons take the brute-force
-    bound :func:`tests.test_metrics.oracle_rtol` of the features, N·eps·κ."""
-    assert set(got) == set(expected)
-    for key, value in expected.items():
-        if isinstance(value, torch.Tensor):
-            torch.testing.assert_close(got[key], value, rtol=rtol, atol=0, msg=key)
-        else:
-            np.testing.assert_allclose(got[key], value, rtol=rtol, atol=1e-300, err_msg=key)
 
 
 def run_pass(monitor, model, x, y, sizes=(17, 1, 40, 33)):
@@ -356,16 +344,8 @@ def test_evaluate_rejects_batches_that_are_not_pairs():
 
 
 # ------------------------------------------------------------------------ distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _distributed_worker(rank, world, port, seed, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         model, (x, y) = mlp(seed), data(seed)
         # Unequal shards; rank 1 never sees class 4.
         mine = torch.arange(len(y))[rank::world]
@@ -380,15 +360,13 @@ def _distributed_worker(rank, world, port, seed, out_dir):
             monitor = NCMonitor(model, classifier=model[4], memory_budget_bytes=budget)
             metrics = monitor.evaluate(shard)
             torch.save(metrics, os.path.join(out_dir, f"rank{rank}_budget{budget}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two spawned processes importing torch: ~5 s on 2 cores
 def test_two_gloo_ranks_give_the_metrics_of_all_samples(tmp_path, seed):
     mp.spawn(
         _distributed_worker,
-        args=(2, _free_port(), seed, str(tmp_path)),
+        args=(2, free_port(), seed, str(tmp_path)),
         nprocs=2,
         join=True,
     )
@@ -462,9 +440,7 @@ def test_tensorboard_logger_writes_event_files(tmp_path, seed):
 
 
 def _compute_every_epoch_worker(rank, world, port, seed, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         model, (x, y) = mlp(seed), data(seed)
         with torch.no_grad():
             features = model[:4](x)
@@ -492,8 +468,6 @@ def _compute_every_epoch_worker(rank, world, port, seed, out_dir):
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two spawned processes importing torch: ~5 s on 2 cores
@@ -501,7 +475,7 @@ def test_distributed_compute_leaves_local_state_and_can_be_called_every_epoch(tm
     """Measurement.compute(distributed=True) on 2 gloo ranks reduces into a copy: computing
     twice gives the same result (bit for bit), the local statistics are untouched (bit for bit),
     and after more batches the next compute holds every sample of every rank."""
-    mp.spawn(_compute_every_epoch_worker, args=(2, _free_port(), seed, str(tmp_path)), nprocs=2)
+    mp.spawn(_compute_every_epoch_worker, args=(2, free_port(), seed, str(tmp_path)), nprocs=2)
     model, (x, y) = mlp(seed), data(seed)
     with torch.no_grad():
         features = model[:4](x)

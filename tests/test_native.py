@@ -20,31 +20,23 @@ from hypothesis import strategies as st
 from ncfast.backend import ops, reference
 from ncfast.backend.reference import STATE_KEYS, new_state
 from tests import exact, oracle
-
-try:
-    from ncfast.backend import native as native_backend
-
-    NATIVE_MISSING = ""
-except ImportError as exc:  # no compiled extension: the reference backend is in use
-    native_backend = None
-    NATIVE_MISSING = f"ncfast._C is not built ({exc})"
+from tests.native_checks import (
+    CUDA_SKIP,
+    NATIVE_MISSING,
+    assert_state_matches,
+    finalized,
+    make_batch,
+    native_backend,
+    ncc_numpy,
+    update,
+    valid_rows,
+)
 
 if NATIVE_MISSING and os.environ.get("NCFAST_REQUIRE_EXTENSION") == "1":
     raise RuntimeError(f"NCFAST_REQUIRE_EXTENSION=1 but {NATIVE_MISSING}")
 pytestmark = pytest.mark.skipif(bool(NATIVE_MISSING), reason=NATIVE_MISSING or "built")
 
 
-def _cuda_skip_reason() -> str:
-    if native_backend is None:
-        return NATIVE_MISSING
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if not native_backend.WITH_CUDA:
-        return "ncfast._C was built without CUDA kernels"
-    return ""
-
-
-CUDA_SKIP = _cuda_skip_reason()
 DEVICES = [
     "cpu",
     pytest.param(
@@ -53,56 +45,6 @@ DEVICES = [
 ]
 FEATURE_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 LABEL_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
-
-
-def update(fn, state, features, labels):
-    fn(features, labels, *(state[k] for k in STATE_KEYS))
-
-
-def finalized(state):
-    means, sigma_w = reference.finalize_stats(
-        *(state[k].cpu() for k in ("counts", "shift", "sums", "scatter"))
-    )
-    return means, sigma_w * state["counts"].sum().cpu().clamp(min=1)  # N Σ_W: scale-free check
-
-
-def make_batch(batch, dim, num_classes, dtype, label_dtype, g, device, *, bad=True, layout=0):
-    """Features of dtype `dtype` (class means plus noise, an offset so shifts matter), labels of
-    `label_dtype`; with `bad`, some labels out of range and some rows non-finite; `layout`
-    picks contiguous, transposed (column-major) or strided (every other column) features."""
-    means = torch.randn(num_classes, dim, generator=g, dtype=torch.float64) * 3 + 5
-    labels = torch.randint(0, num_classes, (batch,), generator=g)
-    features = means[labels] + torch.randn(batch, dim, generator=g, dtype=torch.float64)
-    if bad and batch > 3:
-        high = min(num_classes + 3, torch.iinfo(label_dtype).max)
-        labels[1] = high if high >= num_classes else 0
-        if label_dtype.is_signed:
-            labels[2] = -1
-        features[3, dim // 2] = float("nan") if batch % 2 else float("inf")
-    features = features.to(dtype)
-    if layout == 1:
-        features = features.t().contiguous().t()
-    elif layout == 2:
-        wide = torch.zeros(batch, 2 * dim, dtype=dtype)
-        wide[:, ::2] = features
-        features = wide[:, ::2]
-    return features.to(device), labels.to(label_dtype).to(device)
-
-
-def valid_rows(features, labels, num_classes):
-    ok = (labels.long() >= 0) & (labels.long() < num_classes)
-    return ok & torch.isfinite(features.double()).all(dim=1)
-
-
-def assert_state_matches(native_state, ref_state, rtol=1e-12):
-    assert torch.equal(native_state["counts"].cpu(), ref_state["counts"].cpu())
-    assert torch.equal(native_state["invalid"].cpu(), ref_state["invalid"].cpu())
-    seen = ref_state["counts"].cpu() > 0
-    m_nat, s_nat = finalized(native_state)
-    m_ref, s_ref = finalized(ref_state)
-    torch.testing.assert_close(m_nat[seen], m_ref[seen], rtol=rtol, atol=1e-12)
-    scale = float(s_ref.abs().max()) or 1.0
-    torch.testing.assert_close(s_nat, s_ref, rtol=0, atol=rtol * scale)
 
 
 # ---------------------------------------------------------------------------- update
@@ -337,17 +279,6 @@ def _ncc_case(g, batch, dim, num_classes, dtype, device, layout=0):
     bias = torch.randn(num_classes, generator=g, dtype=torch.float64)
     args = (x, valid, weight, bias, means, present)
     return tuple(a.to(device) for a in args)
-
-
-def ncc_numpy(features, valid, weight, bias, means, present):
-    h = features.double().cpu().numpy()
-    w, b, mu = weight.cpu().numpy(), bias.cpu().numpy(), means.cpu().numpy()
-    classes = np.flatnonzero(present.cpu().numpy())
-    count = 0
-    for i in np.flatnonzero(valid.cpu().numpy()):
-        nearest = classes[np.argmin([np.sum((h[i] - mu[k]) ** 2) for k in classes])]
-        count += int(np.argmax(w @ h[i] + b) != nearest)
-    return count
 
 
 @pytest.mark.parametrize("device", DEVICES)

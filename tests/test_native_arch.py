@@ -126,7 +126,7 @@ def test_deterministic_mode_takes_the_reference_update_on_cuda(mocked_gpus, monk
 
 def test_cpu_update_is_bitwise_reproducible_under_deterministic_mode(seed):
     from ncfast.backend.reference import STATE_KEYS, new_state
-    from tests.test_native import make_batch
+    from tests.native_checks import make_batch
 
     g = torch.Generator().manual_seed(seed)
     batches = [make_batch(700, 40, 9, torch.float32, torch.int64, g, "cpu") for _ in range(2)]

@@ -16,8 +16,8 @@ import torch
 from ncfast import ClassStats
 from ncfast.backend import reference
 from ncfast.backend.reference import STATE_KEYS, new_state
-from tests.conftest import stats_from
-from tests.test_native import (
+from tests.feeding import stats_from
+from tests.native_checks import (
     CUDA_SKIP,
     assert_state_matches,
     make_batch,

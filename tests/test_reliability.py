@@ -28,28 +28,11 @@ from ncfast.paper.checkpoint import CheckpointError, load_checkpoint, save_check
 from ncfast.paper.train import TrainingDivergedError, train
 from ncfast.report.runs import RunError, load_run, read_config, read_metrics
 from tests.synthetic_runs import write_run_dir
-from tests.test_train import read_rows, tiny_config
+from tests.tiny_runs import TINY_TRAIN_ARGS, read_rows, tiny_config, tiny_payload
 
 REPO = Path(__file__).resolve().parents[1]
 # A run of seconds: 50 training images of the embedded MNIST subset, a 1/16-width VGG11.
-RUN = (
-    "train",
-    "--dataset",
-    "mnist5k",
-    "--per-class",
-    "5",
-    "--net",
-    "vgg11",
-    "--width",
-    "0.0625",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "25",
-    "--device",
-    "cpu",
-    "--quiet",
-)
+RUN = ("train", *TINY_TRAIN_ARGS, "--per-class", "5", "--batch-size", "25", "--quiet")
 posix_only = pytest.mark.skipif(os.name != "posix", reason="needs SIGKILL and flock")
 
 # A training process that stops at a chosen point until the test kills it (or lets it go on):
@@ -242,13 +225,6 @@ def test_without_flock_the_lock_file_itself_is_the_lock(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- 2. divergence
-@pytest.fixture(scope="module")
-def tiny_data():
-    from tests.test_train import synthetic_split
-
-    return synthetic_split("train", 20, 0), synthetic_split("test", 6, 1)
-
-
 def _assert_finite_checkpoint(out: Path, epoch: int) -> None:
     payload = load_checkpoint(out / "checkpoint.pt")
     assert payload["epoch"] == epoch
@@ -460,8 +436,6 @@ class _RunsCode:
 def test_a_checkpoint_carrying_code_is_refused_naming_it(tmp_path, protocol, monkeypatch):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pt"
-    from tests.test_train import tiny_payload
-
     payload = tiny_payload()
     payload["model"]["weight"] = _RunsCode(marker)
     torch.save(payload, path, pickle_protocol=protocol)

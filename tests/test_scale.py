@@ -13,8 +13,9 @@ from torch.utils._pytree import tree_leaves
 import ncfast
 from ncfast.backend import reference
 from tests import oracle
-from tests.conftest import stats_from
-from tests.test_metrics import EPS, make_data, oracle_rtol, stream_tolerances
+from tests.feeding import stats_from
+from tests.synthetic_features import make_data
+from tests.tolerances import EPS, oracle_rtol, stream_tolerances
 
 
 class LargestAllocation(TorchDispatchMode):
@@ -105,7 +106,7 @@ def test_finalize_and_inverse_square_root_beyond_one_tile(seed):
     expected = oracle.statistics(features.numpy(), labels.numpy(), 3)
     sigma_w = stats.sigma_w
     assert torch.equal(sigma_w, sigma_w.T)
-    # Entrywise, as tests.test_metrics.stream_tolerances: each entry averages N products of
+    # Entrywise, as tests.tolerances.stream_tolerances: each entry averages N products of
     # deviations |d| ≤ max|h − μ_y|, both sides' sums err by ≤ N·eps·max|d|²; the centering adds
     # 2·eps·max|h|·max|d| here and 2·N·eps·max|h|·max|d| in the brute force (means from raw sums).
     x = features.numpy()

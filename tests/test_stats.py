@@ -5,37 +5,21 @@ from __future__ import annotations
 import io
 import itertools
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ncfast
 from ncfast.backend import reference
 from ncfast.nc4 import NCCMismatch
 from ncfast.stats import ClassStats, InvalidInputError
-from tests.test_metrics import EPS, make_data, oracle_rtol, stream, stream_tolerances
-
-
-def fed(stats: ClassStats, features: torch.Tensor, labels: torch.Tensor) -> ClassStats:
-    """``stats`` after ``update(features, labels)`` (update returns None, as torchmetrics')."""
-    stats.update(features, labels)
-    return stats
-
-
-def assert_same_stats(a: ClassStats, b: ClassStats, features=None, labels=None):
-    """Same counts; class means and Σ_W within :func:`stream_tolerances` of ``features`` (exactly
-    equal when no features are given)."""
-    assert torch.equal(a.counts, b.counts)
-    present = a.present
-    atol_means, atol_sigma = (0.0, 0.0) if features is None else stream_tolerances(features, labels)
-    torch.testing.assert_close(
-        a.class_means[present], b.class_means[present], rtol=0, atol=atol_means
-    )
-    torch.testing.assert_close(a.sigma_w, b.sigma_w, rtol=0, atol=atol_sigma)
+from tests.assertions import assert_same_metrics, assert_same_stats
+from tests.feeding import fed, stream
+from tests.process_group import free_port, gloo_group
+from tests.synthetic_features import make_data
+from tests.tolerances import EPS, oracle_rtol, stream_tolerances
 
 
 def test_merge_of_seven_random_splits_equals_one_stream(seed):
@@ -136,16 +120,8 @@ def test_load_state_dict_rejects_mismatch():
         ClassStats(3, 4).load_state_dict(bad)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _all_reduce_worker(rank, world, port, features, labels, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         stats = ClassStats(4, features.shape[1], on_invalid="skip")
         # Invalid samples on each rank: rank r skips r + 1 NaN rows and 2·r + 1 bad labels.
         bad_features = torch.full((rank + 1, features.shape[1]), float("nan"))
@@ -165,8 +141,6 @@ def _all_reduce_worker(rank, world, port, features, labels, out_dir):
         saved = {"reduced": reduced.state_dict(), "local": local, "after": stats.state_dict()}
         saved["in_place"] = stats.all_reduce().state_dict()
         torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_all_reduce_across_two_gloo_processes_equals_one_stream(tmp_path, seed):
@@ -175,7 +149,7 @@ def test_all_reduce_across_two_gloo_processes_equals_one_stream(tmp_path, seed):
     features, labels, _, _ = make_data([50, 70, 40, 60], 6, seed, offset=1e3)
     mp.spawn(
         _all_reduce_worker,
-        args=(2, _free_port(), features, labels, str(tmp_path)),
+        args=(2, free_port(), features, labels, str(tmp_path)),
         nprocs=2,
         join=True,
     )
@@ -409,12 +383,12 @@ def test_measurement_reset_merge_and_state_dict(seed):
     used.reset()
     for start in range(0, len(labels), 25):
         used.update(features[start : start + 25], labels[start : start + 25])
-    assert_same_result(used.compute(), expected, rtol=0.0)
+    assert_same_metrics(used.compute(), expected, rtol=0.0)
     # merge: two streams merged hold every sample. Two float64 accumulations of the same
     # samples differ by rounding: the brute-force bound N·eps·κ of these features covers it.
     merged = stream(features[:61], labels[:61], 3, 25, weight, bias, lam=0.1)
     merged.merge(stream(features[61:], labels[61:], 3, 25, weight, bias, lam=0.1))
-    assert_same_result(merged.compute(), expected, rtol=oracle_rtol(features, labels, 3, 0.1))
+    assert_same_metrics(merged.compute(), expected, rtol=oracle_rtol(features, labels, 3, 0.1))
     # state_dict through a safe torch.load, then the rest of the pass: the same operations on
     # the same state as one uninterrupted pass, bit for bit.
     first = stream(features[:50], labels[:50], 3, 25, weight, bias, lam=0.1)
@@ -425,7 +399,7 @@ def test_measurement_reset_merge_and_state_dict(seed):
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     for start in range(50, len(labels), 25):
         resumed.update(features[start : start + 25], labels[start : start + 25])
-    assert_same_result(resumed.compute(), expected, rtol=0.0)
+    assert_same_metrics(resumed.compute(), expected, rtol=0.0)
 
 
 def test_measurement_merge_and_load_refuse_what_does_not_fit(seed):
@@ -445,12 +419,3 @@ def test_measurement_merge_and_load_refuse_what_does_not_fit(seed):
     small = stream(features, labels, 3, 8, weight, bias, memory_budget_bytes=features.numel() * 8)
     small.merge(stream(features, labels, 3, 8, weight, bias))
     assert small.needs_second_pass
-
-
-def assert_same_result(got: dict, expected: dict, rtol: float):
-    assert set(got) == set(expected)
-    for key, value in expected.items():
-        if isinstance(value, torch.Tensor):
-            torch.testing.assert_close(got[key], value, rtol=rtol, atol=0, msg=key)
-        else:
-            np.testing.assert_allclose(got[key], value, rtol=rtol, atol=1e-300, err_msg=key)

@@ -18,11 +18,9 @@ from ncfast import theory
 from ncfast.backend import reference
 from ncfast.cli import main
 from tests import oracle
-from tests.conftest import stats_from
-from tests.test_metrics import make_data
-
-F64 = torch.float64
-EPS = float(np.finfo(np.float64).eps)
+from tests.feeding import stats_from
+from tests.synthetic_features import F64, make_data
+from tests.tolerances import EPS
 
 
 def gen(seed: int) -> torch.Generator:
@@ -44,7 +42,7 @@ def analytic_velocity(features: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def grouped_features(c: int, n: int, p: int, seed: int, **kwargs) -> torch.Tensor:
-    """tests.test_metrics.make_data's features (anisotropic within-class spread, bounded
+    """tests.synthetic_features.make_data's features (anisotropic within-class spread, bounded
     conditioning) as a class-grouped ``[P, C·N]`` matrix."""
     features, labels, _, _ = make_data([n] * c, p, seed, **kwargs)
     return features[torch.argsort(labels, stable=True)].T.contiguous()

@@ -31,7 +31,6 @@ from ncfast.paper.config import (
     TrainConfig,
     default_measure_epochs,
 )
-from ncfast.paper.data import LabeledImages
 from ncfast.paper.evaluate import measure_split
 from ncfast.paper.losses import compute_loss
 from ncfast.paper.models import build
@@ -44,56 +43,16 @@ from ncfast.paper.train import (
     train,
 )
 from tests import oracle
+from tests.tiny_runs import (
+    NUM_CLASSES,
+    TINY_TRAIN_ARGS,
+    read_rows,
+    tiny_config,
+    tiny_payload,
+)
 
-NUM_CLASSES = 4
 SPEC_KEYS = (*metrics.SPEC_KEYS, "error", "loss")  # as measure_split returns them
 TIMING_KEYS = ("wall_time", "epoch_time", "measure_time")
-
-
-def synthetic_split(split: str, per_class: int, seed: int, channels: int = 1) -> LabeledImages:
-    """Class-dependent blobs plus noise, uint8 32×32, so a tiny network learns something."""
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
-    yy, xx = np.mgrid[0:32, 0:32]
-    images = rng.integers(0, 60, size=(labels.size, channels, 32, 32)).astype(np.float64)
-    for i, c in enumerate(labels):
-        cy, cx = 8 + 16 * (c // 2), 8 + 16 * (c % 2)
-        images[i] += 180 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 30.0)
-    images = torch.from_numpy(np.clip(images, 0, 255).astype(np.uint8))
-    return LabeledImages(
-        images,
-        torch.from_numpy(labels).long(),
-        NUM_CLASSES,
-        torch.full((channels,), 0.3),
-        torch.full((channels,), 0.3),
-        "synthetic",
-        split,
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_data():
-    return synthetic_split("train", 20, 0), synthetic_split("test", 6, 1)
-
-
-def tiny_config(out: Path, **overrides) -> TrainConfig:
-    values = {
-        "dataset": "synthetic",
-        "net": "vgg11",
-        "width": 0.0625,
-        "epochs": 2,
-        "lr": 0.05,
-        "batch_size": 16,
-        "measure_batch_size": 32,
-        "device": "cpu",
-        "out": str(out),
-    }
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def read_rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
@@ -189,30 +148,6 @@ def test_presets():
 
 
 # ------------------------------------------------------------------------------- checkpoints
-def tiny_payload(epoch: int = 3) -> dict:
-    """A valid checkpoint payload of a one-layer model after ``epoch`` epochs."""
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[2], gamma=0.1)
-    model(torch.ones(1, 3)).sum().backward()
-    for _ in range(epoch):
-        optimizer.step()
-        scheduler.step()
-    return {
-        "format": FORMAT,
-        "ncfast_version": "x",
-        "epoch": epoch,
-        "config": {"a": [1, 2]},
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state()},
-        "history": [
-            {"epoch": 1, "split": "train", "error": 0.5, "snr_singular_values": [2.0, 1.0]}
-        ],
-    }
-
-
 def test_checkpoint_roundtrip_and_errors(tmp_path):
     payload = tiny_payload()
     path = save_checkpoint(tmp_path / "c.pt", payload)
@@ -512,25 +447,9 @@ def test_bf16_and_other_losses_run(tmp_path, tiny_data):
 def cli_args(out: Path, *extra: str) -> list[str]:
     return [
         "train",
-        "--dataset",
-        "mnist5k",
-        "--per-class",
-        "6",
-        "--net",
-        "vgg11",
-        "--width",
-        "0.0625",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "20",
-        "--measure-batch-size",
-        "500",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--quiet",
+        *TINY_TRAIN_ARGS,
+        *("--per-class", "6", "--batch-size", "20", "--measure-batch-size", "500"),
+        *("--out", str(out), "--quiet"),
         *extra,
     ]
 
