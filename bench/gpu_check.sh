@@ -4,7 +4,8 @@
 # ncfast._C in place for sm_90, runs the native tests with their CUDA cases (which must run,
 # not skip), compute-sanitizer's memcheck, racecheck and synccheck over bench/sanitize_ops.py,
 # the kernel benchmark, bench/bench_scale.py at C=32000, P=4096, and bench/train_overhead.py
-# (10 epochs of an SVHN-shaped VGG13 with and without measurement). Each step has a time cap;
+# (10 epochs of an SVHN-shaped VGG13 with and without measurement) and bench/online_overhead.py
+# (the training step with and without --online-every's measurement). Each step has a time cap;
 # the caps add up to less than 12 minutes, and the whole run stops at --budget seconds.
 #
 #   bash bench/gpu_check.sh                   # every step; results under $OUT
@@ -12,19 +13,20 @@
 #   bash bench/gpu_check.sh --steps build,tests,memcheck   # a subset, in the order below
 #   bash bench/gpu_check.sh --budget 570      # stop starting steps after 570 s (one 600 s call)
 #
-# OUT defaults to bench/results/gpu. It receives at most 8 files, flat: summary.txt (a line
+# OUT defaults to bench/results/gpu. It receives at most 10 files, flat: summary.txt (a line
 # per step and a verdict per sanitizer tool), env_build.log, tests.log, sanitizer.log,
-# bench.log, kernels_cuda.json, scale_cuda.json, train_overhead_<gpu>_fp32.json.
+# bench.log, kernels_cuda.json, scale_cuda.json, train_overhead_<gpu>_fp32.json,
+# online_overhead_cuda.{json,txt}.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
 PY="${PYTHON:-python3}"
 
-STEPS=(env build tests memcheck racecheck synccheck kernels scale train)
+STEPS=(env build tests memcheck racecheck synccheck kernels scale train online)
 declare -A CAP=(
-  [env]=10 [build]=150 [tests]=120 [memcheck]=60 [racecheck]=40 [synccheck]=35
-  [kernels]=90 [scale]=60 [train]=150
+  [env]=10 [build]=140 [tests]=120 [memcheck]=60 [racecheck]=40 [synccheck]=35
+  [kernels]=90 [scale]=60 [train]=125 [online]=40
 )
 declare -A WHAT=(
   [env]="nvidia-smi, nvcc, python and torch versions -> env_build.log"
@@ -36,6 +38,7 @@ declare -A WHAT=(
   [kernels]="$PY bench/bench_kernels.py --device cuda (6 cases up to B=65536, P=4096, C=32000) -> kernels_cuda.json"
   [scale]="$PY bench/bench_scale.py --device cuda --cases 32000x4096 (reference and native) -> scale_cuda.json"
   [train]="$PY bench/train_overhead.py --epochs 10 --device cuda (SVHN-shaped VGG13, with and without measurement)"
+  [online]="$PY bench/online_overhead.py --device cuda --nets vgg11:1,resnet18:1 --reps 5 (train step with and without --online-every; no host sync in a window) -> online_overhead_cuda.json"
 )
 KERNEL_CASES=(1024,512,10,float32 8192,512,100,bfloat16 65536,512,10,float32
   8192,2048,1000,bfloat16 65536,2048,1000,bfloat16 1024,4096,32000,bfloat16)
@@ -190,6 +193,11 @@ step_scale() {
 step_train() {
   capped train "$PY" bench/train_overhead.py --epochs 10 --device cuda --results "$OUT" 2>&1 |
     tee -a "$OUT/bench.log" | tail -16
+}
+
+step_online() {
+  capped online "$PY" bench/online_overhead.py --device cuda --nets vgg11:1,resnet18:1 --reps 5 \
+    --results "$OUT" 2>&1 | tee -a "$OUT/bench.log" | tail -6
 }
 
 : >"$OUT/summary.txt"

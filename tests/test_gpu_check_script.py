@@ -15,7 +15,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-STEPS = ["env", "build", "tests", "memcheck", "racecheck", "synccheck", "kernels", "scale", "train"]
+STEPS = [
+    "env",
+    "build",
+    "tests",
+    "memcheck",
+    "racecheck",
+    "synccheck",
+    "kernels",
+    "scale",
+    "train",
+    "online",
+]
 TWELVE_MINUTES = 720
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
@@ -76,6 +87,7 @@ def test_steps_subset_keeps_the_script_order_and_bad_arguments_fail_in_one_line(
         ("bench_kernels.py", ["--device", "--case", "--out"]),
         ("bench_scale.py", ["--device", "--cases", "--timeout", "--out"]),
         ("train_overhead.py", ["--epochs", "--device", "--results"]),
+        ("online_overhead.py", ["--device", "--nets", "--reps", "--results"]),
         ("sanitize_ops.py", ["--device"]),
     ],
 )

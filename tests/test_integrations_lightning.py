@@ -26,8 +26,8 @@ from ncfast import mse_lambda  # noqa: E402
 from ncfast.integrations.lightning import NeuralCollapseCallback, _RankShare  # noqa: E402
 from ncfast.measure import scalars  # noqa: E402
 from ncfast.monitor import NCMonitor  # noqa: E402
-from tests.test_metrics import EPS, stream_tolerances  # noqa: E402
-from tests.test_monitor import assert_same_metrics  # noqa: E402
+from tests.assertions import assert_same_metrics  # noqa: E402
+from tests.tolerances import EPS, stream_tolerances  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_callback.py"
 LAMBDA = mse_lambda(5e-4, 10)
@@ -285,3 +285,38 @@ def two_streams_rtol(features, labels) -> float:
     rtol = 10 * (atol_sigma / float(kept.min()) + 2 * atol_means / float(sigma_min))
     assert rtol < 1e-3, f"features too ill-conditioned for a sharp check (rtol {rtol:.1e})"
     return rtol
+
+
+def test_online_every_measures_the_training_batches_of_each_window(seed):
+    """At learning rate 0 (no batch norm, no dropout) every training forward pass computes the
+    trained network: a window of one epoch (23 batches of 64 of the 1437 training digits) gives
+    NCMonitor.evaluate of the training set, up to the summation order of the float64
+    statistics (~N·eps relative, times the conditioning of Σ_W and M̄: 1e-10 asserted). NC4 of
+    the second window uses the first window's means (the same): the eval-mode count."""
+    L.seed_everything(seed, verbose=False)
+    train, val = example.digits(seed)
+    model = example.DigitsMLP(0.0, 5e-4)
+    callback = NeuralCollapseCallback("classifier", weight_decay=LAMBDA, online_every=23)
+    fit = trainer([callback], 2)
+    fit.fit(model, DataLoader(train, batch_size=64, shuffle=True), DataLoader(val, batch_size=64))
+    assert [(r["step"], r["epoch"]) for r in callback.online_history] == [(23, 1.0), (46, 2.0)]
+    expected = NCMonitor(model, model.classifier, weight_decay=LAMBDA).evaluate(
+        DataLoader(train, batch_size=100)
+    )
+    first, second = callback.online_history
+    assert "nc4_ncc_mismatch" not in first
+    assert second["nc4_ncc_mismatch"] == expected["nc4_ncc_mismatch"]
+    for row in (first, second):
+        assert row["num_samples"] == len(train) and row["window_steps"] == 23
+        for key, want in scalars(expected).items():
+            if key in scalars(row) and key != "nc4_ncc_mismatch":
+                got = scalars(row)[key]
+                assert abs(got - want) <= 1e-10 * max(abs(want), 1e-300), (key, got, want)
+    logged = float(fit.callback_metrics["nc/train_online/nc1"])
+    assert logged == second["nc1"]
+    assert not model.classifier._forward_pre_hooks  # the watch is closed at the end of fit
+
+
+def test_online_every_is_checked():
+    with pytest.raises(ValueError, match="online_every"):
+        NeuralCollapseCallback("classifier", online_every=-1)

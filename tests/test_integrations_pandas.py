@@ -45,8 +45,9 @@ def test_every_number_of_every_run_in_long_format(tmp_path, seed):
     mse = write_run_dir(tmp_path / "mse", loss="mse", seed=seed)
     ce = write_run_dir(tmp_path / "ce", loss="ce", seed=seed + 1, epochs=(1, 3, 9))
     df = read_runs([mse, str(ce)])
-    assert list(df.columns) == ["run", "epoch", "split", "key", "value"]
-    assert df.epoch.dtype == "int64" and df.value.dtype == "float64"
+    assert list(df.columns) == ["run", "epoch", "step", "split", "key", "value"]
+    assert df.epoch.dtype == "float64" and df.value.dtype == "float64"
+    assert df.step.isna().all()  # a step only on the rows of the training passes (test_online)
     assert list(dict.fromkeys(df.run)) == ["mse", "ce"]  # runs in the order given
     for name in ("mse", "ce"):
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]

@@ -122,6 +122,16 @@ def _int_list(ctx, param, value):
     help="Batch size of the measurement passes, per process (default 500).",
 )
 @click.option(
+    "--online-every",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="K",
+    help="Also measure Neural Collapse from the training passes themselves every K SGD steps "
+    "(rows of split train_online: NC1-NC3, the MSE decomposition, SNR, and NC4 against the "
+    "previous window's class means; no extra forward pass, train-mode batch norm and moving "
+    "weights). Default 0: off (8 with --preset demo).",
+)
+@click.option(
     "--robustness-samples",
     type=click.IntRange(min=0),
     default=None,
@@ -192,8 +202,8 @@ def _int_list(ctx, param, value):
 def train_command(preset, resume, overwrite, quiet, measure_epochs, **options) -> None:
     """Train a network with Neural Collapse measured at the measurement epochs.
 
-    Writes config.json, metrics.jsonl (one line per measured epoch and split) and
-    checkpoint.pt to --out.
+    Writes config.json, metrics.jsonl (one line per measured epoch and split, and with
+    --online-every K one line every K SGD steps) and checkpoint.pt to --out.
 
     Several processes (one per GPU with NCCL, or gloo on the CPU): start the same command
     with torchrun (`torchrun --nproc_per_node=K -m ncfast train ...`, or
@@ -204,6 +214,7 @@ def train_command(preset, resume, overwrite, quiet, measure_epochs, **options) -
     \b
     Examples:
       ncfast train --preset demo          # embedded MNIST subset, minutes on 2 CPU cores
+      ncfast train --preset demo --online-every 8   # NC every 8 SGD steps, for free
       ncfast train --dataset svhn --net vgg13 --loss mse --data-root DIR
       ncfast train --resume --out runs/svhn-vgg13-mse-seed0
       torchrun --nproc_per_node=4 -m ncfast train --dataset cifar10 --net resnet --data-root DIR

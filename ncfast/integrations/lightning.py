@@ -1,5 +1,7 @@
 """Neural Collapse of a LightningModule, measured at chosen epochs and logged with its logger.
 
+Add it to the trainer's callbacks::
+
     from ncfast.integrations.lightning import NeuralCollapseCallback
 
     trainer = Trainer(callbacks=[NeuralCollapseCallback(classifier="classifier")])
@@ -23,6 +25,18 @@ these keys is silenced. Note that Lightning's distributed sampler pads the valid
 repeated samples when its size does not divide by the number of ranks; ``num_samples`` then
 counts them, as Lightning's own validation metrics do.
 
+With ``online_every=K`` it also measures the training passes themselves, at no extra forward
+pass (:meth:`ncfast.monitor.NCMonitor.watch_training`): each training batch's labels are paired
+with the features of its forward pass, and every K training batches (``on_train_batch_end``,
+after the optimiser step) the window's metrics are logged as ``{prefix}train_online/{key}`` at
+the trainer's global step and kept in :attr:`online_history` (with ``step``, the fractional
+``epoch`` and the window's keys: NC4 against the previous window's class means). These are
+train-mode numbers with weights that move within a window (see
+:class:`ncfast.monitor.TrainingWatch`). Under DDP each rank feeds its share and the window's
+statistics are reduced once at its end. Steps count training batches (with gradient
+accumulation, a window is K batches); ``training_step`` must run the model's forward pass once
+per batch.
+
 Lightning is optional (``pip install 'ncfast[lightning]'``); the ``lightning`` package is used,
 else ``pytorch_lightning``.
 """
@@ -41,7 +55,7 @@ from torch import nn
 from ncfast.checks import check_int, check_weight_decay
 from ncfast.measure import scalars
 from ncfast.metrics import DegenerateFeaturesError, undefined_metrics
-from ncfast.monitor import MonitorPass, NCMonitor
+from ncfast.monitor import MonitorPass, NCMonitor, TrainingWatch
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
 
 try:
@@ -64,7 +78,7 @@ def _second_item(batch):
     if isinstance(batch, dict) and "labels" in batch:
         return batch["labels"]
     raise TypeError(
-        "NeuralCollapseCallback: cannot find the labels of a validation batch of type "
+        "NeuralCollapseCallback: cannot find the labels of a batch of type "
         f"{type(batch).__name__}; pass labels=a function of the batch returning them"
     )
 
@@ -81,13 +95,17 @@ class NeuralCollapseCallback(Callback):
     - ``dataloader``: measure on this loader of ``(inputs, labels)`` at the end of the chosen
       training epochs (``model(inputs)`` runs the model), instead of during validation.
       Under DDP it must yield the same batches in the same order on every rank (no shuffling).
-    - ``labels``: a function of a validation batch returning its labels (default ``batch[1]``,
-      or ``batch["labels"]``); ``dataloader_idx``: the validation dataloader to measure.
+    - ``labels``: a function of a batch (validation, or training with ``online_every``)
+      returning its labels (default ``batch[1]``, or ``batch["labels"]``); ``dataloader_idx``:
+      the validation dataloader to measure.
+    - ``online_every``: also measure the training passes every this many training batches (see
+      the module docstring); ``None`` or 0: off.
     - ``weight_decay``: λ of HPD22 Eq. 3 (:func:`ncfast.mse_lambda`); ``prefix`` of the logged
       keys; ``memory_budget_bytes`` and ``on_invalid`` as in :class:`ncfast.Measurement`.
 
     :attr:`history` holds ``{"epoch": e, **metrics}`` per measurement (the SPEC dict, on every
-    rank); :attr:`metrics` the last one. Degenerate features (SPEC §2) log NaN and warn.
+    rank); :attr:`metrics` the last one; :attr:`online_history` the rows of the training
+    passes (``online_every``). Degenerate features (SPEC §2) log NaN and warn.
     """
 
     def __init__(
@@ -103,6 +121,7 @@ class NeuralCollapseCallback(Callback):
         prefix: str = "nc/",
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
         on_invalid: str = "raise",
+        online_every: int | None = None,
     ):
         where = "NeuralCollapseCallback"
         if not isinstance(classifier, (str, nn.Linear)):
@@ -138,8 +157,13 @@ class NeuralCollapseCallback(Callback):
         self.prefix = prefix
         self.memory_budget_bytes = check_int(memory_budget_bytes, "memory_budget_bytes", 0, where)
         self.on_invalid = on_invalid
+        self.online_every = (
+            0 if online_every is None else check_int(online_every, "online_every", 0, where)
+        )
         self.monitor: NCMonitor | None = None
+        self.watch: TrainingWatch | None = None
         self.history: list[dict] = []
+        self.online_history: list[dict] = []
         self.metrics: dict | None = None
         self._pass: MonitorPass | None = None
         self._measuring = False
@@ -226,6 +250,49 @@ class NeuralCollapseCallback(Callback):
         except DegenerateFeaturesError as exc:
             self._result = self._undefined(nc.measurement.computed_stats, exc)
 
+    # ------------------------------------------- the training passes (online)
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.online_every:
+            self._close_watch()
+            self.watch = self.monitor.watch_training(self.online_every, step=trainer.global_step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.watch is not None:
+            self.watch.labels(self.labels(batch))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.watch is None:
+            return
+        batches = trainer.num_training_batches
+        epoch = None
+        if isinstance(batches, int) or math.isfinite(batches):
+            epoch = trainer.current_epoch + (batch_idx + 1) / batches
+        row = self.watch.step(epoch=epoch)
+        if row is None:
+            return
+        if "nc_undefined" in row:
+            warnings.warn(
+                f"NeuralCollapseCallback: metrics of the training passes undefined at step "
+                f"{row['step']}, logged as NaN: {row['nc_undefined']}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.online_history.append(row)
+        values = {
+            key: torch.tensor(value, dtype=torch.float64, device=pl_module.device)
+            for key, value in scalars(row, f"{self.prefix}train_online/").items()
+        }
+        # Every rank holds the reduced window: nothing to reduce, logged at this global step.
+        pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close_watch()
+
+    def _close_watch(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
+
     # ------------------------------------------------------ own dataloader
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.dataloader is None or not self._wants(trainer.current_epoch):
@@ -271,11 +338,13 @@ class NeuralCollapseCallback(Callback):
     def on_exception(self, trainer, pl_module, exception) -> None:
         if self._pass is not None:
             self._pass.cancel()
+        self._close_watch()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._pass is not None:
             self._pass.cancel()
         self._pass = None
+        self._close_watch()
 
 
 def _module(root: nn.Module, spec, what: str) -> nn.Module:

@@ -8,7 +8,8 @@ function training itself measures with, so the numbers agree with the run's log 
 checkpoint's epoch (the report says by how much). Then DeepFool robustness on a seeded sample of
 test images (HPD22 Fig. 9, with SPEC §7's tight bound and out-of-range fraction), the
 central-path fit of the logged SNR singular values (SPEC §5), Table 1's row, and the figures of
-the run's history.
+the run's history (with the figure of the training passes, ``online``, for a run trained with
+``--online-every``).
 
 Outputs in ``out_dir`` (default ``<checkpoint folder>/analysis``): ``report.json`` (strict JSON:
 NaN/inf written as null), ``summary.md`` (its text: :mod:`ncfast.report.summary`) and ``figures/``
@@ -32,7 +33,13 @@ from ncfast.paper.evaluate import measure_split
 from ncfast.paper.robustness import DEFAULT_SAMPLES, robustness
 from ncfast.paper.train import build_model, load_data
 from ncfast.report.plots import FORMATS, plot_runs
-from ncfast.report.runs import ANALYSIS_DIR, central_path_fit, run_from_history, to_json_value
+from ncfast.report.runs import (
+    ANALYSIS_DIR,
+    SPLITS,
+    central_path_fit,
+    run_from_history,
+    to_json_value,
+)
 from ncfast.report.summary import summary_markdown
 from ncfast.report.tables import table1_rows
 
@@ -198,7 +205,8 @@ def _report(payload: dict, path: Path, device, splits: dict, robust: dict | None
         "table1": table1_rows([run])[0] if run is not None else None,
         "central_path": central_path_fit(run) if run is not None else None,
         "agreement_with_log": logged or None,
-        "history_epochs": len({r["epoch"] for r in history}),
+        # Measured epochs (eval mode): rows of the training passes (train_online) are not.
+        "history_epochs": len({r["epoch"] for r in history if r.get("split") in SPLITS}),
     }
 
 

@@ -67,6 +67,7 @@ PRESETS: dict[str, dict] = {
         "lr_milestones": (50, 60),
         "batch_size": 128,
         "measure_epochs": "all",
+        "online_every": 8,  # and NC of the training passes every 8 of its 32 steps per epoch
         "out": "runs/demo",
     },
 }
@@ -97,6 +98,9 @@ class Experiment:
     # None: SPEC §6's epochs scaled to `epochs`; also "all" or "none".
     measure_epochs: tuple[int, ...] | str | None = None
     measure_batch_size: int = 500
+    # Neural Collapse of the training passes themselves every this many SGD steps (rows of
+    # split "train_online", no extra forward pass; ncfast.monitor.TrainingWatch); 0: off.
+    online_every: int = 0
     seed: int = 0
     precision: str = "fp32"
     # Channels-last activations: faster convolutions on CUDA and on oneDNN CPUs (~30% here).
@@ -234,10 +238,12 @@ def _resolve_loss(c: TrainConfig) -> None:
 
 
 def _check_sizes(c: TrainConfig) -> None:
-    """Counts: epochs, batches, seed, per-class subset, DeepFool sample, memory budget."""
+    """Counts: epochs, batches, seed, per-class subset, DeepFool sample, memory budget, the
+    online measurement's window."""
     check_int(c.epochs, "epochs", 1)
     check_int(c.batch_size, "batch_size", 1)
     check_int(c.measure_batch_size, "measure_batch_size", 1)
+    check_int(c.online_every, "online_every", 0)
     check_int(c.seed, "seed", 0, maximum=MAX_SEED)
     check_int(c.robustness_samples, "robustness_samples", 0)
     check_int(c.memory_budget_bytes, "memory_budget_bytes", 0)

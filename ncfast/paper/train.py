@@ -14,7 +14,27 @@ streamed, nothing per-sample kept). It writes, in the run directory ``out``:
   ``weight_decay``; ``snr_singular_values`` a list),
 - ``checkpoint.pt``: model, optimiser, scheduler, RNG states, config and metrics history
   (see :mod:`ncfast.paper.checkpoint`), rewritten atomically after each measurement and at the end,
-  before that epoch's lines are appended to the log (a resumption rewrites the log from it).
+  before that epoch's lines are appended to the log (a resumption rewrites the log from it); also
+  ``step`` (SGD steps done) and, with ``online_every``, ``online`` (the state of the online
+  measurement: :meth:`ncfast.monitor.TrainingWatch.state_dict`).
+
+With ``online_every = K`` (``--online-every K``; 0, the default, is off) Neural Collapse is also
+measured from the training forward passes themselves, at no extra forward pass
+(:class:`ncfast.monitor.TrainingWatch`, a forward pre-hook on ``model.classifier``): every K SGD
+steps a row of ``split: "train_online"`` holds ``step`` (SGD steps since the start, continued by
+a resumption), ``epoch`` (fractional: e − 1 + k/S after k of the S steps of epoch e, so epoch e
+ends at ``epoch == e``), ``window_steps``, ``lr`` (of the window's last step), ``sgd_loss``/
+``sgd_error`` (running means over the window's steps), ``world_size``, ``wall_time``, and the
+SPEC keys of the window's samples (NC1-NC3, the MSE decomposition with λ as ``weight_decay``,
+the SNR) with the classifier at the window's end; ``nc4_ncc_mismatch`` is NC4 of each batch
+against the *previous* window's class means (none in the first window). These are not the
+eval-mode numbers: batch norm normalises with each batch's statistics (train mode) and the
+weights move within a window (ncfast applies no augmentation). With the learning rate at 0 and
+batch norm frozen, a window of one epoch equals that epoch's eval-mode measurement. Online rows
+are appended to the log at the end of each epoch (TensorBoard gets the epoch rows only); the
+window in progress is part of the checkpoint, so a resumed run's online rows go on exactly where
+the checkpoint's history ends (rows of epochs after the checkpoint, written before a kill, are
+dropped and measured again, as every row is).
 
 The run directory belongs to one run at a time (:class:`ncfast.paper.rundir.RunDirectory`): it is
 created and locked before any data is loaded (an unusable ``out`` is the first error), another
@@ -39,7 +59,9 @@ single-process run up to floating-point summation order. Measurement: each proce
 contiguous share of each split and the statistics are combined exactly
 (``Measurement.compute(distributed=True)``); ``measure_batch_size`` is per process. Only rank 0
 writes files, prints and runs DeepFool; every rank reads the checkpoint on resume. The
-checkpoint does not depend on the number of processes: a run may resume with any number.
+checkpoint does not depend on the number of processes: a run may resume with any number. Online
+measurement: each process feeds the features of its share of every batch; the window's
+statistics are reduced once at its end (:meth:`ncfast.ClassStats.reduced`), none per batch.
 """
 
 from __future__ import annotations
@@ -59,6 +81,7 @@ from tqdm.auto import tqdm
 from ncfast import __version__
 from ncfast.errors import NCFastError
 from ncfast.metrics import mse_lambda
+from ncfast.monitor import NCMonitor, TrainingWatch
 from ncfast.paper import distributed as dist_utils
 from ncfast.paper.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_state_checked
 from ncfast.paper.config import TrainConfig, check_model_size
@@ -72,13 +95,25 @@ from ncfast.paper.rundir import (
     check_tensorboard,
     check_writable_dir,
 )
-from ncfast.report.runs import to_json_value
+from ncfast.report.runs import ONLINE_SPLIT, to_json_value
 from ncfast.stats import InvalidInputError
 
 # Keys of a metrics row besides those of measure_split (and, on test rows at a run with
 # robustness_samples > 0, those of ncfast.paper.robustness.robustness plus "robustness_time").
 TIME_KEYS = ("wall_time", "epoch_time", "measure_time")
 ROW_KEYS = ("epoch", "split", "lr", "sgd_loss", "sgd_error", "world_size", *TIME_KEYS)
+# Keys of a train_online row besides the SPEC keys of ncfast.monitor.TrainingWatch.
+ONLINE_ROW_KEYS = (
+    "epoch",
+    "split",
+    "step",
+    "window_steps",
+    "lr",
+    "sgd_loss",
+    "sgd_error",
+    "world_size",
+    "wall_time",
+)
 # Of the robustness() result, the keys logged (its seed and overshoot are the run's settings).
 ROBUSTNESS_KEYS = (
     "robustness",
@@ -155,13 +190,21 @@ def _train(config: TrainConfig, ctx, progress: bool, data, rundir: RunDirectory)
             sgd = train_epoch(state, epoch, splits[0], config, ctx, console)
             console.trained(sgd)
             rundir.log_scalars({"loss": sgd.loss, "error": sgd.error, "lr": sgd.lr}, epoch, "sgd")
+            if sgd.online_rows:
+                state.history.extend(sgd.online_rows)
+                append = partial(rundir.append_metrics, sgd.online_rows)
+                _on_main(ctx, append, f"write the online rows of epoch {epoch}")
             if epoch in config.measure_epochs or epoch in (config.epochs, config.last_epoch):
                 rows = measure_epoch(state, sgd, splits, config, ctx, progress)
+                if state.online is not None:
+                    state.online.keep_state(ctx)  # collective: before rank 0 alone saves
                 save = partial(_save_epoch, rundir, state, config, rows, console)
                 _on_main(ctx, save, f"write the results of epoch {epoch}")
                 state.saved_epoch = epoch
     finally:
         console.close()
+        if state.online is not None:
+            state.online.watch.close()
     ctx.barrier()  # rank 0 has written its last checkpoint before any process leaves the group
     return rundir.path
 
@@ -286,6 +329,7 @@ def run_record(config: TrainConfig, ctx, model, splits) -> dict:
         "test_samples": len(test_data),
         "feature_dim": model.feature_dim,
         "lambda": mse_lambda(config.weight_decay, train_data.num_classes),
+        "steps_per_epoch": steps_per_epoch(config, ctx.world_size, len(train_data)),
     }
 
 
@@ -301,10 +345,12 @@ class TrainingState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     epoch: int = 0  # the last completed epoch
+    step: int = 0  # SGD steps done since the run began
     saved_epoch: int = 0  # the epoch of the checkpoint on disk (0: none)
     history: list[dict] = field(default_factory=list)
     epoch_times: list[float] = field(default_factory=list)  # training seconds of every epoch
     run_start: float = field(default_factory=time.perf_counter)  # wall_time's zero
+    online: OnlineLog | None = None  # with online_every: the measurement of the training passes
 
     @classmethod
     def start(cls, config: TrainConfig, ctx, train_data, payload: dict | None, path):
@@ -327,6 +373,11 @@ class TrainingState:
             state.history = list(payload["history"])
             state.epoch_times = list(payload.get("epoch_times", []))
             state.run_start -= float(payload.get("wall_time", 0.0))
+            state.step = _stored_step(payload, config, ctx, len(train_data), path)
+        if config.online_every:
+            state.online = OnlineLog.start(config, ctx, model, train_data.num_classes, state.step)
+            if payload is not None and payload.get("online") is not None:
+                state.online.restore(payload["online"], ctx.is_main, path)
         if ctx.enabled:
             # DDP averages the gradients; `model` (the same parameters) is what is measured and
             # saved, so checkpoints hold no wrapper prefixes.
@@ -354,6 +405,8 @@ class TrainingState:
             "history": self.history,
             "wall_time": self.wall_time(),
             "epoch_times": self.epoch_times,
+            "step": self.step,
+            "online": None if self.online is None else self.online.saved_state,
         }
 
     def diverged(self, config: TrainConfig, epoch: int, what: str) -> TrainingDivergedError:
@@ -366,6 +419,23 @@ class TrainingState:
             f"training diverged at epoch {epoch} ({what}); lower --lr (now {config.lr:g}) and "
             f"start again with --overwrite; {kept}"
         )
+
+
+def _stored_step(payload: dict, config: TrainConfig, ctx, num_samples: int, path) -> int:
+    """The SGD steps a checkpoint's run has done: its ``step`` (checkpoints of older releases
+    lack it: its epochs times this run's steps per epoch)."""
+    step = payload.get("step")
+    if step is None:
+        return payload["epoch"] * steps_per_epoch(config, ctx.world_size, num_samples)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"checkpoint {path}: 'step' must be an integer ≥ 0, got {step!r}")
+    return step
+
+
+def steps_per_epoch(config: TrainConfig, world_size: int, num_samples: int) -> int:
+    """SGD steps in an epoch of ``num_samples`` training images (:func:`epoch_batches`)."""
+    min_last = min_last_batch(world_size, config.sync_batchnorm)
+    return len(epoch_batches(num_samples, config.batch_size, min_last))
 
 
 def build_model(config: TrainConfig, num_classes: int, in_channels: int, image_size: int):
@@ -523,6 +593,7 @@ class EpochResult:
     error: float
     seconds: float
     nonfinite_weights: bool
+    online_rows: list[dict] = field(default_factory=list)  # train_online rows of its windows
 
 
 def train_epoch(state: TrainingState, epoch: int, data, config: TrainConfig, ctx, console):
@@ -540,9 +611,12 @@ def train_epoch(state: TrainingState, epoch: int, data, config: TrainConfig, ctx
     perm = epoch_permutation(len(data), config.seed, epoch, state.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=state.device)
     wrong = torch.zeros((), dtype=torch.int64, device=state.device)
-    for first, stop in console.batches(batches, epoch):
+    online = state.online
+    for done, (first, stop) in enumerate(console.batches(batches, epoch), start=1):
         index = dist_utils.shard(perm[first:stop], ctx.rank, ctx.world_size)
         x, y = data.batch(index, memory_format=memory_format)
+        if online is not None:
+            online.watch.labels(y)  # the hook pairs them with this forward pass's features
         with network_autocast(state.device, config.precision):
             logits = state.trained(x)
         batch_loss = compute_loss(config.loss, logits, y, config.mse_scale)
@@ -550,8 +624,14 @@ def train_epoch(state: TrainingState, epoch: int, data, config: TrainConfig, ctx
         state.optimizer.zero_grad(set_to_none=True)
         (batch_loss if scale == 1.0 else batch_loss * scale).backward()
         state.optimizer.step()
-        loss_sum += batch_loss.detach().double() * len(index)
-        wrong += (logits.detach().argmax(1) != y).sum()
+        state.step += 1
+        batch_loss_sum = batch_loss.detach().double() * len(index)
+        batch_wrong = (logits.detach().argmax(1) != y).sum()
+        loss_sum += batch_loss_sum
+        wrong += batch_wrong
+        if online is not None:
+            sgd = (batch_loss_sum, batch_wrong, stop - first, lr)
+            online.stepped(sgd, epoch - 1 + done / len(batches), state, ctx)
     state.scheduler.step()
     nonfinite = _nonfinite_weights(state.model).double()
     totals = ctx.all_reduce_sum(torch.stack([loss_sum, wrong.double(), nonfinite]))
@@ -564,6 +644,7 @@ def train_epoch(state: TrainingState, epoch: int, data, config: TrainConfig, ctx
         sgd_wrong / seen,
         time.perf_counter() - start,
         nonfinite_count > 0,
+        online.take_rows() if online is not None else [],
     )
     state.epoch = epoch
     state.epoch_times.append(result.seconds)
@@ -572,6 +653,91 @@ def train_epoch(state: TrainingState, epoch: int, data, config: TrainConfig, ctx
     if result.nonfinite_weights:
         raise state.diverged(config, epoch, "non-finite weights")
     return result
+
+
+class OnlineLog:
+    """A run's measurement of its training passes (``online_every``): the
+    :class:`ncfast.monitor.TrainingWatch` on the network, the SGD loss and error sums of the
+    window in progress, and the finished ``train_online`` rows not yet logged."""
+
+    def __init__(self, watch: TrainingWatch, device: torch.device) -> None:
+        self.watch = watch
+        # The window's Σ loss·samples and misclassified samples (this process's), on the device.
+        self.sgd_sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self.sgd_samples = 0  # the window's samples, of all processes
+        self.rows: list[dict] = []
+        self.saved_state: dict | None = None  # the state of the last checkpoint (keep_state)
+
+    @classmethod
+    def start(cls, config: TrainConfig, ctx, model, num_classes: int, step: int) -> OnlineLog:
+        """The watch on ``model.classifier``'s input, λ of the run, counting from ``step``.
+        Non-finite features are left out of the statistics: training that produces them stops
+        at the epoch's end with TrainingDivergedError, before the rows are logged."""
+        monitor = NCMonitor(
+            model,
+            model.classifier,
+            weight_decay=mse_lambda(config.weight_decay, num_classes),
+            distributed=ctx.enabled,
+            on_invalid="skip",
+        )
+        return cls(monitor.watch_training(config.online_every, step=step), ctx.device)
+
+    def stepped(self, sgd: tuple, epoch: float, state: TrainingState, ctx) -> None:
+        """After an SGD step: ``sgd`` = (this process's loss·samples and misclassified samples
+        as device scalars, the global batch size, the learning rate); at a window's end its row
+        (collective with several processes)."""
+        loss_sum, wrong, batch_size, lr = sgd
+        self.sgd_sums[0] += loss_sum
+        self.sgd_sums[1] += wrong
+        self.sgd_samples += batch_size
+        metrics = self.watch.step(epoch=epoch)
+        if metrics is None:
+            return
+        total_loss, total_wrong = ctx.all_reduce_sum(self.sgd_sums.clone()).tolist()
+        row = {
+            "split": ONLINE_SPLIT,
+            "lr": lr,
+            "sgd_loss": total_loss / self.sgd_samples,
+            "sgd_error": total_wrong / self.sgd_samples,
+            "world_size": ctx.world_size,
+            "wall_time": state.wall_time(),
+            **to_json_value(metrics),
+        }
+        self.rows.append({k: row[k] for k in (*ONLINE_ROW_KEYS, *row) if k in row})
+        self.sgd_sums.zero_()
+        self.sgd_samples = 0
+
+    def take_rows(self) -> list[dict]:
+        rows, self.rows = self.rows, []
+        return rows
+
+    def keep_state(self, ctx) -> None:
+        """The state a checkpoint holds (:attr:`saved_state`): the watch's (its window in
+        progress of all processes) and the window's SGD sums. Collective."""
+        sums = ctx.all_reduce_sum(self.sgd_sums.clone())
+        self.saved_state = {
+            "watch": self.watch.state_dict(),
+            "sgd_sums": sums,
+            "sgd_samples": self.sgd_samples,
+        }
+
+    def restore(self, stored, is_main: bool, path) -> None:
+        """Continue from a checkpoint's ``online``: the window in progress (of all processes)
+        goes to rank 0 only, so that the next reduction counts it once."""
+        try:
+            self.watch.load_state_dict(stored["watch"], window=is_main)
+            samples = stored["sgd_samples"]
+            if not isinstance(samples, int) or samples < 0:
+                raise ValueError(f"sgd_samples must be an integer ≥ 0, got {samples!r}")
+            self.sgd_sums.zero_()
+            if is_main:
+                self.sgd_sums.copy_(stored["sgd_sums"])
+            self.sgd_samples = samples
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path}: 'online' cannot be restored ({exc})"
+            ) from None
+        self.saved_state = stored
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int, device) -> torch.Tensor:

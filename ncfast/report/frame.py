@@ -1,9 +1,10 @@
-"""Runs as one pandas DataFrame in long format, the shape people explore logs in.
+"""Runs as one pandas DataFrame in long format, the shape people explore logs in::
 
     from ncfast.report import read_runs
 
     df = read_runs(["runs/mnist-mse", "runs/mnist-ce"])      # or read_runs("runs/")
     df[(df.split == "test") & (df.key == "nc1")].pivot(index="epoch", columns="run")
+    df[(df.split == "train_online") & (df.key == "nc1")]      # every K SGD steps (--online-every)
 
 pandas is optional (``pip install 'ncfast[pandas]'``) and imported here, on first use.
 """
@@ -14,25 +15,29 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ncfast.measure import scalars
-from ncfast.report.runs import METRICS_FILE, load_run
+from ncfast.report.runs import METRICS_FILE, ONLINE_SPLIT, load_run
 
 __all__ = ["COLUMNS", "read_runs"]
 
-COLUMNS = ("run", "epoch", "split", "key", "value")
+COLUMNS = ("run", "epoch", "step", "split", "key", "value")
+# What identifies a record within a run: its split and epoch (its SGD step for train_online).
+_RecordKey = tuple[str, float]
 
 
 def read_runs(paths: str | Path | Iterable[str | Path]):
     """A DataFrame with one row per run, measured epoch, split and number: columns ``run``
-    (the directory's name; its path where two names collide), ``epoch`` (int), ``split``
-    (``train``/``test``), ``key`` and ``value`` (float64).
+    (the directory's name; its path where two names collide), ``epoch`` (float64: whole epochs
+    for ``train``/``test``, fractional for ``train_online``, the rows of ``ncfast train
+    --online-every K``), ``step`` (nullable Int64: the SGD step of a ``train_online`` row,
+    ``<NA>`` elsewhere), ``split``, ``key`` and ``value`` (float64).
 
     ``paths``: run directories (written by ``ncfast train``), or directories whose
     subdirectories are runs (a sweep's output), one or many. Every logged number is a row: the
     SPEC keys, errors, losses, timings; list values (``snr_singular_values``) become one row per
     entry, keyed ``snr_singular_values/1``, ``/2``, … (j from 1; ``null`` entries are NaN). Text
     values (``nc_undefined``) are left out. An epoch logged twice (a resumed run) keeps its last
-    record, as :func:`ncfast.report.runs.history_arrays` does. Rows follow the runs in the
-    order given, each by epoch, then in file order.
+    record, as :func:`ncfast.report.runs.history_arrays` does (a step, for ``train_online``).
+    Rows follow the runs in the order given, each by epoch, then in file order.
     """
     try:
         import pandas as pd
@@ -47,20 +52,23 @@ def read_runs(paths: str | Path | Iterable[str | Path]):
         names = [str(run.path) for run in runs]
     columns: dict[str, list] = {name: [] for name in COLUMNS}
     for name, run in zip(names, runs, strict=True):
-        last: dict[tuple[int, str], dict] = {}
+        last: dict[_RecordKey, dict] = {}
         for record in run.records:
-            key = (int(record["epoch"]), record["split"])
+            online = record["split"] == ONLINE_SPLIT
+            key = (record["split"], float(record["step"] if online else record["epoch"]))
             last.pop(key, None)  # re-inserted: a repeated epoch takes its later place
             last[key] = record
-        for (epoch, split), record in sorted(last.items(), key=lambda item: item[0][0]):
-            numbers = {k: v for k, v in record.items() if k not in ("epoch", "split")}
+        for record in sorted(last.values(), key=lambda rec: float(rec["epoch"])):
+            step = record["step"] if record["split"] == ONLINE_SPLIT else None
+            numbers = {k: v for k, v in record.items() if k not in ("epoch", "step", "split")}
             for key, value in scalars(numbers).items():
                 columns["run"].append(name)
-                columns["epoch"].append(epoch)
-                columns["split"].append(split)
+                columns["epoch"].append(float(record["epoch"]))
+                columns["step"].append(step)
+                columns["split"].append(record["split"])
                 columns["key"].append(key)
                 columns["value"].append(value)
-    return pd.DataFrame(columns).astype({"epoch": "int64", "value": "float64"})
+    return pd.DataFrame(columns).astype({"epoch": "float64", "step": "Int64", "value": "float64"})
 
 
 def _run_dirs(paths) -> list[Path]:

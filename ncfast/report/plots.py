@@ -9,6 +9,11 @@ line style says which quantity: solid for class means / the training set, dashed
 classifiers / the test set (in the robustness figure: solid DeepFool's r, dashed the tight s*·r,
 dash-dot the percentage of out-of-range pixels on a second axis).
 
+Runs trained with ``--online-every`` also get :func:`online_figure` (``online``): NC1 and the
+MSE decomposition of the training passes against SGD steps, with the eval-mode measurements at
+the measured epochs on the same axes and the learning-rate drops marked. The other figures
+draw the eval-mode rows only.
+
 Figures are ``matplotlib.figure.Figure`` objects made without pyplot: drawing them selects no
 global backend (a user's interactive one stays), and :func:`save_figure` writes them to files
 (PNG/PDF/SVG need no backend of their own), the one figure saver of ncfast.
@@ -27,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator, NullFormatter
 
-from ncfast.report.runs import Run, central_path_fit
+from ncfast.report.runs import ONLINE_SPLIT, SPLITS, Run, central_path_fit
 
 FORMATS = ("png", "pdf")
 ZERO_ERROR_COLOR = "#d62728"
@@ -157,6 +162,9 @@ FIGURE_NAMES = (
     "ls_perp_ratio",
     "snr",
 )
+# Drawn in addition to FIGURE_NAMES where a run logged its training passes (--online-every).
+ONLINE_FIGURE = "online"
+LR_DROP_COLOR = "0.45"
 
 
 def _history(run: Run, split: str) -> dict[str, np.ndarray]:
@@ -237,7 +245,12 @@ def _log_y(ax) -> None:
 
 def _epoch_limits(ax, runs: Sequence[Run]) -> None:
     """The x range of the runs' measured epochs (so a lone point still sits in its run)."""
-    epochs = [int(r["epoch"]) for run in runs for r in run.records if r["epoch"] > 0]
+    epochs = [
+        int(r["epoch"])
+        for run in runs
+        for r in run.records
+        if r["epoch"] > 0 and r["split"] in SPLITS  # eval-mode rows: train_online has its figure
+    ]
     if epochs:
         ax.set_xlim(min(epochs) / 1.15, max(epochs) * 1.15)
 
@@ -557,14 +570,105 @@ def snr_figure(runs: Sequence[Run], fits: dict[int, dict] | None = None):
     return fig
 
 
+def _steps_per_epoch(run: Run) -> float:
+    """SGD steps per epoch of ``run``: its ``config.json``'s, else those of its online rows
+    (step / epoch, the last row's)."""
+    stored = run.config.get("steps_per_epoch")
+    if isinstance(stored, (int, float)) and not isinstance(stored, bool) and stored > 0:
+        return float(stored)
+    online = run.history(ONLINE_SPLIT)
+    epoch = online["epoch"][-1]
+    return float(online["step"][-1] / epoch) if epoch > 0 else 1.0
+
+
+def _lr_drop_steps(run: Run, per_epoch: float) -> list[float]:
+    """Steps at which the learning rate dropped: after each of the run's ``lr_milestones``
+    (config.json), else where the online rows' learning rate falls (at the end of the window
+    before the fall)."""
+    milestones = run.config.get("lr_milestones")
+    if isinstance(milestones, list) and all(isinstance(m, (int, float)) for m in milestones):
+        last = run.last_epoch
+        return [m * per_epoch for m in milestones if 0 < m < last]
+    online = run.history(ONLINE_SPLIT)
+    lr = online.get("lr")
+    if lr is None:
+        return []
+    falls = np.flatnonzero(lr[1:] < lr[:-1])
+    return [float(online["step"][i]) for i in falls]
+
+
+def _online_panel(ax, run: Run, curves, per_epoch: float, logy: bool = True) -> None:
+    """``curves`` = (key, colour) of the run's training passes (lines) and of its eval-mode
+    training-set measurements at step epoch·``per_epoch`` (dots), the learning-rate drops
+    (dashed) and the zero-error epoch (red)."""
+    online, measured = run.history(ONLINE_SPLIT), _history(run, "train")
+    for key, color in curves:
+        if key in online:
+            steps = online["step"].astype(np.float64)
+            _plot_series(ax, steps, online[key], logy=logy, color=color, marker="none")
+        if key in measured:
+            steps = measured["epoch"] * per_epoch
+            _plot_series(
+                ax, steps, measured[key], logy=logy, color=color, linestyle="none", markersize=4
+            )
+    for step in _lr_drop_steps(run, per_epoch):
+        ax.axvline(step, color=LR_DROP_COLOR, linestyle="--", linewidth=1.0, zorder=0)
+    zero = run.zero_error_epoch
+    if zero is not None and zero > 0:
+        ax.axvline(zero * per_epoch, color=ZERO_ERROR_COLOR, linewidth=1.0, alpha=0.8, zorder=0)
+    ax.set_xlim(left=0)
+    ax.grid(True, alpha=0.3)
+    ax.tick_params(labelsize=8)
+    ax.set_xlabel("SGD step", fontsize=8)
+    top = ax.secondary_xaxis("top", functions=(lambda s: s / per_epoch, lambda e: e * per_epoch))
+    top.set_xlabel("epoch", fontsize=8)
+    top.tick_params(labelsize=8)
+    if logy and ax.has_data():
+        _log_y(ax)
+
+
+def online_figure(runs: Sequence[Run]):
+    """Neural Collapse of the training passes (``train_online`` rows of ``--online-every``):
+    per run, NC1 (left) and the MSE decomposition (right, HPD22 Fig. 2's terms) against SGD
+    steps as lines, the eval-mode measurements of the training set as dots at the measured
+    epochs (epoch e at step e·steps per epoch), the learning-rate drops as dashed lines and the
+    zero-training-error epoch in red. None when no run has online rows."""
+    runs = [run for run in runs if run.has_online]
+    if not runs:
+        return None
+    fig, axes = new_figure(len(runs), 2, _figsize(len(runs), 2, 4.4, 3.2))
+    for row, run in enumerate(runs):
+        per_epoch = _steps_per_epoch(run)
+        nc1_ax, loss_ax = axes[row]
+        _online_panel(nc1_ax, run, [("nc1", LOSS_COLORS["mse"])], per_epoch)
+        nc1_ax.set_ylabel(r"NC1 = tr$(\Sigma_W \Sigma_B^\dagger)/C$", fontsize=8)
+        nc1_ax.set_title(f"{run.label} ({run.name}): NC1", fontsize=9)
+        _online_panel(loss_ax, run, [(k, c) for k, _, c in DECOMPOSITION_TERMS], per_epoch)
+        loss_ax.set_ylabel("loss (training set)", fontsize=8)
+        loss_ax.set_title("MSE decomposition (HPD22 Fig. 2)", fontsize=9)
+    handles = [Line2D([], [], color=c, linewidth=2, label=lab) for _, lab, c in DECOMPOSITION_TERMS]
+    handles += [
+        Line2D([], [], color="0.3", linewidth=1.3, label="training passes (online)"),
+        Line2D([], [], color="0.3", marker="o", markersize=4, linestyle="none", label="eval mode"),
+        Line2D(
+            [], [], color=LR_DROP_COLOR, linestyle="--", linewidth=1, label="learning-rate drop"
+        ),
+        Line2D([], [], color=ZERO_ERROR_COLOR, linewidth=1, label="zero training error"),
+    ]
+    _figure_legend(fig, handles)
+    fig.suptitle("Neural Collapse of the training passes, every few SGD steps", fontsize=11)
+    return fig
+
+
 def plot_runs(
     runs: Sequence[Run],
     out_dir: str | Path,
     formats: Sequence[str] = FORMATS,
     fits: dict[int, dict] | None = None,
 ) -> list[Path]:
-    """Every figure of :data:`FIGURE_NAMES` the runs have data for, written to ``out_dir`` as
-    ``<name>.<format>``; returns the paths. ``fits``: as in :func:`snr_figure`."""
+    """Every figure of :data:`FIGURE_NAMES` the runs have data for (and :data:`ONLINE_FIGURE`
+    where a run has online rows), written to ``out_dir`` as ``<name>.<format>``; returns the
+    paths. ``fits``: as in :func:`snr_figure`."""
     if not runs:
         raise ValueError("plot_runs: no runs given")
     bad = [f for f in formats if f not in ("png", "pdf", "svg")]
@@ -572,7 +676,7 @@ def plot_runs(
         raise ValueError(f"plot_runs: formats must be among png, pdf, svg; got {bad}")
     paths: list[Path] = []
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for name in FIGURE_NAMES:
+    for name in (*FIGURE_NAMES, ONLINE_FIGURE):
         fig = figure(runs, name, fits)
         if fig is not None:
             paths += save_figure(fig, out_dir, name, formats)
@@ -580,14 +684,17 @@ def plot_runs(
 
 
 def figure(runs: Sequence[Run], name: str, fits: dict[int, dict] | None = None):
-    """The figure ``name`` (one of :data:`FIGURE_NAMES`) for ``runs``, or None without data: a
-    ``matplotlib.figure.Figure`` outside pyplot (nothing to close; ``fig.savefig`` or
-    :func:`save_figure` writes it)."""
+    """The figure ``name`` (one of :data:`FIGURE_NAMES` or :data:`ONLINE_FIGURE`) for ``runs``,
+    or None without data: a ``matplotlib.figure.Figure`` outside pyplot (nothing to close;
+    ``fig.savefig`` or :func:`save_figure` writes it)."""
     if name == "decomposition":
         return decomposition_figure(runs)
     if name == "snr":
         return snr_figure(runs, fits)
+    if name == ONLINE_FIGURE:
+        return online_figure(runs)
     specs = {spec.name: spec for spec in METRIC_FIGURES}
     if name not in specs:
-        raise ValueError(f"figure: name must be one of {list(FIGURE_NAMES)}, got {name!r}")
+        names = [*FIGURE_NAMES, ONLINE_FIGURE]
+        raise ValueError(f"figure: name must be one of {names}, got {name!r}")
     return metric_figure(runs, specs[name])

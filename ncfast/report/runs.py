@@ -1,9 +1,12 @@
 """Training-run directories: their file names, and reading ``metrics.jsonl`` and
 ``config.json`` (written by ``ncfast train``) with errors that say which file and line was wrong.
 
-A run's history is one flat record per measured epoch and split (``train``/``test``); here it
-becomes, per split, an array per key over the measured epochs (``snr_singular_values`` a
-``[T, J]`` array padded with NaN where the rank changed).
+A run's history is one flat record per measured epoch and split (``train``/``test``, eval
+mode), and with ``ncfast train --online-every K`` one record every K SGD steps of split
+``train_online`` (the training passes themselves: an integer ``step`` and a fractional
+``epoch``). Here it becomes, per split, an array per key over the measured epochs (over the
+steps for ``train_online``; ``snr_singular_values`` a ``[T, J]`` array padded with NaN where
+the rank changed).
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 ANALYSIS_DIR = "analysis"  # ncfast analyze's report of the checkpoint
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # the eval-mode measurements at whole epochs
+ONLINE_SPLIT = "train_online"  # the training passes, every K SGD steps
+RECORD_SPLITS = (*SPLITS, ONLINE_SPLIT)
 REQUIRED_KEYS = ("epoch", "split", "error")
+ONLINE_REQUIRED_KEYS = ("epoch", "split", "step")
 
 
 class RunError(NCFastError, ValueError):
@@ -39,22 +45,40 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_EPOCH
+
+
+def _shown(value) -> str:
+    return repr(value) if len(repr(value)) <= 40 else f"a {len(str(value))}-digit number"
+
+
 def check_record(rec, where: str) -> dict:
     """``rec`` if it is a valid metrics record, else RunError saying what is wrong at ``where``:
-    ``epoch`` an integer in 0..2**53, ``split`` train/test, ``error`` a fraction, and every list
-    (the SNR singular values) a list of numbers."""
+    ``split`` train/test with ``epoch`` an integer in 0..2**53 and ``error`` a fraction, or
+    ``split`` train_online with ``step`` an integer in 0..2**53 and ``epoch`` a number in
+    [0, 2**53] (fractional); every list (the SNR singular values) a list of numbers."""
     if not isinstance(rec, dict):
         raise RunError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    missing = [k for k in REQUIRED_KEYS if k not in rec]
+    online = rec.get("split") == ONLINE_SPLIT
+    missing = [k for k in (ONLINE_REQUIRED_KEYS if online else REQUIRED_KEYS) if k not in rec]
     if missing:
         raise RunError(f"{where}: missing key(s) {', '.join(missing)}")
     epoch = rec["epoch"]
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch <= MAX_EPOCH:
-        shown = repr(epoch) if len(repr(epoch)) <= 40 else f"a {len(str(epoch))}-digit number"
-        raise RunError(f"{where}: 'epoch' must be an integer in 0..2**53, got {shown}")
-    if rec["split"] not in SPLITS:
-        raise RunError(f"{where}: 'split' must be 'train' or 'test', got {rec['split']!r}")
-    err = rec["error"]
+    if online:
+        if not _is_count(rec["step"]):
+            raise RunError(
+                f"{where}: 'step' must be an integer in 0..2**53, got {_shown(rec['step'])}"
+            )
+        if not _is_number(epoch) or not 0 <= epoch <= MAX_EPOCH:
+            raise RunError(f"{where}: 'epoch' must be a number in [0, 2**53], got {_shown(epoch)}")
+    elif not _is_count(epoch):
+        raise RunError(f"{where}: 'epoch' must be an integer in 0..2**53, got {_shown(epoch)}")
+    if rec["split"] not in RECORD_SPLITS:
+        raise RunError(
+            f"{where}: 'split' must be 'train', 'test' or '{ONLINE_SPLIT}', got {rec['split']!r}"
+        )
+    err = rec.get("error", 0)
     if not _is_number(err) or not 0 <= err <= 1:
         raise RunError(f"{where}: 'error' must be a fraction in [0, 1], got {_short(err)}")
     for key, value in rec.items():
@@ -165,24 +189,29 @@ def _to_float(value) -> float:
 
 
 def history_arrays(records: list[dict], split: str) -> dict[str, np.ndarray]:
-    """Per-key arrays over the measured epochs of ``split``, sorted by epoch.
+    """Per-key arrays over the measured epochs of ``split``, sorted by epoch (``train_online``:
+    over the steps, sorted by step).
 
     Scalars become float64 arrays (NaN where a record lacks the key); list-valued keys (the SNR
     singular values) become ``[T, J]`` arrays padded with NaN. A repeated epoch (a resumed run
-    that logged it twice) keeps the last record. ``epoch`` is an int array.
+    that logged it twice) keeps the last record, as does a repeated step. ``epoch`` is an int
+    array (float64 for ``train_online``, whose ``step`` is the int array).
     """
-    if split not in SPLITS:
-        raise ValueError(f"history_arrays: split must be 'train' or 'test', got {split!r}")
-    by_epoch: dict[int, dict] = {}
+    if split not in RECORD_SPLITS:
+        raise ValueError(
+            f"history_arrays: split must be 'train', 'test' or '{ONLINE_SPLIT}', got {split!r}"
+        )
+    index = "step" if split == ONLINE_SPLIT else "epoch"
+    by_index: dict[int, dict] = {}
     for rec in records:
         if rec.get("split") == split:
-            by_epoch[int(rec["epoch"])] = rec
-    epochs = sorted(by_epoch)
-    rows = [by_epoch[e] for e in epochs]
-    out: dict[str, np.ndarray] = {"epoch": np.asarray(epochs, dtype=np.int64)}
+            by_index[int(rec[index])] = rec
+    order = sorted(by_index)
+    rows = [by_index[i] for i in order]
+    out: dict[str, np.ndarray] = {index: np.asarray(order, dtype=np.int64)}
     keys: list[str] = []
     for rec in rows:
-        keys.extend(k for k in rec if k not in keys and k not in ("epoch", "split"))
+        keys.extend(k for k in rec if k not in keys and k not in (index, "split"))
     for key in keys:
         values = [rec.get(key) for rec in rows]
         if any(isinstance(v, (list, tuple)) for v in values):
@@ -240,7 +269,14 @@ class Run:
 
     @property
     def last_epoch(self) -> int:
-        return max(int(r["epoch"]) for r in self.records)
+        """The last epoch measured in eval mode (of any record, if none was)."""
+        measured = [r for r in self.records if r["split"] in SPLITS] or self.records
+        return max(math.ceil(r["epoch"]) for r in measured)
+
+    @property
+    def has_online(self) -> bool:
+        """Whether the run logged rows of its training passes (``--online-every``)."""
+        return any(r["split"] == ONLINE_SPLIT for r in self.records)
 
     def last_record(self, split: str) -> dict | None:
         """The record of the last measured epoch of ``split`` (None if never measured)."""
