@@ -1,19 +1,18 @@
 """Cost of measuring Neural Collapse from the training passes (``ncfast train --online-every K``).
 
-Two copies of one network (same seed, same data) train side by side in one process through
+Three copies of one network (same seed, same data) train side by side in one process through
 ``ncfast train``'s own epoch loop (:func:`ncfast.paper.train.train_epoch`): one plain, one with
 the online measurement (the forward pre-hook feeding every batch's features into the window's
 float64 statistics, NC4 against the previous window's means counted on the device, and at the
-window's end the metrics). Each "epoch" is K steps on K·batch images of the embedded MNIST
-subset (mnist5k), so every online epoch holds exactly one window and its end; the two copies
-alternate epoch by epoch (the order swapped every repetition), and the overhead is the median
-over repetitions of (online seconds / plain seconds) − 1: machine load that drifts over the run
-hits both alike. The same overhead is also estimated from its parts, timed alone on K real
-batches: the hook's work per batch plus the window's end divided by K, over the plain step
-(stabler where the machine is shared and noisy).
+window's end the metrics), and one whose windows never end (the per-batch work alone). Each
+"epoch" is K steps on K·batch images of the embedded MNIST subset (mnist5k), so every online
+epoch holds exactly one window and its end; the copies alternate epoch by epoch (the order
+reversed every repetition), and each overhead is the median over repetitions of (seconds /
+plain seconds) − 1: machine load that drifts over the run hits all alike. The window ends'
+share is the online overhead less the per-batch one; it shrinks as 1/K.
 
-    PYTHONPATH=. python bench/online_overhead.py                      # CPU: the demo's net, wider
-    PYTHONPATH=. python bench/online_overhead.py --device cuda --nets vgg11:1,resnet18:1
+    python bench/online_overhead.py                      # CPU: the demo's net, and wider
+    python bench/online_overhead.py --device cuda --nets vgg11:1,resnet18:1
 
 Writes ``bench/results/online_overhead_<device>.{json,txt}``. On CUDA it also checks that the
 steps inside a window never synchronise with the host (``torch.cuda.set_sync_debug_mode``).
@@ -27,7 +26,6 @@ import math
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -75,94 +73,58 @@ def config_for(net: str, width: float, args, online_every: int) -> TrainConfig:
     ).resolved()
 
 
-def time_pair(net: str, width: float, data: LabeledImages, args) -> dict:
-    """Interleaved epochs of K steps, plain and online; per-repetition seconds and ratios."""
+# Windows that never end: the per-batch arm measures the hook's work alone.
+NEVER = 2**62
+
+
+def time_arms(net: str, width: float, data: LabeledImages, args) -> dict:
+    """Interleaved epochs of K steps of three copies of the network: plain, online, and online
+    whose windows never end (the hook's per-batch work alone: statistics update and NC4 against
+    the online arm's previous means); per-repetition seconds and ratios to plain."""
     ctx = DistributedContext(device=torch.device(args.device))
     configs = {
         "plain": config_for(net, width, args, 0),
         "online": config_for(net, width, args, args.every),
+        "per_batch": config_for(net, width, args, NEVER),
     }
     states = {k: TrainingState.start(c, ctx, data, None, None) for k, c in configs.items()}
     console = Console(configs["plain"], 0, progress=False)
-    seconds: dict[str, list[float]] = {"plain": [], "online": []}
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    names = list(configs)
     for rep in range(args.warmup + args.reps):
-        order = ("plain", "online") if rep % 2 == 0 else ("online", "plain")
-        for name in order:
+        for name in names if rep % 2 == 0 else names[::-1]:
             sgd = train_epoch(states[name], rep + 1, data, configs[name], ctx, console)
             if rep >= args.warmup:
                 seconds[name].append(sgd.seconds)
-    ratios = [o / p for o, p in zip(seconds["online"], seconds["plain"], strict=True)]
+        if rep == 0:  # the per-batch arm counts NC4 against the online arm's first means
+            watched = states["online"].online.watch.state_dict()
+            watched.update(every=NEVER, step=0, window_start=0)
+            states["per_batch"].online.watch.load_state_dict(watched, window=False)
+
+    def ratios(name: str) -> list[float]:
+        return [a / b for a, b in zip(seconds[name], seconds["plain"], strict=True)]
+
+    def quartiles(values: list[float]) -> list[float]:
+        return statistics.quantiles(values, n=4) if len(values) > 1 else values
+
     model = states["plain"].model
+    online, per_batch = ratios("online"), ratios("per_batch")
     return {
         "net": net,
         "every": args.every,
         "width": width,
         "feature_dim": model.classifier.in_features,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "step_ms_plain": 1e3 * statistics.median(seconds["plain"]) / args.every,
-        "step_ms_online": 1e3 * statistics.median(seconds["online"]) / args.every,
-        "ratio_median": statistics.median(ratios),
-        "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios,
-        "ratios": ratios,
+        **{
+            f"step_ms_{name}": 1e3 * statistics.median(seconds[name]) / args.every for name in names
+        },
+        "ratio_median": statistics.median(online),
+        "ratio_quartiles": quartiles(online),
+        "per_batch_ratio_median": statistics.median(per_batch),
+        "per_batch_ratio_quartiles": quartiles(per_batch),
+        "ratios": online,
+        "per_batch_ratios": per_batch,
         "seconds": seconds,
-    }
-
-
-def parts(net: str, width: float, data: LabeledImages, args) -> dict:
-    """Where the online cost goes, on K real batches' features with the hook of a training
-    run (``on_invalid="skip"``): per batch, the hook's whole work (labels, statistics update,
-    NC4 count) and :meth:`TrainingWatch.step`, less the classifier's own forward pass; and the
-    window's end (its metrics). Medians over repetitions of whole windows, so the online
-    overhead per step is about ``batch_ms + window_end_ms / K``."""
-    from ncfast.monitor import NCMonitor
-
-    config = config_for(net, width, args, args.every)
-    ctx = DistributedContext(device=torch.device(args.device))
-    state = TrainingState.start(config, ctx, data, None, None)
-    model = state.model.eval()
-    batches = []
-    for k in range(args.every):
-        index = torch.arange(k * args.batch_size, (k + 1) * args.batch_size, device=data.device)
-        x, y = data.batch(index, memory_format=torch.channels_last)
-        with torch.no_grad():
-            batches.append((model.features(x).float(), y))
-    monitor = NCMonitor(model, model.classifier, weight_decay=0.025, on_invalid="skip")
-    watch = monitor.watch_training(args.every)
-
-    def synchronize() -> None:
-        if batches[0][0].device.type == "cuda":
-            torch.cuda.synchronize(batches[0][0].device)
-
-    def step(h: torch.Tensor, y: torch.Tensor) -> None:
-        watch.labels(y)
-        model.classifier(h)
-        watch.step()
-
-    per_batch, window_end, forward = [], [], []
-    with torch.no_grad():
-        for rep in range(1 + max(3, args.reps // 4)):  # the first window: previous means
-            synchronize()
-            start = time.perf_counter()
-            for h, y in batches[:-1]:
-                step(h, y)
-            synchronize()
-            middle = time.perf_counter()
-            step(*batches[-1])
-            synchronize()
-            done = time.perf_counter()
-            for h, _ in batches[:-1]:
-                model.classifier(h)
-            synchronize()
-            bare = (time.perf_counter() - done) / (len(batches) - 1)
-            if rep:
-                forward.append(bare)
-                per_batch.append((middle - start) / (len(batches) - 1) - bare)
-                window_end.append(done - middle)
-    watch.close()
-    batch_s = statistics.median(per_batch)
-    return {
-        "batch_ms": 1e3 * batch_s,
-        "window_end_ms": 1e3 * (statistics.median(window_end) - batch_s - min(forward)),
     }
 
 
@@ -224,11 +186,7 @@ def main() -> None:
     results = []
     for item in args.nets.split(","):
         net, width = item.split(":")
-        row = time_pair(net, float(width), data, args)
-        row.update(parts(net, float(width), data, args))
-        # The same overhead from its parts (stabler than the ratio on a noisy machine).
-        per_step_ms = row["batch_ms"] + row["window_end_ms"] / args.every
-        row["overhead_from_parts"] = per_step_ms / row["step_ms_plain"]
+        row = time_arms(net, float(width), data, args)
         if args.device.startswith("cuda"):
             row["sync_check"] = sync_check(net, float(width), data, args)
         results.append(row)
@@ -237,14 +195,18 @@ def main() -> None:
 
 
 def summary_line(row: dict) -> str:
+    def percent(ratio: float) -> str:
+        return f"{100 * (ratio - 1):+.2f}%"
+
     low, _, high = (row["ratio_quartiles"] + [math.nan] * 3)[:3]
+    per_batch = row["per_batch_ratio_median"]
     return (
         f"{row['net']} width {row['width']:g} (P={row['feature_dim']}): step "
         f"{row['step_ms_plain']:.1f} ms plain, {row['step_ms_online']:.1f} ms online; overhead "
-        f"median {100 * (row['ratio_median'] - 1):+.2f}% (quartiles {100 * (low - 1):+.2f}%, "
-        f"{100 * (high - 1):+.2f}%), from its parts {100 * row['overhead_from_parts']:+.2f}%: "
-        f"the hook per batch {row['batch_ms']:.2f} ms, window end "
-        f"{row['window_end_ms']:.1f} ms (once per {row['every']} steps)"
+        f"median {percent(row['ratio_median'])} (quartiles {percent(low)}, {percent(high)}) at "
+        f"K = {row['every']}: per batch {percent(per_batch)} (statistics update and NC4), "
+        f"window ends {percent(row['ratio_median'] - per_batch + 1)} (divided by K/{row['every']} "
+        "for windows of K steps)"
     )
 
 
