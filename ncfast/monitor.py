@@ -252,6 +252,24 @@ class NCMonitor:
         # With the classifier's input as the feature, [..., P] inputs pair with [...] labels.
         return labels.reshape(-1) if self.penultimate is None else labels
 
+    def _hooked_what(self) -> str:
+        if self.penultimate is None:
+            return f"input of the classifier {type(self.classifier).__name__}"
+        return f"output of {type(self.penultimate).__name__}"
+
+    def _paired_labels(
+        self, labels: torch.Tensor, features: torch.Tensor, where: str
+    ) -> torch.Tensor:
+        """The pending ``labels`` on the features' device, after checking that they label the
+        samples of this forward pass."""
+        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"{where}: got labels of shape {list(labels.shape)} for a batch of "
+                f"{features.shape[0]} samples (features {list(features.shape)} at the "
+                f"{self._hooked_what()}); the labels must match the samples of the forward pass"
+            )
+        return labels.to(features.device, non_blocking=True)
+
     def _given_labels(self, labels: object, where: str) -> torch.Tensor:
         """The labels a user gave for the next forward pass (tensor, list or array of ints),
         checked and flattened as the features will be."""
@@ -382,8 +400,9 @@ class MonitorPass:
         if self._pending is not None:
             raise ValueError(
                 "MonitorPass.labels: the labels of the previous call were never used: no "
-                f"features reached the hook ({self._hooked_what()}) since then. Call labels(y) "
-                "once before each forward pass, and check that this module runs in the forward"
+                f"features reached the hook ({self.monitor._hooked_what()}) since then. Call "
+                "labels(y) once before each forward pass, and check that this module runs in "
+                "the forward"
             )
         self._pending = self.monitor._given_labels(labels, "MonitorPass.labels")
 
@@ -391,17 +410,13 @@ class MonitorPass:
         labels, self._pending = self._pending, None
         if labels is None:
             raise RuntimeError(
-                f"NCMonitor: features reached the hook ({self._hooked_what()}) without labels. "
-                "Inside a measurement pass call nc.labels(y) before every forward pass; if the "
-                "hooked module runs more than once per forward, hook a module that runs once"
+                f"NCMonitor: features reached the hook ({self.monitor._hooked_what()}) without "
+                "labels. Inside a measurement pass call nc.labels(y) before every forward pass; "
+                "if the hooked module runs more than once per forward, hook a module that runs "
+                "once"
             )
-        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
-            raise ValueError(
-                f"MonitorPass.labels: got labels of shape {list(labels.shape)} for a batch of "
-                f"{features.shape[0]} samples (features {list(features.shape)} at the "
-                f"{self._hooked_what()}); the labels must match the samples of the forward pass"
-            )
-        self._opened().update(features, labels.to(features.device, non_blocking=True))
+        labels = self.monitor._paired_labels(labels, features, "MonitorPass.labels")
+        self._opened().update(features, labels)
         self.batches += 1
 
     def _opened(self) -> Measurement:
@@ -409,12 +424,6 @@ class MonitorPass:
         if self.measurement is None:
             raise RuntimeError("MonitorPass: the pass was never opened (use monitor.measure())")
         return self.measurement
-
-    def _hooked_what(self) -> str:
-        mon = self.monitor
-        if mon.penultimate is None:
-            return f"input of the classifier {type(mon.classifier).__name__}"
-        return f"output of {type(mon.penultimate).__name__}"
 
     # ------------------------------------------------------------- results
     @property
@@ -623,12 +632,7 @@ class TrainingWatch:
                 "TrainingWatch: a training forward pass reached the hook without labels; call "
                 "watch.labels(y) before every training forward pass (or close() the watch)"
             )
-        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
-            raise ValueError(
-                f"TrainingWatch.labels: got labels of shape {list(labels.shape)} for a batch of "
-                f"{features.shape[0]} samples; the labels must match the forward pass's samples"
-            )
-        labels = labels.to(features.device, non_blocking=True)
+        labels = mon._paired_labels(labels, features, "TrainingWatch.labels")
         self.stats.update(features, labels)
         means, present = self.previous_means, self.previous_present
         if self._counting and means is not None and present is not None:

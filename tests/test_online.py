@@ -441,6 +441,10 @@ def test_misuse_is_a_clear_error():
     with pytest.raises(ValueError, match="never used"):
         watch.labels(y)
     model(x)
+    watch.labels(y[:5])
+    with pytest.raises(ValueError, match=r"TrainingWatch.labels: got labels of shape \[5\] for a"):
+        model(x)  # 8 samples
+    assert watch.stats.num_samples == 8  # the mismatched batch added nothing
     with pytest.raises(ValueError, match="must be a tensor of 2 counts"):
         watch.load_state_dict({**watch.state_dict(), "nc4_counts": torch.zeros(3)})
     with pytest.raises(ValueError, match="every=3"):
