@@ -271,18 +271,46 @@ def test_ddp_on_two_processes_gives_every_rank_the_one_process_metrics(tmp_path,
 
 def two_streams_rtol(features, labels) -> float:
     """Relative bound for the metrics of two float64 streams of the same features (the ranks'
-    shards reduced, one process's batches): the statistics differ by :func:`stream_tolerances`
-    (δμ, δΣ_W); to first order the SNR, which inverts Σ_W on its range, moves by δΣ_W/λ_min⁺
-    (ReLU features: Σ_W is singular here, λ_min⁺ its least kept eigenvalue), NC1 through Σ_B^†
-    by 2·δμ/σ_min(M̄); ×10 for the products that follow. Must stay sharp (< 1e-3)."""
-    atol_means, atol_sigma = stream_tolerances(features, labels)
-    stats = ncfast.ClassStats(10, features.shape[1])
-    stats.update(features, labels)
-    eigenvalues = torch.linalg.eigvalsh(stats.sigma_w)
-    kept = eigenvalues[eigenvalues > features.shape[1] * EPS * eigenvalues.max()]
+    shards reduced, one process's batches). ×10 for the products that follow; must stay sharp
+    (< 1e-3).
+
+    - SNR, which inverts Σ_W on its range. ReLU features have units of very different scales
+      (λ_min⁺ of Σ_W ~ 1e-9 of λ_max), so the error of each stream's Σ_W is bounded entrywise:
+      |δΣ_ij| ≤ 2·eps·(max|h_i|·max|d_j| + max|d_i|·max|h_j|) + N·eps·max|d_i|·max|d_j|
+      (d = h − μ_y; :func:`stream_tolerances` per coordinate), and with D = diag(Σ_W)^{1/2} over
+      the active units, Σ_W = D A D moves relatively by ‖D⁻¹ δΣ D⁻¹‖/λ_min⁺(A) (Demmel–Veselić;
+      MᵀΣ_W⁻¹M = (D⁻¹M)ᵀA⁻¹(D⁻¹M)). Each stream's own eigh of Σ_W adds a backward error of
+      P·eps·λ_max, relative to λ_min⁺ of Σ_W.
+    - NC1 through Σ_B^†: 2·δμ/σ_min(M̄).
+    """
+    x = features.to(torch.float64)
+    atol_means, _ = stream_tolerances(features, labels)
+    stats = ncfast.ClassStats(10, x.shape[1])
+    stats.update(x, labels)
+    sigma_w = stats.sigma_w
+    deviations = x - stats.class_means[labels]
+    scale = torch.diagonal(sigma_w)
+    active = scale > 0  # dead units are exactly 0 in both streams
+    h_max = x.abs().max(0).values[active]
+    d_max = deviations.abs().max(0).values[active]
+    entrywise = 2 * EPS * (h_max[:, None] * d_max + d_max[:, None] * h_max)
+    entrywise += len(labels) * EPS * d_max[:, None] * d_max
+    d_inv = scale[active].rsqrt()
+    scaled_error = 2 * float((d_inv[:, None] * entrywise * d_inv).norm())  # two streams
+    scaled = d_inv[:, None] * sigma_w[active][:, active] * d_inv
+    eigenvalues = torch.linalg.eigvalsh(sigma_w)
+    cutoff = x.shape[1] * EPS * float(eigenvalues.max())
+    kept = eigenvalues[eigenvalues > cutoff]
+    # Exactly collinear units (a null space of A, below every cutoff) are dropped by both
+    # streams alike (sigma_w_rank is compared exactly): λ_min(A) over the kept directions.
+    scaled_eigenvalues = torch.linalg.eigvalsh(scaled)
+    scaled_min = scaled_eigenvalues[
+        scaled_eigenvalues > len(scaled) * EPS * scaled_eigenvalues.max()
+    ].min()
+    snr = scaled_error / float(scaled_min) + 2 * cutoff / float(kept.min())
     sigma = torch.linalg.svdvals(stats.centered_means)
     sigma_min = sigma[sigma > 1e-10 * sigma[0]].min()
-    rtol = 10 * (atol_sigma / float(kept.min()) + 2 * atol_means / float(sigma_min))
+    rtol = 10 * (snr + 2 * atol_means / float(sigma_min))
     assert rtol < 1e-3, f"features too ill-conditioned for a sharp check (rtol {rtol:.1e})"
     return rtol
 

@@ -427,10 +427,15 @@ def killed_and_rerun(tmp_path_factory, data_root):
     first.stdout.close()
     killed_at = time.time()
     # No orphans: the training children die with the sweep (PR_SET_PDEATHSIG), at once, not
-    # when their runs end (a run takes seconds here).
-    while any(_alive(pid) for pid in training) and time.time() < killed_at + 2:
+    # when their runs end (a run takes seconds here). That includes a child the sweep started
+    # between the snapshot above and the kill: wait for every lock holder, not only those.
+    holders = set(training)
+    while time.time() < killed_at + 2:
+        holders.update(_training_pids(out))
+        if not any(_alive(pid) for pid in holders):
+            break
         time.sleep(0.01)
-    orphans = [pid for pid in training if _alive(pid)]
+    orphans = [pid for pid in holders if _alive(pid)]
     done_before = {
         d.name: ((d / "checkpoint.pt").stat().st_mtime_ns, read_status(d)) for d in _done_runs(out)
     }
