@@ -1,11 +1,13 @@
 """Both native ops on awkward shapes, each result checked against the reference: the workload
-that bench/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck, synccheck).
+that bench/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck, initcheck,
+synccheck).
 
-Shapes straddle every tile edge of the kernels (rows 1, 127, 129, 257 against tiles of 128;
-columns 1, 33, 70 against 32; classes 1, 5, 600 against a warp and the first kernel's block of
-512 threads), with strided features made on the device, labels of several dtypes (strided
-too), invalid rows, empty batches, classes first seen in a later batch, the panel Gram scheme
-(its mirror kernel) and NC4 with absent classes.
+Shapes straddle every tile edge of the kernels (rows 1, 127, 129, 257 against the first
+kernel's blocks of 4 rows and the row tiles of 128; columns 1, 33, 70 against 32; classes 1, 5,
+600 against a warp and the second kernel's blocks of 128 threads), with strided features made
+on the device, labels of several dtypes (strided too), invalid rows, empty batches, classes
+first seen in a later batch, the panel Gram scheme (its mirror kernel) and NC4 with absent
+classes.
 
     python bench/sanitize_ops.py                 # on cuda; prints one line, exit 1 on mismatch
     python bench/sanitize_ops.py --device cpu    # the same on the CPU kernels (a smoke test)

@@ -91,8 +91,11 @@ def test_gpu_without_a_kernel_falls_back_with_one_warning(mocked_gpus, monkeypat
     mocked_gpus({0: ("Tesla V100-SXM2-16GB", (7, 0)), 1: ("Tesla T4", (7, 5))})
     calls = _record_reference_calls(monkeypatch)
     v100 = types.SimpleNamespace(device=torch.device("cuda", 0))  # only .device is read
-    with pytest.warns(native_backend.NativeKernelFallbackWarning, match=r"compute capability 7\.0"):
+    with pytest.warns(
+        native_backend.NativeKernelFallbackWarning, match=r"compute capability 7\.0"
+    ) as record:
         native_backend.update_stats_(v100, *[None] * 6)
+    assert record[0].filename == __file__  # the caller's line, not ncfast's
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per device, not per call
         native_backend.update_stats_(v100, *[None] * 6)
@@ -102,6 +105,56 @@ def test_gpu_without_a_kernel_falls_back_with_one_warning(mocked_gpus, monkeypat
         warnings.simplefilter("error")
         assert native_backend.kernels_for(torch.device("cuda", 1))  # the T4 runs sm_75, silently
     assert native_backend._DEVICE_KERNELS == {0: False, 1: True}
+
+
+def test_fallback_warning_points_at_the_callers_line_however_deep(mocked_gpus):
+    mocked_gpus({0: ("Tesla V100-SXM2-16GB", (7, 0)), 1: ("Tesla P100", (6, 0))})
+    with pytest.warns(native_backend.NativeKernelFallbackWarning) as shallow:
+        native_backend.kernels_for(torch.device("cuda", 0))
+    with pytest.warns(native_backend.NativeKernelFallbackWarning) as deep:
+        native_backend.update_kernels_for(torch.device("cuda", 1))
+    assert shallow[0].filename == deep[0].filename == __file__
+
+
+@pytest.mark.parametrize("op", ["update_stats_", "ncc_mismatch_count"])
+def test_kernels_the_driver_cannot_load_fall_back_with_one_warning(mocked_gpus, monkeypatch, op):
+    """The op refuses before launching anything when the driver cannot load its kernels (PTX
+    newer than the driver, say; csrc/cuda/device_common.cuh, ensure_loadable): that batch and
+    every later one on the device take the reference; any other error propagates."""
+    mocked_gpus({0: ("NVIDIA H200", (9, 0))})  # an image is there: the op is called
+    calls = _record_reference_calls(monkeypatch)
+    tried = []
+
+    def refuse(*args):
+        tried.append(op)
+        raise RuntimeError(
+            f"{native_backend.NO_IMAGE} for {op}'s kernels on this GPU (the provided PTX was "
+            "compiled with an unsupported toolchain.)"
+        )
+
+    monkeypatch.setattr(torch.ops.ncfast, op, refuse)
+    h200 = types.SimpleNamespace(device=torch.device("cuda", 0))
+    # Only .device of the features is read; the rest is passed on (state: contiguous tensors;
+    # NC4's masks: bool tensors).
+    args = [h200, None, *[torch.zeros(1)] * 5] if op == "update_stats_" else [h200, *[None] * 5]
+    if op == "ncc_mismatch_count":
+        args[1] = args[5] = torch.ones(1, dtype=torch.bool)
+    fn = getattr(native_backend, op)
+    with pytest.warns(native_backend.NativeKernelFallbackWarning, match="unsupported toolchain"):
+        fn(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fn(*args)
+    assert tried == [op] and calls == [op, op]
+    assert native_backend._DEVICE_KERNELS == {0: False}
+
+    def other(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    native_backend._DEVICE_KERNELS.clear()
+    monkeypatch.setattr(torch.ops.ncfast, op, other)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        fn(*args)
 
 
 def test_deterministic_mode_takes_the_reference_update_on_cuda(mocked_gpus, monkeypatch):

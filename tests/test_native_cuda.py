@@ -90,8 +90,8 @@ def test_ncc_with_many_classes(num_classes, seed):
 
 @pytest.mark.parametrize("num_classes", [257, 1300])
 def test_update_with_more_classes_than_a_block(num_classes, seed):
-    """C > 256 (and > 512, the first kernel's block): the last block's chunked pass over the
-    classes and its compact list of first-seen classes, across several batches."""
+    """C > 256 (and > 1024): the list of each batch's classes, walked by all blocks of the
+    second kernel, and the first-seen shifts spread over the row tiles, across batches."""
     g = torch.Generator().manual_seed(seed)
     native, ref = new_state(num_classes, 40, "cuda"), new_state(num_classes, 40)
     for batch in (900, 2000, 700):
@@ -102,16 +102,18 @@ def test_update_with_more_classes_than_a_block(num_classes, seed):
 
 
 def test_default_gram_scheme_on_a_large_batch(monkeypatch, seed):
-    """NCFAST_GRAM unset: the CUDA default picks the panel scheme from 8192 rows on (and the
-    plain product below); both against the reference, the panels exactly symmetric."""
+    """NCFAST_GRAM unset: at P = 2048 the CUDA default picks the panel scheme from B·P² ≥ 2^32,
+    i.e. 1024 rows on (and the plain product below; csrc/cuda/ops_cuda.cpp,
+    cuda_panel_min_rows); both against the reference, the panels exactly symmetric."""
     monkeypatch.delenv("NCFAST_GRAM", raising=False)
     g = torch.Generator().manual_seed(seed)
-    native, ref = new_state(10, 384, "cuda"), new_state(10, 384)
-    for batch in (9000, 500):
-        x, y = make_batch(batch, 384, 10, torch.float32, torch.int64, g, "cuda")
+    dim = 2048
+    native, ref = new_state(10, dim, "cuda"), new_state(10, dim)
+    for batch in (1100, 500):
+        x, y = make_batch(batch, dim, 10, torch.float32, torch.int64, g, "cuda")
         update(native_backend.update_stats_, native, x, y)
         update(reference.update_stats_, ref, x.cpu(), y.cpu())
-        if batch >= 8192:
+        if batch >= 1024:
             assert torch.equal(native["scatter"], native["scatter"].T)
     assert_state_matches(native, ref, rtol=1e-11)
 

@@ -2,12 +2,15 @@
 the CUDA execution model (tests/cuda_emulation/), against the reference.
 
 Runs everywhere a C++20 compiler is (no GPU needed), so the logic of the CUDA update and NC4
-kernels — per-row validation, the last-block hand-over with its compact list of first-seen
-classes, class ranking within a row tile, run sums, first-seen shifts, the Gram mirror,
-argmin/argmax reductions with ties — is tested in CI. Blocks run one at a time in a shuffled
-order; races between concurrently running blocks are outside what this can show (the CUDA tests
-in tests/test_native.py and tests/test_native_cuda.py, and bench/gpu_check.sh's
-compute-sanitizer passes, cover the real thing on a GPU).
+kernels — per-row validation, the list of the batch's classes built from the first arrival of
+each, class ranking within a row tile, run sums, first-seen shifts spread over the row tiles,
+the Gram mirror, argmin/argmax reductions with ties, the refusal of a kernel image the driver
+cannot load and of an error left by an earlier operation — is tested in CI. Blocks run in a
+shuffled order, four at a time (their atomics and hand-overs race for real), and each block's
+shared memory starts as garbage (a missing initialisation gives wrong numbers). The GPU's
+weaker memory model is outside what this can show (the CUDA tests in tests/test_native.py and
+tests/test_native_cuda.py, and bench/gpu_check.sh's compute-sanitizer passes, cover the real
+thing on a GPU).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ SOURCES = [
     ROOT / "csrc" / "common.h",
 ]
 SCRATCH_FIELDS = (
-    "ticket", "num_new", "batch_counts", "first_row_inv", "is_new", "new_classes", "row_class",
+    "num_batch_classes", "batch_counts", "first_row_inv", "is_new", "batch_classes", "row_class",
     "tile_order",
 )  # fmt: skip
 ROWS_PER_TILE = 128  # kRowsPerTile, csrc/cuda/kernels.h
@@ -77,6 +80,8 @@ def _build() -> ctypes.CDLL:
     lib.ncfast_emu_ncc_center.argtypes = [PTR, INT, I64, I64, PTR, I64, PTR, I64, I64, PTR]
     lib.ncfast_emu_ncc_count.argtypes = [PTR, PTR, PTR, PTR, PTR, PTR, I64, I64, I64, PTR]
     lib.ncfast_emu_seed.argtypes = [ctypes.c_uint]
+    lib.ncfast_emu_fail_load.argtypes = [INT]
+    lib.ncfast_emu_set_pending_error.argtypes = [INT]
     return lib
 
 
@@ -93,7 +98,7 @@ def scratch_fields(lib, scratch, batch, num_classes) -> dict[str, torch.Tensor]:
     """The int32 fields of an update's scratch (csrc/cuda/kernels.h, UpdateScratch), as views."""
     offsets = (I64 * len(SCRATCH_FIELDS))()
     lib.ncfast_emu_update_scratch_offsets(batch, num_classes, offsets)
-    sizes = {"ticket": 1, "num_new": 1, "row_class": batch, "tile_order": batch}
+    sizes = {"num_batch_classes": 1, "row_class": batch, "tile_order": batch}
     return {
         name: scratch[offset : offset + 4 * sizes.get(name, num_classes)].view(torch.int32)
         for name, offset in zip(SCRATCH_FIELDS, offsets, strict=True)
@@ -178,7 +183,8 @@ def test_emulated_update_kernels_match_reference(emu, dtype, seed):
 
 
 def test_emulated_update_many_classes_and_single_class(emu, seed):
-    """More classes than the 512 threads of the last block (its chunked loop) and C = 1."""
+    """More classes than the threads of the second kernel's blocks (the list walk strides over
+    blocks) and C = 1."""
     g = torch.Generator().manual_seed(seed)
     emu.ncfast_emu_seed(seed % 1000)
     for num_classes, dim, batch in ((600, 3, 200), (1, 33, 150)):
@@ -212,17 +218,16 @@ def test_emulated_update_near_collapse_is_exact(emu, seed):
     assert err < 1e-11, err
 
 
-def _expected_new_classes(counts_before, labels, valid):
-    seen_now = torch.zeros_like(counts_before, dtype=torch.bool)
-    seen_now[labels.long()[valid]] = True
-    return torch.nonzero(seen_now & (counts_before == 0)).flatten().to(torch.int32)
+def _classes_of(labels, valid) -> torch.Tensor:
+    return torch.unique(labels.long()[valid]).to(torch.int32)
 
 
-@pytest.mark.parametrize("num_classes", [9, 1300])  # one, and three chunks of the last block
-def test_emulated_compact_list_of_first_seen_classes(emu, seed, num_classes):
-    """The first kernel's last block lists the classes first seen in the batch, ascending; the
-    centering kernel sets the shifts of exactly those. Batches with every class new, with none
-    new, and with some new (more new classes than a warp, spread over the chunks)."""
+@pytest.mark.parametrize("num_classes", [9, 1300])
+def test_emulated_list_of_the_batch_classes_and_first_seen_shifts(emu, seed, num_classes):
+    """Kernel 1 lists each class of the batch once (the row whose count's atomicAdd returned 0
+    appends it; arrival order), kernel 2 flags those first seen, kernel 3 sets the shifts of
+    exactly those. Batches with every class new, with none new, and with some new (more than
+    the blocks of one wave, so the appends race)."""
     g = torch.Generator().manual_seed(seed)
     emu.ncfast_emu_seed(seed % 1000)
     dim = 37  # two column tiles
@@ -231,27 +236,29 @@ def test_emulated_compact_list_of_first_seen_classes(emu, seed, num_classes):
     every_class = every_class[torch.randperm(len(every_class), generator=g)]
     half = torch.arange(0, num_classes, 2)
     rest = torch.arange(1, num_classes, 2)
-    for case, labels in (("all new", every_class), ("some new", half)):
+    cases = [
+        ("all new", every_class, None),
+        ("some new", half, None),
+        ("none new", half.flip(0), half),
+        ("rest new", torch.cat([rest, half[:3]]), half),
+    ]
+    for case, labels, seen in cases:
         if case == "some new":
             state = new_state(num_classes, dim)
         x = torch.randn(len(labels), dim, generator=g, dtype=torch.float64) + 3
         counts_before, shift_before = state[0].clone(), state[1].clone()
         _, fields = emulated_update(emu, x, labels, *state)
-        expected = _expected_new_classes(counts_before, labels, torch.ones_like(labels).bool())
-        assert int(fields["num_new"]) == len(expected), case
-        assert case != "all new" or len(expected) == num_classes
-        assert torch.equal(fields["new_classes"][: len(expected)], expected), case
-        changed = (state[1] != shift_before).any(dim=1)
-        assert torch.equal(torch.nonzero(changed).flatten().to(torch.int32), expected), case
-    # No class new: the list is empty and no shift moves; then the other half of the classes.
-    for case, labels, expected in (("none new", half.flip(0), 0), ("rest new", rest, len(rest))):
-        x = torch.randn(len(labels), dim, generator=g, dtype=torch.float64) + 3
-        shift_before = state[1].clone()
-        _, fields = emulated_update(emu, x, labels, *state)
-        assert int(fields["num_new"]) == expected, case
-        assert torch.equal(fields["new_classes"][:expected], rest[:expected].to(torch.int32))
-        changed = torch.nonzero((state[1] != shift_before).any(dim=1)).flatten()
-        assert torch.equal(changed, rest[:expected]), case
+        in_batch = _classes_of(labels, torch.ones_like(labels).bool())
+        listed = fields["batch_classes"][: int(fields["num_batch_classes"])]
+        assert torch.equal(listed.sort().values, in_batch), case  # each once, no other
+        new = in_batch[counts_before[in_batch.long()] == 0]
+        assert torch.equal(
+            fields["is_new"][in_batch.long()].bool(), counts_before[in_batch.long()] == 0
+        )
+        changed = torch.nonzero((state[1] != shift_before).any(dim=1)).flatten().to(torch.int32)
+        assert torch.equal(changed, new), case
+        assert seen is None or not torch.isin(new, seen.to(torch.int32)).any()
+        assert torch.equal(state[0] - counts_before, torch.bincount(labels, minlength=num_classes))
 
 
 def test_emulated_row_tiles_are_ranked_by_class_once(emu, seed):
@@ -369,3 +376,45 @@ def test_emulated_ncc_count_breaks_ties_and_nan_as_torch(emu, seed):
     assert (distance[1::4].argmin(dim=1) == 3).all() and (distance[2::4].argmin(dim=1) == 7).all()
     expected = ((distance.argmin(dim=1) != score.argmax(dim=1)) & valid).sum()
     assert got == int(expected)
+
+
+def _snapshot(state):
+    return [t.clone() for t in state]
+
+
+@pytest.mark.parametrize("error", [222, 209])  # PTX newer than the driver; no image for the GPU
+def test_emulated_kernel_that_cannot_load_fails_before_anything_runs(emu, seed, error):
+    """A kernel image the driver cannot load (or PTX it cannot JIT-compile) is found before the
+    first launch: the op fails with the message native.py falls back on, and the state is as
+    it was (so the reference can take the batch)."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = make_batch(g, 70, 5, 4, torch.float32, torch.int64, 0)
+    state = new_state(4, 5)
+    emulated_update(emu, x, y, *state)
+    before = _snapshot(state)
+    emu.ncfast_emu_fail_load(error)
+    try:
+        with pytest.raises(AssertionError, match=r"^ncfast: no usable kernel image for update_st"):
+            emulated_update(emu, x, y, *state)
+        # NC4's launcher checks before its first kernel too (it throws before reading anything)
+        with pytest.raises(AssertionError, match=r"^ncfast: no usable kernel image for ncc_mis"):
+            _check(emu, emu.ncfast_emu_ncc_center(None, 2, 1, 1, None, 1, None, 1, 1, None))
+    finally:
+        emu.ncfast_emu_fail_load(0)
+    assert all(torch.equal(a, b) for a, b in zip(state, before, strict=True))
+
+
+def test_emulated_error_left_by_an_earlier_operation_is_not_blamed_on_a_kernel(emu, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = make_batch(g, 70, 5, 4, torch.float32, torch.int64, 0)
+    state = new_state(4, 5)
+    before = _snapshot(state)
+    emu.ncfast_emu_set_pending_error(719)
+    with pytest.raises(
+        AssertionError,
+        match="pending before the launch of classify_rows_kernel, left by an earlier",
+    ):
+        emulated_update(emu, x, y, *state)
+    assert all(torch.equal(a, b) for a, b in zip(state, before, strict=True))
+    emulated_update(emu, x, y, *state)  # the error was reported once, and cleared
+    assert int(state[0].sum()) > 0

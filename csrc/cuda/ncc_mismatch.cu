@@ -8,17 +8,22 @@ namespace ncfast {
 namespace cuda {
 namespace detail {
 
+// One warp per row (grid-stride over rows), one column per lane: no 64-bit division per
+// element, the row's validity read once, and contiguous rows read coalesced.
 template <typename T>
-__global__ void ncc_center_kernel(const T* x, int64_t row_stride, int64_t col_stride,
-                                  const bool* valid, int64_t valid_stride, const double* center,
-                                  int64_t batch, int64_t dim, double* out) {
-  const int64_t total = batch * dim;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = idx / dim;
-    const int64_t j = idx - i * dim;
-    out[idx] =
-        valid[i * valid_stride] ? to_double(x[i * row_stride + j * col_stride]) - center[j] : 0.0;
+__global__ void __launch_bounds__(kThreads)
+    ncc_center_kernel(const T* x, int64_t row_stride, int64_t col_stride, const bool* valid,
+                      int64_t valid_stride, const double* center, int64_t batch, int64_t dim,
+                      double* out) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); i < batch;
+       i += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const bool ok = valid[i * valid_stride];  // warp-uniform
+    const T* row = x + i * row_stride;
+    double* dst = out + i * dim;
+    for (int64_t j = lane; j < dim; j += 32) {
+      dst[j] = ok ? to_double(row[j * col_stride]) - center[j] : 0.0;
+    }
   }
 }
 
@@ -42,7 +47,7 @@ __global__ void __launch_bounds__(kThreads)
                      int64_t valid_stride, int64_t batch, int64_t classes,
                      unsigned long long* count) {
   // 32-bit block counter (a block counts fewer than 2^32 rows: batch < 2^31), widened once.
-  __shared__ unsigned int block_count;
+  NCFAST_SHARED(unsigned int, block_count, );
   if (threadIdx.x == 0) block_count = 0;
   __syncthreads();
   const int warp = threadIdx.x >> 5;
@@ -93,12 +98,13 @@ template <typename T>
 void launch_ncc_center_typed(const void* x, int64_t row_stride, int64_t col_stride,
                              const bool* valid, int64_t valid_stride, const double* center,
                              int64_t batch, int64_t dim, double* out, cudaStream_t stream) {
-  const int64_t total = batch * dim;
+  ensure_loadable("ncc_mismatch_count", ncc_center_kernel<T>, ncc_count_kernel);
   const unsigned blocks =
-      static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65536));
-  NCFAST_LAUNCH(ncc_center_kernel<T>, blocks, kThreads, stream, static_cast<const T*>(x),
-                row_stride, col_stride, valid, valid_stride, center, batch, dim, out);
-  check_launch("ncc_center_kernel");
+      static_cast<unsigned>(std::min<int64_t>((batch + kWarps - 1) / kWarps, 65536));
+  launch_checked("ncc_center_kernel", [&] {
+    NCFAST_LAUNCH(ncc_center_kernel<T>, blocks, kThreads, stream, static_cast<const T*>(x),
+                  row_stride, col_stride, valid, valid_stride, center, batch, dim, out);
+  });
 }
 
 }  // namespace detail
@@ -135,10 +141,11 @@ void launch_ncc_count(const double* near, const double* logits, const double* sq
   if (batch == 0 || classes == 0) return;
   const unsigned blocks =
       static_cast<unsigned>(std::min<int64_t>((batch + detail::kWarps - 1) / detail::kWarps, 4096));
-  NCFAST_LAUNCH(detail::ncc_count_kernel, blocks, detail::kThreads, stream, near, logits, sq_norms,
-                bias, present, valid, valid_stride, batch, classes,
-                reinterpret_cast<unsigned long long*>(count));
-  detail::check_launch("ncc_count_kernel");
+  detail::launch_checked("ncc_count_kernel", [&] {
+    NCFAST_LAUNCH(detail::ncc_count_kernel, blocks, detail::kThreads, stream, near, logits,
+                  sq_norms, bias, present, valid, valid_stride, batch, classes,
+                  reinterpret_cast<unsigned long long*>(count));
+  });
 }
 
 }  // namespace cuda

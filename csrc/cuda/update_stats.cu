@@ -1,14 +1,14 @@
-// The fused statistics update on CUDA: two kernels per batch and no host synchronisation
-// (classify_rows_kernel, then center_rows_kernel; ops_cuda.cpp adds the Gram GEMM), and the
-// mirror of the Gram panels. Templates are instantiated for the four feature dtypes only;
-// labels of any integer dtype are read through a run-time switch (common.h).
+// The fused statistics update on CUDA: three kernels per batch and no host synchronisation
+// (classify_rows_kernel, rank_rows_kernel, center_rows_kernel; ops_cuda.cpp adds the Gram
+// GEMM), and the mirror of the Gram panels. Templates are instantiated for the four feature dtypes
+// only; labels of any integer dtype are read through a run-time switch (common.h).
 #include "device_common.cuh"
 
 namespace ncfast {
 namespace cuda {
 namespace detail {
 
-constexpr int kClassifyThreads = 512;  // 16 warps, 8 rows each: one row tile per block
+constexpr int kClassifyThreads = 128;  // 4 warps, one row each
 constexpr int kClassifyWarps = kClassifyThreads / 32;
 constexpr int kRowsPerWarpCenter = kRowsPerTile / kWarps;
 constexpr int kColsPerBlockCenter = 32;  // one column per lane
@@ -17,42 +17,36 @@ __device__ __forceinline__ int rows_in_tile(int64_t batch, int64_t row0) {
   return batch - row0 < kRowsPerTile ? static_cast<int>(batch - row0) : kRowsPerTile;
 }
 
-// Kernel 1 of the update: one block per row tile, one warp per row. Validates the label and
-// the row's finiteness, records the row's class, counts rows per class and, for a class not
-// seen before, its first valid row; then ranks the tile's rows by class (once per row tile:
-// every column tile of kernel 2 reads that order). The last block to finish turns the batch
-// counts into the first-seen flags and the compact list of first-seen classes, and adds the
-// counts to `counts`: no second launch and no host round trip.
+// Kernel 1 of the update: one warp per row, four rows per block, so that even a batch of 1024
+// rows spreads over 256 blocks (every SM). Validates the label and the row's finiteness,
+// records the row's class, counts rows per class and, for a class with no sample before this
+// batch, its first valid row. The first row of a class to arrive (its count's atomicAdd
+// returned 0) appends the class to the list of the batch's classes: later kernels walk that
+// list, never all C classes.
 template <typename T>
 __global__ void __launch_bounds__(kClassifyThreads) classify_rows_kernel(UpdateParams q) {
-  // 32-bit block counters (at most kRowsPerTile rows each), widened once per block.
-  __shared__ unsigned int bad[2];
-  __shared__ int tile_class[kRowsPerTile];
-  __shared__ unsigned int warp_new[kClassifyWarps];
-  __shared__ unsigned int new_before;
-  __shared__ bool is_last;
+  // 32-bit block counters (at most kClassifyWarps rows each), widened once per block.
+  NCFAST_SHARED(unsigned int, bad, [2]);
   const int t = threadIdx.x;
   if (t < 2) bad[t] = 0;
   __syncthreads();
-  const int warp = t >> 5;
   const int lane = t & 31;
-  const T* x = static_cast<const T*>(q.features);
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerTile;
-  const int rows_here = rows_in_tile(q.batch, row0);
-  for (int r = warp; r < rows_here; r += kClassifyWarps) {
-    const int64_t i = row0 + r;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kClassifyWarps + (t >> 5);
+  if (i < q.batch) {  // warp-uniform
     const int64_t label = load_label(q.labels, i * q.label_stride, q.label_kind);
     int cls = -1;
     if (label >= 0 && label < q.classes) {  // warp-uniform
-      const T* row = x + i * q.row_stride;
+      const T* row = static_cast<const T*>(q.features) + i * q.row_stride;
       bool finite = true;
       for (int64_t j = lane; j < q.dim; j += 32) finite &= is_finite_value(row[j * q.col_stride]);
       finite = __all_sync(kFullMask, finite);
       if (finite) {
         cls = static_cast<int>(label);
         if (lane == 0) {
-          atomicAdd(q.batch_counts + label, 1);
-          // counts is only written by the last block, after every block has read it.
+          if (atomicAdd(q.batch_counts + label, 1) == 0) {
+            q.batch_classes[atomicAdd(q.num_batch_classes, 1u)] = cls;
+          }
+          // counts is written by kernel 2 only, after this kernel.
           if (q.counts[label] == 0)
             atomicMax(q.first_row_inv + label, static_cast<int>(q.batch - i));
         }
@@ -62,11 +56,26 @@ __global__ void __launch_bounds__(kClassifyThreads) classify_rows_kernel(UpdateP
     } else if (lane == 0) {
       atomicAdd(&bad[0], 1u);
     }
-    if (lane == 0) {
-      q.row_class[i] = cls;
-      tile_class[r] = cls;
-    }
+    if (lane == 0) q.row_class[i] = cls;
   }
+  __syncthreads();
+  if (t == 0) {
+    using u64 = unsigned long long;
+    if (bad[0] != 0) atomicAdd(reinterpret_cast<u64*>(q.invalid), static_cast<u64>(bad[0]));
+    if (bad[1] != 0) atomicAdd(reinterpret_cast<u64*>(q.invalid + 1), static_cast<u64>(bad[1]));
+  }
+}
+
+// Kernel 2 of the update: one block of kRowsPerTile threads per row tile ranks the tile's rows
+// by class (once: every column tile of kernel 3 walks that order); then all blocks together
+// walk the batch's classes (kernel 1's list, each class once), flag those first seen and add
+// the batch counts to `counts`.
+__global__ void __launch_bounds__(kRowsPerTile) rank_rows_kernel(UpdateParams q) {
+  NCFAST_SHARED(int, tile_class, [kRowsPerTile]);
+  const int t = threadIdx.x;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerTile;
+  const int rows_here = rows_in_tile(q.batch, row0);
+  if (t < rows_here) tile_class[t] = q.row_class[row0 + t];
   __syncthreads();
   if (t < rows_here) {
     // Stable rank by class, invalid rows (-1) last.
@@ -78,48 +87,13 @@ __global__ void __launch_bounds__(kClassifyThreads) classify_rows_kernel(UpdateP
     }
     q.tile_order[row0 + rank] = t;
   }
-  if (t == 0) {
-    using u64 = unsigned long long;
-    if (bad[0] != 0) atomicAdd(reinterpret_cast<u64*>(q.invalid), static_cast<u64>(bad[0]));
-    if (bad[1] != 0) atomicAdd(reinterpret_cast<u64*>(q.invalid + 1), static_cast<u64>(bad[1]));
+  const int present = static_cast<int>(*q.num_batch_classes);
+  for (int k = blockIdx.x * kRowsPerTile + t; k < present; k += gridDim.x * kRowsPerTile) {
+    const int c = q.batch_classes[k];
+    const int64_t before = q.counts[c];
+    q.is_new[c] = before == 0;
+    q.counts[c] = before + q.batch_counts[c];
   }
-  // Publish this block's writes before taking a ticket (threadFenceReduction pattern).
-  __threadfence();
-  __syncthreads();
-  if (t == 0) {
-    is_last = atomicAdd(q.ticket, 1u) == gridDim.x - 1;
-    new_before = 0;
-  }
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  // Chunks of one class per thread; the first-seen classes of a chunk are appended to the
-  // compact list in class order (ballot within each warp, warp offsets in shared memory).
-  for (int64_t c0 = 0; c0 < q.classes; c0 += kClassifyThreads) {  // block-uniform
-    const int64_t c = c0 + t;
-    bool fresh = false;
-    if (c < q.classes) {
-      const int n = __ldcg(q.batch_counts + c);
-      const int64_t before = q.counts[c];
-      fresh = before == 0 && n > 0;
-      q.is_new[c] = fresh;
-      q.counts[c] = before + n;
-    }
-    const unsigned ballot = __ballot_sync(kFullMask, fresh);
-    if (lane == 0) warp_new[warp] = __popc(ballot);
-    __syncthreads();
-    if (fresh) {
-      unsigned slot = new_before + __popc(ballot & ((1u << lane) - 1u));
-      for (int w = 0; w < warp; ++w) slot += warp_new[w];
-      q.new_classes[slot] = static_cast<int>(c);
-    }
-    __syncthreads();
-    if (t == 0) {
-      for (int w = 0; w < kClassifyWarps; ++w) new_before += warp_new[w];
-    }
-    __syncthreads();
-  }
-  if (t == 0) *q.num_new = new_before;
 }
 
 // The shift of class c for column j: stored, or (first seen in this batch) its first sample.
@@ -132,14 +106,14 @@ __device__ __forceinline__ double shift_of(const UpdateParams& q, const T* x, in
   return q.shift[static_cast<int64_t>(c) * q.dim + j];
 }
 
-// Kernel 2 of the update: a tile of 128 rows × 32 columns per block. Each warp walks 16
-// consecutive rows of the tile's class order (kernel 1) with one column per lane: it writes
-// z = h − s_y (float64) and sums z over runs of one class, so the class sums cost one atomic
-// per run instead of one per element.
+// Kernel 3 of the update: a tile of 128 rows × 32 columns per block. Each warp takes 16
+// consecutive rows of the tile's class order (kernel 2) with one column per lane: it loads all
+// 16 values first (16 loads in flight, not one), then writes z = h − s_y (float64) and sums z
+// over runs of one class, so the class sums cost one atomic per run instead of one per element.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) center_rows_kernel(UpdateParams q) {
-  __shared__ int cls[kRowsPerTile];
-  __shared__ int order[kRowsPerTile];
+  NCFAST_SHARED(int, cls, [kRowsPerTile]);
+  NCFAST_SHARED(int, order, [kRowsPerTile]);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerTile;
   const int rows_here = rows_in_tile(q.batch, row0);
   const int t = threadIdx.x;
@@ -153,49 +127,52 @@ __global__ void __launch_bounds__(kThreads) center_rows_kernel(UpdateParams q) {
   const int64_t j = static_cast<int64_t>(blockIdx.y) * kColsPerBlockCenter + lane;
   const bool col_ok = j < q.dim;
   const T* x = static_cast<const T*>(q.features);
+  const int first = warp * kRowsPerWarpCenter;
+  const int rows = rows_here - first < kRowsPerWarpCenter ? rows_here - first : kRowsPerWarpCenter;
+  int slot[kRowsPerWarpCenter];
+  double h[kRowsPerWarpCenter];
+#pragma unroll
+  for (int k = 0; k < kRowsPerWarpCenter; ++k) {
+    slot[k] = k < rows ? order[first + k] : 0;
+    const bool load = k < rows && col_ok && cls[slot[k]] >= 0;
+    h[k] = load ? to_double(x[(row0 + slot[k]) * q.row_stride + j * q.col_stride]) : 0.0;
+  }
   int current = -1;
   double acc = 0.0;
   double s = 0.0;
+#pragma unroll
   for (int k = 0; k < kRowsPerWarpCenter; ++k) {
-    const int position = warp * kRowsPerWarpCenter + k;
-    if (position >= rows_here) break;  // warp-uniform
-    const int slot = order[position];
-    const int c = cls[slot];
+    if (k >= rows) break;  // warp-uniform
+    const int c = cls[slot[k]];
     if (c != current) {
-      if (current >= 0 && col_ok) {
+      if (current >= 0 && col_ok)
         atomicAdd(q.sums + static_cast<int64_t>(current) * q.dim + j, acc);
-      }
       current = c;
       acc = 0.0;
       if (c >= 0 && col_ok) s = shift_of(q, x, c, j);
     }
     if (!col_ok) continue;
-    const int64_t i = row0 + slot;
-    double* z = q.centered + i * q.dim + j;
-    if (c < 0) {
-      *z = 0.0;  // invalid rows add nothing to the Gram product
-      continue;
-    }
-    const double v = to_double(x[i * q.row_stride + j * q.col_stride]) - s;
-    *z = v;
+    // Invalid rows are zero: they add nothing to the Gram product.
+    const double v = c < 0 ? 0.0 : h[k] - s;
+    q.centered[(row0 + slot[k]) * q.dim + j] = v;
     acc += v;
   }
   if (current >= 0 && col_ok) atomicAdd(q.sums + static_cast<int64_t>(current) * q.dim + j, acc);
-  // Blocks of the first row tile store the first-seen shifts of their columns, looping over
-  // the compact list of kernel 1 (no block reads shift for a first-seen class, so this races
-  // with nothing).
-  if (blockIdx.x == 0 && col_ok) {
-    const int num_new = static_cast<int>(*q.num_new);
-    for (int k = warp; k < num_new; k += kWarps) {
-      const int c = q.new_classes[k];
-      q.shift[static_cast<int64_t>(c) * q.dim + j] = shift_of(q, x, c, j);
+  // The first-seen classes' shifts, spread over the blocks of every row tile (entry k of the
+  // list to row tile k / kWarps mod the tiles): no block reads the shift of a first-seen class,
+  // so this races with nothing.
+  if (col_ok) {
+    const int present = static_cast<int>(*q.num_batch_classes);
+    for (int k = blockIdx.x * kWarps + warp; k < present; k += gridDim.x * kWarps) {
+      const int c = q.batch_classes[k];
+      if (q.is_new[c]) q.shift[static_cast<int64_t>(c) * q.dim + j] = shift_of(q, x, c, j);
     }
   }
 }
 
 // Copies the strict upper triangle onto the lower one, 32×32 tiles through shared memory.
 __global__ void mirror_kernel(double* m, int64_t p) {
-  __shared__ double tile[32][33];
+  NCFAST_SHARED(double, tile, [32][33]);
   const int64_t bi = blockIdx.y;  // destination tile row (lower triangle: bi >= bj)
   const int64_t bj = blockIdx.x;
   if (bj > bi) return;
@@ -216,14 +193,22 @@ __global__ void mirror_kernel(double* m, int64_t p) {
 
 template <typename T>
 void launch_update_typed(const UpdateParams& q, cudaStream_t stream) {
+  // Before any launch: a kernel that cannot load fails here, with the state untouched.
+  ensure_loadable("update_stats_", classify_rows_kernel<T>, rank_rows_kernel, center_rows_kernel<T>,
+                  mirror_kernel);
   const unsigned row_tiles = static_cast<unsigned>((q.batch + kRowsPerTile - 1) / kRowsPerTile);
-  NCFAST_LAUNCH(classify_rows_kernel<T>, row_tiles, kClassifyThreads, stream, q);
-  check_launch("classify_rows_kernel");
+  const unsigned row_groups =
+      static_cast<unsigned>((q.batch + kClassifyWarps - 1) / kClassifyWarps);
+  launch_checked("classify_rows_kernel", [&] {
+    NCFAST_LAUNCH(classify_rows_kernel<T>, row_groups, kClassifyThreads, stream, q);
+  });
+  launch_checked("rank_rows_kernel",
+                 [&] { NCFAST_LAUNCH(rank_rows_kernel, row_tiles, kRowsPerTile, stream, q); });
   if (q.dim == 0) return;
   const dim3 grid(row_tiles,
                   static_cast<unsigned>((q.dim + kColsPerBlockCenter - 1) / kColsPerBlockCenter));
-  NCFAST_LAUNCH(center_rows_kernel<T>, grid, kThreads, stream, q);
-  check_launch("center_rows_kernel");
+  launch_checked("center_rows_kernel",
+                 [&] { NCFAST_LAUNCH(center_rows_kernel<T>, grid, kThreads, stream, q); });
 }
 
 }  // namespace detail
@@ -249,8 +234,9 @@ void launch_update_stats(const UpdateParams& params, int feature_kind, cudaStrea
 void launch_mirror_upper_to_lower(double* matrix, int64_t p, cudaStream_t stream) {
   if (p < 2) return;
   const unsigned tiles = static_cast<unsigned>((p + 31) / 32);
-  NCFAST_LAUNCH(detail::mirror_kernel, dim3(tiles, tiles), dim3(32, 8), stream, matrix, p);
-  detail::check_launch("mirror_kernel");
+  detail::launch_checked("mirror_kernel", [&] {
+    NCFAST_LAUNCH(detail::mirror_kernel, dim3(tiles, tiles), dim3(32, 8), stream, matrix, p);
+  });
 }
 
 }  // namespace cuda

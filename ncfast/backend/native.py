@@ -5,7 +5,7 @@ Compiled ops (``torch.ops.ncfast.*``, a CPU and a CUDA implementation each, ``cs
 
 - ``update_stats_``: the per-batch hot path. Validation, upcast, per-class shift, centering and
   class sums fused in one pass over the batch, then one float64 Gram update (BLAS/cuBLAS; the
-  upper triangle only, in panels, when that saves flops). On CUDA: two kernels, one memset and
+  upper triangle only, in panels, when that saves flops). On CUDA: three kernels, one memset and
   the GEMM, no host synchronisation.
 - ``ncc_mismatch_count``: NC4 as GEMMs of the centered rows against the centered class means and
   the classifier, fused with the argmin/argmax/compare/count sweep.
@@ -29,7 +29,9 @@ CUDA tensors take the reference instead of the compiled kernels, per call, when
 
 - the extension holds no kernel image that runs on the tensor's GPU (its compute capability
   outside the compiled architectures and below no compiled PTX): one warning per device names
-  the capability (``kernel_image_for`` decides, ``ncfast info`` shows it);
+  the capability (``kernel_image_for`` decides, ``ncfast info`` shows it); likewise when the
+  driver fails to load the image it has (PTX newer than the driver can JIT-compile): the op
+  stops before launching anything, and the device takes the reference from then on;
 - ``torch.use_deterministic_algorithms(True)`` is on, for the update: its class sums are float64
   atomics in run order, while the reference's ``index_add_`` has a deterministic CUDA
   implementation in that mode. The op itself (``torch.ops.ncfast.update_stats_``) raises torch's
@@ -38,8 +40,11 @@ CUDA tensors take the reference instead of the compiled kernels, per call, when
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import warnings
+from types import FrameType
 from typing import NamedTuple
 
 import torch
@@ -178,6 +183,29 @@ def describe_image(image: ArchTarget | None) -> str:
     return f"native kernels, machine code {image}"
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+NO_IMAGE = "ncfast: no usable kernel image"  # csrc/cuda/kernels.h, kNoImage
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by this function's caller point at the
+    first frame outside the ncfast package (the user's line), however deep the call came."""
+    level = 1
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_fallback(index: int, why: str) -> None:
+    warnings.warn(
+        f"ncfast: {why}; ncfast uses its reference backend for tensors on cuda:{index} "
+        f"({torch.cuda.get_device_name(index)}) (correct, slower).",
+        NativeKernelFallbackWarning,
+        stacklevel=_user_stacklevel(),
+    )
+
+
 def _cuda_device_kernels(index: int) -> bool:
     """Whether the compiled kernels run on CUDA device `index`; warns once per device when not."""
     known = _DEVICE_KERNELS.get(index)
@@ -187,17 +215,27 @@ def _cuda_device_kernels(index: int) -> bool:
     ok = kernel_image_for(capability, COMPILED_TARGETS) is not None
     if not ok:
         arch = f"{capability[0]}.{capability[1]}"
-        warnings.warn(
-            f"ncfast: the CUDA kernels of ncfast._C are compiled for "
+        _warn_fallback(
+            index,
+            f"the CUDA kernels of ncfast._C are compiled for "
             f"{', '.join(map(str, COMPILED_TARGETS)) or 'no GPU'}, none of which runs on "
-            f"cuda:{index} ({torch.cuda.get_device_name(index)}, compute capability {arch}); "
-            f"ncfast uses its reference backend for tensors on it (correct, slower). Rebuild "
-            f"with TORCH_CUDA_ARCH_LIST={arch} to use the kernels.",
-            NativeKernelFallbackWarning,
-            stacklevel=4,
+            f"compute capability {arch}. Rebuild with TORCH_CUDA_ARCH_LIST={arch} to use the "
+            "kernels",
         )
     _DEVICE_KERNELS[index] = ok
     return ok
+
+
+def _image_failed(device: torch.device, exc: RuntimeError) -> bool:
+    """Whether `exc` says the driver could not load the kernels on `device` (PTX newer than the
+    driver, say): the op failed before launching anything. Then the device takes the
+    reference from now on, with one warning."""
+    if device.type != "cuda" or NO_IMAGE not in str(exc):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    _DEVICE_KERNELS[index] = False
+    _warn_fallback(index, f"the driver cannot load the CUDA kernels of ncfast._C ({exc})")
+    return True
 
 
 # ----------------------------------------------------------------- fake (meta) kernels
@@ -260,14 +298,18 @@ def update_stats_(
         reference.update_stats_(features, labels, counts, shift, sums, scatter, invalid)
         return
     state = (counts, shift, sums, scatter, invalid)
-    if all(t.is_contiguous() for t in state):
-        torch.ops.ncfast.update_stats_(features, labels, *state)
+    # The kernels need contiguous state; else they update contiguous copies, written back.
+    work = state if all(t.is_contiguous() for t in state) else [t.contiguous() for t in state]
+    try:
+        torch.ops.ncfast.update_stats_(features, labels, *work)
+    except RuntimeError as exc:
+        if not _image_failed(features.device, exc):
+            raise
+        reference.update_stats_(features, labels, counts, shift, sums, scatter, invalid)
         return
-    # The kernels need contiguous state; update contiguous copies and write them back.
-    work = [t.contiguous() for t in state]
-    torch.ops.ncfast.update_stats_(features, labels, *work)
-    for target, result in zip(state, work, strict=True):
-        target.copy_(result)
+    if work is not state:
+        for target, result in zip(state, work, strict=True):
+            target.copy_(result)
 
 
 def ncc_mismatch_count(
@@ -282,7 +324,12 @@ def ncc_mismatch_count(
     if not kernels_for(features.device):
         return reference.ncc_mismatch_count(features, valid, weight, bias, class_means, present)
     # torch.ops.* are resolved at run time (Any to mypy): the schema says Tensor.
-    count: torch.Tensor = torch.ops.ncfast.ncc_mismatch_count(
-        features, valid.to(torch.bool), weight, bias, class_means, present.to(torch.bool)
-    )
+    try:
+        count: torch.Tensor = torch.ops.ncfast.ncc_mismatch_count(
+            features, valid.to(torch.bool), weight, bias, class_means, present.to(torch.bool)
+        )
+    except RuntimeError as exc:
+        if not _image_failed(features.device, exc):
+            raise
+        return reference.ncc_mismatch_count(features, valid, weight, bias, class_means, present)
     return count

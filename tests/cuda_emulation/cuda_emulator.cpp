@@ -32,6 +32,11 @@ const char* ncfast_emu_last_error() { return last_error.c_str(); }
 
 void ncfast_emu_seed(unsigned seed) { emu::seed = seed; }
 
+// Error injection: what loading a kernel reports from now on (0: success; 222: PTX the driver
+// cannot JIT-compile), and an error left pending by an earlier, unrelated operation.
+void ncfast_emu_fail_load(int error) { emu::fail_load = error; }
+void ncfast_emu_set_pending_error(int error) { emu::pending_error = error; }
+
 int64_t ncfast_emu_update_scratch_bytes(int64_t batch, int64_t dim, int64_t classes,
                                         int64_t* zeroed_bytes) {
   const ncfast::cuda::UpdateScratch layout(batch, classes);
@@ -39,8 +44,8 @@ int64_t ncfast_emu_update_scratch_bytes(int64_t batch, int64_t dim, int64_t clas
   return layout.total_bytes;
 }
 
-// Byte offsets of the scratch fields of UpdateScratch::bind, in this order: ticket, num_new,
-// batch_counts, first_row_inv, is_new, new_classes, row_class, tile_order.
+// Byte offsets of the scratch fields of UpdateScratch::bind, in this order: num_batch_classes,
+// batch_counts, first_row_inv, is_new, batch_classes, row_class, tile_order.
 void ncfast_emu_update_scratch_offsets(int64_t batch, int64_t classes, int64_t* offsets) {
   const ncfast::cuda::UpdateScratch layout(batch, classes);
   std::vector<char> buffer(static_cast<std::size_t>(layout.total_bytes));
@@ -48,9 +53,9 @@ void ncfast_emu_update_scratch_offsets(int64_t batch, int64_t classes, int64_t* 
   q.batch = batch;
   q.classes = classes;
   ncfast::cuda::UpdateScratch::bind(q, buffer.data());
-  const void* fields[] = {q.ticket, q.num_new,     q.batch_counts, q.first_row_inv,
-                          q.is_new, q.new_classes, q.row_class,    q.tile_order};
-  for (int k = 0; k < 8; ++k) offsets[k] = static_cast<const char*>(fields[k]) - buffer.data();
+  const void* fields[] = {q.num_batch_classes, q.batch_counts, q.first_row_inv, q.is_new,
+                          q.batch_classes,     q.row_class,    q.tile_order};
+  for (int k = 0; k < 7; ++k) offsets[k] = static_cast<const char*>(fields[k]) - buffer.data();
 }
 
 // The kernel half of update_stats_cuda (csrc/cuda/ops_cuda.cpp); the caller zeroes the first
