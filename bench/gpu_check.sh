@@ -63,7 +63,8 @@ finish() {
   tar czf "$OUT/gpu_check_details.tar.gz" -C "$WORK" gpu_check_details 2>/dev/null ||
     echo "[gpu_check] packing the details failed"
   "${REPORT[@]}" finish --json "$JSON" --elapsed $((SECONDS - START))
-  [[ -f "$WORK/variant_pids" ]] && while read -r pid; do kill -- "$pid" 2>/dev/null; done <"$WORK/variant_pids"
+  local pid
+  for pid in "$WORK"/variant_*.pid; do [[ -f "$pid" ]] && kill "$(cat "$pid")" 2>/dev/null; done
   rm -rf "$WORK"
 }
 trap 'finish; exit 130' INT TERM
@@ -83,15 +84,19 @@ step_env() {
 lower_cc() { case "$1" in 8.0 | 8.6 | 8.7 | 8.9) echo 7.5 ;; *) echo 8.0 ;; esac; }
 
 build_variant() { # build_variant NAME ARCH_LIST: a copy of the tree built in the background
-  local dir="$WORK/$1"
+  local dir="$WORK/$1" log="$DETAILS/build_$1.log"
   mkdir -p "$dir"
-  tar cf - --exclude=./build --exclude=./.git --exclude='./ncfast/_C*.so' . | tar xf - -C "$dir"
-  # Its own session: the build step's cap does not end it; finish does (variant_pids).
-  (cd "$dir" && TORCH_CUDA_ARCH_LIST="$2" FORCE_CUDA=1 NCFAST_REQUIRE_EXTENSION=1 \
-    MAX_JOBS=$((NPROC / 2 > 1 ? NPROC / 2 : 1)) setsid timeout 200 "$PY" setup.py build_ext \
-    --inplace >"$DETAILS/build_$1.log" 2>&1 && echo "variant $1 built" ||
-    echo "variant $1 failed") >>"$DETAILS/build_$1.log" 2>&1 &
-  echo $! >>"$WORK/variant_pids"
+  tar cf - --exclude=./build --exclude=./.git --exclude=./bench/results \
+    --exclude='./ncfast/_C*.so' . | tar xf - -C "$dir"
+  # It outlives the build step (its cap does not end it); finish ends its timeout (which passes
+  # the signal on to the build) through the pid file.
+  (
+    cd "$dir" || exit 1
+    TORCH_CUDA_ARCH_LIST="$2" FORCE_CUDA=1 NCFAST_REQUIRE_EXTENSION=1 \
+      MAX_JOBS=$((NPROC / 2 > 1 ? NPROC / 2 : 1)) timeout 240 "$PY" setup.py build_ext --inplace &
+    echo $! >"$WORK/variant_$1.pid"
+    if wait $!; then echo "variant $1 built"; else echo "variant $1 failed"; fi
+  ) >"$log" 2>&1 &
 }
 
 step_build() {
@@ -184,6 +189,8 @@ step_ptxjit() {
 
 step_fallback() {
   {
+    [[ -f "$DETAILS/sass.json" ]] ||
+      "$PY" bench/gpu_variant_check.py --save "$DETAILS/sass.json" --label sass
     variant_ready fallback && PYTHONPATH="$WORK/fallback" "$PY" bench/gpu_variant_check.py \
       --compare "$DETAILS/sass.json" --label fallback --expect fallback
   } 2>&1 | tee "$DETAILS/fallback.log"

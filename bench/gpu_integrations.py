@@ -4,6 +4,7 @@ and the Lightning ``NeuralCollapseCallback`` over a fit of examples/lightning_ca
 model (learning rate 0, so both devices measure the same weights) on each accelerator.
 
     python bench/gpu_integrations.py
+    python bench/gpu_integrations.py --device cpu   # a smoke test of the script itself
 
 Prints ``VERDICT PASS|FAIL|SKIPPED <what>: <why>`` and ``FIGURES {json}`` lines (read by
 bench/gpu_check_report.py): every scalar within 1e-8 relative + 1e-10 absolute, float64 rounding
@@ -12,6 +13,7 @@ of the two devices' different summation orders amplified by the metrics' conditi
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -36,17 +38,19 @@ def scalars(metrics: dict) -> dict[str, float]:
 
 def worst(got: dict[str, float], want: dict[str, float]) -> tuple[str, float]:
     """The key with the largest error relative to its bound, and that ratio (> 1: fails)."""
-    ratios = {"(missing keys)": float(bool(set(want) ^ set(got))) * 2}
+    ratios = {"(missing keys)": 2.0} if set(want) ^ set(got) else {}
     for key, value in want.items():
         other = got.get(key, math.nan)
         if math.isnan(value) and math.isnan(other):
             continue
         ratios[key] = abs(other - value) / (ATOL + RTOL * abs(value))
+    if not ratios:
+        return "(none)", 0.0
     key = max(ratios, key=lambda k: ratios[k] if not math.isnan(ratios[k]) else math.inf)
     return key, ratios[key]
 
 
-def torchmetrics_case() -> dict[str, float]:
+def torchmetrics_case(device: str) -> dict[str, float]:
     from ncfast.integrations.torchmetrics import NeuralCollapse
 
     gen = torch.Generator().manual_seed(1)
@@ -60,15 +64,15 @@ def torchmetrics_case() -> dict[str, float]:
             (torch.randn(256, dim, generator=gen, dtype=torch.float64) + labels[:, None], labels)
         )
     results = {}
-    for device in ("cpu", "cuda"):
-        metric = NeuralCollapse(classes, dim, (weight, bias)).to(device)
+    for name, where in (("cpu", "cpu"), ("cuda", device)):
+        metric = NeuralCollapse(classes, dim, (weight, bias)).to(where)
         for features, labels in batches:
-            metric.update(features.to(device), labels.to(device))
-        results[device] = scalars(metric.compute())
+            metric.update(features.to(where), labels.to(where))
+        results[name] = scalars(metric.compute())
     return compare("torchmetrics", results)
 
 
-def lightning_case() -> dict[str, float]:
+def lightning_case(device: str) -> dict[str, float]:
     import lightning as L
 
     from ncfast.integrations.lightning import NeuralCollapseCallback
@@ -80,7 +84,7 @@ def lightning_case() -> dict[str, float]:
     spec.loader.exec_module(example)
     train, val = example.digits(0)
     results = {}
-    for accelerator in ("cpu", "gpu"):
+    for accelerator in ("cpu", "gpu" if device == "cuda" else "cpu"):
         L.seed_everything(0, verbose=False)
         model = example.DigitsMLP(0.0, 0.0)  # lr 0: both devices measure the same weights
         callback = NeuralCollapseCallback("classifier")
@@ -100,7 +104,7 @@ def lightning_case() -> dict[str, float]:
             torch.utils.data.DataLoader(val, batch_size=64),
         )
         results[accelerator] = scalars(callback.metrics)
-    return compare("lightning", {"cpu": results["cpu"], "cuda": results["gpu"]})
+    return compare("lightning", {"cpu": results["cpu"], "cuda": results[accelerator]})
 
 
 def compare(what: str, results: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -114,13 +118,16 @@ def compare(what: str, results: dict[str, dict[str, float]]) -> dict[str, float]
     return results["cuda"]
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("VERDICT SKIPPED integrations: no CUDA device")
         return 0
     for case in (torchmetrics_case, lightning_case):
         try:
-            case()
+            case(args.device)
         except ImportError as exc:
             print(f"VERDICT SKIPPED {case.__name__}: {exc}")
         except Exception as exc:  # one case's failure must not hide the other's verdict

@@ -25,7 +25,7 @@ from pathlib import Path
 RTOL = 1e-9  # float64 atomics add in run order: equal to rounding, not bit for bit
 
 
-def measure() -> dict[str, float]:
+def measure(device: str) -> dict[str, float]:
     import torch
 
     from ncfast import Measurement
@@ -35,11 +35,13 @@ def measure() -> dict[str, float]:
     means = 3.0 * torch.randn(classes, dim, generator=gen)
     weight = torch.randn(classes, dim, generator=gen, dtype=torch.float64)
     bias = torch.randn(classes, generator=gen, dtype=torch.float64)
-    m = Measurement(classes, dim, weight.cuda(), bias.cuda(), weight_decay=1e-3, device="cuda")
+    m = Measurement(
+        classes, dim, weight.to(device), bias.to(device), weight_decay=1e-3, device=device
+    )
     for _ in range(8):
         labels = torch.randint(0, classes, (batch,), generator=gen)
         features = means[labels] + torch.randn(batch, dim, generator=gen)
-        m.update(features.cuda(), labels.cuda())
+        m.update(features.to(device), labels.to(device))
     out = m.compute()
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
 
@@ -61,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", type=Path)
     parser.add_argument("--compare", type=Path)
     parser.add_argument("--expect", choices=["sass", "ptx", "fallback"], default="sass")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test")
     args = parser.parse_args(argv)
     import torch
 
     try:  # torch's own kernels first: under CUDA_FORCE_PTX_JIT=1 they need torch's PTX
-        torch.ones(8, device="cuda").cumsum(0).sum().item()
+        torch.ones(8, device=args.device).cumsum(0).sum().item()
     except RuntimeError as exc:
         print(
             f"VERDICT SKIPPED {args.label}: torch itself does not run here: {exc}".splitlines()[0]
@@ -73,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from ncfast.backend import native, ops
 
-    image = native.kernel_image_for(torch.cuda.get_device_capability(0), native.COMPILED_TARGETS)
+    on_gpu = args.device == "cuda"
+    capability = torch.cuda.get_device_capability(0) if on_gpu else None
+    image = native.kernel_image_for(capability, native.COMPILED_TARGETS) if capability else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        numbers = measure()
+        numbers = measure(args.device)
     fallbacks = [w for w in caught if issubclass(w.category, native.NativeKernelFallbackWarning)]
     figures = {
         "backend": ops.BACKEND,
@@ -88,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     problems = []
     if ops.BACKEND != "native":
         problems.append(f"backend is {ops.BACKEND}, not native")
-    if args.expect == "fallback" and (image is not None or len(fallbacks) != 1):
+    if on_gpu and args.expect == "fallback" and (image is not None or len(fallbacks) != 1):
         problems.append(f"expected one fallback warning and no image: {image}, {len(fallbacks)}")
     if args.expect != "fallback" and fallbacks:
         problems.append(f"unexpected fallback: {fallbacks[0].message}")
     forced = os.environ.get("CUDA_FORCE_PTX_JIT") == "1"  # the driver JIT-compiles the PTX
-    if args.expect == "ptx" and not forced and (image is None or not image.ptx):
+    if on_gpu and args.expect == "ptx" and not forced and (image is None or not image.ptx):
         problems.append(f"expected a PTX image, got {image}")
     if args.save:
         args.save.write_text(json.dumps(numbers, indent=1) + "\n")

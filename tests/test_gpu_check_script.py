@@ -254,6 +254,42 @@ def test_called_scripts_accept_the_options_passed(script, options):
         assert option in result.stdout, (script, option)
 
 
+def test_variant_check_saves_and_compares_the_numbers_on_the_cpu(tmp_path):
+    """bench/gpu_variant_check.py's own logic (the GPU runs compare builds): equal numbers
+    PASS, a number moved beyond 1e-9 relative FAILs, naming the key."""
+    pytest.importorskip("ncfast._C")
+    script = [sys.executable, str(ROOT / "bench" / "gpu_variant_check.py"), "--device", "cpu"]
+    saved = tmp_path / "sass.json"
+    first = subprocess.run(
+        [*script, "--label", "a", "--save", str(saved)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert first.returncode == 0 and "VERDICT PASS a" in first.stdout, first.stderr[-2000:]
+    numbers = json.loads(saved.read_text())
+    numbers["nc1"] *= 1 + 1e-6
+    saved.write_text(json.dumps(numbers))
+    second = subprocess.run(
+        [*script, "--label", "b", "--compare", str(saved)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert "VERDICT FAIL b: nc1:" in second.stdout, second.stdout + second.stderr[-2000:]
+    verdict, _, figures = report.judge_lines("ptxjit")(
+        _log(tmp_path, "ptxjit", first.stdout + second.stdout), 0
+    )
+    assert verdict == "FAIL" and set(figures) == {"a", "b"}
+
+
+def _log(folder: Path, name: str, text: str) -> Path:
+    (folder / f"{name}.log").write_text(text)
+    return folder
+
+
 def test_sanitizer_workload_matches_the_reference_on_the_cpu(seed):
     pytest.importorskip("ncfast._C")
     script = str(ROOT / "bench" / "sanitize_ops.py")
