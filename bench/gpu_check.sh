@@ -87,7 +87,7 @@ build_variant() { # build_variant NAME ARCH_LIST: a copy of the tree built in th
   local dir="$WORK/$1" log="$DETAILS/build_$1.log"
   mkdir -p "$dir"
   tar cf - --exclude=./build --exclude=./.git --exclude=./bench/results \
-    --exclude='./ncfast/_C*.so' . | tar xf - -C "$dir"
+    --exclude='./ncfast/_C*.so' --exclude="./${OUT#"$ROOT"/}" . | tar xf - -C "$dir"
   # It outlives the build step (its cap does not end it); finish ends its timeout (which passes
   # the signal on to the build) through the pid file.
   (
@@ -100,19 +100,19 @@ build_variant() { # build_variant NAME ARCH_LIST: a copy of the tree built in th
 }
 
 step_build() {
-  local cc lower t0
+  local cc t0
   cc=$(device_cc)
   [[ -n "$cc" ]] || cc=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
-  lower=$(lower_cc "$cc")
-  # The variants need no result until ptxjit/fallback: they build while the steps before run.
-  build_variant fallback "$lower"
-  build_variant ptx "$lower+PTX"
   rm -rf build ncfast/_C.*.so
   t0=$SECONDS
   TORCH_CUDA_ARCH_LIST="$cc+PTX" FORCE_CUDA=1 NCFAST_REQUIRE_EXTENSION=1 MAX_JOBS=$NPROC \
     "$PY" setup.py build_ext --inplace >"$DETAILS/build.log" 2>&1 || { tail -30 "$DETAILS/build.log"; return 1; }
   echo "build time: $((SECONDS - t0)) s (MAX_JOBS=$NPROC, arch $cc+PTX)" | tee -a "$DETAILS/build.log"
   grep -E "TORCH_CUDA_ARCH_LIST" "$DETAILS/build.log"
+  # The variants for ptxjit/fallback build in the background while the tests and sanitizers
+  # (GPU-bound) run: started after the main build, which has every core to itself.
+  build_variant fallback "$(lower_cc "$cc")"
+  build_variant ptx "$(lower_cc "$cc")+PTX"
   "$PY" -m ncfast info 2>&1 | tee -a "$DETAILS/build.log" | grep -E "CUDA kernels|cuda:"
 }
 
@@ -141,7 +141,7 @@ sanitize() { # sanitize TOOL [FILTER ARGS...]
   tail -4 "$DETAILS/$tool.log"
   return $rc
 }
-step_memcheck() { sanitize memcheck; }
+step_memcheck() { sanitize memcheck --kernel-name kns=ncfast; }
 step_racecheck() { sanitize racecheck --kernel-name kns=ncfast; }
 step_initcheck() { sanitize initcheck --kernel-name kns=ncfast; }
 step_synccheck() { sanitize synccheck --kernel-name kns=ncfast; }
@@ -220,7 +220,7 @@ for row in "${PLAN[@]}"; do
     timeout -k 2 "$cap" bash -c "$command"
   else
     # timeout signals its whole process group: the step's children end with it.
-    timeout -k 2 "$cap" bash -c "$(declare -p PY REPORT DETAILS WORK JSON NPROC ROOT); $(declare -f); step_$step"
+    timeout -k 2 "$cap" bash -c "$(declare -p PY REPORT DETAILS WORK JSON NPROC ROOT OUT); $(declare -f); step_$step"
   fi
   rc=$?
   "${REPORT[@]}" judge "$step" --json "$JSON" --details "$DETAILS" --rc $rc \

@@ -51,10 +51,10 @@ PLAN = (
     Step("env", 8, "a CUDA device is visible to torch", "nvidia-smi, nvcc, python, torch"),
     Step(
         "build",
-        72,
+        80,
         "the extension builds for the device's own arch (+PTX) and reports CUDA kernels",
-        "TORCH_CUDA_ARCH_LIST=<device cc>+PTX MAX_JOBS=<cores> setup.py build_ext --inplace "
-        "(variants <lower cc> and <lower cc>+PTX built in the background for ptxjit/fallback)",
+        "TORCH_CUDA_ARCH_LIST=<device cc>+PTX MAX_JOBS=<cores> setup.py build_ext --inplace; "
+        "then variants <lower cc> and <lower cc>+PTX build in the background for ptxjit/fallback",
     ),
     Step(
         "tests",
@@ -66,7 +66,7 @@ PLAN = (
         "memcheck",
         25,
         "0 errors (a tool the machine refuses: SKIPPED)",
-        "compute-sanitizer --tool memcheck python bench/sanitize_ops.py",
+        "compute-sanitizer --tool memcheck --kernel-name kns=ncfast bench/sanitize_ops.py",
     ),
     Step(
         "racecheck",
@@ -88,14 +88,14 @@ PLAN = (
     ),
     Step(
         "kernels",
-        30,
+        26,
         "reference/native >= 3x for every op at B <= 1024; update at B=65536,P=512 >= 50% of "
         "a bare cuBLAS float64 GEMM (Z^T Z, same shape, CUDA events)",
         "bench/bench_kernels.py --device cuda, 3 cases",
     ),
     Step(
         "train",
-        30,
+        28,
         "measurement beyond its forward passes < 3% of a training epoch (median of epochs 2..)",
         "bench/train_overhead.py --epochs 3 --per-class 1000 (SVHN-shaped VGG13, synthetic)",
     ),
@@ -113,7 +113,7 @@ PLAN = (
     ),
     Step(
         "integrations",
-        15,
+        13,
         "torchmetrics Metric and Lightning callback on cuda equal the CPU result "
         "(every scalar within 1e-8 relative + 1e-10 absolute)",
         "bench/gpu_integrations.py",

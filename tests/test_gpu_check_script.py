@@ -240,18 +240,13 @@ def test_line_judge_reads_the_scripts_verdicts(tmp_path):
     ],
 )
 def test_called_scripts_accept_the_options_passed(script, options):
+    """Each option the script passes is one the called script defines (read from its source:
+    running --help would import torch six times)."""
     calls = [line for line in SCRIPT.read_text().splitlines() if f"bench/{script}" in line]
     assert calls, script
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--help"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    for option in options:
-        assert option in result.stdout, (script, option)
+    source = (ROOT / "bench" / script).read_text()
+    defined = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source))
+    assert set(options) <= defined, (script, set(options) - defined)
 
 
 def test_variant_check_saves_and_compares_the_numbers_on_the_cpu(tmp_path):
