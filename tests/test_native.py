@@ -365,7 +365,8 @@ def test_cuda_update_never_synchronises_with_the_host(seed):
 @pytest.mark.skipif(bool(CUDA_SKIP), reason=CUDA_SKIP)
 @pytest.mark.parametrize("mode", ["full", "panels"])
 def test_cuda_large_batch_both_gram_schemes(monkeypatch, mode, seed):
-    """Sizes where the CUDA default switches to the panel scheme (B·P² large), both forced."""
+    """A large batch (9000 rows; the CUDA default would take the plain product at P = 256,
+    csrc/cuda/ops_cuda.cpp, cuda_panel_min_rows), each scheme forced."""
     monkeypatch.setenv("NCFAST_GRAM", mode)
     g = torch.Generator().manual_seed(seed)
     native, ref = new_state(10, 256, "cuda"), new_state(10, 256)
