@@ -152,7 +152,7 @@ step_kernels() {
 }
 
 step_train() {
-  "$PY" bench/train_overhead.py --device cuda --epochs 3 --per-class 1000 --test-size 2000 \
+  "$PY" bench/train_overhead.py --device cuda --epochs 3 --per-class 600 --test-size 1000 \
     --results "$DETAILS" | tail -8
 }
 

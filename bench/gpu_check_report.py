@@ -97,7 +97,7 @@ PLAN = (
         "train",
         28,
         "measurement beyond its forward passes < 3% of a training epoch (median of epochs 2..)",
-        "bench/train_overhead.py --epochs 3 --per-class 1000 (SVHN-shaped VGG13, synthetic)",
+        "bench/train_overhead.py --epochs 3 --per-class 600 (SVHN-shaped VGG13, synthetic)",
     ),
     Step(
         "online",
@@ -405,6 +405,7 @@ def judge_lines(name: str) -> Callable[[Path, int], Judged]:
     return judge
 
 
+LINE_STEPS = ("integrations", "ptxjit", "fallback")
 JUDGES: dict[str, Callable[[Path, int], Judged]] = {
     "env": judge_env,
     "build": judge_build,
@@ -414,16 +415,18 @@ JUDGES: dict[str, Callable[[Path, int], Judged]] = {
     "train": judge_train,
     "online": judge_online,
     "scale": judge_scale,
-    "integrations": judge_lines("integrations"),
-    "ptxjit": judge_lines("ptxjit"),
-    "fallback": judge_lines("fallback"),
+    **{name: judge_lines(name) for name in LINE_STEPS},
 }
 
 
 def judge(name: str, details: Path, rc: int, seconds: float, cap: int) -> Judged:
     step = step_of(name)
     if rc in (124, 137):
-        return "FAIL", f"over its cap: killed after {cap} s", {}
+        killed = f"over its cap: killed after {cap} s"
+        if name in LINE_STEPS:  # what the script decided before it was killed
+            _, reason, figures = JUDGES[name](details, 0)
+            return "FAIL", f"{killed}; before that: {reason}", figures
+        return "FAIL", killed, {}
     if step.command or name not in JUDGES:
         return ("PASS" if rc == 0 else "FAIL"), f"exit {rc}", {}
     try:

@@ -226,6 +226,10 @@ def test_line_judge_reads_the_scripts_verdicts(tmp_path):
     assert judge(tmp_path, 0)[0] == "FAIL"
     log.write_text("Traceback ...\n")
     assert judge(tmp_path, 1)[0] == "FAIL"
+    # Killed at its cap: FAIL, and what the script had decided before is kept.
+    log.write_text("VERDICT PASS torchmetrics: 20 scalars\n")
+    verdict, reason, _ = report.judge("ptxjit", tmp_path, 124, 9.0, 10)
+    assert verdict == "FAIL" and "over its cap" in reason and "PASS torchmetrics" in reason
 
 
 @pytest.mark.parametrize(
