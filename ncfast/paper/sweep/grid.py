@@ -85,7 +85,8 @@ def parse_lrs(text) -> tuple[float, ...]:
                 f"--lrs: expected logspace:LO,HI,N (e.g. {PAPER_LRS}), got {shown(text)}"
             )
         lo, hi = (_positive_lr(p, text) for p in parts[:2])
-        if not parts[2].isdigit() or not 1 <= int(parts[2]) <= MAX_LRS:
+        digits = parts[2]
+        if not (digits.isdigit() and len(digits) <= 6 and 1 <= int(digits) <= MAX_LRS):
             raise SweepError(
                 f"--lrs: N must be a whole number in 1..{MAX_LRS}, got {shown(parts[2])}"
             )
@@ -138,7 +139,7 @@ def check_train_options(
     :class:`~ncfast.paper.config.TrainConfig` fields that are neither the grid's nor the
     sweep's own; returns ``(preset, options without the unset ones)`` (sequences as tuples).
     SweepError naming the option (prefixed with ``where``) otherwise."""
-    if preset is not None and preset not in PRESETS:
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise SweepError(
             f"{where} --preset: one of {', '.join(sorted(PRESETS))}, got {shown(preset)}"
         )
@@ -339,7 +340,9 @@ class Grid:
             lrs = _unique([_positive_lr(v, "lrs") for v in _list(values, "lrs")])
             seeds = _unique([_stored_seed(v) for v in _list(values, "seeds")])
             preset, options = _stored_train_options(values, read_train_args)
-            return cls(**names, lrs=lrs, seeds=seeds, train_preset=preset, train_options=options)
+            grid = cls(**names, lrs=lrs, seeds=seeds, train_preset=preset, train_options=options)
+            grid.epochs()  # what --status needs of the options (a run checks them all first)
+            return grid
         except SweepError as exc:
             raise SweepError(f"{where}: {str(exc).lstrip('-')}") from None
 

@@ -112,8 +112,11 @@ class TrainingRun:
         attempts = list(status.get("attempts", []))
         try:
             return self._attempt(run_dir, status, attempts)
-        except NCFastError as exc:
-            reason = f"{run_dir / CHECKPOINT_FILE} cannot be used: {sweep_wording(str(exc))}"
+        except NCFastError as exc:  # its checkpoint cannot be used: this run fails, not all
+            reason = (
+                f"{sweep_wording(str(exc))}; delete the run's {CHECKPOINT_FILE} to train it "
+                "from the start (then rerun the sweep with --retry-failed)"
+            )
             return self._record({"attempts": attempts}, "failed", reason=reason)
 
     def _attempt(self, run_dir: Path, status: dict, attempts: list) -> dict:
