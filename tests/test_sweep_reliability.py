@@ -158,6 +158,7 @@ def _write_sweep_json(out: Path, **changes) -> None:
         ({"train_options": {"epochs": "x"}}, "train option --epochs: a whole number"),
         ({"train_options": [1]}, "train_options: expected an object"),
         ({"train_preset": "nope"}, "train_options --preset: one of"),
+        ({"train_preset": []}, "train_options --preset: one of"),
         ({"format": 3}, "not a sweep grid of format 2"),
     ],
 )
@@ -232,6 +233,34 @@ def test_fuzzed_sweep_and_status_files_give_one_line_or_are_repaired(grid, statu
         sweep.select()  # the selection reads the same files
 
 
+@pytest.mark.parametrize(
+    "status",
+    [
+        {"state": "started", "job_id": [1], "cluster": "local"},
+        {"state": "started", "job_id": "x", "cluster": "local"},
+        {"state": ["done"]},
+        {"state": "done", "test_error": "x"},
+        {"attempts": 5},
+        {"attempts": [{"seconds": "x", "pid": None}, 3]},
+    ],
+)
+def test_a_status_field_of_the_wrong_kind_is_left_out(tmp_path, status, stand_in_child):
+    """The documented repair: a field of the wrong kind reads as missing, and the run goes
+    on from what its files say (here: nothing yet, so it runs)."""
+    sweep = Sweep(tmp_path, tiny_grid(lrs="0.01"))
+    (spec,) = sweep.specs
+    sweep.run_dir(spec).mkdir(parents=True)
+    status = {**status, "submit_host": platform.node()}
+    (sweep.run_dir(spec) / STATUS_FILE).write_text(json.dumps(status))
+    read = read_status(sweep.run_dir(spec))
+    assert all(k not in read or isinstance(read[k], str) for k in ("state", "job_id"))
+    assert sweep.state(spec) == "waiting"
+    lines: list[str] = []
+    assert sweep.run(QUIET, echo=lines.append)["done"] == 1, lines
+    attempts = read_status(sweep.run_dir(spec))["attempts"]
+    assert all(isinstance(a.get("seconds", 0.0), float) for a in attempts)
+
+
 # ---------------------------------------------------- 12: a corrupt checkpoint, one failure
 def test_a_corrupt_checkpoint_fails_its_run_and_the_others_run(tmp_path, stand_in_child):
     sweep = Sweep(tmp_path, tiny_grid())
@@ -260,6 +289,8 @@ def test_a_logspace_too_long_to_run_is_refused_at_once_in_one_short_line():
         parse_lrs(f"0.1,{'x' * 100_000}")
     assert len(str(caught.value)) < 3 * SHOWN_CHARS + 60
     assert len(parse_lrs("logspace:1e-4,0.25,1000")) == 1000
+    with pytest.raises(SweepError, match=r"N must be a whole number in 1\.\.1000, got '1001'"):
+        parse_lrs("logspace:1e-4,0.25,1001")
 
 
 def test_a_grid_of_more_runs_than_can_run_is_refused():
@@ -288,27 +319,31 @@ def test_a_grid_of_more_runs_than_can_run_is_refused():
         (("--executor", "slurm", "--mem-gb", "nan"), "--mem-gb: must be finite"),
     ],
 )
-def test_a_refused_option_writes_nothing(tmp_path, options, message):
+def test_a_refused_option_writes_nothing(tmp_path, options, message, stand_in_child):
     out = tmp_path / "sweep"
-    line = one_line_error(
-        cli("--out", str(out), "--datasets", "mnist5k", "--nets", "vgg", *options, *TINY)
-    )
+    grid = ("--datasets", "mnist5k", "--nets", "vgg", "--losses", "mse", "--lrs", "0.01")
+    line = one_line_error(cli("--out", str(out), *grid, *options, *TINY))
     assert message in line
     assert not out.exists()
-    # The corrected command is not refused as "another grid".
-    assert cli("--out", str(out), "--datasets", "mnist5k", "--nets", "vgg", "--status").exit_code
+    assert stand_in_child == []
+    # The corrected command is not refused as "another grid": it runs.
+    result = cli("--out", str(out), *grid, "--no-progress", "--no-report", *TINY)
+    assert result.exit_code == 0, result.output
+    assert stand_in_child == ["mnist5k-vgg11-mse-lr0.01-seed0"]
 
 
 # ------------------------------------------------------------------ 19: the sweep's words
-def test_a_run_folder_is_not_a_sweep_folder(tmp_path):
+def test_a_run_folder_is_not_a_sweep_folder(tmp_path, stand_in_child):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
     (run / "metrics.jsonl").write_text("")
     before = sorted(p.name for p in run.iterdir())
-    line = one_line_error(cli("--out", str(run), "--datasets", "mnist5k", *TINY))
+    grid = ("--datasets", "mnist5k", "--nets", "vgg", "--losses", "mse", "--lrs", "0.01")
+    line = one_line_error(cli("--out", str(run), *grid, *TINY))
     assert f"--out: {run} holds a training run" in line
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written
+    assert stand_in_child == []
     line = one_line_error(cli("--status", str(run)))
     assert f"--status: {run} holds a training run" in line
 
