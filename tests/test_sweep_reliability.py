@@ -363,13 +363,18 @@ def test_status_errors_name_the_status_option(tmp_path):
         "--resume: the run in R stopped before its first checkpoint, so there is nothing to "
         "resume; start it again with --overwrite",
         "out: R is in use by PID 7 on h since t; wait for that run to end, or choose another --out",
+        "training diverged in R at epoch 2 (loss nan); lower --lr (now 1000) and start again "
+        "with --overwrite; the checkpoint of epoch 1 is kept",
     ],
 )
 def test_a_failed_runs_reason_gives_no_advice_of_ncfast_train(error):
+    # (and keeps the advice a sweep's user can act on, see test_sweep's failed run)
     reason = failure_reason(1, f"[t] ncfast.paper.run_one --out R {{}}\nError: {error}\n")
     for word in ("--overwrite", "--resume", "--out"):
         assert word not in reason
     assert " R " in f" {reason}" and reason == reason.strip("; ")
+    if "diverged" in error:
+        assert reason.endswith("; lower --lr (now 1000); the checkpoint of epoch 1 is kept")
 
 
 # ------------------------------------- 21.4: killed before the first checkpoint: restarted

@@ -40,39 +40,58 @@ The parts: :mod:`~ncfast.paper.sweep.grid` (the grid and the runs' options),
 names, :class:`SweepError`).
 """
 
-from ncfast.paper.sweep.executors import SlurmOptions, SweepOptions, submitit_parameters
-from ncfast.paper.sweep.grid import (
-    PAPER_GRID,
-    Grid,
-    RunSpec,
-    check_train_options,
-    parse_lrs,
-    parse_names,
-    parse_seeds,
+# The names of the sweep, imported from the modules that define them (each is documented
+# there; `X as X` re-exports it).
+from ncfast.paper.sweep.executors import (
+    SlurmOptions as SlurmOptions,
 )
-from ncfast.paper.sweep.layout import LOG_FILE, STATUS_FILE, SWEEP_FILE, SweepError
-from ncfast.paper.sweep.run import TrainingRun
-from ncfast.paper.sweep.status import failure_reason, in_use, read_status
-from ncfast.paper.sweep.sweep import Sweep
-
-__all__ = [
-    "LOG_FILE",
-    "PAPER_GRID",
-    "STATUS_FILE",
-    "SWEEP_FILE",
-    "Grid",
-    "RunSpec",
-    "SlurmOptions",
-    "Sweep",
-    "SweepError",
-    "SweepOptions",
-    "TrainingRun",
-    "check_train_options",
-    "failure_reason",
-    "in_use",
-    "parse_lrs",
-    "parse_names",
-    "parse_seeds",
-    "read_status",
-    "submitit_parameters",
-]
+from ncfast.paper.sweep.executors import (
+    SweepOptions as SweepOptions,
+)
+from ncfast.paper.sweep.executors import (
+    submitit_parameters as submitit_parameters,
+)
+from ncfast.paper.sweep.grid import (
+    PAPER_GRID as PAPER_GRID,
+)
+from ncfast.paper.sweep.grid import (
+    Grid as Grid,
+)
+from ncfast.paper.sweep.grid import (
+    RunSpec as RunSpec,
+)
+from ncfast.paper.sweep.grid import (
+    check_train_options as check_train_options,
+)
+from ncfast.paper.sweep.grid import (
+    parse_lrs as parse_lrs,
+)
+from ncfast.paper.sweep.grid import (
+    parse_names as parse_names,
+)
+from ncfast.paper.sweep.grid import (
+    parse_seeds as parse_seeds,
+)
+from ncfast.paper.sweep.layout import (
+    LOG_FILE as LOG_FILE,
+)
+from ncfast.paper.sweep.layout import (
+    STATUS_FILE as STATUS_FILE,
+)
+from ncfast.paper.sweep.layout import (
+    SWEEP_FILE as SWEEP_FILE,
+)
+from ncfast.paper.sweep.layout import (
+    SweepError as SweepError,
+)
+from ncfast.paper.sweep.run import TrainingRun as TrainingRun
+from ncfast.paper.sweep.status import (
+    failure_reason as failure_reason,
+)
+from ncfast.paper.sweep.status import (
+    in_use as in_use,
+)
+from ncfast.paper.sweep.status import (
+    read_status as read_status,
+)
+from ncfast.paper.sweep.sweep import Sweep as Sweep

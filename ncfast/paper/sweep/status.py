@@ -136,14 +136,23 @@ TRAIN_ADVICE = ("--overwrite", "--resume", "--out")
 
 
 def sweep_wording(message: str) -> str:
-    """A training error as a sweep reports it: the clauses that advise ``ncfast train``
-    options (``; replace it with --overwrite``, ``choose another --out``) are left out, and
-    so is the option a message starts with (``--resume: ``, ``out: ``)."""
+    """A training error as a sweep reports it: the clauses that advise options of ``ncfast
+    train`` (to replace the run with --overwrite, to choose another --out) are left out, and so
+    is the option a message starts with (--resume, out)."""
     first, *rest = message.split("; ")
     for prefix in ("--resume: ", "out: ", "--out: "):
         first = first.removeprefix(prefix)
-    kept = [part for part in rest if not any(word in part for word in TRAIN_ADVICE)]
+    kept = [part for part in map(_without_advice, rest) if part]
     return "; ".join([first, *kept])
+
+
+def _without_advice(clause: str) -> str:
+    """``clause`` without its ``ncfast train`` advice: all of it, or what comes before an
+    ' and ' that starts the advice ('lower --lr (now 1) and start again with --overwrite')."""
+    if not any(word in clause for word in TRAIN_ADVICE):
+        return clause
+    before, _, _ = clause.partition(" and ")
+    return before if not any(word in before for word in TRAIN_ADVICE) and before != clause else ""
 
 
 def outcome_of(status: dict) -> dict:
