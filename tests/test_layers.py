@@ -1,5 +1,6 @@
-"""The layers of ARCHITECTURE.md hold in the code: imports go one way, and the measuring library
-stays light (torch and numpy only)."""
+"""The layers of ARCHITECTURE.md hold in the code: imports go one way (nothing below the command
+line imports it), the measuring library stays light (torch and numpy only), and modules stay
+small enough to read (at most 600 lines)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,12 @@ FORBIDDEN = {
     "paper": ("ncfast.cli",),  # may use integrations (train logs to TensorBoard), lazily
     "integrations": ("ncfast.paper", "ncfast.cli"),
 }
+# No exception: the command line parses and prints, nothing below it imports it.
 
-
-# The documented exceptions: (file, module) -> why.
-ALLOWED = {
-    ("paper/sweep.py", "ncfast.cli.train"): "a sweep's runs are `ncfast train` command lines, "
-    "checked with that command's own parser (lazily, inside train_options)",
-    ("paper/sweep.py", "ncfast.cli.train.train_command"): "(the same import)",
-}
+MAX_LINES = 600
+# The known modules over MAX_LINES (841, 962, 700 and 651 lines when this was written), each to
+# be split by the work that owns it (issue 20); one that is under the limit leaves the list.
+OVER_LIMIT = ("monitor.py", "paper/train.py", "report/plots.py", "theory.py")
 
 
 def layer_of(path: Path) -> str:
@@ -59,12 +58,21 @@ def test_imports_go_one_way():
     for path in files:
         forbidden = FORBIDDEN.get(layer_of(path), ())
         for line, module in imported_modules(path):
-            where = path.relative_to(PACKAGE).as_posix()
-            if (where, module) in ALLOWED:
-                continue
             if any(module == f or module.startswith(f + ".") for f in forbidden):
                 violations.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}")
     assert not violations, "imports against the layering:\n" + "\n".join(violations)
+
+
+def test_no_module_is_over_600_lines():
+    lines = {
+        path.relative_to(PACKAGE).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
+        for path in sorted(PACKAGE.rglob("*.py"))
+    }
+    over = {where: n for where, n in lines.items() if n > MAX_LINES}
+    new = {w: n for w, n in over.items() if w not in OVER_LIMIT}
+    assert not new, f"modules over {MAX_LINES} lines: {new}"
+    shrunk = sorted(set(OVER_LIMIT) - set(over))
+    assert not shrunk, f"now at most {MAX_LINES} lines: remove {shrunk} from OVER_LIMIT"
 
 
 def test_the_scan_sees_a_forbidden_import(tmp_path):

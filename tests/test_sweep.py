@@ -26,6 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from ncfast.cli import main
+from ncfast.cli.sweep import read_train_args
 from ncfast.paper.sweep import (
     LOG_FILE,
     STATUS_FILE,
@@ -34,7 +35,7 @@ from ncfast.paper.sweep import (
     SlurmOptions,
     Sweep,
     SweepError,
-    _Progress,
+    SweepOptions,
     failure_reason,
     in_use,
     parse_lrs,
@@ -43,6 +44,7 @@ from ncfast.paper.sweep import (
     read_status,
     submitit_parameters,
 )
+from ncfast.paper.sweep.executors import Progress
 from tests.data_fixtures import write_cifar10
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +57,12 @@ TABLE_A2 = {
     "cifar10": ("vgg11", "resnet50", "densenet100"),
     "stl10": ("vgg11", "resnet18", "densenet201"),
 }
+
+
+def grid_of(train_args=(), **grid) -> Grid:
+    """A grid with ``ncfast train`` words given to every run (read as the command line does)."""
+    preset, options = read_train_args(train_args)
+    return Grid.from_options(**grid, train_preset=preset, train_options=options)
 
 
 # ------------------------------------------------------------------------------ the grid
@@ -89,13 +97,13 @@ def test_bad_learning_rates_name_the_option(text, message):
 
 
 def test_families_resolve_to_table_a2_per_dataset():
-    grid = Grid.from_options(datasets=",".join(TABLE_A2), lrs="0.01", losses="mse")
+    grid = grid_of(datasets=",".join(TABLE_A2), lrs="0.01", losses="mse")
     nets = {}
     for spec in grid.runs():
         nets.setdefault(spec.dataset, []).append(spec.net)
     assert {d: tuple(n) for d, n in nets.items()} == TABLE_A2
     # An explicit depth is the same on every dataset; a family and its depth collapse to one.
-    grid = Grid.from_options(datasets="mnist,svhn", nets="vgg,vgg11", lrs="0.01", losses="mse")
+    grid = grid_of(datasets="mnist,svhn", nets="vgg,vgg11", lrs="0.01", losses="mse")
     assert [(s.dataset, s.net) for s in grid.runs()] == [
         ("mnist", "vgg11"),
         ("svhn", "vgg13"),
@@ -109,7 +117,7 @@ def test_paper_preset_is_the_750_runs_of_hpd22():
     assert len(runs) == 5 * 3 * 2 * 25
     assert len({r.name for r in runs}) == len(runs)
     assert grid.shape() == ("5 datasets × 3 networks × 2 losses × 25 learning rates × 1 seed")
-    assert grid.train_args[:2] == ("--preset", "paper")
+    assert grid.train_preset == "paper"
     assert {(r.dataset, r.net) for r in runs} == {
         (d, n) for d, nets in TABLE_A2.items() for n in nets
     }
@@ -157,11 +165,10 @@ def test_bad_seeds_name_the_option(text):
     ],
 )
 def test_train_options_are_checked_before_anything_starts(tmp_path, train_args, message):
-    grid = Grid.from_options(
-        datasets="mnist5k", nets="vgg", losses="mse", lrs="0.01,0.05", train_args=train_args
-    )
     with pytest.raises(SweepError, match=message.replace("(", r"\(")):
-        grid.check()
+        grid_of(
+            datasets="mnist5k", nets="vgg", losses="mse", lrs="0.01,0.05", train_args=train_args
+        ).check()
     # The command: a one-line usage error, and nothing written (no sweep.json, no run).
     out = tmp_path / "sweep"
     result = CliRunner().invoke(
@@ -178,23 +185,23 @@ def test_train_options_are_checked_before_anything_starts(tmp_path, train_args, 
 
 
 def test_learning_rates_that_share_a_run_name_are_refused():
-    grid = Grid.from_options(datasets="mnist5k", nets="vgg", losses="mse", lrs="0.1,0.10001")
+    grid = grid_of(datasets="mnist5k", nets="vgg", losses="mse", lrs="0.1,0.10001")
     with pytest.raises(SweepError, match="--lrs: 0.1 and 0.10001 give the same run name"):
         grid.check()
 
 
 def test_another_grid_in_the_same_directory_is_refused_naming_the_difference(tmp_path):
-    first = Grid.from_options(datasets="mnist5k", nets="vgg", lrs="0.01,0.05", train_args=TINY)
+    first = grid_of(datasets="mnist5k", nets="vgg", lrs="0.01,0.05", train_args=TINY)
     Sweep(tmp_path, first).prepare()
     stored = json.loads((tmp_path / "sweep.json").read_text())
-    assert stored["lrs"] == [0.01, 0.05] and stored["train_args"] == list(TINY)
-    other = Grid.from_options(datasets="mnist5k", nets="vgg", lrs="0.01", train_args=TINY)
+    assert stored["lrs"] == [0.01, 0.05] and stored["train_options"]["epochs"] == 2
+    other = grid_of(datasets="mnist5k", nets="vgg", lrs="0.01", train_args=TINY)
     with pytest.raises(SweepError, match=r"lrs: \[0.01, 0.05\] there, \[0.01\] now"):
         Sweep(tmp_path, other)
-    more_epochs = Grid.from_options(
+    more_epochs = grid_of(
         datasets="mnist5k", nets="vgg", lrs="0.01,0.05", train_args=[*TINY, "--epochs", "3"]
     )
-    with pytest.raises(SweepError, match="train_args: "):
+    with pytest.raises(SweepError, match="train_options: "):
         Sweep(tmp_path, more_epochs)
     # The same grid, or none (read from sweep.json), continues the sweep.
     assert Sweep(tmp_path, first).grid == first
@@ -214,7 +221,7 @@ def test_failure_reason_is_ncfast_trains_error_line():
         failure_reason(1, log) == "training diverged at epoch 2 (loss nan); lower --lr (now 1000)"
     )
     assert failure_reason(1, "Traceback ...\nValueError: bad\n") == "ValueError: bad"
-    assert failure_reason(3, "") == "ncfast train exited with code 3"
+    assert failure_reason(3, "") == "the run's process exited with code 3"
     assert failure_reason(-9, "epoch 1\n") == (
         "killed by SIGKILL (out of memory?); last output: epoch 1"
     )
@@ -234,9 +241,7 @@ def test_slurm_parameters_reach_the_sbatch_script(tmp_path, monkeypatch):
     for name in ("sbatch", "srun", "sacct"):
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    grid = Grid.from_options(
-        datasets="mnist5k", nets="vgg", losses="mse,ce", lrs="0.01", train_args=TINY
-    )
+    grid = grid_of(datasets="mnist5k", nets="vgg", losses="mse,ce", lrs="0.01", train_args=TINY)
     sweep = Sweep(tmp_path / "sweep", grid)
     slurm = SlurmOptions(
         partition="gpu",
@@ -244,7 +249,8 @@ def test_slurm_parameters_reach_the_sbatch_script(tmp_path, monkeypatch):
         cpus_per_run=4,
         options=("account=hpd", "array_parallelism=1", "reservation=r1"),
     )
-    counts = sweep.run("slurm", slurm=slurm, wait=False, progress=False, echo=lambda s: None)
+    options = SweepOptions(executor="slurm", slurm=slurm, wait=False, progress=False)
+    counts = sweep.run(options, echo=lambda s: None)
     script = (bin_dir / "script").read_text()
     for line in (
         "--partition=gpu",
@@ -279,7 +285,7 @@ def _write_finished_run(sweep: Sweep, spec: RunSpec, test_error: float, state="d
 
 def test_selection_takes_the_lowest_mean_error_and_the_smaller_rate_on_ties(tmp_path, seed):
     rng = np.random.default_rng(seed)
-    grid = Grid.from_options(
+    grid = grid_of(
         datasets="mnist5k",
         nets="vgg",
         losses="mse,ce",
@@ -321,7 +327,7 @@ def test_selection_takes_the_lowest_mean_error_and_the_smaller_rate_on_ties(tmp_
 
 
 def test_time_left_is_the_mean_run_time_per_round_of_slots():
-    progress = _Progress(total=10, initial=1, slots=2, enabled=False)
+    progress = Progress(total=10, initial=1, slots=2, enabled=False)
     lines = []
     for k, seconds in enumerate((10.0, 20.0)):
         spec = RunSpec("mnist5k", "vgg11", "mse", 0.01, k)
@@ -529,14 +535,11 @@ def test_the_same_grid_through_submitits_local_executor(
     # One thread per run, as the local executor's 2 slots on 2 cores: the same arithmetic.
     monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
     args = _grid_args(data_root)
-    grid = Grid.from_options(
-        datasets=args[1], nets=args[3], losses=args[5], lrs=args[7], train_args=args[8:]
-    )
+    grid = grid_of(datasets=args[1], nets=args[3], losses=args[5], lrs=args[7], train_args=args[8:])
     sweep = Sweep(tmp_path / "sweep", grid)
     lines = []
-    counts = sweep.run(
-        "submitit-local", slurm=SlurmOptions(time="10"), progress=False, echo=lines.append
-    )
+    options = SweepOptions(executor="submitit-local", slurm=SlurmOptions(time="10"), progress=False)
+    counts = sweep.run(options, echo=lines.append)
     assert counts["done"] == 8, "\n".join(lines)
     selection = sweep.select()
     local = json.loads((local_out / "selected.json").read_text())
@@ -550,7 +553,7 @@ def test_the_same_grid_through_submitits_local_executor(
     assert any(line.startswith("submitted 8 runs to local") for line in lines)
     # A rerun submits nothing and waits for nothing.
     lines.clear()
-    sweep.run("submitit-local", progress=False, echo=lines.append)
+    sweep.run(SweepOptions(executor="submitit-local", progress=False), echo=lines.append)
     assert "8 done, 0 failed, 0 running elsewhere, 0 to run" in lines[0]
     assert not any(line.startswith("submitted") for line in lines)
 
@@ -615,11 +618,12 @@ def test_a_job_stopped_at_its_time_limit_is_requeued_and_resumes(tmp_path):
     in --stop-after segments (the first: epochs 1-2; the signal comes after epoch 1)."""
     pytest.importorskip("submitit")
     train_args = ["--epochs", "3", "--width", "0.0625", "--per-class", "3", "--device", "cpu"]
-    grid = Grid.from_options(
-        datasets="mnist5k", nets="vgg", losses="mse", lrs="0.01", train_args=train_args
-    )
+    grid = grid_of(datasets="mnist5k", nets="vgg", losses="mse", lrs="0.01", train_args=train_args)
     sweep = Sweep(tmp_path / "sweep", grid)
-    sweep.run("submitit-local", wait=False, checkpoint_every=2, progress=False, echo=lambda s: None)
+    options = SweepOptions(
+        executor="submitit-local", wait=False, checkpoint_every=2, progress=False
+    )
+    sweep.run(options, echo=lambda s: None)
     (spec,) = sweep.specs
     run_dir = sweep.run_dir(spec)
     controller = int(read_status(run_dir)["job_id"])  # submitit's local job: a process

@@ -178,7 +178,7 @@ def sweep_command(
           --jobs 2 --epochs 2 --width 0.0625 --per-class 5 --device cpu
       ncfast sweep --status sweeps/paper
     """
-    from ncfast.paper.sweep import SlurmOptions, Sweep, SweepError
+    from ncfast.paper.sweep import Grid, SlurmOptions, Sweep, SweepError, SweepOptions
 
     grid_options = {
         key: value
@@ -201,29 +201,30 @@ def sweep_command(
             return
         if out is None:
             raise click.UsageError("give --out DIR (the sweep directory)")
-        sweep = Sweep(out, _grid(preset, grid_options, train_args))
-        slurm = SlurmOptions(
-            partition=partition,
-            time=time_limit,
-            gpus_per_run=gpus_per_run,
-            cpus_per_run=cpus_per_run,
-            mem_gb=mem_gb,
-            options=tuple(slurm_options),
-        )
-        gpu_list = None if gpus is None else [g.strip() for g in gpus.split(",") if g.strip()]
-        counts = sweep.run(
-            executor,
+        options = SweepOptions(
+            executor=executor,
             jobs=jobs,
             runs_per_gpu=runs_per_gpu,
-            gpus=gpu_list,
-            slurm=slurm,
+            gpus=None if gpus is None else tuple(g.strip() for g in gpus.split(",")),
+            slurm=SlurmOptions(
+                partition=partition,
+                time=time_limit,
+                gpus_per_run=gpus_per_run,
+                cpus_per_run=cpus_per_run,
+                mem_gb=mem_gb,
+                options=tuple(slurm_options),
+            ),
             wait=wait,
             checkpoint_every=checkpoint_every,
             retry_failed=retry_failed,
             download=download,
             progress=not no_progress,
-            echo=click.echo,
         )
+        options.check()  # before the grid is resolved or anything is read or written
+        train_preset, train_options = read_train_args(train_args)
+        grid = Grid.from_command(preset, grid_options, train_preset, train_options)
+        sweep = Sweep(out, grid, read_train_args=read_train_args)
+        counts = sweep.run(options, echo=click.echo)
     except SweepError as exc:
         raise click.UsageError(str(exc)) from None
     except KeyboardInterrupt:
@@ -245,19 +246,21 @@ def sweep_command(
     _report(sweep, formats)
 
 
-def _grid(preset: str | None, grid_options: dict, train_args: tuple[str, ...]):
-    """The grid given on the command line (None: the one stored in --out)."""
-    from ncfast.paper.sweep import PAPER_GRID, Grid
+def read_train_args(words) -> tuple[str | None, dict]:
+    """``ncfast train`` options (command-line words, given to every run) as ``(preset,
+    TrainConfig fields)``, read with that command's own parser (one grammar for both); the
+    library checks them (:func:`ncfast.paper.sweep.check_train_options`). SweepError naming
+    the option when they do not parse."""
+    from ncfast.cli.train import train_command
+    from ncfast.paper.sweep import SweepError, check_train_options
 
-    if not (grid_options or preset or train_args):
-        return None
-    if preset == "paper":
-        return Grid.from_options(
-            **{**PAPER_GRID, **grid_options}, train_args=["--preset", "paper", *train_args]
-        )
-    if "datasets" not in grid_options:
-        raise click.UsageError("give --datasets (or --preset paper)")
-    return Grid.from_options(**grid_options, train_args=train_args)
+    try:
+        ctx = train_command.make_context("ncfast train", list(words), resilient_parsing=False)
+    except click.ClickException as exc:
+        raise SweepError(f"train option: {exc.format_message()}") from None
+    params = dict(ctx.params)
+    preset = params.pop("preset")
+    return check_train_options(preset, params)
 
 
 def _status_or_report(status_dir: Path | None, report_dir: Path | None, formats) -> None:
@@ -267,9 +270,12 @@ def _status_or_report(status_dir: Path | None, report_dir: Path | None, formats)
     if status_dir is not None and report_dir is not None:
         raise click.UsageError("give --status DIR or --report DIR, not both")
     if status_dir is not None:
-        click.echo(Sweep(status_dir).status_text())
+        click.echo(
+            Sweep(status_dir, option="--status", read_train_args=read_train_args).status_text()
+        )
     else:
-        _report(Sweep(report_dir), formats)
+        sweep = Sweep(report_dir, option="--report", read_train_args=read_train_args)
+        _report(sweep, formats)
 
 
 def _report(sweep, formats) -> None:
