@@ -5,8 +5,9 @@ Compiled ops (``torch.ops.ncfast.*``, a CPU and a CUDA implementation each, ``cs
 
 - ``update_stats_``: the per-batch hot path. Validation, upcast, per-class shift, centering and
   class sums fused in one pass over the batch, then one float64 Gram update (BLAS/cuBLAS; the
-  upper triangle only, in panels, when that saves flops). On CUDA: two kernels, one memset and
-  the GEMM, no host synchronisation.
+  upper triangle only, in panels, when that saves flops; with ``fast``, an IEEE float32 product
+  of the centred rows added into the float64 scatter: docs/precision.md). On CUDA: two
+  kernels, one memset and the GEMM, no host synchronisation.
 - ``ncc_mismatch_count``: NC4 as GEMMs of the centered rows against the centered class means and
   the classifier, fused with the argmin/argmax/compare/count sweep.
 
@@ -212,6 +213,7 @@ def _update_stats_fake(
     sums: torch.Tensor,
     scatter: torch.Tensor,
     invalid: torch.Tensor,
+    fast: bool = False,
 ) -> None:
     return None
 
@@ -254,18 +256,19 @@ def update_stats_(
     sums: torch.Tensor,
     scatter: torch.Tensor,
     invalid: torch.Tensor,
+    fast: bool = False,
 ) -> None:
     """Add one batch to the accumulator state in place (see ``reference.update_stats_``)."""
     if not update_kernels_for(features.device):
-        reference.update_stats_(features, labels, counts, shift, sums, scatter, invalid)
+        reference.update_stats_(features, labels, counts, shift, sums, scatter, invalid, fast)
         return
     state = (counts, shift, sums, scatter, invalid)
     if all(t.is_contiguous() for t in state):
-        torch.ops.ncfast.update_stats_(features, labels, *state)
+        torch.ops.ncfast.update_stats_(features, labels, *state, fast)
         return
     # The kernels need contiguous state; update contiguous copies and write them back.
     work = [t.contiguous() for t in state]
-    torch.ops.ncfast.update_stats_(features, labels, *work)
+    torch.ops.ncfast.update_stats_(features, labels, *work, fast)
     for target, result in zip(state, work, strict=True):
         target.copy_(result)
 

@@ -35,6 +35,7 @@ class Backend(Protocol):
         sums: torch.Tensor,
         scatter: torch.Tensor,
         invalid: torch.Tensor,
+        fast: bool = False,
     ) -> None: ...
 
     def finalize_stats(

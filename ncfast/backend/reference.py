@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from ncfast.backend.precision import ieee_float32_matmul
+
 # The accumulator state's tensors, in the order update_stats_ takes them.
 STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
 INVALID_LABEL = 0
@@ -62,11 +64,14 @@ def update_stats_(
     sums: torch.Tensor,
     scatter: torch.Tensor,
     invalid: torch.Tensor,
+    fast: bool = False,
 ) -> None:
     """Add one batch ``features [B, P]``, ``labels [B]`` to the accumulator state, in place.
 
     Invalid rows (label outside [0, C) or any non-finite feature) are counted in ``invalid`` and
     contribute nothing. No host synchronisation: every decision is a device-side ``where``.
+    ``fast``: the scatter product of the (float64) centred rows in IEEE float32, added into the
+    float64 scatter (the ``fast`` precision policy, docs/precision.md); else all float64.
     """
     num_classes = counts.shape[0]
     # A float64 copy of our own, worked on in place: with it, at most three [B, P] float64
@@ -98,7 +103,12 @@ def update_stats_(
     centered = x.sub_(row_shift).mul_(valid.to(x.dtype)[:, None])
     del row_shift
     sums.index_add_(0, y, centered)
-    scatter.addmm_(centered.T, centered)
+    if fast:
+        rounded = centered.to(torch.float32)
+        with ieee_float32_matmul():
+            scatter.add_(rounded.T @ rounded)
+    else:
+        scatter.addmm_(centered.T, centered)
     counts += batch_counts
 
 
