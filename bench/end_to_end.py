@@ -9,7 +9,9 @@ multi-pass peer (bench/peer_nc.py), side by side in one process.
   (distance from the simplex ETF) and NC4 (agreement).
 
 Every competitor streams the same batches of the same network in eval mode
-(``ncfast.paper.evaluate.split_features``); rounds interleaved (order alternating), median.
+(``ncfast.paper.evaluate.split_features``); rounds interleaved (order alternating), median;
+CPU time of the process and wall time, one torch thread by default, ratios from CPU time (see
+bench/bench_precision.py: on a shared machine the wall clock measures the scheduler).
 
 Cases: the demo's network and data (``--preset demo``: VGG11 at width 0.25 on the embedded MNIST
 subset), randomly initialised (seeded; the time does not depend on the weights); and an
@@ -23,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from bench_kernels import machine_info
+from bench_precision import time_both
 from peer_nc import (
     PeerCovariance,
     PeerDecisions,
@@ -89,23 +90,19 @@ def peer_measure(model, data, batch_size) -> dict:
     }
 
 
-def time_rounds(model, data, batch_size, rounds) -> dict[str, float]:
-    """Median seconds of each competitor over ``rounds`` interleaved rounds."""
+def time_rounds(model, data, batch_size, rounds) -> tuple[dict, dict]:
+    """(median CPU seconds, median wall seconds) of each competitor over ``rounds``
+    interleaved rounds, after a warm-up round."""
     fns = {
         "ncfast exact": lambda: ncfast_measure(model, data, batch_size, "exact"),
         "ncfast fast": lambda: ncfast_measure(model, data, batch_size, "fast"),
         "peer f32": lambda: peer_measure(model, data, batch_size),
     }
-    for fn in fns.values():  # warm-up (allocator, oneDNN kernels)
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(rounds):
-        order = list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]
-        for name, fn in order:
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    cpu_ms, wall_ms = time_both(fns, [()], rounds)
+    return (
+        {k: v / 1e3 for k, v in cpu_ms.items()},
+        {k: v / 1e3 for k, v in wall_ms.items()},
+    )
 
 
 def demo_case(samples: int | None):
@@ -121,9 +118,11 @@ def demo_case(samples: int | None):
 
 
 def subset(data: LabeledImages, count: int) -> LabeledImages:
+    """``count`` samples drawn at random (seeded; the split is ordered by class)."""
+    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count]
     return LabeledImages(
-        data.images[:count],
-        data.labels[:count],
+        data.images[keep],
+        data.labels[keep],
         data.num_classes,
         data.mean,
         data.std,
@@ -147,16 +146,17 @@ def svhn_case(samples: int):
 
 
 def run_case(name, model, data, batch_size, rounds) -> dict:
-    times = time_rounds(model, data, batch_size, rounds)
+    times, wall = time_rounds(model, data, batch_size, rounds)
     row = {
         "case": name,
         "samples": len(data),
         "feature_dim": model.classifier.in_features,
         "classes": data.num_classes,
         "seconds": times,
+        "wall_seconds": wall,
         "peer_over": {k: times["peer f32"] / times[k] for k in COMPETITORS[:2]},
     }
-    cells = " ".join(f"{times[k]:>12.2f}" for k in COMPETITORS)
+    cells = " ".join(f"{times[k]:>7.2f} ({wall[k]:>6.2f})" for k in COMPETITORS)
     print(
         f"{name:14} {len(data):>6} {row['feature_dim']:>5} {cells} "
         f"{row['peer_over']['ncfast exact']:>10.2f}× {row['peer_over']['ncfast fast']:>10.2f}×"
@@ -168,19 +168,21 @@ def run_case(name, model, data, batch_size, rounds) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--demo-samples", type=int, default=None, help="default: all")
-    parser.add_argument("--svhn-samples", type=int, default=1000)
+    parser.add_argument("--svhn-samples", type=int, default=500)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     out = args.out or Path(__file__).parent / "results" / "end_to_end_cpu.json"
     report = {"machine": machine_info(torch.device("cpu")), "build": build_info(), "rows": []}
     print(
         f"seconds to measure NC1–NC4 on the training set, median of {args.rounds} interleaved "
-        f"rounds (CPU, {torch.get_num_threads()} threads; load average "
-        f"{report['machine']['load_average_1_5_15min']})"
+        f"rounds: CPU s (wall s), {torch.get_num_threads()} torch thread(s); load average "
+        f"{report['machine']['load_average_1_5_15min']}"
     )
-    head = f"{'case':14} {'N':>6} {'P':>5} " + " ".join(f"{k:>12}" for k in COMPETITORS)
+    head = f"{'case':14} {'N':>6} {'P':>5} " + " ".join(f"{k:>16}" for k in COMPETITORS)
     head += f" {'peer/exact':>11} {'peer/fast':>11}"
     print(head)
     print("-" * len(head))
