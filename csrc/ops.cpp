@@ -157,31 +157,66 @@ std::mutex& ieee32_mutex() {
   return mutex;
 }
 
-// Sets the matmul precision of `backend` to IEEE and returns what it was.
-at::Float32Precision force_ieee(at::Float32Backend backend) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+// torch >= 2.10: one precision per backend and op. Sets `backend`'s matmul precision to IEEE
+// and returns what it was.
+int force_ieee(at::Float32Backend backend) {
   at::Context& ctx = at::globalContext();
   const at::Float32Precision saved = ctx.float32Precision(backend, at::Float32Op::MATMUL);
   if (saved != at::Float32Precision::IEEE) {
     ctx.setFloat32Precision(backend, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
   }
-  return saved;
+  return static_cast<int>(saved);
 }
 
-void restore(at::Float32Backend backend, at::Float32Precision saved) {
-  if (saved != at::Float32Precision::IEEE) {
-    at::globalContext().setFloat32Precision(backend, at::Float32Op::MATMUL, saved);
+void restore(at::Float32Backend backend, int saved) {
+  const auto precision = static_cast<at::Float32Precision>(saved);
+  if (precision != at::Float32Precision::IEEE) {
+    at::globalContext().setFloat32Precision(backend, at::Float32Op::MATMUL, precision);
   }
 }
+
+int force_ieee_cuda() { return force_ieee(at::Float32Backend::CUDA); }
+int force_ieee_mkldnn() { return force_ieee(at::Float32Backend::MKLDNN); }
+void restore_cuda(int saved) { restore(at::Float32Backend::CUDA, saved); }
+void restore_mkldnn(int saved) { restore(at::Float32Backend::MKLDNN, saved); }
+#else
+// Older torch: one float32 matmul precision ("highest" is IEEE for cuBLAS and oneDNN alike).
+const char* precision_name(at::Float32MatmulPrecision precision) {
+  switch (precision) {
+    case at::Float32MatmulPrecision::HIGH:
+      return "high";
+    case at::Float32MatmulPrecision::MEDIUM:
+      return "medium";
+    default:
+      return "highest";
+  }
+}
+
+int force_ieee_cuda() {
+  const at::Float32MatmulPrecision saved = at::globalContext().float32MatmulPrecision();
+  if (saved != at::Float32MatmulPrecision::HIGHEST) {
+    at::globalContext().setFloat32MatmulPrecision("highest");
+  }
+  return static_cast<int>(saved);
+}
+int force_ieee_mkldnn() { return 0; }  // the same flag, forced above
+void restore_cuda(int saved) {
+  const auto precision = static_cast<at::Float32MatmulPrecision>(saved);
+  if (precision != at::Float32MatmulPrecision::HIGHEST) {
+    at::globalContext().setFloat32MatmulPrecision(precision_name(precision));
+  }
+}
+void restore_mkldnn(int) {}
+#endif
 }  // namespace
 
 Ieee32Matmul::Ieee32Matmul()
-    : lock_(ieee32_mutex()),
-      cuda_saved_(force_ieee(at::Float32Backend::CUDA)),
-      mkldnn_saved_(force_ieee(at::Float32Backend::MKLDNN)) {}
+    : lock_(ieee32_mutex()), cuda_saved_(force_ieee_cuda()), mkldnn_saved_(force_ieee_mkldnn()) {}
 
 Ieee32Matmul::~Ieee32Matmul() {
-  restore(at::Float32Backend::MKLDNN, mkldnn_saved_);
-  restore(at::Float32Backend::CUDA, cuda_saved_);
+  restore_mkldnn(mkldnn_saved_);
+  restore_cuda(cuda_saved_);
 }
 
 void add_gram_block_(at::Tensor& out, const at::Tensor& z_left, const at::Tensor& z_right) {

@@ -42,8 +42,10 @@ class Ieee32Matmul {
  private:
   std::lock_guard<std::mutex> lock_;
   at::NoTF32Guard no_tf32_;
-  at::Float32Precision cuda_saved_;
-  at::Float32Precision mkldnn_saved_;
+  // What the flags were (torch ≥ 2.10: the CUDA and oneDNN matmul precisions; older torch: the
+  // one float32 matmul precision in both fields), as the enums' values.
+  int cuda_saved_;
+  int mkldnn_saved_;
 };
 
 // Adds zᵀz to the float64 scatter block `out`, z's rows being z_left (columns of the block's

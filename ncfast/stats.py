@@ -9,13 +9,8 @@ import torch
 
 from ncfast.backend import ops
 from ncfast.backend.precision import check_precision, resolve_precision
-from ncfast.backend.reference import (
-    INVALID_LABEL,
-    INVALID_NONFINITE,
-    STATE_KEYS,
-    count_invalid_rows_,
-    new_state,
-)
+from ncfast.backend.reference import count_invalid_rows_
+from ncfast.backend.state import INVALID_LABEL, INVALID_NONFINITE, STATE_KEYS, new_state
 from ncfast.checks import check_int, check_label_dtype
 from ncfast.errors import NCFastError
 
@@ -193,7 +188,7 @@ class ClassStats:
         cls, state: Mapping[str, torch.Tensor], on_invalid: str = "raise", precision: str = "auto"
     ) -> ClassStats:
         """A ClassStats working on the tensors of ``state`` (the accumulator layout of
-        :mod:`ncfast.backend.reference`, keys :data:`~ncfast.backend.reference.STATE_KEYS`) in
+        :mod:`ncfast.backend.state`, keys :data:`~ncfast.backend.state.STATE_KEYS`) in
         place, without copying them: for holders of the state such as the torchmetrics Metric.
         Updates write into those tensors; results are computed from them."""
         counts = state["counts"]
@@ -205,7 +200,7 @@ class ClassStats:
 
     # ------------------------------------------------------- (de)serialisation
     def state_dict(self) -> dict[str, torch.Tensor | int | str]:
-        """Copies of the accumulator tensors (:data:`~ncfast.backend.reference.STATE_KEYS`)
+        """Copies of the accumulator tensors (:data:`~ncfast.backend.state.STATE_KEYS`)
         and the settings ``num_classes``, ``dim``, ``on_invalid``."""
         state = self._require_state()
         out: dict[str, torch.Tensor | int | str] = {k: v.clone() for k, v in state.items()}
@@ -395,7 +390,7 @@ def _reshifted(state: dict[str, torch.Tensor], new_shift: torch.Tensor) -> dict[
 def merged_state(
     mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """A new state (keys of :data:`~ncfast.backend.reference.STATE_KEYS`) holding the samples
+    """A new state (keys of :data:`~ncfast.backend.state.STATE_KEYS`) holding the samples
     of both, on ``mine``'s device; the inputs are left as they are.
 
     Exact: both are re-expressed about the pooled class means, which lie within the class's

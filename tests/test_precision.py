@@ -171,3 +171,25 @@ def test_auto_precision_per_gpu(monkeypatch, capability, expected):
         precision._auto_precision.cache_clear()
     assert policy == expected
     assert f"{capability[0]}.{capability[1]}" in why
+
+
+def test_train_option_reaches_the_measurement_and_is_checked():
+    from ncfast.paper.config import TrainConfig
+
+    config = TrainConfig.from_preset("demo", stats_precision="fast").resolved()
+    assert config.measure_options()["stats_precision"] == "fast"
+    assert TrainConfig.from_preset("demo").resolved().stats_precision == "auto"
+    with pytest.raises(ValueError, match="stats_precision: precision must be one of"):
+        TrainConfig.from_preset("demo", stats_precision="fp16").resolved()
+
+
+def test_info_shows_what_auto_picks_per_device():
+    from ncfast.backend.build_info import build_info
+
+    entries = build_info()["stats_precision"]
+    assert entries[0] == {
+        "device": "cpu",
+        "auto": precision.CPU_AUTO,
+        "why": precision.auto_precision("cpu")[1],
+    }
+    assert len(entries) == 1 + torch.cuda.device_count()

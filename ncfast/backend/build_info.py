@@ -6,11 +6,7 @@ import os
 
 import torch
 
-
-def cuda_version_string(version: int) -> str | None:
-    """CUDA's version number as CUDA writes it (``CUDA_VERSION``, 12040) in the usual form
-    ("12.4"); None for 0 (built without CUDA)."""
-    return f"{version // 1000}.{version % 1000 // 10}" if version else None
+from ncfast._version import __version__, cuda_version_string
 
 
 def build_info() -> dict[str, object]:
@@ -24,9 +20,7 @@ def build_info() -> dict[str, object]:
     ("8.6"), kernel_image ("sm_86", "compute_90" or None) and uses (what runs its tensors).
     stats_precision: the precision policy ``auto`` picks per device (:func:`stats_precision_auto`).
     """
-    # Imported here: the native module imports this one while ncfast itself is importing.
-    from ncfast import __version__
-    from ncfast.backend import ops
+    from ncfast.backend import ops  # here: ops imports the extension
 
     devices = (
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -46,7 +40,7 @@ def build_info() -> dict[str, object]:
     info["device_kernels"] = [_device_kernels(i) for i in range(len(devices))]
     info["stats_precision"] = stats_precision_auto(len(devices))
     try:
-        from ncfast import _C
+        import ncfast._C as _C
     except ImportError as exc:
         info.update(extension=False, extension_path=None, extension_error=str(exc))
         return info

@@ -11,11 +11,11 @@ Compiled ops (``torch.ops.ncfast.*``, a CPU and a CUDA implementation each, ``cs
 - ``ncc_mismatch_count``: NC4 as GEMMs of the centered rows against the centered class means and
   the classifier, fused with the argmin/argmax/compare/count sweep.
 
-The other functions are the reference's own (and say so by identity): each is one or two
-LAPACK/cuSOLVER/BLAS calls on matrices of size P or min(C, P), run once per measurement, which
-the reference already makes with tiled, in-place memory handling; a C++ wrapper would add
-nothing but a copy of that logic, and several of them must stay differentiable for
-ncfast.theory.
+The linear algebra under them is not here: each is one or two LAPACK/cuSOLVER/BLAS calls on
+matrices of size P or min(C, P), run once per measurement, which the reference already makes
+with tiled, in-place memory handling (``ncfast.backend.ops`` calls it for both backends); a C++
+wrapper would add nothing but a copy of that logic, and several of them must stay
+differentiable for ncfast.theory.
 
 A class first seen in a batch takes as its shift that batch's class mean on the CPU (as the
 reference), and its first valid sample of the batch on CUDA (no [C, P] accumulator per batch);
@@ -51,21 +51,11 @@ from ncfast._C import (  # ImportError when the extension was not built
 from ncfast._C import cuda_version_int as _CUDA_VERSION_INT
 from ncfast._C import torch_version as COMPILED_TORCH_VERSION
 from ncfast._C import with_cuda as _WITH_CUDA
+from ncfast._version import cuda_version_string
 from ncfast.backend import reference
-from ncfast.backend.build_info import cuda_version_string
 
 WITH_CUDA = bool(_WITH_CUDA)
 COMPILED_CUDA_VERSION = cuda_version_string(_CUDA_VERSION_INT)
-
-# Functions whose reference implementation is already the right one (see module docstring).
-finalize_stats = reference.finalize_stats
-psd_inv_sqrt = reference.psd_inv_sqrt
-reshift = reference.reshift
-nc1 = reference.nc1
-snr_singular_values = reference.snr_singular_values
-pairwise_cosine_stats = reference.pairwise_cosine_stats
-least_squares = reference.least_squares
-mse_decomposition = reference.mse_decomposition
 
 
 def _version_parts(version: str | None, parts: int) -> tuple[int, ...] | None:

@@ -26,10 +26,10 @@ FLOAT32_UNIT_ROUNDOFF = 2.0**-24  # u32 = eps32 / 2: |fl(x) − x| ≤ u32 |x| (
 # L4/L40 series, Jetson, B300) has 1/32 or less.
 STRONG_FLOAT64_CAPABILITIES = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
 
-# On CPUs float64 GEMMs run at half the float32 rate (SIMD width); the measured cost of the
-# whole update (bench/results/precision_cpu.txt: exact at most 1.7× fast at the benchmark's
-# shapes, and below the multi-pass peer's float32 time where classes are many) is affordable
-# next to a forward pass, so auto keeps the exact product there.
+# On CPUs float64 GEMMs run at half the float32 rate (SIMD width): the update's exact product
+# costs 1.6–2.1× the fast one per batch (bench/results/precision_cpu.txt), and nothing
+# measurable end to end next to the forward pass (bench/results/end_to_end_cpu.txt), so auto
+# keeps the exact product there (docs/precision.md).
 CPU_AUTO = "exact"
 
 
@@ -73,8 +73,18 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 def ieee_float32_matmul() -> Iterator[None]:
     """float32 products in IEEE float32 inside the block: TF32 (CUDA) and bf16/TF32 (oneDNN on
     CPUs) are switched off and torch's flags restored afterwards (the Python twin of the
-    extension's ``Ieee32Matmul``)."""
-    flags = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)  # type: ignore[attr-defined]
+    extension's ``Ieee32Matmul``). torch < 2.9 has one flag for both, the float32 matmul
+    precision ("highest" is IEEE)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        saved_precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved_precision)
+        return
+    flags = (matmul, torch.backends.mkldnn.matmul)  # type: ignore[attr-defined]
     saved = [flag.fp32_precision for flag in flags]
     try:
         for flag in flags:
