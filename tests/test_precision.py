@@ -193,3 +193,10 @@ def test_info_shows_what_auto_picks_per_device():
         "why": precision.auto_precision("cpu")[1],
     }
     assert len(entries) == 1 + torch.cuda.device_count()
+
+
+def test_analyze_checks_its_precision_option_first(tmp_path):
+    from ncfast.paper.analyze import analyze
+
+    with pytest.raises(ValueError, match="analyze: precision must be one of exact, fast, auto"):
+        analyze(tmp_path / "missing.pt", stats_precision="half")
