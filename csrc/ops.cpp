@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 #include "common.h"
 #include "ops.h"
@@ -150,20 +151,98 @@ int64_t gram_panel_height(int64_t n, int64_t p, int64_t target_blocks, int64_t m
   return n >= min_rows && height < p ? height : 0;
 }
 
+namespace {
+std::mutex& ieee32_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+// torch >= 2.10: one precision per backend and op. Sets `backend`'s matmul precision to IEEE
+// and returns what it was.
+int force_ieee(at::Float32Backend backend) {
+  at::Context& ctx = at::globalContext();
+  const at::Float32Precision saved = ctx.float32Precision(backend, at::Float32Op::MATMUL);
+  if (saved != at::Float32Precision::IEEE) {
+    ctx.setFloat32Precision(backend, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
+  }
+  return static_cast<int>(saved);
+}
+
+void restore(at::Float32Backend backend, int saved) {
+  const auto precision = static_cast<at::Float32Precision>(saved);
+  if (precision != at::Float32Precision::IEEE) {
+    at::globalContext().setFloat32Precision(backend, at::Float32Op::MATMUL, precision);
+  }
+}
+
+int force_ieee_cuda() { return force_ieee(at::Float32Backend::CUDA); }
+int force_ieee_mkldnn() { return force_ieee(at::Float32Backend::MKLDNN); }
+void restore_cuda(int saved) { restore(at::Float32Backend::CUDA, saved); }
+void restore_mkldnn(int saved) { restore(at::Float32Backend::MKLDNN, saved); }
+#else
+// Older torch: one float32 matmul precision ("highest" is IEEE for cuBLAS and oneDNN alike).
+const char* precision_name(at::Float32MatmulPrecision precision) {
+  switch (precision) {
+    case at::Float32MatmulPrecision::HIGH:
+      return "high";
+    case at::Float32MatmulPrecision::MEDIUM:
+      return "medium";
+    default:
+      return "highest";
+  }
+}
+
+int force_ieee_cuda() {
+  const at::Float32MatmulPrecision saved = at::globalContext().float32MatmulPrecision();
+  if (saved != at::Float32MatmulPrecision::HIGHEST) {
+    at::globalContext().setFloat32MatmulPrecision("highest");
+  }
+  return static_cast<int>(saved);
+}
+int force_ieee_mkldnn() { return 0; }  // the same flag, forced above
+void restore_cuda(int saved) {
+  const auto precision = static_cast<at::Float32MatmulPrecision>(saved);
+  if (precision != at::Float32MatmulPrecision::HIGHEST) {
+    at::globalContext().setFloat32MatmulPrecision(precision_name(precision));
+  }
+}
+void restore_mkldnn(int) {}
+#endif
+}  // namespace
+
+Ieee32Matmul::Ieee32Matmul()
+    : lock_(ieee32_mutex()), cuda_saved_(force_ieee_cuda()), mkldnn_saved_(force_ieee_mkldnn()) {}
+
+Ieee32Matmul::~Ieee32Matmul() {
+  restore_mkldnn(mkldnn_saved_);
+  restore_cuda(cuda_saved_);
+}
+
+void add_gram_block_(at::Tensor& out, const at::Tensor& z_left, const at::Tensor& z_right) {
+  if (z_left.scalar_type() == at::kDouble) {
+    out.addmm_(z_left.t(), z_right);
+  } else {
+    out.add_(at::mm(z_left.t(), z_right));
+  }
+}
+
 void accumulate_gram_(at::Tensor& scatter, const at::Tensor& z, MirrorFn mirror,
                       int64_t target_blocks, int64_t min_height, int64_t min_rows) {
   const int64_t n = z.size(0);
   const int64_t p = z.size(1);
   if (n == 0 || p == 0) return;
+  std::optional<Ieee32Matmul> ieee;
+  if (z.scalar_type() != at::kDouble) ieee.emplace();
   const int64_t height = gram_panel_height(n, p, target_blocks, min_height, min_rows);
   if (height == 0) {
-    scatter.addmm_(z.t(), z);
+    add_gram_block_(scatter, z, z);
     return;
   }
   for (int64_t r0 = 0; r0 < p; r0 += height) {
     const int64_t len = std::min(height, p - r0);
     at::Tensor block = scatter.narrow(0, r0, len).narrow(1, r0, p - r0);
-    block.addmm_(z.narrow(1, r0, len).t(), z.narrow(1, r0, p - r0));
+    add_gram_block_(block, z.narrow(1, r0, len), z.narrow(1, r0, p - r0));
   }
   mirror(scatter);
 }
@@ -186,7 +265,7 @@ NccPlan plan_ncc(const at::Tensor& weight, const at::Tensor& bias, const at::Ten
 TORCH_LIBRARY(ncfast, m) {
   m.def(
       "update_stats_(Tensor features, Tensor labels, Tensor(a!) counts, Tensor(b!) shift, "
-      "Tensor(c!) sums, Tensor(d!) scatter, Tensor(e!) invalid) -> ()");
+      "Tensor(c!) sums, Tensor(d!) scatter, Tensor(e!) invalid, bool fast=False) -> ()");
   m.def(
       "ncc_mismatch_count(Tensor features, Tensor valid, Tensor weight, Tensor bias, "
       "Tensor class_means, Tensor present) -> Tensor");

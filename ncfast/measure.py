@@ -29,6 +29,9 @@ class Measurement:
     measurement can be computed, fed more batches and computed again; ``reset`` starts a new
     pass, ``merge`` adds another measurement's samples, ``state_dict``/``load_state_dict``
     save and restore the accumulated state.
+
+    ``precision``: the per-batch scatter product's policy, ``"exact"``, ``"fast"`` or
+    ``"auto"`` (:class:`ncfast.ClassStats`, docs/precision.md).
     """
 
     def __init__(
@@ -41,11 +44,14 @@ class Measurement:
         device: torch.device | str | None = None,
         on_invalid: str = "raise",
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+        precision: str = "auto",
     ) -> None:
         num_classes = check_int(num_classes, "num_classes", 1, "Measurement")
         dim = check_int(dim, "dim", 1, "Measurement")
         check_int(memory_budget_bytes, "memory_budget_bytes", 0, "Measurement")
-        self.stats = ClassStats(num_classes, dim, device=device, on_invalid=on_invalid)
+        self.stats = ClassStats(
+            num_classes, dim, device=device, on_invalid=on_invalid, precision=precision
+        )
         self.weight_decay = check_weight_decay(weight_decay, "Measurement")
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None

@@ -89,7 +89,7 @@ class NCMonitor:
       converts an SGD weight decay).
     - ``distributed``: all-reduce over ``group`` when the pass ends; ``None`` (default) does so
       exactly when ``torch.distributed`` is initialised.
-    - ``on_invalid``, ``memory_budget_bytes``: as in :class:`ncfast.Measurement`.
+    - ``on_invalid``, ``memory_budget_bytes``, ``precision``: as in :class:`ncfast.Measurement`.
 
     The classifier's weight and bias are read when a pass starts and must not change until its
     metrics are computed (checked). Statistics live on the classifier's device.
@@ -106,6 +106,7 @@ class NCMonitor:
         group: ProcessGroup | None = None,
         on_invalid: str = "raise",
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+        precision: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"NCMonitor: model must be an nn.Module, got {type(model).__name__}")
@@ -151,8 +152,9 @@ class NCMonitor:
         self._open: MonitorPass | None = None
         self.last_pass: MonitorPass | None = None
         self._watch: TrainingWatch | None = None
+        self.precision = precision
         # Fail at construction, not at the first batch, on bad settings.
-        Measurement(self.num_classes, self.dim, on_invalid=on_invalid)
+        Measurement(self.num_classes, self.dim, on_invalid=on_invalid, precision=precision)
 
     # ------------------------------------------------------------------ passes
     def measure(self) -> MonitorPass:
@@ -327,6 +329,7 @@ class MonitorPass:
             device=weight.device,
             on_invalid=mon.on_invalid,
             memory_budget_bytes=mon.memory_budget_bytes,
+            precision=mon.precision,
         )
         self._distributed = _distributed_now() if mon.distributed is None else mon.distributed
         if self._distributed and not _distributed_now():
@@ -591,7 +594,11 @@ class TrainingWatch:
         self.window_start = self.steps
         device = monitor.classifier.weight.device
         self.stats = ClassStats(
-            monitor.num_classes, monitor.dim, device=device, on_invalid=monitor.on_invalid
+            monitor.num_classes,
+            monitor.dim,
+            device=device,
+            on_invalid=monitor.on_invalid,
+            precision=monitor.precision,
         )
         # NC4 of the window so far: (mismatches, samples counted), int64 on the device.
         self._nc4_counts = torch.zeros(2, dtype=torch.int64, device=device)

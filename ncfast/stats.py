@@ -8,13 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from ncfast.backend import ops
-from ncfast.backend.reference import (
-    INVALID_LABEL,
-    INVALID_NONFINITE,
-    STATE_KEYS,
-    count_invalid_rows_,
-    new_state,
-)
+from ncfast.backend.precision import check_precision, resolve_precision
+from ncfast.backend.reference import count_invalid_rows_
+from ncfast.backend.state import INVALID_LABEL, INVALID_NONFINITE, STATE_KEYS, new_state
 from ncfast.checks import check_int, check_label_dtype
 from ncfast.errors import NCFastError
 
@@ -69,7 +65,11 @@ class ClassStats:
     them and counts them in :attr:`skipped`. On the CPU the check is free and happens at once; the
     offending batch is then not added.
 
-    ``device=None`` places the state on the device of the first batch.
+    ``device=None`` places the state on the device of the first batch. ``precision`` is the
+    policy of the per-batch scatter product (docs/precision.md): ``"exact"`` (float64),
+    ``"fast"`` (IEEE float32 product of the class-centred rows, added into the float64 state)
+    or ``"auto"`` (per device: exact on CPUs and GPUs with fast float64, else fast);
+    :attr:`resolved_precision` says which one runs.
     """
 
     def __init__(
@@ -78,8 +78,10 @@ class ClassStats:
         dim: int,
         device: torch.device | str | None = None,
         on_invalid: str = "raise",
+        precision: str = "auto",
     ) -> None:
         self.num_classes = check_int(num_classes, "num_classes", 1, "ClassStats")
+        self.precision = check_precision(precision, "ClassStats")
         self.dim = check_int(dim, "dim", 1, "ClassStats")
         if on_invalid not in _ON_INVALID:
             raise ValueError(
@@ -97,6 +99,13 @@ class ClassStats:
         self._state = new_state(self.num_classes, self.dim, device)
         self._final = None
         return self._state
+
+    @property
+    def resolved_precision(self) -> str | None:
+        """The policy of the product on the state's device (``exact``/``fast``); None before
+        the state exists."""
+        device = self.device
+        return None if device is None else resolve_precision(self.precision, device)
 
     @property
     def device(self) -> torch.device | None:
@@ -134,7 +143,9 @@ class ClassStats:
             count_invalid_rows_(features, labels, self.num_classes, bad)
             if bad.any():
                 raise InvalidInputError(_describe_invalid(bad, self.num_classes, "this batch"))
-        ops.update_stats_(features, labels, *(state[k] for k in STATE_KEYS))
+        counts, shift, sums, scatter, invalid = (state[k] for k in STATE_KEYS)
+        fast = resolve_precision(self.precision, device) == "fast"
+        ops.update_stats_(features, labels, counts, shift, sums, scatter, invalid, fast=fast)
         self._final = None
 
     # ---------------------------------------------------------- merge, reduce
@@ -159,7 +170,9 @@ class ClassStats:
         reducing again (every epoch, say) goes on working. Collective: every rank calls it
         (torch.distributed must be initialised). Exact as :meth:`merge`: see
         :func:`all_reduced_state`."""
-        out = ClassStats(self.num_classes, self.dim, on_invalid=self.on_invalid)
+        out = ClassStats(
+            self.num_classes, self.dim, on_invalid=self.on_invalid, precision=self.precision
+        )
         out._state = all_reduced_state(self._require_state(), group, "ClassStats.reduced")
         return out
 
@@ -171,19 +184,23 @@ class ClassStats:
         return self
 
     @classmethod
-    def wrap(cls, state: Mapping[str, torch.Tensor], on_invalid: str = "raise") -> ClassStats:
+    def wrap(
+        cls, state: Mapping[str, torch.Tensor], on_invalid: str = "raise", precision: str = "auto"
+    ) -> ClassStats:
         """A ClassStats working on the tensors of ``state`` (the accumulator layout of
-        :mod:`ncfast.backend.reference`, keys :data:`~ncfast.backend.reference.STATE_KEYS`) in
+        :mod:`ncfast.backend.state`, keys :data:`~ncfast.backend.state.STATE_KEYS`) in
         place, without copying them: for holders of the state such as the torchmetrics Metric.
         Updates write into those tensors; results are computed from them."""
         counts = state["counts"]
-        stats = cls(counts.shape[0], state["shift"].shape[1], on_invalid=on_invalid)
+        stats = cls(
+            counts.shape[0], state["shift"].shape[1], on_invalid=on_invalid, precision=precision
+        )
         stats._state = {k: state[k] for k in STATE_KEYS}
         return stats
 
     # ------------------------------------------------------- (de)serialisation
     def state_dict(self) -> dict[str, torch.Tensor | int | str]:
-        """Copies of the accumulator tensors (:data:`~ncfast.backend.reference.STATE_KEYS`)
+        """Copies of the accumulator tensors (:data:`~ncfast.backend.state.STATE_KEYS`)
         and the settings ``num_classes``, ``dim``, ``on_invalid``."""
         state = self._require_state()
         out: dict[str, torch.Tensor | int | str] = {k: v.clone() for k, v in state.items()}
@@ -373,7 +390,7 @@ def _reshifted(state: dict[str, torch.Tensor], new_shift: torch.Tensor) -> dict[
 def merged_state(
     mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """A new state (keys of :data:`~ncfast.backend.reference.STATE_KEYS`) holding the samples
+    """A new state (keys of :data:`~ncfast.backend.state.STATE_KEYS`) holding the samples
     of both, on ``mine``'s device; the inputs are left as they are.
 
     Exact: both are re-expressed about the pooled class means, which lie within the class's

@@ -380,24 +380,23 @@ def test_cuda_large_batch_both_gram_schemes(monkeypatch, mode, seed):
 
 # ------------------------------------------------------------------- backend wiring
 def test_use_backend_switches_the_ops_and_restores_them(monkeypatch):
-    """ops.use_backend (the `backend` fixture of tests/conftest.py) routes every op to the named
-    backend inside the block and restores the previous one after it, also after an error."""
+    """ops.use_backend (the `backend` fixture of tests/conftest.py) routes every compiled op to
+    the named backend inside the block and restores the previous one after it, also after an
+    error."""
     calls = []
     for name, module in (("reference", reference), ("native", native_backend)):
-        monkeypatch.setattr(
-            module, "pairwise_cosine_stats", lambda vectors, tile=0, n=name: calls.append(n)
-        )
-    vectors = torch.eye(3)
+        monkeypatch.setattr(module, "ncc_mismatch_count", lambda *args, n=name: calls.append(n))
+    args = (torch.eye(3),) * 6
     before = ops.BACKEND
     for name in ("reference", "native"):
         with ops.use_backend(name):
             assert ops.BACKEND == name
-            ops.pairwise_cosine_stats(vectors)
+            ops.ncc_mismatch_count(*args)
     with pytest.raises(ZeroDivisionError), ops.use_backend("reference"):
-        ops.pairwise_cosine_stats(vectors)
+        ops.ncc_mismatch_count(*args)
         raise ZeroDivisionError
     assert ops.BACKEND == before
-    ops.pairwise_cosine_stats(vectors)
+    ops.ncc_mismatch_count(*args)
     assert calls == ["reference", "native", "reference", before]
     with pytest.raises(ValueError, match="use_backend: name must be one of reference, native"):
         with ops.use_backend("cuda"):

@@ -58,3 +58,29 @@ def oracle_rtol(features, labels, num_classes, lam=0.0) -> float:
     rtol = len(labels) * EPS * kappa
     assert rtol < 1e-6, f"test data too ill-conditioned for a sharp check (rtol {rtol:.1e})"
     return rtol
+
+
+U32 = 2.0**-24  # float32's unit roundoff (round to nearest): |fl32(x) − x| ≤ U32·|x|
+
+
+def gamma(n: int, u: float) -> float:
+    """γ_n(u) = n·u / (1 − n·u): the relative error bound of a sum of n products."""
+    assert n * u < 1
+    return n * u / (1 - n * u)
+
+
+def fast_scatter_bound(centered: torch.Tensor, batch_rows: int) -> torch.Tensor:
+    """Elementwise bound [P, P] on |S_fast − S_exact|, the scatter of the ``fast`` precision
+    policy against the ``exact`` one from the same float64 centred rows ``centered`` [N, P]
+    streamed in batches of at most ``batch_rows`` rows (docs/precision.md):
+
+        |ΔS| ≤ (2u + u² + γ_{B+1}(u)·(1 + u)²) · Σ_i |z_i||z_i|ᵀ,   u = U32
+
+    2u + u²: rounding z_i to float32 (each factor by u); γ_B(u)(1 + u)²: the float32 sum of B
+    products of rounded factors, in any order; the extra term of γ_{B+1} covers the addition
+    of each batch's product into the float64 state and both policies' float64 sums over the
+    batches (γ_K(u64) ≪ u32 for any K < 2²⁸ batches).
+    """
+    u = U32
+    absolute = centered.to(torch.float64).abs()
+    return (2 * u + u * u + gamma(batch_rows + 1, u) * (1 + u) ** 2) * (absolute.T @ absolute)

@@ -2,11 +2,13 @@
 //
 // One pass classifies the rows (label range, finiteness) and a stable counting sort groups the
 // valid ones by class. A second pass upcasts, subtracts each row's class shift and writes the
-// float64 centered rows z_i into a class-sorted buffer while summing them per class (blocks of
-// whole rows; the result does not depend on the number of threads). Then scatter += ZᵀZ by
-// BLAS: for large batches only the upper triangle, in row panels, each panel one
-// single-threaded dgemm plus the copy of its transpose onto the lower triangle, panels taken
-// in pairs of equal cost by the threads (one parallel region for the whole Gram update).
+// centered rows z_i (float64; rounded to float32 under the fast policy, the sums staying
+// float64) into a class-sorted buffer while summing them per class (blocks of whole rows; the
+// result does not depend on the number of threads). Then scatter += ZᵀZ by BLAS (float64, or
+// an IEEE float32 product added into the float64 scatter: docs/precision.md): for large batches
+// only the upper triangle, in row panels, each panel one single-threaded dgemm plus the copy of its
+// transpose onto the lower triangle, panels taken in pairs of equal cost by the threads (one
+// parallel region for the whole Gram update).
 //
 // Work is handed out as tasks that threads take when free (run_tasks), not split statically:
 // on a machine whose cores are shared (data-loader workers, other jobs) a descheduled thread
@@ -21,6 +23,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -106,10 +109,10 @@ void first_seen_shifts(const T* x, int64_t row_stride, int64_t col_stride, int64
 // inside one block (not at its ends) is added to `sums` by that block; the runs at block ends,
 // which classes can share with a neighbour, are summed after the parallel loop in block order,
 // so the result does not depend on the number of threads.
-template <typename T, bool kUnitStride>
+template <typename T, bool kUnitStride, typename Z>
 void center_rows(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
                  const std::vector<int64_t>& order, const std::vector<Segment>& segments,
-                 const double* shift, double* sums, double* z) {
+                 const double* shift, double* sums, Z* z) {
   const int64_t n = static_cast<int64_t>(order.size());
   std::vector<int64_t> row_segment(n);  // sorted row -> its segment
   for (int64_t s = 0; s < static_cast<int64_t>(segments.size()); ++s) {
@@ -131,10 +134,10 @@ void center_rows(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t rr = r; rr < run_end; ++rr) {
         const T* __restrict__ xr = x + order[rr] * row_stride;
-        double* __restrict__ zr = z + rr * p;
+        Z* __restrict__ zr = z + rr * p;
         for (int64_t j = 0; j < p; ++j) {  // restrict: no aliasing, so this vectorises
           const double v = static_cast<double>(xr[kUnitStride ? j : j * col_stride]) - sh[j];
-          zr[j] = v;
+          zr[j] = static_cast<Z>(v);
           run_sum[j] += v;
         }
       }
@@ -173,16 +176,18 @@ void mirror_panel(double* m, int64_t p, int64_t r0, int64_t r1) {
   }
 }
 
-// scatter += zᵀz (z [n, P] float64): one threaded dgemm for small batches; from 512 rows on,
-// the upper triangle in row panels as above.
+// scatter += zᵀz (z [n, P] float64, or float32 under the fast policy: add_gram_block_): one
+// threaded GEMM for small batches; from 512 rows on, the upper triangle in row panels as above.
 void accumulate_gram_cpu_(at::Tensor& scatter, const at::Tensor& z) {
   const int64_t n = z.size(0);
   const int64_t p = z.size(1);
   if (n == 0 || p == 0) return;
+  std::optional<Ieee32Matmul> ieee;
+  if (z.scalar_type() != at::kDouble) ieee.emplace();
   const int64_t height = gram_panel_height(n, p, /*target_blocks=*/8, /*min_height=*/128,
                                            /*min_rows=*/512);
   if (height == 0) {
-    scatter.addmm_(z.t(), z);
+    add_gram_block_(scatter, z, z);
     return;
   }
   const int64_t panels = (p + height - 1) / height;
@@ -191,7 +196,7 @@ void accumulate_gram_cpu_(at::Tensor& scatter, const at::Tensor& z) {
     const int64_t r0 = index * height;
     const int64_t len = std::min(height, p - r0);
     at::Tensor block = scatter.narrow(0, r0, len).narrow(1, r0, p - r0);
-    block.addmm_(z.narrow(1, r0, len).t(), z.narrow(1, r0, p - r0));  // one thread in a task
+    add_gram_block_(block, z.narrow(1, r0, len), z.narrow(1, r0, p - r0));  // one thread
     mirror_panel(m, p, r0, r0 + len);
   };
   // Panel i costs ∝ P − i·h, so panels i and k−1−i together always cost the same.
@@ -201,9 +206,22 @@ void accumulate_gram_cpu_(at::Tensor& scatter, const at::Tensor& z) {
   });
 }
 
+template <typename T, bool kUnitStride, typename Z>
+void center_into(const T* x, int64_t row_stride, int64_t col_stride, int64_t p,
+                 const std::vector<int64_t>& order, const std::vector<Segment>& segments,
+                 at::Tensor& shift, at::Tensor& sums, at::Tensor& z, bool any_first_seen) {
+  double* sh = shift.data_ptr<double>();
+  if (any_first_seen) {
+    first_seen_shifts<T, kUnitStride>(x, row_stride, col_stride, p, order, segments, sh);
+  }
+  center_rows<T, kUnitStride, Z>(x, row_stride, col_stride, p, order, segments, sh,
+                                 sums.data_ptr<double>(), z.data_ptr<Z>());
+}
+
 template <typename T>
 void update_typed(const at::Tensor& features, const at::Tensor& labels, at::Tensor& counts,
-                  at::Tensor& shift, at::Tensor& sums, at::Tensor& scatter, at::Tensor& invalid) {
+                  at::Tensor& shift, at::Tensor& sums, at::Tensor& scatter, at::Tensor& invalid,
+                  bool fast) {
   const int64_t b = features.size(0);
   const int64_t p = features.size(1);
   const int64_t c = counts.size(0);
@@ -273,18 +291,19 @@ void update_typed(const at::Tensor& features, const at::Tensor& labels, at::Tens
   // Pass 2: first-seen shifts, then centered rows and class sums.
   const bool any_first_seen =
       std::any_of(segments.begin(), segments.end(), [](const Segment& s) { return s.first_seen; });
-  at::Tensor z = at::empty({n_valid, p}, shift.options());
-  double* sh = shift.data_ptr<double>();
-  if (unit) {
-    if (any_first_seen) first_seen_shifts<T, true>(x, row_stride, 1, p, order, segments, sh);
-    center_rows<T, true>(x, row_stride, 1, p, order, segments, sh, sums.data_ptr<double>(),
-                         z.data_ptr<double>());
+  at::Tensor z = at::empty({n_valid, p}, shift.options().dtype(fast ? at::kFloat : at::kDouble));
+  if (unit && fast) {
+    center_into<T, true, float>(x, row_stride, 1, p, order, segments, shift, sums, z,
+                                any_first_seen);
+  } else if (unit) {
+    center_into<T, true, double>(x, row_stride, 1, p, order, segments, shift, sums, z,
+                                 any_first_seen);
+  } else if (fast) {
+    center_into<T, false, float>(x, row_stride, col_stride, p, order, segments, shift, sums, z,
+                                 any_first_seen);
   } else {
-    if (any_first_seen) {
-      first_seen_shifts<T, false>(x, row_stride, col_stride, p, order, segments, sh);
-    }
-    center_rows<T, false>(x, row_stride, col_stride, p, order, segments, sh,
-                          sums.data_ptr<double>(), z.data_ptr<double>());
+    center_into<T, false, double>(x, row_stride, col_stride, p, order, segments, shift, sums, z,
+                                  any_first_seen);
   }
 
   // Pass 3: the within-class scatter of the centered rows.
@@ -295,13 +314,14 @@ void update_typed(const at::Tensor& features, const at::Tensor& labels, at::Tens
 }  // namespace
 
 void update_stats_cpu(const at::Tensor& features, const at::Tensor& labels, at::Tensor& counts,
-                      at::Tensor& shift, at::Tensor& sums, at::Tensor& scatter,
-                      at::Tensor& invalid) {
+                      at::Tensor& shift, at::Tensor& sums, at::Tensor& scatter, at::Tensor& invalid,
+                      bool fast) {
   check_update_args(features, labels, counts, shift, sums, scatter, invalid);
   if (features.size(0) == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, features.scalar_type(), "ncfast_update_stats_cpu",
-      [&] { update_typed<scalar_t>(features, labels, counts, shift, sums, scatter, invalid); });
+      at::kHalf, at::kBFloat16, features.scalar_type(), "ncfast_update_stats_cpu", [&] {
+        update_typed<scalar_t>(features, labels, counts, shift, sums, scatter, invalid, fast);
+      });
 }
 
 }  // namespace ncfast

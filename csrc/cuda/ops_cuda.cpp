@@ -40,7 +40,7 @@ void mirror_upper_to_lower_cuda(at::Tensor& matrix) {
 
 void update_stats_cuda(const at::Tensor& features, const at::Tensor& labels, at::Tensor& counts,
                        at::Tensor& shift, at::Tensor& sums, at::Tensor& scatter,
-                       at::Tensor& invalid) {
+                       at::Tensor& invalid, bool fast) {
   check_update_args(features, labels, counts, shift, sums, scatter, invalid);
   const int64_t b = features.size(0);
   if (b == 0) return;
@@ -79,8 +79,11 @@ void update_stats_cuda(const at::Tensor& features, const at::Tensor& labels, at:
   cuda::launch_update_stats(q, feature_kind(features.scalar_type()), stream);
 
   // Invalid rows of `centered` are zero, so the GEMM runs over the whole batch and the host
-  // never needs the number of valid rows.
-  accumulate_gram_(scatter, centered, &mirror_upper_to_lower_cuda, /*target_blocks=*/4,
+  // never needs the number of valid rows. The fast policy rounds the float64 centred rows to
+  // float32 (O(BP) next to the O(BP²) product) for an IEEE float32 product, never TF32
+  // (Ieee32Matmul, csrc/ops.h), added into the float64 scatter (docs/precision.md).
+  accumulate_gram_(scatter, fast ? centered.to(at::kFloat) : centered, &mirror_upper_to_lower_cuda,
+                   /*target_blocks=*/4,
                    /*min_height=*/64, /*min_rows=*/cuda_panel_min_rows(p));
 }
 

@@ -6,11 +6,7 @@ import os
 
 import torch
 
-
-def cuda_version_string(version: int) -> str | None:
-    """CUDA's version number as CUDA writes it (``CUDA_VERSION``, 12040) in the usual form
-    ("12.4"); None for 0 (built without CUDA)."""
-    return f"{version // 1000}.{version % 1000 // 10}" if version else None
+from ncfast._version import __version__, cuda_version_string
 
 
 def build_info() -> dict[str, object]:
@@ -22,10 +18,9 @@ def build_info() -> dict[str, object]:
     extension_arch_list (the kernel images, "sm_75;...;compute_90"), extension_torch,
     extension_compiler. device_kernels has one entry per visible GPU: device, name, capability
     ("8.6"), kernel_image ("sm_86", "compute_90" or None) and uses (what runs its tensors).
+    stats_precision: the precision policy ``auto`` picks per device (:func:`stats_precision_auto`).
     """
-    # Imported here: the native module imports this one while ncfast itself is importing.
-    from ncfast import __version__
-    from ncfast.backend import ops
+    from ncfast.backend import ops  # here: ops imports the extension
 
     devices = (
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -43,8 +38,9 @@ def build_info() -> dict[str, object]:
         "native_unavailable_reason": ops.NATIVE_UNAVAILABLE_REASON or None,
     }
     info["device_kernels"] = [_device_kernels(i) for i in range(len(devices))]
+    info["stats_precision"] = stats_precision_auto(len(devices))
     try:
-        from ncfast import _C
+        import ncfast._C as _C
     except ImportError as exc:
         info.update(extension=False, extension_path=None, extension_error=str(exc))
         return info
@@ -59,6 +55,18 @@ def build_info() -> dict[str, object]:
         extension_compiler=_C.compiler,
     )
     return info
+
+
+def stats_precision_auto(num_gpus: int) -> list[dict[str, str]]:
+    """What ``--stats-precision auto`` (``ClassStats(precision="auto")``) runs on the CPU and on
+    each visible GPU, and why (docs/precision.md)."""
+    from ncfast.backend.precision import auto_precision
+
+    out = []
+    for device in ["cpu", *(f"cuda:{i}" for i in range(num_gpus))]:
+        policy, why = auto_precision(device)
+        out.append({"device": device, "auto": policy, "why": why})
+    return out
 
 
 def _device_kernels(index: int) -> dict[str, str | None]:

@@ -5,16 +5,17 @@ Compiled ops (``torch.ops.ncfast.*``, a CPU and a CUDA implementation each, ``cs
 
 - ``update_stats_``: the per-batch hot path. Validation, upcast, per-class shift, centering and
   class sums fused in one pass over the batch, then one float64 Gram update (BLAS/cuBLAS; the
-  upper triangle only, in panels, when that saves flops). On CUDA: three kernels, one memset and
-  the GEMM, no host synchronisation.
+  upper triangle only, in panels, when that saves flops; with ``fast``, an IEEE float32 product
+  of the centred rows added into the float64 scatter: docs/precision.md). On CUDA: three
+  kernels, one memset and the GEMM, no host synchronisation.
 - ``ncc_mismatch_count``: NC4 as GEMMs of the centered rows against the centered class means and
   the classifier, fused with the argmin/argmax/compare/count sweep.
 
-The other functions are the reference's own (and say so by identity): each is one or two
-LAPACK/cuSOLVER/BLAS calls on matrices of size P or min(C, P), run once per measurement, which
-the reference already makes with tiled, in-place memory handling; a C++ wrapper would add
-nothing but a copy of that logic, and several of them must stay differentiable for
-ncfast.theory.
+The linear algebra under them is not here: each is one or two LAPACK/cuSOLVER/BLAS calls on
+matrices of size P or min(C, P), run once per measurement, which the reference already makes
+with tiled, in-place memory handling (``ncfast.backend.ops`` calls it for both backends); a C++
+wrapper would add nothing but a copy of that logic, and several of them must stay
+differentiable for ncfast.theory.
 
 A class first seen in a batch takes as its shift that batch's class mean on the CPU (as the
 reference), and its first valid sample of the batch on CUDA (no [C, P] accumulator per batch);
@@ -55,21 +56,11 @@ from ncfast._C import (  # ImportError when the extension was not built
 from ncfast._C import cuda_version_int as _CUDA_VERSION_INT
 from ncfast._C import torch_version as COMPILED_TORCH_VERSION
 from ncfast._C import with_cuda as _WITH_CUDA
+from ncfast._version import cuda_version_string
 from ncfast.backend import reference
-from ncfast.backend.build_info import cuda_version_string
 
 WITH_CUDA = bool(_WITH_CUDA)
 COMPILED_CUDA_VERSION = cuda_version_string(_CUDA_VERSION_INT)
-
-# Functions whose reference implementation is already the right one (see module docstring).
-finalize_stats = reference.finalize_stats
-psd_inv_sqrt = reference.psd_inv_sqrt
-reshift = reference.reshift
-nc1 = reference.nc1
-snr_singular_values = reference.snr_singular_values
-pairwise_cosine_stats = reference.pairwise_cosine_stats
-least_squares = reference.least_squares
-mse_decomposition = reference.mse_decomposition
 
 
 def _version_parts(version: str | None, parts: int) -> tuple[int, ...] | None:
@@ -250,6 +241,7 @@ def _update_stats_fake(
     sums: torch.Tensor,
     scatter: torch.Tensor,
     invalid: torch.Tensor,
+    fast: bool = False,
 ) -> None:
     return None
 
@@ -292,20 +284,21 @@ def update_stats_(
     sums: torch.Tensor,
     scatter: torch.Tensor,
     invalid: torch.Tensor,
+    fast: bool = False,
 ) -> None:
     """Add one batch to the accumulator state in place (see ``reference.update_stats_``)."""
     if not update_kernels_for(features.device):
-        reference.update_stats_(features, labels, counts, shift, sums, scatter, invalid)
+        reference.update_stats_(features, labels, counts, shift, sums, scatter, invalid, fast)
         return
     state = (counts, shift, sums, scatter, invalid)
     # The kernels need contiguous state; else they update contiguous copies, written back.
     work = state if all(t.is_contiguous() for t in state) else [t.contiguous() for t in state]
     try:
-        torch.ops.ncfast.update_stats_(features, labels, *work)
+        torch.ops.ncfast.update_stats_(features, labels, *work, fast)
     except RuntimeError as exc:
         if not _image_failed(features.device, exc):
             raise
-        reference.update_stats_(features, labels, counts, shift, sums, scatter, invalid)
+        reference.update_stats_(features, labels, counts, shift, sums, scatter, invalid, fast)
         return
     if work is not state:
         for target, result in zip(state, work, strict=True):

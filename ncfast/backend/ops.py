@@ -1,10 +1,11 @@
 """The one place that chooses between the native extension and the pure-torch reference.
 
 ``NCFAST_BACKEND=reference`` or ``native`` forces a backend; unset, the native one is used when
-``ncfast._C`` is importable. Every function below has the signature of its twin in
-``ncfast.backend.reference``; :class:`Backend` spells those signatures out, and both backend
-modules are checked against it (mypy). :func:`use_backend` switches for a block of code (tests
-and benchmarks compare the two).
+``ncfast._C`` is importable. The switch covers the compiled ops only (``update_stats_``,
+``ncc_mismatch_count``): :class:`Backend` spells out their signatures, and both backend modules
+are checked against it (mypy); the linear algebra below them is the reference's own, torch calls
+in both backends. :func:`use_backend` switches for a block of code (tests and benchmarks compare
+the two).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ _Result = TypeVar("_Result")
 
 
 class Backend(Protocol):
-    """The ops every backend module provides (the signatures of :mod:`.reference`)."""
+    """The compiled ops, which every backend module provides (the signatures of
+    :mod:`.reference`)."""
 
     def update_stats_(
         self,
@@ -35,54 +37,8 @@ class Backend(Protocol):
         sums: torch.Tensor,
         scatter: torch.Tensor,
         invalid: torch.Tensor,
+        fast: bool = False,
     ) -> None: ...
-
-    def finalize_stats(
-        self, counts: torch.Tensor, shift: torch.Tensor, sums: torch.Tensor, scatter: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def reshift(
-        self,
-        counts: torch.Tensor,
-        shift: torch.Tensor,
-        sums: torch.Tensor,
-        scatter: torch.Tensor,
-        new_shift: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def psd_inv_sqrt(
-        self, matrix: torch.Tensor, rel_eps: float | None = None
-    ) -> tuple[torch.Tensor, int]: ...
-
-    def nc1(
-        self, sigma_w: torch.Tensor, mbar: torch.Tensor, rtol: float = ..., atol: float = ...
-    ) -> tuple[float, int]: ...
-
-    def snr_singular_values(
-        self,
-        sigma_w_inv_sqrt: torch.Tensor,
-        mbar: torch.Tensor,
-        rtol: float = ...,
-        atol: float = ...,
-    ) -> torch.Tensor: ...
-
-    def pairwise_cosine_stats(
-        self, vectors: torch.Tensor, tile: int = ...
-    ) -> tuple[float, float]: ...
-
-    def least_squares(
-        self, class_means: torch.Tensor, priors: torch.Tensor, sigma_w: torch.Tensor, lam: float
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def mse_decomposition(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        class_means: torch.Tensor,
-        priors: torch.Tensor,
-        sigma_w: torch.Tensor,
-        lam: float,
-    ) -> dict[str, float]: ...
 
     def ncc_mismatch_count(
         self,
@@ -159,12 +115,15 @@ def _dispatch(
 
 
 update_stats_ = _dispatch(Backend.update_stats_)
-finalize_stats = _dispatch(Backend.finalize_stats)
-reshift = _dispatch(Backend.reshift)
-psd_inv_sqrt = _dispatch(Backend.psd_inv_sqrt)
-nc1 = _dispatch(Backend.nc1)
-snr_singular_values = _dispatch(Backend.snr_singular_values)
-pairwise_cosine_stats = _dispatch(Backend.pairwise_cosine_stats)
-least_squares = _dispatch(Backend.least_squares)
-mse_decomposition = _dispatch(Backend.mse_decomposition)
 ncc_mismatch_count = _dispatch(Backend.ncc_mismatch_count)
+
+# Linear algebra on matrices of size P or min(C, P), once per measurement: torch's own
+# LAPACK/cuSOLVER/BLAS calls, the same in both backends (no switch; see ncfast.backend.native).
+finalize_stats = reference.finalize_stats
+reshift = reference.reshift
+psd_inv_sqrt = reference.psd_inv_sqrt
+nc1 = reference.nc1
+snr_singular_values = reference.snr_singular_values
+pairwise_cosine_stats = reference.pairwise_cosine_stats
+least_squares = reference.least_squares
+mse_decomposition = reference.mse_decomposition

@@ -3,43 +3,20 @@
 Each function here has a native twin in ``ncfast._C`` (same arguments, same results to
 rounding). ``ncfast.backend.ops`` chooses between them; tests compare both against float64 numpy.
 
-Accumulator state of the streamed statistics (SPEC §1), all on one device:
-
-- ``counts``  int64   [C]     samples seen per class
-- ``shift``   float64 [C, P]  per-class shift s_c: the class mean of the first batch holding class c
-- ``sums``    float64 [C, P]  d_c = Σ_{i in c} (h_i − s_c)
-- ``scatter`` float64 [P, P]  S = Σ_i (h_i − s_{y_i})(h_i − s_{y_i})ᵀ
-- ``invalid`` int64   [2]     samples dropped: [label out of range, non-finite features]
-
-Then μ_c = s_c + d_c / n_c and N Σ_W = S − Σ_c d_c d_cᵀ / n_c. Because s_c lies within the
-within-class spread of μ_c, every subtraction above involves numbers of the size of that spread,
-not of the means: this is what keeps the statistics exact near collapse (SPEC §1).
-:func:`new_state` allocates this layout; :data:`STATE_KEYS` is the order the update ops take.
+The accumulator state they update has the layout of :mod:`ncfast.backend.state` (re-exported
+here for the tests and benchmarks that build states next to the reference).
 """
 
 from __future__ import annotations
 
 import torch
 
-# The accumulator state's tensors, in the order update_stats_ takes them.
-STATE_KEYS = ("counts", "shift", "sums", "scatter", "invalid")
-INVALID_LABEL = 0
-INVALID_NONFINITE = 1
+from ncfast.backend.precision import ieee_float32_matmul
+from ncfast.backend.state import INVALID_LABEL, INVALID_NONFINITE
+from ncfast.backend.state import STATE_KEYS as STATE_KEYS
+from ncfast.backend.state import new_state as new_state
+
 _WELL_CONDITIONED = 1e-8  # smallest/largest squared Cholesky pivot for a trusted solve
-
-
-def new_state(
-    num_classes: int, dim: int, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """An empty accumulator state (the layout of the module docstring) on ``device``."""
-    float64 = torch.float64
-    return {
-        "counts": torch.zeros(num_classes, dtype=torch.int64, device=device),
-        "shift": torch.zeros(num_classes, dim, dtype=float64, device=device),
-        "sums": torch.zeros(num_classes, dim, dtype=float64, device=device),
-        "scatter": torch.zeros(dim, dim, dtype=float64, device=device),
-        "invalid": torch.zeros(2, dtype=torch.int64, device=device),
-    }
 
 
 def count_invalid_rows_(
@@ -62,11 +39,14 @@ def update_stats_(
     sums: torch.Tensor,
     scatter: torch.Tensor,
     invalid: torch.Tensor,
+    fast: bool = False,
 ) -> None:
     """Add one batch ``features [B, P]``, ``labels [B]`` to the accumulator state, in place.
 
     Invalid rows (label outside [0, C) or any non-finite feature) are counted in ``invalid`` and
     contribute nothing. No host synchronisation: every decision is a device-side ``where``.
+    ``fast``: the scatter product of the (float64) centred rows in IEEE float32, added into the
+    float64 scatter (the ``fast`` precision policy, docs/precision.md); else all float64.
     """
     num_classes = counts.shape[0]
     # A float64 copy of our own, worked on in place: with it, at most three [B, P] float64
@@ -98,7 +78,12 @@ def update_stats_(
     centered = x.sub_(row_shift).mul_(valid.to(x.dtype)[:, None])
     del row_shift
     sums.index_add_(0, y, centered)
-    scatter.addmm_(centered.T, centered)
+    if fast:
+        rounded = centered.to(torch.float32)
+        with ieee_float32_matmul():
+            scatter.add_(rounded.T @ rounded)
+    else:
+        scatter.addmm_(centered.T, centered)
     counts += batch_counts
 
 

@@ -43,6 +43,12 @@ from ncfast.cli._shared import OUTPUT_DIR, check_output_dir, figure_formats_opti
     default=None,
     help="cpu, cuda or cuda:N (default: cuda when available).",
 )
+@click.option(
+    "--stats-precision",
+    type=click.Choice(["exact", "fast", "auto"]),
+    default=None,
+    help="Precision of the per-batch scatter product (docs/precision.md; default: the run's).",
+)
 @figure_formats_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze_command(
@@ -52,6 +58,7 @@ def analyze_command(
     robustness_samples: int,
     robustness_seed: int,
     device: str | None,
+    stats_precision: str | None,
     formats: tuple[str, ...],
     quiet: bool,
 ) -> None:
@@ -83,6 +90,7 @@ def analyze_command(
         robustness_seed=robustness_seed,
         formats=formats,
         progress=not quiet,
+        stats_precision=stats_precision,
     )
     click.echo(format_table(report), nl=False)
     files = report["files"]

@@ -47,6 +47,10 @@ def info_command(as_json: bool) -> None:
             f"{entry['device']} ({entry['name']}, compute capability {entry['capability']}): "
             f"{entry['uses']}"
         )
+    for entry in info["stats_precision"]:
+        lines.append(
+            f"scatter precision on {entry['device']}: auto = {entry['auto']} ({entry['why']})"
+        )
     backend = info["backend"]
     if info["backend_requested"]:
         backend += f" (NCFAST_BACKEND={info['backend_requested']})"

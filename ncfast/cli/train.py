@@ -187,6 +187,14 @@ def _int_list(ctx, param, value):
     help="bf16 autocast for the network; statistics stay float64 (default fp32).",
 )
 @click.option(
+    "--stats-precision",
+    type=click.Choice(["exact", "fast", "auto"]),
+    default=None,
+    help="Precision of the per-batch scatter product: exact (float64), fast (IEEE float32 "
+    "products of class-centred rows added into float64; docs/precision.md) or auto (exact on "
+    "CPUs and GPUs with fast float64, fast on others; default).",
+)
+@click.option(
     "--measure-overhead",
     is_flag=True,
     default=None,

@@ -49,7 +49,7 @@ import warnings
 import torch
 from torch import nn
 
-from ncfast.backend.reference import STATE_KEYS
+from ncfast.backend.state import STATE_KEYS
 from ncfast.checks import check_int, check_weight_decay
 from ncfast.metrics import nc_metrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, count_mismatches, mismatch_fraction, valid_rows

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ncfast import __version__
+from ncfast.backend.precision import check_precision as check_stats_precision
 from ncfast.checks import check_device, check_int
 from ncfast.paper.checkpoint import CheckpointError, load_checkpoint, load_state_checked
 from ncfast.paper.config import TrainConfig
@@ -98,14 +99,18 @@ def compare_with_log(measured: dict, logged: dict) -> dict:
     }
 
 
-def _rebuild(payload: dict, path: Path, data_root, device: torch.device) -> TrainConfig:
-    """The run's TrainConfig with this machine's device/data root."""
+def _rebuild(
+    payload: dict, path: Path, data_root, device: torch.device, stats_precision=None
+) -> TrainConfig:
+    """The run's TrainConfig with this machine's device/data root (and scatter precision)."""
     stored = payload["config"]
     if not isinstance(stored, dict):
         raise CheckpointError(f"checkpoint {path}: 'config' is not a dict of options")
     overrides = {"device": str(device), "download": False, "resume": False, "overwrite": False}
     if data_root is not None:
         overrides["data_root"] = str(data_root)
+    if stats_precision is not None:
+        overrides["stats_precision"] = stats_precision
     try:
         return dataclasses.replace(TrainConfig.from_json(stored), **overrides).resolved()
     except (TypeError, ValueError) as exc:
@@ -124,6 +129,7 @@ def analyze(
     robustness_seed: int = 0,
     formats=FORMATS,
     progress: bool = True,
+    stats_precision: str | None = None,
 ) -> dict:
     """Analyze the checkpoint at ``checkpoint_path``; write the report files; return the report.
 
@@ -131,13 +137,16 @@ def analyze(
     DeepFool; 0 skips it. ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when
     available). Raises :class:`ncfast.paper.checkpoint.CheckpointError` for a missing, corrupt or
     untrusted checkpoint (nothing in it is executed), ``ncfast.paper.data.DatasetError`` when the
-    run's data cannot be loaded, ValueError (TypeError) for bad arguments.
+    run's data cannot be loaded, ValueError (TypeError) for bad arguments. ``stats_precision``
+    (exact, fast, auto) overrides the run's scatter precision (docs/precision.md).
     """
     check_int(robustness_samples, "robustness_samples", 0, "analyze")
+    if stats_precision is not None:
+        check_stats_precision(stats_precision, "analyze")
     dev = check_device(device, "device", "analyze")
     path = Path(checkpoint_path)
     payload = load_checkpoint(path, map_location="cpu")
-    config = _rebuild(payload, path, data_root, dev)
+    config = _rebuild(payload, path, data_root, dev, stats_precision)
     out = Path(out_dir) if out_dir is not None else path.parent / ANALYSIS_DIR
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir: {out} exists and is not a directory")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ncfast.backend.precision import check_precision as check_stats_precision
 from ncfast.checks import check_device, check_int, check_number
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
 from ncfast.paper.evaluate import check_precision
@@ -121,6 +122,9 @@ class Invocation:
     device: str | None = None  # None: cuda if available, else cpu
     measure_overhead: bool = False
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET
+    # The scatter product's precision policy (docs/precision.md): exact, fast, or auto (per
+    # device); config.json also logs what it resolved to on the run's device.
+    stats_precision: str = "auto"
     # DeepFool robustness (HPD22 Fig. 9) of this many seeded test images at each measurement
     # epoch, logged on the test row as "robustness"; 0: off.
     robustness_samples: int = 0
@@ -205,6 +209,7 @@ class TrainConfig(Invocation, Experiment):
             "precision": self.precision,
             "mse_scale": self.mse_scale,
             "memory_budget_bytes": self.memory_budget_bytes,
+            "stats_precision": self.stats_precision,
         }
 
     @property
@@ -301,6 +306,7 @@ def _check_kinds(c: TrainConfig) -> None:
     ):
         if not isinstance(getattr(c, name), bool):
             raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
+    check_stats_precision(c.stats_precision, "stats_precision")
 
 
 def _resolve_device(c: TrainConfig) -> None:

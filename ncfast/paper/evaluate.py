@@ -89,6 +89,7 @@ def measure_split(
     channels_last: bool | None = None,
     distributed: bool = False,
     group=None,
+    stats_precision: str = "auto",
 ) -> dict:
     """Measure ``model`` on ``data`` (a :class:`ncfast.paper.data.LabeledImages`) in eval mode.
 
@@ -136,6 +137,7 @@ def measure_split(
             weight_decay=mse_lambda(sgd_weight_decay, num_classes),
             device=device,
             memory_budget_bytes=memory_budget_bytes,
+            precision=stats_precision,
         )
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         wrong = torch.zeros((), dtype=torch.int64, device=device)

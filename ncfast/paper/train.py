@@ -79,6 +79,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ncfast import __version__
+from ncfast.backend.precision import resolve_precision
 from ncfast.errors import NCFastError
 from ncfast.metrics import mse_lambda
 from ncfast.monitor import NCMonitor, TrainingWatch
@@ -330,6 +331,7 @@ def run_record(config: TrainConfig, ctx, model, splits) -> dict:
         "feature_dim": model.feature_dim,
         "lambda": mse_lambda(config.weight_decay, train_data.num_classes),
         "steps_per_epoch": steps_per_epoch(config, ctx.world_size, len(train_data)),
+        "stats_precision_resolved": resolve_precision(config.stats_precision, device),
     }
 
 
@@ -679,6 +681,7 @@ class OnlineLog:
             weight_decay=mse_lambda(config.weight_decay, num_classes),
             distributed=ctx.enabled,
             on_invalid="skip",
+            precision=config.stats_precision,
         )
         return cls(monitor.watch_training(config.online_every, step=step), ctx.device)
 
