@@ -12,7 +12,7 @@ import torch
 from ncfast.checks import PairSource, check_classifier, check_int, check_weight_decay
 from ncfast.metrics import NCMetrics, nc_metrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, NCCMismatch, mismatch_fraction
-from ncfast.stats import ClassStats
+from ncfast.stats import ClassStats, InvalidStateError
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -71,9 +71,17 @@ class Measurement:
         self.computed_stats = None
 
     def merge(self, other: Measurement) -> Measurement:
-        """Add the samples of ``other`` (same classes, dim and classifier) to these, exactly."""
+        """Add the samples of ``other`` (same classes, dim and classifier) to these, exactly.
+        Everything is checked before anything changes."""
         if not isinstance(other, Measurement):
             raise TypeError(f"Measurement.merge: other must be a Measurement, got {type(other)}")
+        mine, theirs = self.stats, other.stats
+        if (theirs.num_classes, theirs.dim) != (mine.num_classes, mine.dim):
+            raise InvalidStateError(
+                f"Measurement.merge: other has num_classes={theirs.num_classes}, "
+                f"dim={theirs.dim}; this measurement has num_classes={mine.num_classes}, "
+                f"dim={mine.dim}"
+            )
         if (other.ncc is None) != (self.ncc is None):
             raise ValueError(
                 "Measurement.merge: one measurement has a classifier and the other not; NC4 "
@@ -101,22 +109,25 @@ class Measurement:
 
     def load_state_dict(self, state_dict: Mapping[str, object]) -> Measurement:
         """Restore what :meth:`state_dict` returned (into a Measurement of the same classes,
-        dim, and classifier or none)."""
+        dim, and classifier or none). Both parts are checked before either is loaded: on
+        :class:`~ncfast.stats.InvalidStateError` this measurement is unchanged."""
+        where = "Measurement.load_state_dict"
         if not isinstance(state_dict, Mapping) or "stats" not in state_dict:
-            raise KeyError("Measurement.load_state_dict: state_dict lacks 'stats'")
+            raise InvalidStateError(f"{where}: state_dict lacks 'stats'")
         stats, nc4 = state_dict["stats"], state_dict.get("nc4")
         if not isinstance(stats, Mapping) or not (nc4 is None or isinstance(nc4, Mapping)):
-            raise ValueError(
-                "Measurement.load_state_dict: 'stats' and 'nc4' must be the dicts that "
-                "state_dict() returned"
+            raise InvalidStateError(
+                f"{where}: 'stats' and 'nc4' must be the dicts that state_dict() returned"
             )
         if (nc4 is None) != (self.ncc is None):
             have = "has a classifier" if self.ncc is not None else "has no classifier"
-            raise ValueError(
-                f"Measurement.load_state_dict: this measurement {have} but the state "
+            raise InvalidStateError(
+                f"{where}: this measurement {have} but the state "
                 + ("holds no NC4 buffer" if nc4 is None else "holds an NC4 buffer")
             )
-        self.stats.load_state_dict(stats)
+        if self.ncc is not None and nc4 is not None:
+            self.ncc.checked_state(nc4)
+        self.stats.load_state_dict(stats)  # checks before it changes anything
         if self.ncc is not None and nc4 is not None:
             self.ncc.load_state_dict(nc4)
         self.computed_stats = None

@@ -16,7 +16,7 @@ import torch
 from ncfast.backend import ops
 from ncfast.backend.reference import count_invalid_rows_
 from ncfast.checks import PairSource, check_classifier, check_int, iter_pairs
-from ncfast.stats import ClassStats, check_batch
+from ncfast.stats import ClassStats, InvalidStateError, check_batch
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes
 
@@ -151,25 +151,30 @@ class NCCMismatch:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, object]) -> None:
-        """Restore what :meth:`state_dict` returned (for a classifier of the same ``dim``)."""
-        missing = [k for k in ("features", "valid", "overflowed") if k not in state_dict]
-        if missing:
-            raise KeyError(f"NCCMismatch.load_state_dict: state_dict lacks {missing}")
-        features, valid = _tensors(state_dict["features"]), _tensors(state_dict["valid"])
-        if (
-            features is None
-            or valid is None
-            or len(features) != len(valid)
-            or any(f.dim() != 2 or f.shape[1] != self.dim for f in features)
-        ):
-            raise ValueError(
-                f"NCCMismatch.load_state_dict: 'features' must be [B, {self.dim}] tensors, one "
-                "per 'valid' mask"
-            )
+        """Restore what :meth:`state_dict` returned (for a classifier of the same ``dim``); on
+        :class:`~ncfast.stats.InvalidStateError` nothing is changed."""
+        features, valid, overflowed = self.checked_state(state_dict)
         self.reset()
-        self.overflowed = bool(state_dict["overflowed"])
+        self.overflowed = overflowed
         self._batches = list(zip(features, valid, strict=True))
         self._buffered_bytes = sum(f.numel() * f.element_size() for f in features)
+
+    def checked_state(
+        self, state_dict: Mapping[str, object]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+        """(features, validity masks, overflowed) of a :meth:`state_dict`, checked against this
+        object's ``dim``; raises :class:`~ncfast.stats.InvalidStateError`."""
+        where = "NCCMismatch.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise InvalidStateError(f"{where}: the NC4 state must be a dict")
+        missing = [k for k in ("features", "valid", "overflowed") if k not in state_dict]
+        if missing:
+            raise InvalidStateError(f"{where}: state_dict lacks {missing}")
+        features, valid = check_buffer(state_dict["features"], state_dict["valid"], self.dim, where)
+        overflowed = state_dict["overflowed"]
+        if not isinstance(overflowed, bool):
+            raise InvalidStateError(f"{where}: 'overflowed' must be True or False")
+        return features, valid, overflowed
 
 
 def count_mismatches(
@@ -206,6 +211,29 @@ def mismatch_fraction(mismatches: torch.Tensor, total: torch.Tensor, stats: Clas
             f"{stats.num_samples}; NC4 needs the means of the same samples"
         )
     return int(mismatches) / max(n_total, 1)
+
+
+def check_buffer(
+    features: object, valid: object, dim: int, where: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A saved NC4 buffer, checked: ``features`` a list of ``[B, dim]`` tensors, ``valid`` one
+    bool ``[B]`` mask per tensor; raises :class:`~ncfast.stats.InvalidStateError`."""
+    feature_list, valid_list = _tensors(features), _tensors(valid)
+    if (
+        feature_list is None
+        or valid_list is None
+        or len(feature_list) != len(valid_list)
+        or any(f.dim() != 2 or f.shape[1] != dim for f in feature_list)
+        or any(
+            v.dtype != torch.bool or tuple(v.shape) != (f.shape[0],)
+            for f, v in zip(feature_list, valid_list, strict=True)
+        )
+    ):
+        raise InvalidStateError(
+            f"{where}: the NC4 features must be [B, {dim}] tensors, each with a bool [B] "
+            "validity mask"
+        )
+    return feature_list, valid_list
 
 
 def _tensors(value: object) -> list[torch.Tensor] | None:

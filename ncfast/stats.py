@@ -28,6 +28,73 @@ class InvalidInputError(NCFastError, ValueError):
     """Raised when streamed samples had labels out of range or non-finite features."""
 
 
+class InvalidStateError(NCFastError, ValueError):
+    """A saved or merged accumulator state that cannot be statistics of these classes and
+    features: missing keys, other shapes (another C or P), NaN/inf sums, or counts that are
+    negative or not whole numbers. Raised before anything is changed."""
+
+
+def check_state(
+    state: Mapping[str, object], num_classes: int, dim: int, where: str
+) -> dict[str, torch.Tensor]:
+    """The accumulator tensors of ``state`` (keys :data:`~ncfast.backend.reference.STATE_KEYS`),
+    checked to be statistics of ``num_classes`` classes of ``dim`` features, as int64 counts
+    and float64 sums on their device; raises :class:`InvalidStateError` naming what is wrong.
+
+    Reads the values (one host synchronisation): for merges and loads, never per batch.
+    """
+    if not isinstance(state, Mapping):
+        raise InvalidStateError(f"{where}: the state must be a dict, got {type(state).__name__}")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise InvalidStateError(f"{where}: the state lacks {missing}")
+    shapes = {
+        "counts": (num_classes,),
+        "shift": (num_classes, dim),
+        "sums": (num_classes, dim),
+        "scatter": (dim, dim),
+        "invalid": (2,),
+    }
+    tensors = {k: state[k] for k in STATE_KEYS}
+    got = {k: getattr(v, "shape", type(v).__name__) for k, v in tensors.items()}
+    if any(
+        not isinstance(v, torch.Tensor) or tuple(v.shape) != shapes[k] for k, v in tensors.items()
+    ):
+        given = ", ".join(f"{k} {_shape_text(v)}" for k, v in got.items())
+        wanted = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+        raise InvalidStateError(
+            f"{where}: the state's tensors have shapes {given}; statistics of "
+            f"num_classes={num_classes}, dim={dim} need {wanted}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        assert isinstance(value, torch.Tensor)
+        out[key] = _checked_values(key, value, where)
+    return out
+
+
+def _shape_text(shape: object) -> str:
+    return str(list(shape)) if isinstance(shape, torch.Size) else f"({shape})"
+
+
+def _checked_values(key: str, value: torch.Tensor, where: str) -> torch.Tensor:
+    """``value`` as int64 counts (``counts``, ``invalid``) or float64 sums, checked."""
+    if value.is_complex() or value.dtype == torch.bool:
+        raise InvalidStateError(f"{where}: {key!r} has dtype {value.dtype}; expected real numbers")
+    if key in ("counts", "invalid"):
+        as_float = value.to(torch.float64)
+        whole = (as_float >= 0) & (as_float <= 2.0**62) & (as_float == as_float.round())
+        if not bool(whole.all()):
+            bad = as_float[~whole][:3].tolist()
+            raise InvalidStateError(
+                f"{where}: {key!r} must hold counts (whole numbers in [0, 2**62]), got {bad}"
+            )
+        return value.to(torch.int64)
+    if not bool(torch.isfinite(value).all()):
+        raise InvalidStateError(f"{where}: {key!r} contains NaN or inf")
+    return value.to(torch.float64)
+
+
 def check_batch(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, dim: int, where: str
 ) -> None:
@@ -192,25 +259,26 @@ class ClassStats:
 
     def load_state_dict(self, state_dict: Mapping[str, object]) -> ClassStats:
         """Restore what :meth:`state_dict` returned (same ``num_classes`` and ``dim``) into these
-        statistics, on their device."""
-        missing = [k for k in (*STATE_KEYS, "num_classes", "dim") if k not in state_dict]
+        statistics, on their device. The state is checked first (:func:`check_state`); on
+        :class:`InvalidStateError` these statistics are unchanged."""
+        where = "ClassStats.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise InvalidStateError(
+                f"{where}: state_dict must be a dict, got {type(state_dict).__name__}"
+            )
+        missing = [k for k in ("num_classes", "dim") if k not in state_dict]
         if missing:
-            raise KeyError(f"load_state_dict: state_dict lacks {missing}")
+            raise InvalidStateError(f"{where}: state_dict lacks {missing}")
         if (state_dict["num_classes"], state_dict["dim"]) != (self.num_classes, self.dim):
-            raise ValueError(
-                f"load_state_dict: state is for num_classes={state_dict['num_classes']}, "
+            raise InvalidStateError(
+                f"{where}: state is for num_classes={state_dict['num_classes']}, "
                 f"dim={state_dict['dim']}; these statistics have "
                 f"num_classes={self.num_classes}, dim={self.dim}"
             )
+        checked = check_state(state_dict, self.num_classes, self.dim, where)
         state = self._require_state()
         for k in STATE_KEYS:
-            v = state_dict[k]
-            if not isinstance(v, torch.Tensor) or v.shape != state[k].shape:
-                raise ValueError(
-                    f"load_state_dict: {k!r} must be a tensor of shape {list(state[k].shape)}, "
-                    f"got {getattr(v, 'shape', type(v).__name__)}"
-                )
-            state[k].copy_(v.to(state[k].device, state[k].dtype))
+            state[k].copy_(checked[k].to(state[k].device))
         self._final = None
         return self
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -52,8 +53,21 @@ from torch import nn
 from ncfast.backend.reference import STATE_KEYS
 from ncfast.checks import check_int, check_weight_decay
 from ncfast.metrics import nc_metrics
-from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, count_mismatches, mismatch_fraction, valid_rows
-from ncfast.stats import ClassStats, all_reduced_state, check_batch, merged_state
+from ncfast.nc4 import (
+    DEFAULT_MEMORY_BUDGET,
+    check_buffer,
+    count_mismatches,
+    mismatch_fraction,
+    valid_rows,
+)
+from ncfast.stats import (
+    ClassStats,
+    InvalidStateError,
+    all_reduced_state,
+    check_batch,
+    check_state,
+    merged_state,
+)
 
 try:
     from torchmetrics import Metric
@@ -171,9 +185,12 @@ class NeuralCollapse(Metric):
 
     # ------------------------------------------------------- merge and sync
     def _reduce_states(self, incoming_state: dict) -> None:
-        """``merge_state``: add another metric's samples exactly (about a common shift)."""
+        """``merge_state``: add another metric's samples exactly (about a common shift). The
+        incoming state is checked first; on an error this metric is unchanged."""
+        where = "NeuralCollapse.merge_state"
+        theirs = self._checked_state(incoming_state, where)
         mine = {k: getattr(self, k) for k in STATE_KEYS}
-        merged = merged_state(mine, {k: incoming_state[k] for k in STATE_KEYS})
+        merged = merged_state(mine, theirs)
         for key, value in merged.items():
             setattr(self, key, value)
         if self.nc4:
@@ -187,6 +204,51 @@ class NeuralCollapse(Metric):
             else:
                 self.nc4_features = features
                 self.nc4_valid = [*self.nc4_valid, *incoming_state["nc4_valid"]]
+
+    def _checked_state(self, state: Mapping[str, object], where: str) -> dict[str, torch.Tensor]:
+        """The statistics of another metric's ``state``, checked to fit this metric (classes,
+        dim, finite sums, whole counts, the NC4 buffer when this metric keeps one)."""
+        theirs = check_state(state, self.num_classes, self.dim, where)
+        if not self.nc4:
+            return theirs
+        missing = [k for k in (*_NC4_KEYS, "nc4_counts") if k not in state]
+        if missing:
+            raise InvalidStateError(
+                f"{where}: this metric measures NC4 (it has a classifier and nc4=True) but the "
+                f"incoming state lacks {missing}: merge metrics made with the same classifier "
+                "and nc4 setting"
+            )
+        check_buffer(state["nc4_features"], state["nc4_valid"], self.dim, where)
+        counts = state["nc4_counts"]
+        if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (3,):
+            raise InvalidStateError(f"{where}: 'nc4_counts' must be a tensor of 3 counts")
+        return theirs
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """``load_state_dict`` of persistent states (``metric.persistent(True)``): checked to
+        fit this metric before torchmetrics sets any of them."""
+        names = [k for k in STATE_KEYS if prefix + k in state_dict]
+        if names:
+            state = {k: state_dict[prefix + k] for k in STATE_KEYS if prefix + k in state_dict}
+            if self.nc4:
+                state.update(
+                    (k, state_dict[prefix + k])
+                    for k in (*_NC4_KEYS, "nc4_counts")
+                    if prefix + k in state_dict
+                )
+            self._checked_state(state, "NeuralCollapse.load_state_dict")
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _sync_dist(self, dist_sync_fn=None, process_group=None) -> None:
         """All ranks' samples, exactly: see the module docstring. Collective."""
