@@ -96,6 +96,14 @@ def _require_two_classes(stats: ClassStats, where: str) -> None:
         )
 
 
+# Features are accumulated as float64 sums of squares: beyond ~1e154 they overflow.
+_OVERFLOW = (
+    "the features are too large for float64 statistics: their squares overflow (Σ_W or the "
+    "class means are inf/NaN; float64 holds up to 1.8e308, so features must stay below about "
+    "1e150); rescale the features"
+)
+
+
 def _rounding_gamma(terms: int) -> float:
     """γ_k = k·eps / (1 − k·eps): the worst-case relative error of a float64 sum of k terms."""
     eps = torch.finfo(torch.float64).eps
@@ -138,6 +146,8 @@ def check_separation(stats: ClassStats, mbar: torch.Tensor, where: str) -> float
     sq_norms = means[present].square().sum(1)
     class_rms = (sq_norms + trace_w * (counts.sum() / counts)).sqrt()
     rms = float(class_rms.max())
+    if not math.isfinite(rms):
+        raise DegenerateFeaturesError(where, _OVERFLOW)
     if rms == 0.0:
         raise DegenerateFeaturesError(
             where,
@@ -192,7 +202,10 @@ def least_squares_classifier(
 
 def whiten(stats: ClassStats) -> torch.Tensor:
     """Σ_W^{-1/2} ``[P, P]``: the symmetric (pseudo-)inverse square root (SPEC §4)."""
-    return ops.psd_inv_sqrt(stats.finalized()[1])[0]
+    sigma_w = stats.finalized()[1]
+    if not bool(torch.isfinite(sigma_w).all()):
+        raise DegenerateFeaturesError("whiten", _OVERFLOW)
+    return ops.psd_inv_sqrt(sigma_w)[0]
 
 
 def snr(stats: ClassStats) -> torch.Tensor:
