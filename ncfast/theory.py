@@ -432,9 +432,9 @@ class SimulationOverflowError(NCFastError, ValueError):
 
 
 def _stage(x: torch.Tensor, fraction: float, velocity: torch.Tensor, dt: float) -> torch.Tensor:
-    """``x + fraction·dt·velocity``, checked to stay where Σ_W (sums of squares over the C·N samples)
-    is finite in float64: a too large ``dt`` overflows here, and Σ_W would then be inf/NaN and
-    look singular."""
+    """``x + fraction·dt·velocity``, checked to stay where Σ_W (sums of squares over the C·N
+    samples) is finite in float64: a too large ``dt`` overflows here, and Σ_W would then be
+    inf/NaN and look singular."""
     out = x + (fraction * dt) * velocity
     scale = float(out.abs().max())
     if not math.isfinite(scale) or scale * scale * out.shape[1] >= torch.finfo(_F64).max:
