@@ -12,7 +12,7 @@ import torch
 from ncfast.checks import PairSource, check_classifier, check_int, check_weight_decay
 from ncfast.metrics import NCMetrics, nc_metrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, NCCMismatch, mismatch_fraction
-from ncfast.stats import ClassStats, InvalidStateError
+from ncfast.stats import ClassStats, InvalidStateError, skip_advice
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -46,6 +46,9 @@ class Measurement:
         dim = check_int(dim, "dim", 1, "Measurement")
         check_int(memory_budget_bytes, "memory_budget_bytes", 0, "Measurement")
         self.stats = ClassStats(num_classes, dim, device=device, on_invalid=on_invalid)
+        self.stats.invalid_advice = skip_advice(
+            "Measurement(..., on_invalid='skip')", "measurement.stats.skipped"
+        )
         self.weight_decay = check_weight_decay(weight_decay, "Measurement")
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None

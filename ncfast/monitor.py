@@ -56,7 +56,7 @@ from ncfast.checks import (
 from ncfast.measure import Measurement
 from ncfast.metrics import DegenerateFeaturesError, NCMetrics, nc_metrics, undefined_metrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, mismatch_fraction, valid_rows
-from ncfast.stats import ClassStats
+from ncfast.stats import ClassStats, skip_advice
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -145,6 +145,10 @@ class NCMonitor:
         self.distributed = distributed
         self.group = group
         self.on_invalid = on_invalid
+        # The advice of an InvalidInputError; a framework built on the monitor sets its own.
+        self.invalid_advice = skip_advice(
+            "NCMonitor(..., on_invalid='skip')", "monitor.last_pass.measurement.stats.skipped"
+        )
         self.memory_budget_bytes = check_int(
             memory_budget_bytes, "memory_budget_bytes", 0, "NCMonitor"
         )
@@ -328,6 +332,7 @@ class MonitorPass:
             on_invalid=mon.on_invalid,
             memory_budget_bytes=mon.memory_budget_bytes,
         )
+        self.measurement.stats.invalid_advice = mon.invalid_advice
         self._distributed = _distributed_now() if mon.distributed is None else mon.distributed
         if self._distributed and not _distributed_now():
             raise RuntimeError(
@@ -593,6 +598,7 @@ class TrainingWatch:
         self.stats = ClassStats(
             monitor.num_classes, monitor.dim, device=device, on_invalid=monitor.on_invalid
         )
+        self.stats.invalid_advice = monitor.invalid_advice
         # NC4 of the window so far: (mismatches, samples counted), int64 on the device.
         self._nc4_counts = torch.zeros(2, dtype=torch.int64, device=device)
         self.previous_means: torch.Tensor | None = None  # float64 [C, P], zero rows if absent

@@ -153,6 +153,9 @@ class ClassStats:
                 f"ClassStats: on_invalid must be one of {_ON_INVALID}, got {on_invalid!r}"
             )
         self.on_invalid = on_invalid
+        # What an InvalidInputError tells the user to do, in the terms of the surface they
+        # called (NCMonitor, the Lightning callback, ...: each sets its own, see skip_advice).
+        self.invalid_advice = skip_advice("ClassStats(..., on_invalid='skip')", ".skipped")
         self._state: dict[str, torch.Tensor] | None = None
         # (class means, Σ_W) of the current state, until it changes.
         self._final: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -200,7 +203,7 @@ class ClassStats:
             bad = torch.zeros(2, dtype=torch.int64)
             count_invalid_rows_(features, labels, self.num_classes, bad)
             if bad.any():
-                raise InvalidInputError(_describe_invalid(bad, self.num_classes, "this batch"))
+                raise InvalidInputError(self._describe_invalid(bad, "this batch"))
         ops.update_stats_(features, labels, *(state[k] for k in STATE_KEYS))
         self._final = None
 
@@ -227,6 +230,7 @@ class ClassStats:
         (torch.distributed must be initialised). Exact as :meth:`merge`: see
         :func:`all_reduced_state`."""
         out = ClassStats(self.num_classes, self.dim, on_invalid=self.on_invalid)
+        out.invalid_advice = self.invalid_advice
         out._state = all_reduced_state(self._require_state(), group, "ClassStats.reduced")
         return out
 
@@ -314,9 +318,7 @@ class ClassStats:
         """Raise :class:`InvalidInputError` if invalid samples arrived (``on_invalid='raise'``)."""
         invalid = self._require_state()["invalid"]
         if self.on_invalid == "raise" and bool(invalid.any()):
-            raise InvalidInputError(
-                _describe_invalid(invalid.cpu(), self.num_classes, "the streamed batches")
-            )
+            raise InvalidInputError(self._describe_invalid(invalid.cpu(), "the streamed batches"))
 
     # ---------------------------------------------------------------- results
     def finalized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,23 +394,27 @@ class ClassStats:
         pi = self.priors[self.present]
         return self.sigma_w + (mbar * pi) @ mbar.T
 
+    def _describe_invalid(self, invalid: torch.Tensor, where: str) -> str:
+        bad_labels, non_finite = (int(v) for v in invalid.tolist())
+        problems = []
+        if bad_labels:
+            problems.append(f"{bad_labels} sample(s) with labels outside [0, {self.num_classes})")
+        if non_finite:
+            problems.append(f"{non_finite} sample(s) with non-finite (NaN/inf) features")
+        return (
+            f"{' and '.join(problems)} in {where}; they were left out of the statistics. "
+            + self.invalid_advice
+        )
+
     def __repr__(self) -> str:
         where = "unallocated" if self._state is None else str(self.device)
         return f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, {where})"
 
 
-def _describe_invalid(invalid: torch.Tensor, num_classes: int, where: str) -> str:
-    bad_labels, non_finite = (int(v) for v in invalid.tolist())
-    problems = []
-    if bad_labels:
-        problems.append(f"{bad_labels} sample(s) with labels outside [0, {num_classes})")
-    if non_finite:
-        problems.append(f"{non_finite} sample(s) with non-finite (NaN/inf) features")
-    return (
-        f"ClassStats: {' and '.join(problems)} in {where}; they were left out of the "
-        "statistics. Fix the input, or create ClassStats(..., on_invalid='skip') to skip and "
-        "count them (see .skipped)."
-    )
+def skip_advice(skipping_call: str, skipped: str) -> str:
+    """The advice of an :class:`InvalidInputError` for a surface whose users skip invalid
+    samples with ``skipping_call`` and read their counts from ``skipped``."""
+    return f"Fix the input, or pass {skipping_call} to skip and count them (see {skipped})."
 
 
 def _means_or_shift(state: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -3,11 +3,15 @@ NCFastError (or a NaN row with its reason) instead of a traceback from deep insi
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
 import ncfast
 from ncfast import theory
+from ncfast.monitor import NCMonitor
 from ncfast.errors import NCFastError
 from tests.feeding import stream
 from tests.synthetic_features import make_data
@@ -32,3 +36,78 @@ def test_simulation_step_that_overflows_names_dt_not_a_singular_sigma_w(seed):
     assert issubclass(theory.SimulationOverflowError, NCFastError)
     # A sane step still runs.
     assert theory.simulate_central_path(x, 3, 1, dt=1.0).omega.isfinite().all()
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4).double()
+        self.classifier = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+def _nan_batch():
+    features = torch.randn(6, 4, dtype=torch.float64)
+    features[2] = math.nan
+    return features, torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def _classstats(batch):
+    ncfast.ClassStats(3, 4).update(*batch)
+
+
+def _measurement(batch):
+    ncfast.Measurement(3, 4).update(*batch)
+
+
+def _monitor(batch):
+    net = _Net()
+    NCMonitor(net, net.classifier).evaluate([batch])
+
+
+def _training_watch(batch):
+    net = _Net()
+    with NCMonitor(net, net.classifier).watch_training(every=1) as watch:
+        watch.labels(batch[1])
+        net(batch[0])
+
+
+def _torchmetrics(batch):
+    pytest.importorskip("torchmetrics")
+    from ncfast.integrations.torchmetrics import NeuralCollapse
+
+    NeuralCollapse(3, 4).update(*batch)
+
+
+def _lightning(batch):
+    pytest.importorskip("lightning")
+    from ncfast.integrations.lightning import NeuralCollapseCallback
+
+    net = _Net()
+    callback = NeuralCollapseCallback()
+    callback.setup(None, net, "fit")
+    callback.monitor.evaluate([batch])
+
+
+@pytest.mark.parametrize(
+    ("feed", "advice"),
+    [
+        (_classstats, "ClassStats(..., on_invalid='skip')"),
+        (_measurement, "Measurement(..., on_invalid='skip')"),
+        (_monitor, "NCMonitor(..., on_invalid='skip')"),
+        (_training_watch, "NCMonitor(..., on_invalid='skip')"),
+        (_torchmetrics, "NeuralCollapse(..., on_invalid='skip')"),
+        (_lightning, "NeuralCollapseCallback(..., on_invalid='skip')"),
+    ],
+)
+def test_invalid_samples_are_reported_in_the_terms_of_the_surface_called(feed, advice):
+    """Each surface's users are told the argument they pass, not to create a ClassStats."""
+    with pytest.raises(ncfast.InvalidInputError) as caught:
+        feed(_nan_batch())
+    message = str(caught.value)
+    assert "1 sample(s) with non-finite" in message
+    assert f"pass {advice}" in message
+    if not advice.startswith("ClassStats"):
+        assert "ClassStats(" not in message

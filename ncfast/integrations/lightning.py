@@ -57,6 +57,7 @@ from ncfast.measure import scalars
 from ncfast.metrics import DegenerateFeaturesError, undefined_metrics
 from ncfast.monitor import MonitorPass, NCMonitor, TrainingWatch
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
+from ncfast.stats import skip_advice
 
 try:
     from lightning.pytorch import Callback
@@ -189,6 +190,10 @@ class NeuralCollapseCallback(Callback):
             weight_decay=self.weight_decay,
             on_invalid=self.on_invalid,
             memory_budget_bytes=self.memory_budget_bytes,
+        )
+        self.monitor.invalid_advice = skip_advice(
+            "NeuralCollapseCallback(..., on_invalid='skip')",
+            "callback.monitor.last_pass.measurement.stats.skipped",
         )
         # Every rank logs the same, already global values (see the module docstring).
         warnings.filterwarnings(

@@ -67,6 +67,7 @@ from ncfast.stats import (
     check_batch,
     check_state,
     merged_state,
+    skip_advice,
 )
 
 try:
@@ -152,7 +153,11 @@ class NeuralCollapse(Metric):
     # ---------------------------------------------------------------- update
     def _stats(self) -> ClassStats:
         """A ClassStats working on this metric's state tensors (no copy)."""
-        return ClassStats.wrap({k: getattr(self, k) for k in STATE_KEYS}, self.on_invalid)
+        stats = ClassStats.wrap({k: getattr(self, k) for k in STATE_KEYS}, self.on_invalid)
+        stats.invalid_advice = skip_advice(
+            "NeuralCollapse(..., on_invalid='skip')", "the metric's `invalid` state"
+        )
+        return stats
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         check_batch(features, labels, self.num_classes, self.dim, "NeuralCollapse.update")

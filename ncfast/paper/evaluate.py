@@ -137,6 +137,8 @@ def measure_split(
             device=device,
             memory_budget_bytes=memory_budget_bytes,
         )
+        # The labels come from the dataset: an invalid sample is a diverged network.
+        measurement.stats.invalid_advice = _DIVERGED_ADVICE
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         wrong = torch.zeros((), dtype=torch.int64, device=device)
         for h, y in split_features(model, data, batch_size, precision, channels_last, bounds):
@@ -171,6 +173,13 @@ def measure_split(
         model.train(was_training)
     n = len(data)
     return {"error": wrong_total / n, "loss": loss_total / n, **result}
+
+
+_DIVERGED_ADVICE = (
+    "The network gives NaN/inf features on these samples: its weights diverged (or its "
+    "activations overflow in eval mode), so nothing can be measured; measure an earlier "
+    "checkpoint, or train again with a smaller learning rate."
+)
 
 
 def _checked_classifier(model: nn.Module, data) -> nn.Linear:
