@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from ncfast.checks import PairSource, check_classifier, check_int, check_weight_decay
-from ncfast.metrics import NCMetrics, nc_metrics
+from ncfast.metrics import (
+    ON_DEGENERATE,
+    NCMetrics,
+    nc_metrics,
+    nc_metrics_or_nan,
+    undefined_reason,
+)
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, NCCMismatch, mismatch_fraction
 from ncfast.stats import ClassStats, InvalidStateError, skip_advice
 
@@ -146,6 +152,7 @@ class Measurement:
         distributed: bool = False,
         group: ProcessGroup | None = None,
         nc4: bool = True,
+        on_degenerate: str = "raise",
     ) -> NCMetrics:
         """The SPEC dict; ``second_pass`` as in :meth:`ncfast.nc4.NCCMismatch.compute`.
 
@@ -156,9 +163,23 @@ class Measurement:
         every rank returns the metrics of all the samples of all ranks.
 
         ``nc4=False`` leaves ``nc4_ncc_mismatch`` out (and needs no second pass).
+
+        ``on_degenerate``: where the metrics are undefined (fewer than two classes seen, class
+        means that do not separate, a classifier with NaN/inf), ``"raise"`` (default) raises
+        (:class:`~ncfast.metrics.DegenerateFeaturesError` for the features) and ``"nan"``
+        returns the row of NaN metrics with the reason in ``nc_undefined``
+        (:func:`~ncfast.metrics.nc_metrics_or_nan`: the policy of logs and monitors).
         """
+        if on_degenerate not in ON_DEGENERATE:
+            raise ValueError(
+                f"Measurement.compute: on_degenerate must be one of {ON_DEGENERATE}, got "
+                f"{on_degenerate!r}"
+            )
         stats = self.stats.reduced(group) if distributed else self.stats
         self.computed_stats = stats
+        nan = on_degenerate == "nan"
+        if nan and undefined_reason(stats, self.weight, self.bias) is not None:
+            return nc_metrics_or_nan(stats, self.weight, self.bias, self.weight_decay)
         mismatch = None
         if self.ncc is not None and nc4:
             counts = torch.stack(self.ncc.count(stats, second_pass))
@@ -167,7 +188,8 @@ class Measurement:
 
                 dist.all_reduce(counts, group=group)
             mismatch = mismatch_fraction(counts[0], counts[1], stats)
-        return nc_metrics(stats, self.weight, self.bias, self.weight_decay, ncc_mismatch=mismatch)
+        metrics = nc_metrics_or_nan if nan else nc_metrics
+        return metrics(stats, self.weight, self.bias, self.weight_decay, ncc_mismatch=mismatch)
 
 
 def _same_classifier(a: NCCMismatch, b: NCCMismatch) -> bool:

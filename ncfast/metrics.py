@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TypedDict
+from typing import TypedDict, cast
 
 import torch
 
@@ -66,6 +66,7 @@ class NCMetrics(TypedDict, total=False):
     classes_present: int
     weight_decay: float
     num_samples: int
+    nc_undefined: str  # why every metric is NaN (on_degenerate="nan" only)
 
 
 class DegenerateFeaturesError(NCFastError, ValueError):
@@ -299,3 +300,45 @@ def undefined_metrics(stats: ClassStats, weight_decay: float, reason: str) -> di
         nc_undefined=reason,
     )
     return out
+
+
+ON_DEGENERATE = ("raise", "nan")
+
+
+def undefined_reason(
+    stats: ClassStats, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> str | None:
+    """Why the metrics of ``stats`` with this classifier are undefined before any is computed
+    (fewer than two classes with samples, a classifier with NaN/inf), or None. The features'
+    own degeneracy is found by :func:`nc_metrics` (:class:`DegenerateFeaturesError`)."""
+    present = stats.classes_present
+    if present < 2:
+        return (
+            f"{present} of {stats.num_classes} classes had samples (at least two are needed; "
+            f"{stats.num_samples} samples)"
+        )
+    if weight is not None and not (
+        bool(torch.isfinite(weight).all()) and (bias is None or bool(torch.isfinite(bias).all()))
+    ):
+        return "the classifier's weight or bias is not finite (training diverged)"
+    return None
+
+
+def nc_metrics_or_nan(
+    stats: ClassStats,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    weight_decay: float = 0.0,
+    ncc_mismatch: float | None = None,
+) -> NCMetrics:
+    """The one policy for logs and monitors: :func:`nc_metrics`, or, where the metrics are
+    undefined (:func:`undefined_reason`, :class:`DegenerateFeaturesError`), the row of
+    :func:`undefined_metrics`: NaN metrics with the reason in ``nc_undefined``.
+    :meth:`ncfast.Measurement.compute` with ``on_degenerate="nan"`` applies it."""
+    reason = undefined_reason(stats, weight, bias)
+    if reason is None:
+        try:
+            return nc_metrics(stats, weight, bias, weight_decay, ncc_mismatch=ncc_mismatch)
+        except DegenerateFeaturesError as exc:
+            reason = exc.reason
+    return cast(NCMetrics, undefined_metrics(stats, weight_decay, reason))

@@ -54,7 +54,7 @@ from ncfast.checks import (
     iter_pairs,
 )
 from ncfast.measure import Measurement
-from ncfast.metrics import DegenerateFeaturesError, NCMetrics, nc_metrics, undefined_metrics
+from ncfast.metrics import ON_DEGENERATE, NCMetrics, nc_metrics_or_nan
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, mismatch_fraction, valid_rows
 from ncfast.stats import ClassStats, skip_advice
 
@@ -89,7 +89,10 @@ class NCMonitor:
       converts an SGD weight decay).
     - ``distributed``: all-reduce over ``group`` when the pass ends; ``None`` (default) does so
       exactly when ``torch.distributed`` is initialised.
-    - ``on_invalid``, ``memory_budget_bytes``: as in :class:`ncfast.Measurement`.
+    - ``on_invalid``, ``memory_budget_bytes``: as in :class:`ncfast.Measurement`;
+      ``on_degenerate``: as in :meth:`ncfast.Measurement.compute` (``"nan"``: a row of NaN
+      metrics with the reason in ``nc_undefined`` where they are undefined, e.g. a validation
+      set of one class).
 
     The classifier's weight and bias are read when a pass starts and must not change until its
     metrics are computed (checked). Statistics live on the classifier's device.
@@ -106,6 +109,7 @@ class NCMonitor:
         group: ProcessGroup | None = None,
         on_invalid: str = "raise",
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+        on_degenerate: str = "raise",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"NCMonitor: model must be an nn.Module, got {type(model).__name__}")
@@ -132,6 +136,10 @@ class NCMonitor:
                     "NCMonitor: penultimate is the model itself, whose output is the logits; pass "
                     "the module whose output feeds the classifier"
                 )
+        if on_degenerate not in ON_DEGENERATE:
+            raise ValueError(
+                f"NCMonitor: on_degenerate must be one of {ON_DEGENERATE}, got {on_degenerate!r}"
+            )
         if distributed not in (None, True, False):
             raise TypeError(
                 f"NCMonitor: distributed must be None, True or False, not {distributed!r}"
@@ -145,6 +153,7 @@ class NCMonitor:
         self.distributed = distributed
         self.group = group
         self.on_invalid = on_invalid
+        self.on_degenerate = on_degenerate
         # The advice of an InvalidInputError; a framework built on the monitor sets its own.
         self.invalid_advice = skip_advice(
             "NCMonitor(..., on_invalid='skip')", "monitor.last_pass.measurement.stats.skipped"
@@ -499,7 +508,11 @@ class MonitorPass:
         if second_pass is not None:
             features = _SecondPass(mon, second_pass, forward or mon._default_forward)
         return self._opened().compute(
-            second_pass=features, distributed=self._distributed, group=mon.group, nc4=nc4
+            second_pass=features,
+            distributed=self._distributed,
+            group=mon.group,
+            nc4=nc4,
+            on_degenerate=mon.on_degenerate,
         )
 
 
@@ -690,39 +703,23 @@ class TrainingWatch:
 
     def _metrics(self, stats: ClassStats, nc4_counts: torch.Tensor | None) -> dict[str, object]:
         """The window's metrics with the classifier as it is now; NaN rows with the reason
-        where they are undefined."""
+        where they are undefined (:func:`ncfast.metrics.nc_metrics_or_nan`)."""
         mon = self.monitor
-        weight = mon.classifier.weight.detach()
         bias = mon.classifier.bias
-        reason = None
-        if stats.classes_present < 2:
-            reason = (
-                f"{stats.classes_present} of {mon.num_classes} classes had samples in the window "
-                "(at least two are needed)"
+        mismatch = None
+        if nc4_counts is not None:
+            mismatch = mismatch_fraction(nc4_counts[0], nc4_counts[1], stats)
+        out = dict(
+            nc_metrics_or_nan(
+                stats,
+                mon.classifier.weight.detach(),
+                None if bias is None else bias.detach(),
+                mon.weight_decay,
+                ncc_mismatch=mismatch,
             )
-        elif not bool(torch.isfinite(weight).all()) or (
-            bias is not None and not bool(torch.isfinite(bias).all())
-        ):
-            reason = "the classifier's weight or bias is not finite (training diverged)"
-        else:
-            mismatch = None
-            if nc4_counts is not None:
-                mismatch = mismatch_fraction(nc4_counts[0], nc4_counts[1], stats)
-            try:
-                return dict(
-                    nc_metrics(
-                        stats,
-                        weight,
-                        None if bias is None else bias.detach(),
-                        mon.weight_decay,
-                        ncc_mismatch=mismatch,
-                    )
-                )
-            except DegenerateFeaturesError as exc:
-                reason = exc.reason
-        out = undefined_metrics(stats, mon.weight_decay, reason)
+        )
         if nc4_counts is None:
-            del out["nc4_ncc_mismatch"]
+            out.pop("nc4_ncc_mismatch", None)
         return out
 
     def _next_window(self, stats: ClassStats) -> None:

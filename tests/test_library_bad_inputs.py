@@ -11,8 +11,8 @@ from torch import nn
 
 import ncfast
 from ncfast import theory
-from ncfast.monitor import NCMonitor
 from ncfast.errors import NCFastError
+from ncfast.monitor import NCMonitor
 from tests.feeding import stream
 from tests.synthetic_features import make_data
 
@@ -111,3 +111,48 @@ def test_invalid_samples_are_reported_in_the_terms_of_the_surface_called(feed, a
     assert f"pass {advice}" in message
     if not advice.startswith("ClassStats"):
         assert "ClassStats(" not in message
+
+
+def _one_class_batch():
+    return torch.randn(6, 4, dtype=torch.float64), torch.zeros(6, dtype=torch.int64)
+
+
+def test_undefined_metrics_are_one_policy_a_nan_row_with_its_reason(seed):
+    """on_degenerate="nan" (Measurement, NCMonitor, the torchmetrics metric): one class, a
+    collapsed point and a NaN classifier each give NaN metrics and the reason; "raise" raises."""
+    features, labels = _one_class_batch()
+    measurement = ncfast.Measurement(3, 4, torch.randn(3, 4, dtype=torch.float64))
+    measurement.update(features, labels)
+    with pytest.raises(ValueError, match="at least two classes"):
+        measurement.compute()
+    row = measurement.compute(on_degenerate="nan")
+    assert "1 of 3 classes had samples" in row["nc_undefined"]
+    assert math.isnan(row["nc1"]) and math.isnan(row["nc4_ncc_mismatch"])
+    assert row["num_samples"] == 6
+    with pytest.raises(ValueError, match="on_degenerate must be one of"):
+        measurement.compute(on_degenerate="skip")
+    point = ncfast.Measurement(3, 4)
+    point.update(torch.ones(6, 4, dtype=torch.float64), torch.arange(6) % 3)
+    assert "do not separate" in point.compute(on_degenerate="nan")["nc_undefined"]
+    features, labels, weight, bias = make_data([10, 12, 9], 4, seed)
+    diverged = stream(features, labels, 3, 8, weight * math.nan, bias)
+    assert "not finite" in diverged.compute(on_degenerate="nan")["nc_undefined"]
+
+    net = _Net()
+    monitor = NCMonitor(net, net.classifier, on_degenerate="nan")
+    assert "1 of 3 classes" in monitor.evaluate([_one_class_batch()])["nc_undefined"]
+    with pytest.raises(ValueError, match="at least two classes"):
+        NCMonitor(net, net.classifier).evaluate([_one_class_batch()])
+
+
+def test_torchmetrics_metric_follows_the_same_policy():
+    pytest.importorskip("torchmetrics")
+    from ncfast.integrations.torchmetrics import NeuralCollapse
+
+    metric = NeuralCollapse(3, 4, torch.randn(3, 4, dtype=torch.float64), on_degenerate="nan")
+    metric.update(*_one_class_batch())
+    result = metric.compute()
+    assert "1 of 3 classes" in result["nc_undefined"]
+    assert torch.isnan(result["nc1"]) and torch.isnan(result["nc4_ncc_mismatch"])
+    with pytest.raises(ValueError, match="on_degenerate"):
+        NeuralCollapse(3, 4, on_degenerate="ignore")

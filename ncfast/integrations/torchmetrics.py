@@ -52,7 +52,7 @@ from torch import nn
 
 from ncfast.backend.reference import STATE_KEYS
 from ncfast.checks import check_int, check_weight_decay
-from ncfast.metrics import nc_metrics
+from ncfast.metrics import ON_DEGENERATE, nc_metrics, nc_metrics_or_nan
 from ncfast.nc4 import (
     DEFAULT_MEMORY_BUDGET,
     check_buffer,
@@ -101,7 +101,9 @@ class NeuralCollapse(Metric):
 
     ``compute()`` returns the dict of :func:`ncfast.nc_metrics`, every scalar a 0-d float64
     tensor on the metric's device (counts too, for loggers) and ``snr_singular_values`` a 1-d
-    float64 tensor. Degenerate features raise :class:`ncfast.DegenerateFeaturesError`.
+    float64 tensor. Degenerate features raise :class:`ncfast.DegenerateFeaturesError`; with
+    ``on_degenerate="nan"`` every metric is NaN instead and ``nc_undefined`` (a string) says why
+    (as :meth:`ncfast.Measurement.compute`).
     """
 
     is_differentiable = False
@@ -118,6 +120,7 @@ class NeuralCollapse(Metric):
         nc4: bool = True,
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
         on_invalid: str = "raise",
+        on_degenerate: str = "raise",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -129,6 +132,12 @@ class NeuralCollapse(Metric):
         )
         ClassStats(self.num_classes, self.dim, on_invalid=on_invalid)  # checks on_invalid
         self.on_invalid = on_invalid
+        if on_degenerate not in ON_DEGENERATE:
+            raise ValueError(
+                f"NeuralCollapse: on_degenerate must be one of {ON_DEGENERATE}, got "
+                f"{on_degenerate!r}"
+            )
+        self.on_degenerate = on_degenerate
         self._linear = _classifier(classifier, self.num_classes, self.dim, self)
         self.nc4 = bool(nc4) and classifier is not None
         self._nc4_dropped = False  # read per batch without a device sync; nc4_counts[0] mirrors it
@@ -327,10 +336,13 @@ class NeuralCollapse(Metric):
                 mismatch = math.nan
             else:
                 mismatch = mismatch_fraction(counts[1], counts[2], stats)
-        result = nc_metrics(stats, weight, bias, self.weight_decay, ncc_mismatch=mismatch)
+        metrics = nc_metrics_or_nan if self.on_degenerate == "nan" else nc_metrics
+        result = metrics(stats, weight, bias, self.weight_decay, ncc_mismatch=mismatch)
         device = stats.device
         return {
-            key: torch.as_tensor(value, dtype=torch.float64).to(device)
+            key: value
+            if isinstance(value, str)
+            else torch.as_tensor(value, dtype=torch.float64).to(device)
             for key, value in result.items()
         }
 
