@@ -319,7 +319,7 @@ class MonitorPass:
         self._metrics: NCMetrics | None = None
         self._distributed = False
         self._needs_second_pass = False
-        self._versions: tuple[int, int | None] = (0, None)
+        self._fingerprint: _Fingerprint | None = None
 
     # ------------------------------------------------------------- open, close
     def open(self) -> MonitorPass:
@@ -330,7 +330,7 @@ class MonitorPass:
         if mon._open is not None:
             raise RuntimeError("NCMonitor: a measurement pass is already open on this monitor")
         weight, bias = mon.classifier.weight, mon.classifier.bias
-        self._versions = _versions(weight, bias)
+        self._fingerprint = _fingerprint(weight, bias)
         self.measurement = Measurement(
             mon.num_classes,
             mon.dim,
@@ -499,10 +499,13 @@ class MonitorPass:
         nc4: bool = True,
     ) -> NCMetrics:
         mon = self.monitor
-        if _versions(mon.classifier.weight, mon.classifier.bias) != self._versions:
+        if not _same_fingerprint(
+            _fingerprint(mon.classifier.weight, mon.classifier.bias), self._fingerprint
+        ):
             raise RuntimeError(
                 "NCMonitor: the classifier's weight or bias changed during the measurement pass "
-                "(e.g. an optimizer step); measure with fixed parameters"
+                "(e.g. an optimizer step, or an edit through .data); measure with fixed "
+                "parameters"
             )
         features = None
         if second_pass is not None:
@@ -837,8 +840,30 @@ def _bias64(classifier: nn.Linear, weight: torch.Tensor) -> torch.Tensor:
     return classifier.bias.detach().to(torch.float64)
 
 
-def _versions(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int | None]:
-    """The in-place modification counters of the classifier's parameters (torch's
-    ``Tensor._version``, the counter autograd itself checks): they change on any optimizer
-    step or in-place write."""
-    return (weight._version, None if bias is None else bias._version)
+# (torch's in-place counters of weight and bias, a digest of their values on their device).
+_Fingerprint = tuple[tuple[int, int | None], torch.Tensor]
+
+
+def _fingerprint(weight: torch.Tensor, bias: torch.Tensor | None) -> _Fingerprint:
+    """What tells that the classifier changed: the in-place modification counters
+    (``Tensor._version``, which autograd checks; any optimizer step or in-place write) and, for
+    writes that bypass them (``weight.data[...] = ...``, ``.data.copy_``), a float64 digest of
+    the values computed on their device without a host synchronisation: the sum, the sum of
+    squares and the sum weighted by row index. An edit that keeps all three is not detected."""
+    values = [weight.detach().to(torch.float64)]
+    if bias is not None:
+        values.append(bias.detach().to(torch.float64)[:, None])
+    rows = torch.arange(weight.shape[0], dtype=torch.float64, device=weight.device)
+    digest = torch.stack(
+        [torch.stack([v.sum(), v.square().sum(), (v.sum(dim=1) * rows).sum()]) for v in values]
+    )
+    return (weight._version, None if bias is None else bias._version), digest
+
+
+def _same_fingerprint(now: _Fingerprint, before: _Fingerprint | None) -> bool:
+    """Whether the classifier is as it was (NaN weights compare equal to themselves)."""
+    if before is None:
+        return False
+    return now[0] == before[0] and bool(
+        torch.allclose(now[1], before[1], rtol=0.0, atol=0.0, equal_nan=True)
+    )
