@@ -17,8 +17,8 @@ from ncfast.metrics import (
     nc_metrics_or_nan,
     undefined_reason,
 )
-from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, NCCMismatch, mismatch_fraction
-from ncfast.stats import ClassStats, InvalidStateError, skip_advice
+from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, NCCMismatch, mismatch_fraction, valid_rows
+from ncfast.stats import ClassStats, InvalidStateError, check_batch, skip_advice
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -61,16 +61,23 @@ class Measurement:
         self.ncc: NCCMismatch | None = None
         if weight is not None:
             self.weight, self.bias = check_classifier(weight, bias, "Measurement", num_classes, dim)
-            self.ncc = NCCMismatch(self.weight, self.bias, memory_budget_bytes)
+            self.ncc = NCCMismatch.of_checked(self.weight, self.bias, memory_budget_bytes)
         elif bias is not None:
             raise ValueError("Measurement: bias was given without weight")
         # The statistics the last compute() used: self.stats, or their all-rank reduction.
         self.computed_stats: ClassStats | None = None
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        self.stats.update(features, labels)
+        """Add one batch: ``features [B, dim]`` (any float dtype, on the statistics' device),
+        ``labels [B]`` in ``0..num_classes-1``. Checked once, its rows' validity computed once
+        for the statistics and NC4."""
+        check_batch(features, labels, self.stats.num_classes, self.stats.dim, "Measurement.update")
+        valid = None
+        if self.ncc is not None and features.shape[0] and self.ncc.buffer.fits(features):
+            valid = valid_rows(features, labels, self.stats.num_classes)
+        self.stats.update_checked(features, labels, valid)
         if self.ncc is not None:
-            self.ncc.update(features, labels)
+            self.ncc.add_checked(features, labels, valid)
 
     def reset(self) -> None:
         """Forget every sample (a new pass); keep the classifier and settings."""

@@ -189,6 +189,14 @@ class ClassStats:
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Add one batch ``features [B, P]``, ``labels [B]`` (returns None, as torchmetrics)."""
         check_batch(features, labels, self.num_classes, self.dim, "ClassStats.update")
+        self.update_checked(features, labels)
+
+    def update_checked(
+        self, features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> None:
+        """:meth:`update` of a batch its caller has checked (:func:`check_batch`); ``valid``:
+        the rows' validity mask (:func:`ncfast.nc4.valid_rows`) when the caller computed it,
+        so that the CPU's immediate check does not compute it again."""
         state = self._allocate(features.device) if self._state is None else self._state
         device = state["counts"].device
         if features.device != device:
@@ -200,10 +208,11 @@ class ClassStats:
             return
         if device.type == "cpu" and self.on_invalid == "raise":
             # Free on the CPU: reject the batch before it touches the state.
-            bad = torch.zeros(2, dtype=torch.int64)
-            count_invalid_rows_(features, labels, self.num_classes, bad)
-            if bad.any():
-                raise InvalidInputError(self._describe_invalid(bad, "this batch"))
+            if valid is None or not bool(valid.all()):
+                bad = torch.zeros(2, dtype=torch.int64)
+                count_invalid_rows_(features, labels, self.num_classes, bad)
+                if bad.any():
+                    raise InvalidInputError(self._describe_invalid(bad, "this batch"))
         ops.update_stats_(features, labels, *(state[k] for k in STATE_KEYS))
         self._final = None
 

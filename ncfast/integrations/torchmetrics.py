@@ -55,6 +55,7 @@ from ncfast.checks import check_int, check_weight_decay
 from ncfast.metrics import ON_DEGENERATE, nc_metrics, nc_metrics_or_nan
 from ncfast.nc4 import (
     DEFAULT_MEMORY_BUDGET,
+    FeatureBuffer,
     check_buffer,
     count_mismatches,
     mismatch_fraction,
@@ -176,18 +177,29 @@ class NeuralCollapse(Metric):
                 f"on {self.counts.device}; move the metric with .to({str(features.device)!r})"
             )
         features = features.detach()
-        self._stats().update(features, labels)
-        if not self.nc4 or self._nc4_dropped or features.shape[0] == 0:
-            return
-        buffered = sum(f.numel() * f.element_size() for f in self.nc4_features)
-        if buffered + features.numel() * features.element_size() > self.memory_budget_bytes:
-            self.nc4_features.clear()
-            self.nc4_valid.clear()
+        buffer = self._nc4_buffer() if self.nc4 else None
+        valid = None
+        if buffer is not None and features.shape[0] and buffer.fits(features):
+            valid = valid_rows(features, labels, self.num_classes)  # once, for both
+        self._stats().update_checked(features, labels, valid)
+        if buffer is not None:
+            if valid is not None:
+                buffer.add(features, valid)
+            elif features.shape[0]:
+                buffer.drop()
+            self._note_dropped(buffer)
+
+    def _nc4_buffer(self) -> FeatureBuffer:
+        """The NC4 buffer (:class:`ncfast.nc4.FeatureBuffer`) on this metric's list states."""
+        return FeatureBuffer(
+            self.memory_budget_bytes, self.nc4_features, self.nc4_valid, self._nc4_dropped
+        )
+
+    def _note_dropped(self, buffer: FeatureBuffer) -> None:
+        """Mirror a dropped buffer in the host flag and ``nc4_counts[0]`` (synced state)."""
+        if buffer.overflowed and not self._nc4_dropped:
             self._nc4_dropped = True
-            self.nc4_counts[0] = 1
-            return
-        self.nc4_features.append(features.clone())
-        self.nc4_valid.append(valid_rows(features, labels, self.num_classes))
+            self.nc4_counts = torch.tensor([1, -1, -1], device=self.nc4_counts.device)
 
     def reset(self) -> None:
         super().reset()
@@ -208,16 +220,14 @@ class NeuralCollapse(Metric):
         for key, value in merged.items():
             setattr(self, key, value)
         if self.nc4:
-            dropped = bool(self.nc4_counts[0]) or bool(incoming_state["nc4_counts"][0])
-            features = [*self.nc4_features, *incoming_state["nc4_features"]]
-            size = sum(f.numel() * f.element_size() for f in features)
-            if dropped or size > self.memory_budget_bytes:
-                self.nc4_features, self.nc4_valid = [], []
-                self.nc4_counts = torch.tensor([1, -1, -1], device=self.nc4_counts.device)
-                self._nc4_dropped = True
-            else:
-                self.nc4_features = features
-                self.nc4_valid = [*self.nc4_valid, *incoming_state["nc4_valid"]]
+            self._nc4_dropped = self._nc4_dropped or bool(self.nc4_counts[0])
+            buffer = self._nc4_buffer()
+            buffer.extend(
+                list(incoming_state["nc4_features"]),
+                list(incoming_state["nc4_valid"]),
+                bool(incoming_state["nc4_counts"][0]),
+            )
+            self._note_dropped(buffer)
 
     def _checked_state(self, state: Mapping[str, object], where: str) -> dict[str, torch.Tensor]:
         """The statistics of another metric's ``state``, checked to fit this metric (classes,
