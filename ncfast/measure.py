@@ -35,6 +35,31 @@ class Measurement:
     measurement can be computed, fed more batches and computed again; ``reset`` starts a new
     pass, ``merge`` adds another measurement's samples, ``state_dict``/``load_state_dict``
     save and restore the accumulated state.
+
+    Args:
+        num_classes: C; labels lie in ``0..C-1``.
+        dim: P, the feature size.
+        weight: the classifier's weight ``[C, P]`` (None: the feature-only keys, no NC4).
+        bias: its bias ``[C]`` (default zero).
+        weight_decay: λ of HPD22 Eq. 3 (:func:`ncfast.mse_lambda`).
+        device: where the statistics live (default: the first batch's device).
+        on_invalid: ``"raise"`` or ``"skip"``, as in :class:`ClassStats`.
+        memory_budget_bytes: how many bytes of features NC4 may keep per pass (past it,
+            ``compute`` needs a second pass).
+
+    Example:
+        >>> import torch, ncfast
+        >>> features = torch.tensor(
+        ...     [[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2], [-2.0, -2.0], [-2.2, -1.8]]
+        ... )
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+        >>> measurement = ncfast.Measurement(3, 2, weight=weight)
+        >>> measurement.update(features[:4], labels[:4])
+        >>> measurement.update(features[4:], labels[4:])
+        >>> metrics = measurement.compute()
+        >>> metrics["nc4_ncc_mismatch"], round(metrics["nc3_self_duality"], 4)
+        (0.0, 0.001)
     """
 
     def __init__(
@@ -161,7 +186,7 @@ class Measurement:
         nc4: bool = True,
         on_degenerate: str = "raise",
     ) -> NCMetrics:
-        """The SPEC dict; ``second_pass`` as in :meth:`ncfast.nc4.NCCMismatch.compute`.
+        """The SPEC dict of the samples fed so far (the state is kept).
 
         ``distributed=True`` (torch.distributed initialised; collective, every rank of ``group``
         calls it): the statistics of all ranks are reduced into a copy
@@ -176,6 +201,24 @@ class Measurement:
         (:class:`~ncfast.metrics.DegenerateFeaturesError` for the features) and ``"nan"``
         returns the row of NaN metrics with the reason in ``nc_undefined``
         (:func:`~ncfast.metrics.nc_metrics_or_nan`: the policy of logs and monitors).
+
+        Args:
+            second_pass: the batches again, as in :meth:`ncfast.nc4.NCCMismatch.compute`
+                (needed only when the features exceeded ``memory_budget_bytes``).
+            distributed: reduce over the ranks of ``group`` (collective).
+            group: the process group (default: the world).
+            nc4: compute ``nc4_ncc_mismatch``.
+            on_degenerate: ``"raise"`` or ``"nan"``.
+
+        Returns:
+            the SPEC dict (:class:`ncfast.metrics.NCMetrics`).
+
+        Example:
+            >>> import torch, ncfast
+            >>> measurement = ncfast.Measurement(3, 2)
+            >>> measurement.update(torch.ones(4, 2), torch.zeros(4, dtype=torch.int64))
+            >>> measurement.compute(on_degenerate="nan")["nc_undefined"]
+            '1 of 3 classes had samples (at least two are needed; 4 samples)'
         """
         if on_degenerate not in ON_DEGENERATE:
             raise ValueError(
@@ -211,7 +254,20 @@ def scalars(metrics: Mapping[str, object], prefix: str = "") -> dict[str, float]
     """Every number of a SPEC dict as ``{prefix + key: float}``, for loggers: a vector value
     (``snr_singular_values``, a tensor or list) becomes ``{key}/1``, ``{key}/2``, … (j from 1,
     as ncfast's logs and plots count singular values); 0-d tensors and bools become floats.
-    Text values (``nc_undefined``, the reason metrics are NaN) are left out."""
+    Text values (``nc_undefined``, the reason metrics are NaN) are left out.
+
+    Args:
+        metrics: a SPEC dict (of :func:`ncfast.nc_metrics`, a monitor or a log row).
+        prefix: put before every key (e.g. ``"val/"``).
+
+    Returns:
+        ``{name: float}``.
+
+    Example:
+        >>> import torch, ncfast
+        >>> ncfast.scalars({"nc1": 0.5, "snr_singular_values": torch.tensor([3.0, 1.0])}, "val/")
+        {'val/nc1': 0.5, 'val/snr_singular_values/1': 3.0, 'val/snr_singular_values/2': 1.0}
+    """
     return flat_scalars(metrics, prefix, "scalars", text_allowed=True)
 
 

@@ -239,6 +239,28 @@ def nc_metrics(
     Degenerate features (class means that do not separate beyond rounding, or all-zero
     features) raise :class:`DegenerateFeaturesError`: every metric is undefined there, and
     rounding noise would otherwise read as perfect collapse (see :func:`check_separation`).
+
+    Args:
+        stats: the class statistics (at least two classes with samples).
+        weight: the classifier's weight ``[C, P]``, or None for the feature-only keys.
+        bias: its bias ``[C]`` (default zero).
+        weight_decay: λ of HPD22 Eq. 3 (:func:`mse_lambda` converts an SGD weight decay).
+        ncc_mismatch: NC4, as computed by :class:`ncfast.nc4.NCCMismatch`.
+        rtol: the relative tolerance of the ranks (SPEC §2).
+
+    Returns:
+        the SPEC dict (:class:`NCMetrics`).
+
+    Example:
+        >>> import torch, ncfast
+        >>> features = torch.tensor(
+        ...     [[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2], [-2.0, -2.0], [-2.2, -1.8]]
+        ... )
+        >>> stats = ncfast.ClassStats(3, 2)
+        >>> stats.update(features, torch.tensor([0, 0, 1, 1, 2, 2]))
+        >>> metrics = ncfast.nc_metrics(stats)
+        >>> round(metrics["nc1"], 4), metrics["classes_present"]
+        (0.0027, 3)
     """
     _require_two_classes(stats, "nc_metrics")
     lam = check_weight_decay(weight_decay, "nc_metrics")

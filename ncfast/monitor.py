@@ -96,6 +96,17 @@ class NCMonitor:
 
     The classifier's weight and bias are read when a pass starts and must not change until its
     metrics are computed (checked). Statistics live on the classifier's device.
+
+    Example:
+        >>> import torch, ncfast
+        >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 3))
+        >>> features = torch.tensor(
+        ...     [[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2], [-2.0, -2.0], [-2.2, -1.8]]
+        ... )
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> monitor = ncfast.NCMonitor(model, classifier=model[1])
+        >>> monitor.evaluate([(features, labels)])["num_samples"]
+        6
     """
 
     def __init__(
@@ -171,7 +182,26 @@ class NCMonitor:
     def measure(self) -> MonitorPass:
         """A measurement pass, to be used as a context manager or opened and closed (see the
         module docstring). The latest is also :attr:`last_pass` (e.g. the one of
-        :meth:`evaluate`, for its ``measurement`` after an error)."""
+        :meth:`evaluate`, for its ``measurement`` after an error).
+
+        Returns:
+            a new :class:`MonitorPass` (not yet open).
+
+        Example:
+            >>> import torch, ncfast
+            >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 3))
+            >>> features = torch.tensor(
+            ...     [[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2], [-2.0, -2.0], [-2.2, -1.8]]
+            ... )
+            >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+            >>> monitor = ncfast.NCMonitor(model, classifier=model[1])
+            >>> with torch.no_grad(), monitor.measure() as nc:
+            ...     for start in (0, 3):
+            ...         nc.labels(labels[start : start + 3])
+            ...         _ = model(features[start : start + 3])
+            >>> nc.metrics["classes_present"]
+            3
+        """
         self.last_pass = MonitorPass(self)
         return self.last_pass
 
@@ -184,7 +214,27 @@ class NCMonitor:
         a second pass over them if NC4 needs one (then ``batches`` must be re-iterable, like a
         DataLoader, or a callable returning a fresh iterable). ``forward(inputs)`` runs the model
         (default: ``model(inputs)``, tensors moved to the classifier's device). The model's
-        train/eval mode is restored. Returns the SPEC dict.
+        train/eval mode is restored.
+
+        Args:
+            batches: ``(inputs, labels)`` pairs (a DataLoader, a list, or a callable
+                returning a fresh iterable).
+            forward: how to run the model on ``inputs`` (default: ``model(inputs)``).
+
+        Returns:
+            the SPEC dict (:class:`ncfast.metrics.NCMetrics`).
+
+        Example:
+            >>> import torch, ncfast
+            >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 3))
+            >>> features = torch.tensor(
+            ...     [[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2], [-2.0, -2.0], [-2.2, -1.8]]
+            ... )
+            >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+            >>> monitor = ncfast.NCMonitor(model, classifier=model[1])
+            >>> metrics = monitor.evaluate([(features[:3], labels[:3]), (features[3:], labels[3:])])
+            >>> round(metrics["nc1"], 4)
+            0.0027
         """
         run: Callable[[_Inputs], object] = forward or self._default_forward
         was_training = self.model.training
@@ -205,7 +255,32 @@ class NCMonitor:
         steps: see :class:`TrainingWatch` (what it measures, and how it differs from
         :meth:`evaluate`). ``step``: the optimiser steps already done (a resumed run's count);
         windows end at the multiples of ``every``. ``nc4=False`` leaves NC4 out. The hook stays
-        on until :meth:`TrainingWatch.close`; one watch per monitor at a time."""
+        on until :meth:`TrainingWatch.close`; one watch per monitor at a time.
+
+        Args:
+            every: optimiser steps per window (one row each).
+            step: optimiser steps already done.
+            nc4: measure NC4 (against the previous window's means).
+
+        Returns:
+            the :class:`TrainingWatch` (a context manager that closes it).
+
+        Example:
+            >>> import torch, ncfast
+            >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 3))
+            >>> features = torch.tensor(
+            ...     [[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2], [-2.0, -2.0], [-2.2, -1.8]]
+            ... )
+            >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+            >>> monitor = ncfast.NCMonitor(model, classifier=model[1])
+            >>> with monitor.watch_training(every=2) as watch:
+            ...     for start in (0, 3):
+            ...         watch.labels(labels[start : start + 3])
+            ...         _ = model(features[start : start + 3])  # and the optimiser step
+            ...         row = watch.step()
+            >>> row["step"], row["num_samples"]
+            (2, 6)
+        """
         if self._watch is not None:
             raise RuntimeError(
                 "NCMonitor.watch_training: this monitor already watches the training (close() "
@@ -599,6 +674,9 @@ class TrainingWatch:
     and every rank returns the same row, of all ranks' samples. :meth:`state_dict` (collective
     too) holds the step count, the window in progress and the previous window's means, so a
     resumed run goes on as if never stopped.
+
+    Example:
+        See :meth:`NCMonitor.watch_training`, which makes it.
     """
 
     def __init__(self, monitor: NCMonitor, every: int, *, step: int = 0, nc4: bool = True) -> None:

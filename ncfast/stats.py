@@ -136,7 +136,22 @@ class ClassStats:
     them and counts them in :attr:`skipped`. On the CPU the check is free and happens at once; the
     offending batch is then not added.
 
-    ``device=None`` places the state on the device of the first batch.
+    Args:
+        num_classes: C, the number of classes; labels lie in ``0..C-1``.
+        dim: P, the feature size (features are ``[B, P]``).
+        device: where the state lives; ``None``: the device of the first batch.
+        on_invalid: ``"raise"`` (default) or ``"skip"`` (drop and count invalid samples).
+
+    Example:
+        >>> import torch, ncfast
+        >>> features = torch.tensor([[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2]])
+        >>> stats = ncfast.ClassStats(num_classes=2, dim=2)
+        >>> stats.update(features, torch.tensor([0, 0, 1, 1]))
+        >>> stats.counts
+        tensor([2, 2])
+        >>> stats.class_means
+        tensor([[2.1000, 0.1000],
+                [0.1000, 2.1000]], dtype=torch.float64)
     """
 
     def __init__(
@@ -187,7 +202,22 @@ class ClassStats:
 
     # ----------------------------------------------------------------- update
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add one batch ``features [B, P]``, ``labels [B]`` (returns None, as torchmetrics)."""
+        """Add one batch to the statistics (nothing per-sample is kept).
+
+        Args:
+            features: ``[B, P]``, any float dtype, on the statistics' device.
+            labels: ``[B]`` integer class indices.
+
+        Returns:
+            None (as torchmetrics' ``update``).
+
+        Example:
+            >>> import torch, ncfast
+            >>> stats = ncfast.ClassStats(2, 3)
+            >>> stats.update(torch.ones(4, 3), torch.tensor([0, 1, 1, 1]))
+            >>> stats.counts.tolist()
+            [1, 3]
+        """
         check_batch(features, labels, self.num_classes, self.dim, "ClassStats.update")
         self.update_checked(features, labels)
 
@@ -218,7 +248,25 @@ class ClassStats:
 
     # ---------------------------------------------------------- merge, reduce
     def merge(self, other: ClassStats) -> ClassStats:
-        """Add the statistics of ``other`` (same classes and dim) to these, exactly."""
+        """Add the statistics of ``other`` (same classes and dim) to these, exactly: the
+        result is that of one stream over both sets of samples.
+
+        Args:
+            other: a ClassStats of the same ``num_classes`` and ``dim``.
+
+        Returns:
+            these statistics (merged in place).
+
+        Example:
+            >>> import torch, ncfast
+            >>> features = torch.tensor([[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2]])
+            >>> labels = torch.tensor([0, 0, 1, 1])
+            >>> first, second = ncfast.ClassStats(2, 2), ncfast.ClassStats(2, 2)
+            >>> first.update(features[:3], labels[:3])
+            >>> second.update(features[3:], labels[3:])
+            >>> first.merge(second).counts.tolist()
+            [2, 2]
+        """
         if not isinstance(other, ClassStats):
             raise TypeError(f"merge: other must be a ClassStats, got {type(other).__name__}")
         if (other.num_classes, other.dim) != (self.num_classes, self.dim):
@@ -237,7 +285,19 @@ class ClassStats:
         saw, as one stream would; these statistics are left as they are, so updating and
         reducing again (every epoch, say) goes on working. Collective: every rank calls it
         (torch.distributed must be initialised). Exact as :meth:`merge`: see
-        :func:`all_reduced_state`."""
+        :func:`all_reduced_state`.
+
+        Args:
+            group: the process group (default: the world).
+
+        Returns:
+            a new ClassStats of all ranks' samples, the same on every rank.
+
+        Example:
+            On every rank, after ``torch.distributed.init_process_group``:
+
+            >>> metrics = ncfast.nc_metrics(stats.reduced())  # doctest: +SKIP
+        """
         out = ClassStats(self.num_classes, self.dim, on_invalid=self.on_invalid)
         out.invalid_advice = self.invalid_advice
         out._state = all_reduced_state(self._require_state(), group, "ClassStats.reduced")

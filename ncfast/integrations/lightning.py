@@ -105,7 +105,18 @@ class NeuralCollapseCallback(Callback):
 
     :attr:`history` holds ``{"epoch": e, **metrics}`` per measurement (the SPEC dict, on every
     rank); :attr:`metrics` the last one; :attr:`online_history` the rows of the training
-    passes (``online_every``). Degenerate features (SPEC §2) log NaN and warn.
+    passes (``online_every``). Undefined metrics (one class in the validation set,
+    degenerate features, SPEC §2) are logged as NaN with a warning that says why; the fit goes
+    on.
+
+    Example:
+        >>> from ncfast.integrations.lightning import NeuralCollapseCallback
+        >>> callback = NeuralCollapseCallback(classifier="classifier", epochs=[0, 4, 9])
+        >>> [callback._wants(epoch) for epoch in (0, 1, 9)]
+        [True, False, True]
+        >>> trainer = lightning.Trainer(callbacks=[callback])  # doctest: +SKIP
+        >>> trainer.fit(model, train_loader, val_loader)  # doctest: +SKIP
+        >>> callback.metrics["nc1"]  # doctest: +SKIP
     """
 
     def __init__(

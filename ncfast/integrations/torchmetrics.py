@@ -105,6 +105,19 @@ class NeuralCollapse(Metric):
     float64 tensor. Degenerate features raise :class:`ncfast.DegenerateFeaturesError`; with
     ``on_degenerate="nan"`` every metric is NaN instead and ``nc_undefined`` (a string) says why
     (as :meth:`ncfast.Measurement.compute`).
+
+    Example:
+        >>> import torch
+        >>> from ncfast.integrations.torchmetrics import NeuralCollapse
+        >>> features = torch.tensor(
+        ...     [[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2], [-2.0, -2.0], [-2.2, -1.8]]
+        ... )
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> metric = NeuralCollapse(num_classes=3, dim=2, classifier=torch.nn.Linear(2, 3))
+        >>> metric.update(features[:3], labels[:3])
+        >>> metric.update(features[3:], labels[3:])
+        >>> round(float(metric.compute()["nc1"]), 4)
+        0.0027
     """
 
     is_differentiable = False

@@ -39,6 +39,19 @@ def read_runs(paths: str | Path | Iterable[str | Path]):
     logged twice (a resumed run) keeps its last record, as
     :func:`ncfast.report.runs.history_arrays` does (a step, for ``train_online``). Rows follow
     the runs in the order given, each by epoch, then in file order.
+
+    Args:
+        paths: a run directory, a directory of runs, or an iterable of them.
+
+    Returns:
+        a ``pandas.DataFrame`` with the columns of :data:`COLUMNS`.
+
+    Example:
+        >>> from ncfast.report import read_runs
+        >>> df = read_runs("runs/")  # doctest: +SKIP
+        >>> df[(df.split == "test") & (df.key == "nc1")].pivot(  # doctest: +SKIP
+        ...     index="epoch", columns="run", values="value"
+        ... )
     """
     try:
         import pandas as pd
