@@ -19,7 +19,7 @@ from ncfast.nc4 import mismatch_fraction, valid_rows
 from ncfast.stats import ClassStats
 
 if TYPE_CHECKING:
-    from ncfast.monitor import NCMonitor
+    import ncfast.monitor
 
 __all__ = ["TrainingWatch"]
 
@@ -34,16 +34,18 @@ def distributed_now() -> bool:
 class TrainingWatch:
     """Neural Collapse of the training forward passes themselves: no extra forward pass.
 
-    Made by :meth:`NCMonitor.watch_training`. Call :meth:`labels` before each training forward
-    pass and :meth:`step` after each optimiser step: the hook feeds the features of every batch
-    (detached; nothing kept beyond the float64 sums of :class:`ncfast.ClassStats`, no host
-    synchronisation per batch on CUDA) into the statistics of the current *window*, and every
-    ``every`` steps :meth:`step` returns the window's row and starts the next window:
+    Made by :meth:`ncfast.monitor.NCMonitor.watch_training`. Call :meth:`labels` before each
+    training forward pass and :meth:`step` after each optimiser step: the hook feeds the
+    features of every batch (detached; nothing kept beyond the float64 sums of
+    :class:`ncfast.ClassStats`, no host synchronisation per batch on CUDA) into the statistics
+    of the current *window*, and every ``every`` steps :meth:`step` returns the window's row and
+    starts the next window:
 
     - ``step`` (optimiser steps since the start, counted from ``step=`` of
-      :meth:`NCMonitor.watch_training`), ``window_steps`` (steps in this window: ``every``, or
-      fewer in a resumed run's first window when its state was not restored), ``epoch`` when
-      :meth:`step` was given one (e.g. fractional: steps done / steps per epoch);
+      :meth:`ncfast.monitor.NCMonitor.watch_training`), ``window_steps`` (steps in this
+      window: ``every``, or fewer in a resumed run's first window when its state was not
+      restored), ``epoch`` when :meth:`step` was given one (e.g. fractional: steps done /
+      steps per epoch);
     - the keys of :func:`ncfast.nc_metrics` of the window's samples with the classifier as it is
       at the window's end (after its last optimiser step): NC1, NC2, NC3, the MSE decomposition
       (λ = the monitor's ``weight_decay``), the SNR, ranks and counts;
@@ -53,12 +55,13 @@ class TrainingWatch:
       kept). Classes absent from the previous window are not candidates. The first window has
       no previous one and no ``nc4_ncc_mismatch``.
 
-    Where this differs from the eval-mode measurement (:meth:`NCMonitor.evaluate`, ``ncfast
-    train``'s measured epochs): batch norm normalises with each batch's own statistics (train
-    mode), the weights move within a window (each batch's features come from the weights of its
-    step, the classifier is the one at the window's end), dropout and augmentation, if the model
-    or data have them, act on the features. With frozen weights (learning rate 0) and no
-    train-mode layers, a window of one epoch gives the eval-mode numbers of the same samples.
+    Where this differs from the eval-mode measurement
+    (:meth:`ncfast.monitor.NCMonitor.evaluate`, ``ncfast train``'s measured epochs): batch norm
+    normalises with each batch's own statistics (train mode), the weights move within a window
+    (each batch's features come from the weights of its step, the classifier is the one at the
+    window's end), dropout and augmentation, if the model or data have them, act on the
+    features. With frozen weights (learning rate 0) and no train-mode layers, a window of one
+    epoch gives the eval-mode numbers of the same samples.
 
     Forward passes in eval mode without labels (validation, checks) are ignored; a train-mode
     forward pass without :meth:`labels` is an error. Degenerate windows (class means that do
@@ -73,10 +76,12 @@ class TrainingWatch:
     resumed run goes on as if never stopped.
 
     Example:
-        See :meth:`NCMonitor.watch_training`, which makes it.
+        See :meth:`ncfast.monitor.NCMonitor.watch_training`, which makes it.
     """
 
-    def __init__(self, monitor: NCMonitor, every: int, *, step: int = 0, nc4: bool = True) -> None:
+    def __init__(
+        self, monitor: ncfast.monitor.NCMonitor, every: int, *, step: int = 0, nc4: bool = True
+    ) -> None:
         where = "watch_training"
         self.monitor = monitor
         self.every = check_int(every, "every", 1, where)
