@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TypedDict
+from typing import TypedDict, cast
 
 import torch
 
@@ -66,6 +66,7 @@ class NCMetrics(TypedDict, total=False):
     classes_present: int
     weight_decay: float
     num_samples: int
+    nc_undefined: str  # why every metric is NaN (on_degenerate="nan" only)
 
 
 class DegenerateFeaturesError(NCFastError, ValueError):
@@ -94,6 +95,14 @@ def _require_two_classes(stats: ClassStats, where: str) -> None:
             f"{where}: needs at least two classes with samples; {present} of "
             f"{stats.num_classes} classes were seen ({stats.num_samples} samples)"
         )
+
+
+# Features are accumulated as float64 sums of squares: beyond ~1e154 they overflow.
+_OVERFLOW = (
+    "the features are too large for float64 statistics: their squares overflow (Σ_W or the "
+    "class means are inf/NaN; float64 holds up to 1.8e308, so features must stay below about "
+    "1e150); rescale the features"
+)
 
 
 def _rounding_gamma(terms: int) -> float:
@@ -138,6 +147,8 @@ def check_separation(stats: ClassStats, mbar: torch.Tensor, where: str) -> float
     sq_norms = means[present].square().sum(1)
     class_rms = (sq_norms + trace_w * (counts.sum() / counts)).sqrt()
     rms = float(class_rms.max())
+    if not math.isfinite(rms):
+        raise DegenerateFeaturesError(where, _OVERFLOW)
     if rms == 0.0:
         raise DegenerateFeaturesError(
             where,
@@ -192,7 +203,10 @@ def least_squares_classifier(
 
 def whiten(stats: ClassStats) -> torch.Tensor:
     """Σ_W^{-1/2} ``[P, P]``: the symmetric (pseudo-)inverse square root (SPEC §4)."""
-    return ops.psd_inv_sqrt(stats.finalized()[1])[0]
+    sigma_w = stats.finalized()[1]
+    if not bool(torch.isfinite(sigma_w).all()):
+        raise DegenerateFeaturesError("whiten", _OVERFLOW)
+    return ops.psd_inv_sqrt(sigma_w)[0]
 
 
 def snr(stats: ClassStats) -> torch.Tensor:
@@ -225,6 +239,28 @@ def nc_metrics(
     Degenerate features (class means that do not separate beyond rounding, or all-zero
     features) raise :class:`DegenerateFeaturesError`: every metric is undefined there, and
     rounding noise would otherwise read as perfect collapse (see :func:`check_separation`).
+
+    Args:
+        stats: the class statistics (at least two classes with samples).
+        weight: the classifier's weight ``[C, P]``, or None for the feature-only keys.
+        bias: its bias ``[C]`` (default zero).
+        weight_decay: λ of HPD22 Eq. 3 (:func:`mse_lambda` converts an SGD weight decay).
+        ncc_mismatch: NC4, as computed by :class:`ncfast.nc4.NCCMismatch`.
+        rtol: the relative tolerance of the ranks (SPEC §2).
+
+    Returns:
+        the SPEC dict (:class:`NCMetrics`).
+
+    Example:
+        >>> import torch, ncfast
+        >>> features = torch.tensor(
+        ...     [[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2], [-2.0, -2.0], [-2.2, -1.8]]
+        ... )
+        >>> stats = ncfast.ClassStats(3, 2)
+        >>> stats.update(features, torch.tensor([0, 0, 1, 1, 2, 2]))
+        >>> metrics = ncfast.nc_metrics(stats)
+        >>> round(metrics["nc1"], 4), metrics["classes_present"]
+        (0.0027, 3)
     """
     _require_two_classes(stats, "nc_metrics")
     lam = check_weight_decay(weight_decay, "nc_metrics")
@@ -286,3 +322,45 @@ def undefined_metrics(stats: ClassStats, weight_decay: float, reason: str) -> di
         nc_undefined=reason,
     )
     return out
+
+
+ON_DEGENERATE = ("raise", "nan")
+
+
+def undefined_reason(
+    stats: ClassStats, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> str | None:
+    """Why the metrics of ``stats`` with this classifier are undefined before any is computed
+    (fewer than two classes with samples, a classifier with NaN/inf), or None. The features'
+    own degeneracy is found by :func:`nc_metrics` (:class:`DegenerateFeaturesError`)."""
+    present = stats.classes_present
+    if present < 2:
+        return (
+            f"{present} of {stats.num_classes} classes had samples (at least two are needed; "
+            f"{stats.num_samples} samples)"
+        )
+    if weight is not None and not (
+        bool(torch.isfinite(weight).all()) and (bias is None or bool(torch.isfinite(bias).all()))
+    ):
+        return "the classifier's weight or bias is not finite (training diverged)"
+    return None
+
+
+def nc_metrics_or_nan(
+    stats: ClassStats,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    weight_decay: float = 0.0,
+    ncc_mismatch: float | None = None,
+) -> NCMetrics:
+    """The one policy for logs and monitors: :func:`nc_metrics`, or, where the metrics are
+    undefined (:func:`undefined_reason`, :class:`DegenerateFeaturesError`), the row of
+    :func:`undefined_metrics`: NaN metrics with the reason in ``nc_undefined``.
+    :meth:`ncfast.Measurement.compute` with ``on_degenerate="nan"`` applies it."""
+    reason = undefined_reason(stats, weight, bias)
+    if reason is None:
+        try:
+            return nc_metrics(stats, weight, bias, weight_decay, ncc_mismatch=ncc_mismatch)
+        except DegenerateFeaturesError as exc:
+            reason = exc.reason
+    return cast(NCMetrics, undefined_metrics(stats, weight_decay, reason))

@@ -36,7 +36,7 @@ metrics every ``every`` optimiser steps (:class:`TrainingWatch`)::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -44,24 +44,23 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ncfast.backend import ops
 from ncfast.checks import (
     PairSource,
     check_int,
     check_label_dtype,
-    check_number,
     check_weight_decay,
     iter_pairs,
 )
 from ncfast.measure import Measurement
-from ncfast.metrics import DegenerateFeaturesError, NCMetrics, nc_metrics, undefined_metrics
-from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, mismatch_fraction, valid_rows
-from ncfast.stats import ClassStats
+from ncfast.metrics import ON_DEGENERATE, NCMetrics
+from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
+from ncfast.stats import skip_advice
+from ncfast.watch import TrainingWatch, distributed_now
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["MonitorPass", "NCMonitor", "TrainingWatch"]
+__all__ = ["MonitorPass", "NCMonitor"]
 
 # What the batches hold as model inputs: whatever ``forward`` (default: the model) takes.
 _Inputs = TypeVar("_Inputs")
@@ -69,12 +68,6 @@ _Inputs = TypeVar("_Inputs")
 
 def _is_submodule(model: nn.Module, module: nn.Module) -> bool:
     return any(m is module for m in model.modules())
-
-
-def _distributed_now() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 class NCMonitor:
@@ -89,10 +82,24 @@ class NCMonitor:
       converts an SGD weight decay).
     - ``distributed``: all-reduce over ``group`` when the pass ends; ``None`` (default) does so
       exactly when ``torch.distributed`` is initialised.
-    - ``on_invalid``, ``memory_budget_bytes``, ``precision``: as in :class:`ncfast.Measurement`.
+    - ``on_invalid``, ``memory_budget_bytes``, ``precision``: as in :class:`ncfast.Measurement`;
+      ``on_degenerate``: as in :meth:`ncfast.Measurement.compute` (``"nan"``: a row of NaN
+      metrics with the reason in ``nc_undefined`` where they are undefined, e.g. a validation
+      set of one class).
 
     The classifier's weight and bias are read when a pass starts and must not change until its
     metrics are computed (checked). Statistics live on the classifier's device.
+
+    Example:
+        >>> import torch, ncfast
+        >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 3))
+        >>> features = torch.tensor(
+        ...     [[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2], [-2.0, -2.0], [-2.2, -1.8]]
+        ... )
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> monitor = ncfast.NCMonitor(model, classifier=model[1])
+        >>> monitor.evaluate([(features, labels)])["num_samples"]
+        6
     """
 
     def __init__(
@@ -107,6 +114,7 @@ class NCMonitor:
         on_invalid: str = "raise",
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
         precision: str = "auto",
+        on_degenerate: str = "raise",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"NCMonitor: model must be an nn.Module, got {type(model).__name__}")
@@ -133,6 +141,10 @@ class NCMonitor:
                     "NCMonitor: penultimate is the model itself, whose output is the logits; pass "
                     "the module whose output feeds the classifier"
                 )
+        if on_degenerate not in ON_DEGENERATE:
+            raise ValueError(
+                f"NCMonitor: on_degenerate must be one of {ON_DEGENERATE}, got {on_degenerate!r}"
+            )
         if distributed not in (None, True, False):
             raise TypeError(
                 f"NCMonitor: distributed must be None, True or False, not {distributed!r}"
@@ -146,6 +158,11 @@ class NCMonitor:
         self.distributed = distributed
         self.group = group
         self.on_invalid = on_invalid
+        self.on_degenerate = on_degenerate
+        # The advice of an InvalidInputError; a framework built on the monitor sets its own.
+        self.invalid_advice = skip_advice(
+            "NCMonitor(..., on_invalid='skip')", "monitor.last_pass.measurement.stats.skipped"
+        )
         self.memory_budget_bytes = check_int(
             memory_budget_bytes, "memory_budget_bytes", 0, "NCMonitor"
         )
@@ -160,7 +177,26 @@ class NCMonitor:
     def measure(self) -> MonitorPass:
         """A measurement pass, to be used as a context manager or opened and closed (see the
         module docstring). The latest is also :attr:`last_pass` (e.g. the one of
-        :meth:`evaluate`, for its ``measurement`` after an error)."""
+        :meth:`evaluate`, for its ``measurement`` after an error).
+
+        Returns:
+            a new :class:`MonitorPass` (not yet open).
+
+        Example:
+            >>> import torch, ncfast
+            >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 3))
+            >>> features = torch.tensor(
+            ...     [[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2], [-2.0, -2.0], [-2.2, -1.8]]
+            ... )
+            >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+            >>> monitor = ncfast.NCMonitor(model, classifier=model[1])
+            >>> with torch.no_grad(), monitor.measure() as nc:
+            ...     for start in (0, 3):
+            ...         nc.labels(labels[start : start + 3])
+            ...         _ = model(features[start : start + 3])
+            >>> nc.metrics["classes_present"]
+            3
+        """
         self.last_pass = MonitorPass(self)
         return self.last_pass
 
@@ -173,7 +209,27 @@ class NCMonitor:
         a second pass over them if NC4 needs one (then ``batches`` must be re-iterable, like a
         DataLoader, or a callable returning a fresh iterable). ``forward(inputs)`` runs the model
         (default: ``model(inputs)``, tensors moved to the classifier's device). The model's
-        train/eval mode is restored. Returns the SPEC dict.
+        train/eval mode is restored.
+
+        Args:
+            batches: ``(inputs, labels)`` pairs (a DataLoader, a list, or a callable
+                returning a fresh iterable).
+            forward: how to run the model on ``inputs`` (default: ``model(inputs)``).
+
+        Returns:
+            the SPEC dict (:class:`ncfast.metrics.NCMetrics`).
+
+        Example:
+            >>> import torch, ncfast
+            >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 3))
+            >>> features = torch.tensor(
+            ...     [[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2], [-2.0, -2.0], [-2.2, -1.8]]
+            ... )
+            >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+            >>> monitor = ncfast.NCMonitor(model, classifier=model[1])
+            >>> metrics = monitor.evaluate([(features[:3], labels[:3]), (features[3:], labels[3:])])
+            >>> round(metrics["nc1"], 4)
+            0.0027
         """
         run: Callable[[_Inputs], object] = forward or self._default_forward
         was_training = self.model.training
@@ -194,7 +250,32 @@ class NCMonitor:
         steps: see :class:`TrainingWatch` (what it measures, and how it differs from
         :meth:`evaluate`). ``step``: the optimiser steps already done (a resumed run's count);
         windows end at the multiples of ``every``. ``nc4=False`` leaves NC4 out. The hook stays
-        on until :meth:`TrainingWatch.close`; one watch per monitor at a time."""
+        on until :meth:`TrainingWatch.close`; one watch per monitor at a time.
+
+        Args:
+            every: optimiser steps per window (one row each).
+            step: optimiser steps already done.
+            nc4: measure NC4 (against the previous window's means).
+
+        Returns:
+            the :class:`TrainingWatch` (a context manager that closes it).
+
+        Example:
+            >>> import torch, ncfast
+            >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 3))
+            >>> features = torch.tensor(
+            ...     [[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2], [-2.0, -2.0], [-2.2, -1.8]]
+            ... )
+            >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+            >>> monitor = ncfast.NCMonitor(model, classifier=model[1])
+            >>> with monitor.watch_training(every=2) as watch:
+            ...     for start in (0, 3):
+            ...         watch.labels(labels[start : start + 3])
+            ...         _ = model(features[start : start + 3])  # and the optimiser step
+            ...         row = watch.step()
+            >>> row["step"], row["num_samples"]
+            (2, 6)
+        """
         if self._watch is not None:
             raise RuntimeError(
                 "NCMonitor.watch_training: this monitor already watches the training (close() "
@@ -308,7 +389,7 @@ class MonitorPass:
         self._metrics: NCMetrics | None = None
         self._distributed = False
         self._needs_second_pass = False
-        self._versions: tuple[int, int | None] = (0, None)
+        self._fingerprint: _Fingerprint | None = None
 
     # ------------------------------------------------------------- open, close
     def open(self) -> MonitorPass:
@@ -319,7 +400,7 @@ class MonitorPass:
         if mon._open is not None:
             raise RuntimeError("NCMonitor: a measurement pass is already open on this monitor")
         weight, bias = mon.classifier.weight, mon.classifier.bias
-        self._versions = _versions(weight, bias)
+        self._fingerprint = _fingerprint(weight, bias)
         self.measurement = Measurement(
             mon.num_classes,
             mon.dim,
@@ -331,8 +412,9 @@ class MonitorPass:
             memory_budget_bytes=mon.memory_budget_bytes,
             precision=mon.precision,
         )
-        self._distributed = _distributed_now() if mon.distributed is None else mon.distributed
-        if self._distributed and not _distributed_now():
+        self.measurement.stats.invalid_advice = mon.invalid_advice
+        self._distributed = distributed_now() if mon.distributed is None else mon.distributed
+        if self._distributed and not distributed_now():
             raise RuntimeError(
                 "NCMonitor(distributed=True) needs torch.distributed to be initialised "
                 "(torch.distributed.init_process_group) before a pass starts"
@@ -488,16 +570,23 @@ class MonitorPass:
         nc4: bool = True,
     ) -> NCMetrics:
         mon = self.monitor
-        if _versions(mon.classifier.weight, mon.classifier.bias) != self._versions:
+        if not _same_fingerprint(
+            _fingerprint(mon.classifier.weight, mon.classifier.bias), self._fingerprint
+        ):
             raise RuntimeError(
                 "NCMonitor: the classifier's weight or bias changed during the measurement pass "
-                "(e.g. an optimizer step); measure with fixed parameters"
+                "(e.g. an optimizer step, or an edit through .data); measure with fixed "
+                "parameters"
             )
         features = None
         if second_pass is not None:
             features = _SecondPass(mon, second_pass, forward or mon._default_forward)
         return self._opened().compute(
-            second_pass=features, distributed=self._distributed, group=mon.group, nc4=nc4
+            second_pass=features,
+            distributed=self._distributed,
+            group=mon.group,
+            nc4=nc4,
+            on_degenerate=mon.on_degenerate,
         )
 
 
@@ -541,308 +630,30 @@ class _SecondPass(Generic[_Inputs]):
             handle.remove()
 
 
-class TrainingWatch:
-    """Neural Collapse of the training forward passes themselves: no extra forward pass.
-
-    Made by :meth:`NCMonitor.watch_training`. Call :meth:`labels` before each training forward
-    pass and :meth:`step` after each optimiser step: the hook feeds the features of every batch
-    (detached; nothing kept beyond the float64 sums of :class:`ncfast.ClassStats`, no host
-    synchronisation per batch on CUDA) into the statistics of the current *window*, and every
-    ``every`` steps :meth:`step` returns the window's row and starts the next window:
-
-    - ``step`` (optimiser steps since the start, counted from ``step=`` of
-      :meth:`NCMonitor.watch_training`), ``window_steps`` (steps in this window: ``every``, or
-      fewer in a resumed run's first window when its state was not restored), ``epoch`` when
-      :meth:`step` was given one (e.g. fractional: steps done / steps per epoch);
-    - the keys of :func:`ncfast.nc_metrics` of the window's samples with the classifier as it is
-      at the window's end (after its last optimiser step): NC1, NC2, NC3, the MSE decomposition
-      (λ = the monitor's ``weight_decay``), the SNR, ranks and counts;
-    - ``nc4_ncc_mismatch``: NC4 of each batch's features against the class means of the
-      *previous* window, with the classifier of that batch's forward pass, counted on the
-      device (the window's own means are known only at its end, and its features are not
-      kept). Classes absent from the previous window are not candidates. The first window has
-      no previous one and no ``nc4_ncc_mismatch``.
-
-    Where this differs from the eval-mode measurement (:meth:`NCMonitor.evaluate`, ``ncfast
-    train``'s measured epochs): batch norm normalises with each batch's own statistics (train
-    mode), the weights move within a window (each batch's features come from the weights of its
-    step, the classifier is the one at the window's end), dropout and augmentation, if the model
-    or data have them, act on the features. With frozen weights (learning rate 0) and no
-    train-mode layers, a window of one epoch gives the eval-mode numbers of the same samples.
-
-    Forward passes in eval mode without labels (validation, checks) are ignored; a train-mode
-    forward pass without :meth:`labels` is an error. Degenerate windows (class means that do
-    not separate, fewer than two classes, non-finite classifier) give a row of NaN metrics with
-    the reason in ``nc_undefined`` (:func:`ncfast.metrics.undefined_metrics`).
-
-    With ``torch.distributed`` initialised (or the monitor's ``distributed=True``), each rank
-    feeds its own share of every batch and :meth:`step` is collective at a window's end: the
-    window's statistics are reduced (:meth:`ClassStats.reduced`, no per-batch communication)
-    and every rank returns the same row, of all ranks' samples. :meth:`state_dict` (collective
-    too) holds the step count, the window in progress and the previous window's means, so a
-    resumed run goes on as if never stopped.
-    """
-
-    def __init__(self, monitor: NCMonitor, every: int, *, step: int = 0, nc4: bool = True) -> None:
-        where = "watch_training"
-        self.monitor = monitor
-        self.every = check_int(every, "every", 1, where)
-        self.steps = check_int(step, "step", 0, where)
-        if not isinstance(nc4, bool):
-            raise TypeError(f"{where}: nc4 must be True or False, got {nc4!r}")
-        self.nc4 = nc4
-        self.window_start = self.steps
-        device = monitor.classifier.weight.device
-        self.stats = ClassStats(
-            monitor.num_classes,
-            monitor.dim,
-            device=device,
-            on_invalid=monitor.on_invalid,
-            precision=monitor.precision,
-        )
-        # NC4 of the window so far: (mismatches, samples counted), int64 on the device.
-        self._nc4_counts = torch.zeros(2, dtype=torch.int64, device=device)
-        self.previous_means: torch.Tensor | None = None  # float64 [C, P], zero rows if absent
-        self.previous_present: torch.Tensor | None = None  # bool [C]
-        self._counting = False  # NC4 counted since this window began (previous means known)
-        self._pending: torch.Tensor | None = None
-        distributed = monitor.distributed
-        self._distributed = _distributed_now() if distributed is None else distributed
-        if self._distributed and not _distributed_now():
-            raise RuntimeError(
-                "NCMonitor(distributed=True).watch_training needs torch.distributed to be "
-                "initialised (torch.distributed.init_process_group) first"
-            )
-        self._handle: RemovableHandle | None = monitor._register(self._on_features)
-
-    # ---------------------------------------------------------------- feeding
-    def labels(self, labels: object) -> None:
-        """Labels of the samples of the next training forward pass (tensor, list or array of
-        ints, any device)."""
-        if self._handle is None:
-            raise RuntimeError("TrainingWatch.labels: the watch is closed")
-        if self._pending is not None:
-            raise ValueError(
-                "TrainingWatch.labels: the labels of the previous call were never used: no "
-                "forward pass of the model reached the hook since then; call labels(y) once "
-                "before each training forward pass"
-            )
-        self._pending = self.monitor._given_labels(labels, "TrainingWatch.labels")
-
-    def _on_features(self, features: torch.Tensor) -> None:
-        labels, self._pending = self._pending, None
-        mon = self.monitor
-        if labels is None:
-            if not mon.classifier.training:
-                return  # an eval-mode pass (validation, a check): not part of training
-            raise RuntimeError(
-                "TrainingWatch: a training forward pass reached the hook without labels; call "
-                "watch.labels(y) before every training forward pass (or close() the watch)"
-            )
-        labels = mon._paired_labels(labels, features, "TrainingWatch.labels")
-        self.stats.update(features, labels)
-        means, present = self.previous_means, self.previous_present
-        if self._counting and means is not None and present is not None:
-            weight = mon.classifier.weight.detach().to(torch.float64)
-            bias = _bias64(mon.classifier, weight)
-            valid = valid_rows(features, labels, mon.num_classes)
-            self._nc4_counts[0] += ops.ncc_mismatch_count(
-                features, valid, weight, bias, means, present
-            )
-            self._nc4_counts[1] += valid.sum()
-
-    # ------------------------------------------------------------------ windows
-    def step(self, epoch: float | None = None) -> dict[str, object] | None:
-        """Count one optimiser step; at the end of a window (``step`` a multiple of ``every``)
-        return its row (see the class docstring; ``epoch``, if given, is put in it) and start
-        the next window, else None. Collective at a window's end in distributed mode."""
-        if self._handle is None:
-            raise RuntimeError("TrainingWatch.step: the watch is closed")
-        if epoch is not None:
-            epoch = check_number(epoch, "epoch", "TrainingWatch.step", minimum=0.0)
-        self.steps += 1
-        if self.steps % self.every:
-            return None
-        if self._pending is not None:
-            raise ValueError(
-                "TrainingWatch.step: labels() was called but no forward pass followed before "
-                "the window ended"
-            )
-        stats, counts = self._window()
-        row: dict[str, object] = {
-            "step": self.steps,
-            "window_steps": self.steps - self.window_start,
-        }
-        if epoch is not None:
-            row["epoch"] = epoch
-        row.update(self._metrics(stats, counts if self._counting and self.nc4 else None))
-        self._next_window(stats)
-        return row
-
-    def _window(self) -> tuple[ClassStats, torch.Tensor]:
-        """The window's statistics and NC4 counts, of all ranks in distributed mode."""
-        counts = self._nc4_counts.clone()
-        if not self._distributed:
-            return self.stats, counts
-        import torch.distributed as dist
-
-        dist.all_reduce(counts, group=self.monitor.group)
-        return self.stats.reduced(self.monitor.group), counts
-
-    def _metrics(self, stats: ClassStats, nc4_counts: torch.Tensor | None) -> dict[str, object]:
-        """The window's metrics with the classifier as it is now; NaN rows with the reason
-        where they are undefined."""
-        mon = self.monitor
-        weight = mon.classifier.weight.detach()
-        bias = mon.classifier.bias
-        reason = None
-        if stats.classes_present < 2:
-            reason = (
-                f"{stats.classes_present} of {mon.num_classes} classes had samples in the window "
-                "(at least two are needed)"
-            )
-        elif not bool(torch.isfinite(weight).all()) or (
-            bias is not None and not bool(torch.isfinite(bias).all())
-        ):
-            reason = "the classifier's weight or bias is not finite (training diverged)"
-        else:
-            mismatch = None
-            if nc4_counts is not None:
-                mismatch = mismatch_fraction(nc4_counts[0], nc4_counts[1], stats)
-            try:
-                return dict(
-                    nc_metrics(
-                        stats,
-                        weight,
-                        None if bias is None else bias.detach(),
-                        mon.weight_decay,
-                        ncc_mismatch=mismatch,
-                    )
-                )
-            except DegenerateFeaturesError as exc:
-                reason = exc.reason
-        out = undefined_metrics(stats, mon.weight_decay, reason)
-        if nc4_counts is None:
-            del out["nc4_ncc_mismatch"]
-        return out
-
-    def _next_window(self, stats: ClassStats) -> None:
-        """The window's class means become the previous ones (for NC4); the sums restart."""
-        if stats.num_samples > 0:
-            means, _ = stats.finalized()
-            self.previous_means = means.clone()
-            self.previous_present = stats.present
-            self._counting = self.nc4
-        self.stats.reset()
-        self._nc4_counts.zero_()
-        self.window_start = self.steps
-
-    # ------------------------------------------------------------- save, close
-    def state_dict(self) -> dict[str, object]:
-        """The step count, the window in progress (its statistics and NC4 counts, of all ranks
-        in distributed mode: collective) and the previous window's class means."""
-        stats, counts = self._window()
-        return {
-            "step": self.steps,
-            "window_start": self.window_start,
-            "every": self.every,
-            "window": stats.state_dict(),
-            "nc4_counts": counts,
-            "counting": self._counting,
-            "previous_means": self.previous_means,
-            "previous_present": self.previous_present,
-        }
-
-    def load_state_dict(self, state: Mapping[str, object], window: bool = True) -> TrainingWatch:
-        """Restore :meth:`state_dict` (same ``every``, classes and feature size). ``window=False``
-        restores all but the window in progress, which starts empty: in distributed mode one
-        rank restores it (it holds all ranks' samples) and the others pass False."""
-        where = "TrainingWatch.load_state_dict"
-        missing = [k for k in _WATCH_STATE_KEYS if k not in state]
-        if missing:
-            raise KeyError(f"{where}: the state lacks {missing}")
-        if state["every"] != self.every:
-            raise ValueError(
-                f"{where}: the state is of windows of every={state['every']!r} steps, this watch "
-                f"has every={self.every}"
-            )
-        steps = check_int(state["step"], "step", 0, where)
-        start = check_int(state["window_start"], "window_start", 0, where, maximum=steps)
-        means, present = state["previous_means"], state["previous_present"]
-        device = self._nc4_counts.device
-        shape = (self.monitor.num_classes, self.monitor.dim)
-        if means is not None or present is not None:
-            if not (
-                isinstance(means, torch.Tensor)
-                and isinstance(present, torch.Tensor)
-                and tuple(means.shape) == shape
-                and tuple(present.shape) == shape[:1]
-            ):
-                raise ValueError(
-                    f"{where}: previous_means must be a tensor of shape {list(shape)} with "
-                    f"previous_present of shape [{shape[0]}], or both None"
-                )
-            self.previous_means = means.to(device, torch.float64)
-            self.previous_present = present.to(device, torch.bool)
-        counts, window_state = state["nc4_counts"], state["window"]
-        if not isinstance(counts, torch.Tensor) or counts.shape != (2,):
-            raise ValueError(f"{where}: nc4_counts must be a tensor of 2 counts")
-        if not isinstance(window_state, Mapping):
-            raise ValueError(f"{where}: window must be a ClassStats state_dict")
-        self.stats.reset()
-        self._nc4_counts.zero_()
-        if window:
-            self.stats.load_state_dict(window_state)
-            self._nc4_counts.copy_(counts)
-        self.steps, self.window_start = steps, start
-        self._counting = self.nc4 and bool(state["counting"]) and self.previous_means is not None
-        return self
-
-    def close(self) -> None:
-        """Remove the hook (the window in progress is dropped)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        if self.monitor._watch is self:
-            self.monitor._watch = None
-
-    @property
-    def is_open(self) -> bool:
-        return self._handle is not None
-
-    def __enter__(self) -> TrainingWatch:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+# (torch's in-place counters of weight and bias, a digest of their values on their device).
+_Fingerprint = tuple[tuple[int, int | None], torch.Tensor]
 
 
-_WATCH_STATE_KEYS = (
-    "step",
-    "window_start",
-    "every",
-    "window",
-    "nc4_counts",
-    "counting",
-    "previous_means",
-    "previous_present",
-)
+def _fingerprint(weight: torch.Tensor, bias: torch.Tensor | None) -> _Fingerprint:
+    """What tells that the classifier changed: the in-place modification counters
+    (``Tensor._version``, which autograd checks; any optimizer step or in-place write) and, for
+    writes that bypass them (``weight.data[...] = ...``, ``.data.copy_``), a float64 digest of
+    the values computed on their device without a host synchronisation: the sum, the sum of
+    squares and the sum weighted by row index. An edit that keeps all three is not detected."""
+    values = [weight.detach().to(torch.float64)]
+    if bias is not None:
+        values.append(bias.detach().to(torch.float64)[:, None])
+    rows = torch.arange(weight.shape[0], dtype=torch.float64, device=weight.device)
+    digest = torch.stack(
+        [torch.stack([v.sum(), v.square().sum(), (v.sum(dim=1) * rows).sum()]) for v in values]
+    )
+    return (weight._version, None if bias is None else bias._version), digest
 
 
-def _bias64(classifier: nn.Linear, weight: torch.Tensor) -> torch.Tensor:
-    """The classifier's bias in float64 (zeros when it has none)."""
-    if classifier.bias is None:
-        return weight.new_zeros(classifier.out_features)
-    return classifier.bias.detach().to(torch.float64)
-
-
-def _versions(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int | None]:
-    """The in-place modification counters of the classifier's parameters (torch's
-    ``Tensor._version``, the counter autograd itself checks): they change on any optimizer
-    step or in-place write."""
-    return (weight._version, None if bias is None else bias._version)
+def _same_fingerprint(now: _Fingerprint, before: _Fingerprint | None) -> bool:
+    """Whether the classifier is as it was (NaN weights compare equal to themselves)."""
+    if before is None:
+        return False
+    return now[0] == before[0] and bool(
+        torch.allclose(now[1], before[1], rtol=0.0, atol=0.0, equal_nan=True)
+    )

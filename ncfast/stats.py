@@ -24,6 +24,73 @@ class InvalidInputError(NCFastError, ValueError):
     """Raised when streamed samples had labels out of range or non-finite features."""
 
 
+class InvalidStateError(NCFastError, ValueError):
+    """A saved or merged accumulator state that cannot be statistics of these classes and
+    features: missing keys, other shapes (another C or P), NaN/inf sums, or counts that are
+    negative or not whole numbers. Raised before anything is changed."""
+
+
+def check_state(
+    state: Mapping[str, object], num_classes: int, dim: int, where: str
+) -> dict[str, torch.Tensor]:
+    """The accumulator tensors of ``state`` (keys :data:`~ncfast.backend.reference.STATE_KEYS`),
+    checked to be statistics of ``num_classes`` classes of ``dim`` features, as int64 counts
+    and float64 sums on their device; raises :class:`InvalidStateError` naming what is wrong.
+
+    Reads the values (one host synchronisation): for merges and loads, never per batch.
+    """
+    if not isinstance(state, Mapping):
+        raise InvalidStateError(f"{where}: the state must be a dict, got {type(state).__name__}")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise InvalidStateError(f"{where}: the state lacks {missing}")
+    shapes = {
+        "counts": (num_classes,),
+        "shift": (num_classes, dim),
+        "sums": (num_classes, dim),
+        "scatter": (dim, dim),
+        "invalid": (2,),
+    }
+    tensors = {k: state[k] for k in STATE_KEYS}
+    got = {k: getattr(v, "shape", type(v).__name__) for k, v in tensors.items()}
+    if any(
+        not isinstance(v, torch.Tensor) or tuple(v.shape) != shapes[k] for k, v in tensors.items()
+    ):
+        given = ", ".join(f"{k} {_shape_text(v)}" for k, v in got.items())
+        wanted = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+        raise InvalidStateError(
+            f"{where}: the state's tensors have shapes {given}; statistics of "
+            f"num_classes={num_classes}, dim={dim} need {wanted}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        assert isinstance(value, torch.Tensor)
+        out[key] = _checked_values(key, value, where)
+    return out
+
+
+def _shape_text(shape: object) -> str:
+    return str(list(shape)) if isinstance(shape, torch.Size) else f"({shape})"
+
+
+def _checked_values(key: str, value: torch.Tensor, where: str) -> torch.Tensor:
+    """``value`` as int64 counts (``counts``, ``invalid``) or float64 sums, checked."""
+    if value.is_complex() or value.dtype == torch.bool:
+        raise InvalidStateError(f"{where}: {key!r} has dtype {value.dtype}; expected real numbers")
+    if key in ("counts", "invalid"):
+        as_float = value.to(torch.float64)
+        whole = (as_float >= 0) & (as_float <= 2.0**62) & (as_float == as_float.round())
+        if not bool(whole.all()):
+            bad = as_float[~whole][:3].tolist()
+            raise InvalidStateError(
+                f"{where}: {key!r} must hold counts (whole numbers in [0, 2**62]), got {bad}"
+            )
+        return value.to(torch.int64)
+    if not bool(torch.isfinite(value).all()):
+        raise InvalidStateError(f"{where}: {key!r} contains NaN or inf")
+    return value.to(torch.float64)
+
+
 def check_batch(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, dim: int, where: str
 ) -> None:
@@ -65,11 +132,26 @@ class ClassStats:
     them and counts them in :attr:`skipped`. On the CPU the check is free and happens at once; the
     offending batch is then not added.
 
-    ``device=None`` places the state on the device of the first batch. ``precision`` is the
-    policy of the per-batch scatter product (docs/precision.md): ``"exact"`` (float64),
-    ``"fast"`` (IEEE float32 product of the class-centred rows, added into the float64 state)
-    or ``"auto"`` (per device: exact on CPUs and GPUs with fast float64, else fast);
-    :attr:`resolved_precision` says which one runs.
+    Args:
+        num_classes: C, the number of classes; labels lie in ``0..C-1``.
+        dim: P, the feature size (features are ``[B, P]``).
+        device: where the state lives; ``None``: the device of the first batch.
+        on_invalid: ``"raise"`` (default) or ``"skip"`` (drop and count invalid samples).
+        precision: the policy of the per-batch scatter product (docs/precision.md):
+            ``"exact"`` (float64), ``"fast"`` (IEEE float32 product of the class-centred rows,
+            added into the float64 state) or ``"auto"`` (per device: exact on CPUs and GPUs
+            with fast float64, else fast); :attr:`resolved_precision` says which one runs.
+
+    Example:
+        >>> import torch, ncfast
+        >>> features = torch.tensor([[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2]])
+        >>> stats = ncfast.ClassStats(num_classes=2, dim=2)
+        >>> stats.update(features, torch.tensor([0, 0, 1, 1]))
+        >>> stats.counts
+        tensor([2, 2])
+        >>> stats.class_means
+        tensor([[2.1000, 0.1000],
+                [0.1000, 2.1000]], dtype=torch.float64)
     """
 
     def __init__(
@@ -88,6 +170,9 @@ class ClassStats:
                 f"ClassStats: on_invalid must be one of {_ON_INVALID}, got {on_invalid!r}"
             )
         self.on_invalid = on_invalid
+        # What an InvalidInputError tells the user to do, in the terms of the surface they
+        # called (NCMonitor, the Lightning callback, ...: each sets its own, see skip_advice).
+        self.invalid_advice = skip_advice("ClassStats(..., on_invalid='skip')", ".skipped")
         self._state: dict[str, torch.Tensor] | None = None
         # (class means, Σ_W) of the current state, until it changes.
         self._final: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -126,8 +211,31 @@ class ClassStats:
 
     # ----------------------------------------------------------------- update
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add one batch ``features [B, P]``, ``labels [B]`` (returns None, as torchmetrics)."""
+        """Add one batch to the statistics (nothing per-sample is kept).
+
+        Args:
+            features: ``[B, P]``, any float dtype, on the statistics' device.
+            labels: ``[B]`` integer class indices.
+
+        Returns:
+            None (as torchmetrics' ``update``).
+
+        Example:
+            >>> import torch, ncfast
+            >>> stats = ncfast.ClassStats(2, 3)
+            >>> stats.update(torch.ones(4, 3), torch.tensor([0, 1, 1, 1]))
+            >>> stats.counts.tolist()
+            [1, 3]
+        """
         check_batch(features, labels, self.num_classes, self.dim, "ClassStats.update")
+        self.update_checked(features, labels)
+
+    def update_checked(
+        self, features: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> None:
+        """:meth:`update` of a batch its caller has checked (:func:`check_batch`); ``valid``:
+        the rows' validity mask (:func:`ncfast.nc4.valid_rows`) when the caller computed it,
+        so that the CPU's immediate check does not compute it again."""
         state = self._allocate(features.device) if self._state is None else self._state
         device = state["counts"].device
         if features.device != device:
@@ -139,10 +247,11 @@ class ClassStats:
             return
         if device.type == "cpu" and self.on_invalid == "raise":
             # Free on the CPU: reject the batch before it touches the state.
-            bad = torch.zeros(2, dtype=torch.int64)
-            count_invalid_rows_(features, labels, self.num_classes, bad)
-            if bad.any():
-                raise InvalidInputError(_describe_invalid(bad, self.num_classes, "this batch"))
+            if valid is None or not bool(valid.all()):
+                bad = torch.zeros(2, dtype=torch.int64)
+                count_invalid_rows_(features, labels, self.num_classes, bad)
+                if bad.any():
+                    raise InvalidInputError(self._describe_invalid(bad, "this batch"))
         counts, shift, sums, scatter, invalid = (state[k] for k in STATE_KEYS)
         fast = resolve_precision(self.precision, device) == "fast"
         ops.update_stats_(features, labels, counts, shift, sums, scatter, invalid, fast=fast)
@@ -150,7 +259,25 @@ class ClassStats:
 
     # ---------------------------------------------------------- merge, reduce
     def merge(self, other: ClassStats) -> ClassStats:
-        """Add the statistics of ``other`` (same classes and dim) to these, exactly."""
+        """Add the statistics of ``other`` (same classes and dim) to these, exactly: the
+        result is that of one stream over both sets of samples.
+
+        Args:
+            other: a ClassStats of the same ``num_classes`` and ``dim``.
+
+        Returns:
+            these statistics (merged in place).
+
+        Example:
+            >>> import torch, ncfast
+            >>> features = torch.tensor([[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2]])
+            >>> labels = torch.tensor([0, 0, 1, 1])
+            >>> first, second = ncfast.ClassStats(2, 2), ncfast.ClassStats(2, 2)
+            >>> first.update(features[:3], labels[:3])
+            >>> second.update(features[3:], labels[3:])
+            >>> first.merge(second).counts.tolist()
+            [2, 2]
+        """
         if not isinstance(other, ClassStats):
             raise TypeError(f"merge: other must be a ClassStats, got {type(other).__name__}")
         if (other.num_classes, other.dim) != (self.num_classes, self.dim):
@@ -169,10 +296,23 @@ class ClassStats:
         saw, as one stream would; these statistics are left as they are, so updating and
         reducing again (every epoch, say) goes on working. Collective: every rank calls it
         (torch.distributed must be initialised). Exact as :meth:`merge`: see
-        :func:`all_reduced_state`."""
+        :func:`all_reduced_state`.
+
+        Args:
+            group: the process group (default: the world).
+
+        Returns:
+            a new ClassStats of all ranks' samples, the same on every rank.
+
+        Example:
+            On every rank, after ``torch.distributed.init_process_group``:
+
+            >>> metrics = ncfast.nc_metrics(stats.reduced())  # doctest: +SKIP
+        """
         out = ClassStats(
             self.num_classes, self.dim, on_invalid=self.on_invalid, precision=self.precision
         )
+        out.invalid_advice = self.invalid_advice
         out._state = all_reduced_state(self._require_state(), group, "ClassStats.reduced")
         return out
 
@@ -209,25 +349,26 @@ class ClassStats:
 
     def load_state_dict(self, state_dict: Mapping[str, object]) -> ClassStats:
         """Restore what :meth:`state_dict` returned (same ``num_classes`` and ``dim``) into these
-        statistics, on their device."""
-        missing = [k for k in (*STATE_KEYS, "num_classes", "dim") if k not in state_dict]
+        statistics, on their device. The state is checked first (:func:`check_state`); on
+        :class:`InvalidStateError` these statistics are unchanged."""
+        where = "ClassStats.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise InvalidStateError(
+                f"{where}: state_dict must be a dict, got {type(state_dict).__name__}"
+            )
+        missing = [k for k in ("num_classes", "dim") if k not in state_dict]
         if missing:
-            raise KeyError(f"load_state_dict: state_dict lacks {missing}")
+            raise InvalidStateError(f"{where}: state_dict lacks {missing}")
         if (state_dict["num_classes"], state_dict["dim"]) != (self.num_classes, self.dim):
-            raise ValueError(
-                f"load_state_dict: state is for num_classes={state_dict['num_classes']}, "
+            raise InvalidStateError(
+                f"{where}: state is for num_classes={state_dict['num_classes']}, "
                 f"dim={state_dict['dim']}; these statistics have "
                 f"num_classes={self.num_classes}, dim={self.dim}"
             )
+        checked = check_state(state_dict, self.num_classes, self.dim, where)
         state = self._require_state()
         for k in STATE_KEYS:
-            v = state_dict[k]
-            if not isinstance(v, torch.Tensor) or v.shape != state[k].shape:
-                raise ValueError(
-                    f"load_state_dict: {k!r} must be a tensor of shape {list(state[k].shape)}, "
-                    f"got {getattr(v, 'shape', type(v).__name__)}"
-                )
-            state[k].copy_(v.to(state[k].device, state[k].dtype))
+            state[k].copy_(checked[k].to(state[k].device))
         self._final = None
         return self
 
@@ -263,9 +404,7 @@ class ClassStats:
         """Raise :class:`InvalidInputError` if invalid samples arrived (``on_invalid='raise'``)."""
         invalid = self._require_state()["invalid"]
         if self.on_invalid == "raise" and bool(invalid.any()):
-            raise InvalidInputError(
-                _describe_invalid(invalid.cpu(), self.num_classes, "the streamed batches")
-            )
+            raise InvalidInputError(self._describe_invalid(invalid.cpu(), "the streamed batches"))
 
     # ---------------------------------------------------------------- results
     def finalized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,23 +480,27 @@ class ClassStats:
         pi = self.priors[self.present]
         return self.sigma_w + (mbar * pi) @ mbar.T
 
+    def _describe_invalid(self, invalid: torch.Tensor, where: str) -> str:
+        bad_labels, non_finite = (int(v) for v in invalid.tolist())
+        problems = []
+        if bad_labels:
+            problems.append(f"{bad_labels} sample(s) with labels outside [0, {self.num_classes})")
+        if non_finite:
+            problems.append(f"{non_finite} sample(s) with non-finite (NaN/inf) features")
+        return (
+            f"{' and '.join(problems)} in {where}; they were left out of the statistics. "
+            + self.invalid_advice
+        )
+
     def __repr__(self) -> str:
         where = "unallocated" if self._state is None else str(self.device)
         return f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, {where})"
 
 
-def _describe_invalid(invalid: torch.Tensor, num_classes: int, where: str) -> str:
-    bad_labels, non_finite = (int(v) for v in invalid.tolist())
-    problems = []
-    if bad_labels:
-        problems.append(f"{bad_labels} sample(s) with labels outside [0, {num_classes})")
-    if non_finite:
-        problems.append(f"{non_finite} sample(s) with non-finite (NaN/inf) features")
-    return (
-        f"ClassStats: {' and '.join(problems)} in {where}; they were left out of the "
-        "statistics. Fix the input, or create ClassStats(..., on_invalid='skip') to skip and "
-        "count them (see .skipped)."
-    )
+def skip_advice(skipping_call: str, skipped: str) -> str:
+    """The advice of an :class:`InvalidInputError` for a surface whose users skip invalid
+    samples with ``skipping_call`` and read their counts from ``skipped``."""
+    return f"Fix the input, or pass {skipping_call} to skip and count them (see {skipped})."
 
 
 def _means_or_shift(state: dict[str, torch.Tensor]) -> torch.Tensor:

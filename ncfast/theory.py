@@ -50,6 +50,7 @@ import torch
 
 from ncfast.backend import reference
 from ncfast.checks import check_int
+from ncfast.errors import NCFastError
 
 __all__ = [
     "CentralPathFit",
@@ -420,10 +421,29 @@ def flow_velocity(x: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def _rk4_step(x: torch.Tensor, dt: float, num_classes: int) -> torch.Tensor:
     k1 = flow_velocity(x, num_classes)
-    k2 = flow_velocity(x + 0.5 * dt * k1, num_classes)
-    k3 = flow_velocity(x + 0.5 * dt * k2, num_classes)
-    k4 = flow_velocity(x + dt * k3, num_classes)
-    return x + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+    k2 = flow_velocity(_stage(x, 0.5, k1, dt), num_classes)
+    k3 = flow_velocity(_stage(x, 0.5, k2, dt), num_classes)
+    k4 = flow_velocity(_stage(x, 1.0, k3, dt), num_classes)
+    return _stage(x, 1.0 / 6.0, k1 + 2.0 * k2 + 2.0 * k3 + k4, dt)
+
+
+class SimulationOverflowError(NCFastError, ValueError):
+    """A step of the simulated flow left the range of float64 (the step ``dt`` is too large)."""
+
+
+def _stage(x: torch.Tensor, fraction: float, velocity: torch.Tensor, dt: float) -> torch.Tensor:
+    """``x + fraction·dt·velocity``, checked to stay where Σ_W (sums of squares over the C·N
+    samples) is finite in float64: a too large ``dt`` overflows here, and Σ_W would then be
+    inf/NaN and look singular."""
+    out = x + (fraction * dt) * velocity
+    scale = float(out.abs().max())
+    if not math.isfinite(scale) or scale * scale * out.shape[1] >= torch.finfo(_F64).max:
+        raise SimulationOverflowError(
+            f"simulate_central_path: the Runge-Kutta step of dt={dt:.3g} moves the features to "
+            f"magnitude {scale:.3g}, where their squares (Σ_W) overflow float64: the step is far "
+            "too large for these features; use a smaller dt (or dt=None, which bounds each step)"
+        )
+    return out
 
 
 def simulate_central_path(

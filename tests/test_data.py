@@ -527,3 +527,15 @@ def test_cuda_tensors_and_batch_without_host_sync():
     assert torch.equal(y.cpu(), y_cpu)
     assert counts.tolist() == [400] * 10
     assert train.to("cuda") is train and train.to("cpu").images.device.type == "cpu"
+
+
+def test_idx_header_whose_dimensions_overflow_names_the_file(tmp_path):
+    """Dimensions 2**22 × 2**21 × 2**21 multiply to 2**64, which wraps to 0 in int64: the
+    header must not then "match" an empty payload (issue 19 item 18)."""
+    fx.write_mnist(tmp_path, np.random.default_rng(8))
+    images = tmp_path / "MNIST/raw/train-images-idx3-ubyte"
+    dims = b"".join(d.to_bytes(4, "big") for d in (2**22, 2**21, 2**21))
+    images.write_bytes(b"\x00\x00\x08\x03" + dims)
+    with pytest.raises(DatasetError, match="corrupt or truncated: header says shape") as err:
+        load_dataset("mnist", tmp_path)
+    assert str(images) in str(err.value)

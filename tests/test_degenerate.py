@@ -197,3 +197,14 @@ def test_measure_split_of_a_healthy_network_has_no_reason(seed):
     )
     assert "nc_undefined" not in row
     assert math.isfinite(row["nc1"]) and row["sigma_b_rank"] == 2
+
+
+def test_measure_split_of_a_diverged_network_says_so_not_library_advice(seed):
+    """Issue 19 item 17: analyze of a checkpoint with NaN features tells the user that the
+    network diverged, not to create a ClassStats (which a CLI user cannot do)."""
+    torch.manual_seed(seed)
+    data = tiny_split(seed)
+    model = PointFeatures(torch.tensor([0.3, math.nan, 5.0, 0.7]), 3)
+    with pytest.raises(ncfast.InvalidInputError, match="non-finite.*weights diverged") as caught:
+        measure_split(model, data, loss="mse", sgd_weight_decay=5e-4, batch_size=16)
+    assert "ClassStats(" not in str(caught.value) and "on_invalid" not in str(caught.value)

@@ -348,3 +348,21 @@ def test_online_every_measures_the_training_batches_of_each_window(seed):
 def test_online_every_is_checked():
     with pytest.raises(ValueError, match="online_every"):
         NeuralCollapseCallback("classifier", online_every=-1)
+
+
+def test_a_validation_set_of_one_class_logs_nan_with_its_reason(seed):
+    """Issue 19 item 18: the metrics of one class are undefined; the fit goes on, NaN is logged
+    with the reason in a warning and the history."""
+    L.seed_everything(seed, verbose=False)
+    train, val = example.digits(seed)
+    features, labels = val.tensors
+    one_class = TensorDataset(features[labels == 3], labels[labels == 3])
+    callback = NeuralCollapseCallback(epochs=[0])
+    with pytest.warns(RuntimeWarning, match="undefined at epoch 0.*1 of 10 classes"):
+        trainer([callback], 1).fit(
+            example.DigitsMLP(0.1, 5e-4),
+            DataLoader(train, batch_size=64),
+            DataLoader(one_class, batch_size=64),
+        )
+    assert math.isnan(callback.metrics["nc1"])
+    assert "1 of 10 classes" in callback.history[0]["nc_undefined"]

@@ -67,13 +67,15 @@ def test_repeated_epochs_text_and_missing_entries(tmp_path, seed):
     again = [dict(r, error=0.0, nc1=123.0) for r in records if r["epoch"] == 2]
     records[0]["snr_singular_values"] = [1.0, None, 3.0]
     records[0]["nc_undefined"] = "the class means do not separate"
+    records[1]["note"] = {"edited": "by hand"}  # a dict value: left out, as plot and table do
     run = write_run_dir(tmp_path / "resumed", records=records + again)
     df = read_runs(run)
     assert as_dict(df, "resumed", 2, "train")["nc1"] == 123.0
     assert len(df[(df.epoch == 2) & (df.key == "nc1")]) == 2  # train and test, once each
     first = as_dict(df, "resumed", 1, records[0]["split"])
     assert math.isnan(first["snr_singular_values/2"]) and first["snr_singular_values/3"] == 3.0
-    assert "nc_undefined" not in set(df.key)
+    assert "nc_undefined" not in set(df.key) and "note" not in set(df.key)
+    assert as_dict(df, "resumed", records[1]["epoch"], records[1]["split"])["nc1"] is not None
     assert list(df.epoch) == sorted(df.epoch)
 
 

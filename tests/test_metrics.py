@@ -233,8 +233,10 @@ def test_mse_loss_is_the_oracle_loss_and_differentiable(seed):
 
 
 def test_nc_metrics_type_lists_every_spec_key():
-    """NCMetrics (the annotated return type of nc_metrics) and SPEC_KEYS name the same keys."""
-    assert set(ncfast.metrics.NCMetrics.__annotations__) == set(ncfast.metrics.SPEC_KEYS)
+    """NCMetrics (the annotated return type of nc_metrics) names the SPEC_KEYS and
+    ``nc_undefined``, the reason of a NaN row (on_degenerate="nan")."""
+    expected = {*ncfast.metrics.SPEC_KEYS, "nc_undefined"}
+    assert set(ncfast.metrics.NCMetrics.__annotations__) == expected
 
 
 def test_least_squares_classifier_matches_dense_normal_equations(seed):

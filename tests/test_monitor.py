@@ -294,6 +294,23 @@ def test_nested_passes_and_a_changed_classifier_are_errors():
             nc.labels(y)
             model(x).square().mean().backward()
             torch.optim.SGD(model.parameters(), lr=0.1).step()
+    # Writes through .data bypass torch's version counters; the digest of the values sees them
+    # (issue 19 item 20): one weight, one bias entry, two rows swapped.
+    edits = [
+        lambda fc: fc.weight.data[0, 0].add_(1e-3),
+        lambda fc: fc.bias.data.copy_(fc.bias.data + 1),
+        lambda fc: fc.weight.data.copy_(fc.weight.data[[1, 0, *range(2, fc.out_features)]]),
+    ]
+    for edit in edits:
+        with pytest.raises(RuntimeError, match="changed during the measurement.*\\.data"):
+            with monitor.measure() as nc:
+                nc.labels(y)
+                model(x)
+                edit(model[4])
+    with monitor.measure() as nc:  # unchanged: measured
+        nc.labels(y)
+        model(x)
+    assert nc.metrics["num_samples"] == 20
 
 
 def test_open_and_close_without_a_with_block_equal_the_context_manager(seed):

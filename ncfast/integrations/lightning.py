@@ -54,9 +54,9 @@ from torch import nn
 
 from ncfast.checks import check_int, check_weight_decay
 from ncfast.measure import scalars
-from ncfast.metrics import DegenerateFeaturesError, undefined_metrics
 from ncfast.monitor import MonitorPass, NCMonitor, TrainingWatch
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
+from ncfast.stats import skip_advice
 
 try:
     from lightning.pytorch import Callback
@@ -105,7 +105,18 @@ class NeuralCollapseCallback(Callback):
 
     :attr:`history` holds ``{"epoch": e, **metrics}`` per measurement (the SPEC dict, on every
     rank); :attr:`metrics` the last one; :attr:`online_history` the rows of the training
-    passes (``online_every``). Degenerate features (SPEC §2) log NaN and warn.
+    passes (``online_every``). Undefined metrics (one class in the validation set,
+    degenerate features, SPEC §2) are logged as NaN with a warning that says why; the fit goes
+    on.
+
+    Example:
+        >>> from ncfast.integrations.lightning import NeuralCollapseCallback
+        >>> callback = NeuralCollapseCallback(classifier="classifier", epochs=[0, 4, 9])
+        >>> [callback._wants(epoch) for epoch in (0, 1, 9)]
+        [True, False, True]
+        >>> trainer = lightning.Trainer(callbacks=[callback])  # doctest: +SKIP
+        >>> trainer.fit(model, train_loader, val_loader)  # doctest: +SKIP
+        >>> callback.metrics["nc1"]  # doctest: +SKIP
     """
 
     def __init__(
@@ -189,6 +200,11 @@ class NeuralCollapseCallback(Callback):
             weight_decay=self.weight_decay,
             on_invalid=self.on_invalid,
             memory_budget_bytes=self.memory_budget_bytes,
+            on_degenerate="nan",  # a NaN row with the reason: never abort the fit
+        )
+        self.monitor.invalid_advice = skip_advice(
+            "NeuralCollapseCallback(..., on_invalid='skip')",
+            "callback.monitor.last_pass.measurement.stats.skipped",
         )
         # Every rank logs the same, already global values (see the module docstring).
         warnings.filterwarnings(
@@ -233,22 +249,19 @@ class NeuralCollapseCallback(Callback):
         nc = self._pass
         if nc is None or not nc.is_open:
             return
-        try:
-            nc.close()
-            if nc.needs_second_pass:
-                # The validation loop cannot be run again from here: NC4 is left NaN.
-                warnings.warn(
-                    "NeuralCollapseCallback: the validation features exceeded "
-                    f"memory_budget_bytes={self.memory_budget_bytes}, so nc4_ncc_mismatch is "
-                    "NaN; raise the budget or pass dataloader= (which can run a second pass)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self._result = {**nc.compute(nc4=False), "nc4_ncc_mismatch": math.nan}
-            else:
-                self._result = nc.metrics
-        except DegenerateFeaturesError as exc:
-            self._result = self._undefined(nc.measurement.computed_stats, exc)
+        nc.close()
+        if nc.needs_second_pass:
+            # The validation loop cannot be run again from here: NC4 is left NaN.
+            warnings.warn(
+                "NeuralCollapseCallback: the validation features exceeded "
+                f"memory_budget_bytes={self.memory_budget_bytes}, so nc4_ncc_mismatch is "
+                "NaN; raise the budget or pass dataloader= (which can run a second pass)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._result = {**nc.compute(nc4=False), "nc4_ncc_mismatch": math.nan}
+        else:
+            self._result = dict(nc.metrics)
 
     # ------------------------------------------- the training passes (online)
     def on_train_start(self, trainer, pl_module) -> None:
@@ -298,26 +311,22 @@ class NeuralCollapseCallback(Callback):
         if self.dataloader is None or not self._wants(trainer.current_epoch):
             return
         batches = _RankShare(self.dataloader, trainer.global_rank, trainer.world_size)
-        try:
-            self._result = self.monitor.evaluate(batches)
-        except DegenerateFeaturesError as exc:
-            self._result = self._undefined(self.monitor.last_pass.measurement.computed_stats, exc)
+        self._result = dict(self.monitor.evaluate(batches))
         self._record(trainer, pl_module)
 
     # -------------------------------------------------------------- results
-    def _undefined(self, stats, exc: DegenerateFeaturesError) -> dict:
-        warnings.warn(
-            f"NeuralCollapseCallback: metrics undefined, logged as NaN: {exc.reason}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return undefined_metrics(stats, self.weight_decay, exc.reason)
-
     def _record(self, trainer, pl_module) -> None:
         result, self._result = self._result, None
         if result is None:  # the measured dataloader had no batches
             return
         epoch = trainer.current_epoch
+        if "nc_undefined" in result:
+            warnings.warn(
+                f"NeuralCollapseCallback: metrics undefined at epoch {epoch}, logged as NaN: "
+                f"{result['nc_undefined']}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.metrics = result
         self.history.append({"epoch": epoch, **result})
         values = {

@@ -45,15 +45,31 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from ncfast.backend.state import STATE_KEYS
 from ncfast.checks import check_int, check_weight_decay
-from ncfast.metrics import nc_metrics
-from ncfast.nc4 import DEFAULT_MEMORY_BUDGET, count_mismatches, mismatch_fraction, valid_rows
-from ncfast.stats import ClassStats, all_reduced_state, check_batch, merged_state
+from ncfast.metrics import ON_DEGENERATE, nc_metrics, nc_metrics_or_nan
+from ncfast.nc4 import (
+    DEFAULT_MEMORY_BUDGET,
+    FeatureBuffer,
+    check_buffer,
+    count_mismatches,
+    mismatch_fraction,
+    valid_rows,
+)
+from ncfast.stats import (
+    ClassStats,
+    InvalidStateError,
+    all_reduced_state,
+    check_batch,
+    check_state,
+    merged_state,
+    skip_advice,
+)
 
 try:
     from torchmetrics import Metric
@@ -86,7 +102,22 @@ class NeuralCollapse(Metric):
 
     ``compute()`` returns the dict of :func:`ncfast.nc_metrics`, every scalar a 0-d float64
     tensor on the metric's device (counts too, for loggers) and ``snr_singular_values`` a 1-d
-    float64 tensor. Degenerate features raise :class:`ncfast.DegenerateFeaturesError`.
+    float64 tensor. Degenerate features raise :class:`ncfast.DegenerateFeaturesError`; with
+    ``on_degenerate="nan"`` every metric is NaN instead and ``nc_undefined`` (a string) says why
+    (as :meth:`ncfast.Measurement.compute`).
+
+    Example:
+        >>> import torch
+        >>> from ncfast.integrations.torchmetrics import NeuralCollapse
+        >>> features = torch.tensor(
+        ...     [[2.0, 0.0], [2.2, 0.2], [0.0, 2.0], [0.2, 2.2], [-2.0, -2.0], [-2.2, -1.8]]
+        ... )
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> metric = NeuralCollapse(num_classes=3, dim=2, classifier=torch.nn.Linear(2, 3))
+        >>> metric.update(features[:3], labels[:3])
+        >>> metric.update(features[3:], labels[3:])
+        >>> round(float(metric.compute()["nc1"]), 4)
+        0.0027
     """
 
     is_differentiable = False
@@ -103,6 +134,7 @@ class NeuralCollapse(Metric):
         nc4: bool = True,
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
         on_invalid: str = "raise",
+        on_degenerate: str = "raise",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -114,6 +146,12 @@ class NeuralCollapse(Metric):
         )
         ClassStats(self.num_classes, self.dim, on_invalid=on_invalid)  # checks on_invalid
         self.on_invalid = on_invalid
+        if on_degenerate not in ON_DEGENERATE:
+            raise ValueError(
+                f"NeuralCollapse: on_degenerate must be one of {ON_DEGENERATE}, got "
+                f"{on_degenerate!r}"
+            )
+        self.on_degenerate = on_degenerate
         self._linear = _classifier(classifier, self.num_classes, self.dim, self)
         self.nc4 = bool(nc4) and classifier is not None
         self._nc4_dropped = False  # read per batch without a device sync; nc4_counts[0] mirrors it
@@ -138,7 +176,11 @@ class NeuralCollapse(Metric):
     # ---------------------------------------------------------------- update
     def _stats(self) -> ClassStats:
         """A ClassStats working on this metric's state tensors (no copy)."""
-        return ClassStats.wrap({k: getattr(self, k) for k in STATE_KEYS}, self.on_invalid)
+        stats = ClassStats.wrap({k: getattr(self, k) for k in STATE_KEYS}, self.on_invalid)
+        stats.invalid_advice = skip_advice(
+            "NeuralCollapse(..., on_invalid='skip')", "the metric's `invalid` state"
+        )
+        return stats
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         check_batch(features, labels, self.num_classes, self.dim, "NeuralCollapse.update")
@@ -148,18 +190,29 @@ class NeuralCollapse(Metric):
                 f"on {self.counts.device}; move the metric with .to({str(features.device)!r})"
             )
         features = features.detach()
-        self._stats().update(features, labels)
-        if not self.nc4 or self._nc4_dropped or features.shape[0] == 0:
-            return
-        buffered = sum(f.numel() * f.element_size() for f in self.nc4_features)
-        if buffered + features.numel() * features.element_size() > self.memory_budget_bytes:
-            self.nc4_features.clear()
-            self.nc4_valid.clear()
+        buffer = self._nc4_buffer() if self.nc4 else None
+        valid = None
+        if buffer is not None and features.shape[0] and buffer.fits(features):
+            valid = valid_rows(features, labels, self.num_classes)  # once, for both
+        self._stats().update_checked(features, labels, valid)
+        if buffer is not None:
+            if valid is not None:
+                buffer.add(features, valid)
+            elif features.shape[0]:
+                buffer.drop()
+            self._note_dropped(buffer)
+
+    def _nc4_buffer(self) -> FeatureBuffer:
+        """The NC4 buffer (:class:`ncfast.nc4.FeatureBuffer`) on this metric's list states."""
+        return FeatureBuffer(
+            self.memory_budget_bytes, self.nc4_features, self.nc4_valid, self._nc4_dropped
+        )
+
+    def _note_dropped(self, buffer: FeatureBuffer) -> None:
+        """Mirror a dropped buffer in the host flag and ``nc4_counts[0]`` (synced state)."""
+        if buffer.overflowed and not self._nc4_dropped:
             self._nc4_dropped = True
-            self.nc4_counts[0] = 1
-            return
-        self.nc4_features.append(features.clone())
-        self.nc4_valid.append(valid_rows(features, labels, self.num_classes))
+            self.nc4_counts = torch.tensor([1, -1, -1], device=self.nc4_counts.device)
 
     def reset(self) -> None:
         super().reset()
@@ -171,22 +224,68 @@ class NeuralCollapse(Metric):
 
     # ------------------------------------------------------- merge and sync
     def _reduce_states(self, incoming_state: dict) -> None:
-        """``merge_state``: add another metric's samples exactly (about a common shift)."""
+        """``merge_state``: add another metric's samples exactly (about a common shift). The
+        incoming state is checked first; on an error this metric is unchanged."""
+        where = "NeuralCollapse.merge_state"
+        theirs = self._checked_state(incoming_state, where)
         mine = {k: getattr(self, k) for k in STATE_KEYS}
-        merged = merged_state(mine, {k: incoming_state[k] for k in STATE_KEYS})
+        merged = merged_state(mine, theirs)
         for key, value in merged.items():
             setattr(self, key, value)
         if self.nc4:
-            dropped = bool(self.nc4_counts[0]) or bool(incoming_state["nc4_counts"][0])
-            features = [*self.nc4_features, *incoming_state["nc4_features"]]
-            size = sum(f.numel() * f.element_size() for f in features)
-            if dropped or size > self.memory_budget_bytes:
-                self.nc4_features, self.nc4_valid = [], []
-                self.nc4_counts = torch.tensor([1, -1, -1], device=self.nc4_counts.device)
-                self._nc4_dropped = True
-            else:
-                self.nc4_features = features
-                self.nc4_valid = [*self.nc4_valid, *incoming_state["nc4_valid"]]
+            self._nc4_dropped = self._nc4_dropped or bool(self.nc4_counts[0])
+            buffer = self._nc4_buffer()
+            buffer.extend(
+                list(incoming_state["nc4_features"]),
+                list(incoming_state["nc4_valid"]),
+                bool(incoming_state["nc4_counts"][0]),
+            )
+            self._note_dropped(buffer)
+
+    def _checked_state(self, state: Mapping[str, object], where: str) -> dict[str, torch.Tensor]:
+        """The statistics of another metric's ``state``, checked to fit this metric (classes,
+        dim, finite sums, whole counts, the NC4 buffer when this metric keeps one)."""
+        theirs = check_state(state, self.num_classes, self.dim, where)
+        if not self.nc4:
+            return theirs
+        missing = [k for k in (*_NC4_KEYS, "nc4_counts") if k not in state]
+        if missing:
+            raise InvalidStateError(
+                f"{where}: this metric measures NC4 (it has a classifier and nc4=True) but the "
+                f"incoming state lacks {missing}: merge metrics made with the same classifier "
+                "and nc4 setting"
+            )
+        check_buffer(state["nc4_features"], state["nc4_valid"], self.dim, where)
+        counts = state["nc4_counts"]
+        if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (3,):
+            raise InvalidStateError(f"{where}: 'nc4_counts' must be a tensor of 3 counts")
+        return theirs
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """``load_state_dict`` of persistent states (``metric.persistent(True)``): checked to
+        fit this metric before torchmetrics sets any of them."""
+        names = [k for k in STATE_KEYS if prefix + k in state_dict]
+        if names:
+            state = {k: state_dict[prefix + k] for k in STATE_KEYS if prefix + k in state_dict}
+            if self.nc4:
+                state.update(
+                    (k, state_dict[prefix + k])
+                    for k in (*_NC4_KEYS, "nc4_counts")
+                    if prefix + k in state_dict
+                )
+            self._checked_state(state, "NeuralCollapse.load_state_dict")
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _sync_dist(self, dist_sync_fn=None, process_group=None) -> None:
         """All ranks' samples, exactly: see the module docstring. Collective."""
@@ -260,10 +359,13 @@ class NeuralCollapse(Metric):
                 mismatch = math.nan
             else:
                 mismatch = mismatch_fraction(counts[1], counts[2], stats)
-        result = nc_metrics(stats, weight, bias, self.weight_decay, ncc_mismatch=mismatch)
+        metrics = nc_metrics_or_nan if self.on_degenerate == "nan" else nc_metrics
+        result = metrics(stats, weight, bias, self.weight_decay, ncc_mismatch=mismatch)
         device = stats.device
         return {
-            key: torch.as_tensor(value, dtype=torch.float64).to(device)
+            key: value
+            if isinstance(value, str)
+            else torch.as_tensor(value, dtype=torch.float64).to(device)
             for key, value in result.items()
         }
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ncfast.checks import check_int
 from ncfast.measure import Measurement
-from ncfast.metrics import DegenerateFeaturesError, mse_lambda, undefined_metrics
+from ncfast.metrics import mse_lambda
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
 from ncfast.paper.losses import check_loss, compute_loss
 
@@ -139,6 +139,8 @@ def measure_split(
             memory_budget_bytes=memory_budget_bytes,
             precision=stats_precision,
         )
+        # The labels come from the dataset: an invalid sample is a diverged network.
+        measurement.stats.invalid_advice = _DIVERGED_ADVICE
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         wrong = torch.zeros((), dtype=torch.int64, device=device)
         for h, y in split_features(model, data, batch_size, precision, channels_last, bounds):
@@ -151,18 +153,12 @@ def measure_split(
         def second_pass():
             return split_features(model, data, batch_size, precision, channels_last, bounds)
 
-        try:
-            result = measurement.compute(
-                second_pass=second_pass, distributed=distributed, group=group
-            )
-        except DegenerateFeaturesError as exc:
-            # Collapsed to a point (or dead) features: a logged row of NaN metrics with the
-            # reason, never a crash of the training run nor a number that reads as collapse.
-            # Every rank sees the same reduced statistics, so every rank lands here.
-            # computed_stats: all ranks' samples (the local measurement.stats keeps only this
-            # rank's), so num_samples is the split's.
-            stats = measurement.computed_stats or measurement.stats
-            result = undefined_metrics(stats, measurement.weight_decay, exc.reason)
+        # Collapsed to a point (or dead) features: a logged row of NaN metrics with the reason,
+        # never a crash of the training run nor a number that reads as collapse. Every rank
+        # sees the same reduced statistics, so every rank gets the same row.
+        result = measurement.compute(
+            second_pass=second_pass, distributed=distributed, group=group, on_degenerate="nan"
+        )
         totals = torch.stack([loss_sum, wrong.double()])
         if distributed:
             import torch.distributed as dist
@@ -173,6 +169,13 @@ def measure_split(
         model.train(was_training)
     n = len(data)
     return {"error": wrong_total / n, "loss": loss_total / n, **result}
+
+
+_DIVERGED_ADVICE = (
+    "The network gives NaN/inf features on these samples: its weights diverged (or its "
+    "activations overflow in eval mode), so nothing can be measured; measure an earlier "
+    "checkpoint, or train again with a smaller learning rate."
+)
 
 
 def _checked_classifier(model: nn.Module, data) -> nn.Linear:

@@ -35,9 +35,23 @@ def read_runs(paths: str | Path | Iterable[str | Path]):
     subdirectories are runs (a sweep's output), one or many. Every logged number is a row: the
     SPEC keys, errors, losses, timings; list values (``snr_singular_values``) become one row per
     entry, keyed ``snr_singular_values/1``, ``/2``, … (j from 1; ``null`` entries are NaN). Text
-    values (``nc_undefined``) are left out. An epoch logged twice (a resumed run) keeps its last
-    record, as :func:`ncfast.report.runs.history_arrays` does (a step, for ``train_online``).
-    Rows follow the runs in the order given, each by epoch, then in file order.
+    values (``nc_undefined``) and values that are no numbers (a dict) are left out. An epoch
+    logged twice (a resumed run) keeps its last record, as
+    :func:`ncfast.report.runs.history_arrays` does (a step, for ``train_online``). Rows follow
+    the runs in the order given, each by epoch, then in file order.
+
+    Args:
+        paths: a run directory, a directory of runs, or an iterable of them.
+
+    Returns:
+        a ``pandas.DataFrame`` with the columns of :data:`COLUMNS`.
+
+    Example:
+        >>> from ncfast.report import read_runs
+        >>> df = read_runs("runs/")  # doctest: +SKIP
+        >>> df[(df.split == "test") & (df.key == "nc1")].pivot(  # doctest: +SKIP
+        ...     index="epoch", columns="run", values="value"
+        ... )
     """
     try:
         import pandas as pd
@@ -61,7 +75,7 @@ def read_runs(paths: str | Path | Iterable[str | Path]):
         for record in sorted(last.values(), key=lambda rec: float(rec["epoch"])):
             step = record["step"] if record["split"] == ONLINE_SPLIT else None
             numbers = {k: v for k, v in record.items() if k not in ("epoch", "step", "split")}
-            for key, value in scalars(numbers).items():
+            for key, value in _numbers(numbers).items():
                 columns["run"].append(name)
                 columns["epoch"].append(float(record["epoch"]))
                 columns["step"].append(step)
@@ -69,6 +83,19 @@ def read_runs(paths: str | Path | Iterable[str | Path]):
                 columns["key"].append(key)
                 columns["value"].append(value)
     return pd.DataFrame(columns).astype({"epoch": "float64", "step": "Int64", "value": "float64"})
+
+
+def _numbers(record: dict) -> dict[str, float]:
+    """The numbers of ``record`` as :func:`ncfast.measure.scalars` flattens them; values that
+    are not numbers nor lists of numbers (a dict in a hand-edited log) are left out, as plot
+    and table leave them out."""
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        try:
+            out.update(scalars({key: value}))
+        except TypeError:
+            continue
+    return out
 
 
 def _run_dirs(paths) -> list[Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
 import zlib
 from pathlib import Path
@@ -112,7 +113,9 @@ def parse_idx(data: bytes, path: Path, ndim: int) -> np.ndarray:
         )
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
-    expected = offset + int(np.prod(shape, dtype=np.int64))
+    # Python's exact integers: a product in int64 (np.prod) wraps for dimensions near 2**32
+    # and can land on the file's size, and then reshape fails with no file name.
+    expected = offset + math.prod(shape)
     if len(data) != expected:
         raise _corrupt(path, f"header says shape {shape} ({expected} bytes), file has {len(data)}")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
