@@ -257,9 +257,11 @@ def measure_language_model(
 class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
     """Measures token-level Neural Collapse in the Trainer's evaluation loop and logs it.
 
-    While the model runs in eval mode (the evaluation loop), a forward pre-hook on the model
-    reads each batch's ``labels`` (else ``input_ids`` and ``attention_mask``) and one on the
-    output head takes the features of the same forward pass, so measuring costs no extra pass.
+    While the model runs in eval mode, a forward pre-hook on the model reads each batch's
+    ``labels`` (else ``input_ids`` and ``attention_mask``) and one on the output head takes the
+    features of the same forward pass; the pass is measured when the evaluation loop reports its
+    step (``on_prediction_step``), so other eval-mode passes are not, and measuring costs no
+    extra forward pass.
     At ``on_evaluate`` the metrics are computed and added as ``{split}_{prefix}{key}`` (e.g.
     ``eval_nc/nc1``; Trainer's TensorBoard logger shows ``eval/nc/nc1``): into the dict that
     ``trainer.evaluate()`` returns (so ``metric_for_best_model`` can name them) and, when the
@@ -292,6 +294,8 @@ class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
         self._handles: list[Any] = []
         self._tokens: TokenMeasurement | None = None
         self._pending: torch.Tensor | None = None
+        # The eval-mode forward pass seen last, measured when the loop's step ends.
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def attach_to(cls, trainer: Any, **options: Any) -> NeuralCollapseCallback:
@@ -350,13 +354,14 @@ class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
         features = args[0]
         # e.g. generation with logits for the last position only: not a measured pass.
         if isinstance(features, torch.Tensor) and features.shape[:-1] == labels.shape:
-            self._tokens.update(features.detach(), labels.to(features.device))
+            self._last = (features.detach(), labels.to(features.device))
 
     def close(self) -> None:
         """Remove the hooks (a new model is hooked at the next event that brings one)."""
         for handle in self._handles:
             handle.remove()
         self._handles, self._model, self._tokens = [], None, None
+        self._pending = self._last = None
 
     # ---------------------------------------------------------------- events
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -364,6 +369,12 @@ class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._hook(kwargs.get("model"))
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Only the forward passes of the Trainer's loop count, not other eval-mode passes.
+        last, self._last = self._last, None
+        if last is not None and self._tokens is not None:
+            self._tokens.update(*last)
 
     def on_predict(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._tokens is not None:
