@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     data = list(batches(args, device, class_means, g))  # the same features for both
     memory = _CudaMemory(torch, device) if device.type == "cuda" else _CpuMemory()
 
-    (tokens, ours, our_metrics_s), our_s, our_peak = timed(device, memory, run_ncfast(args, device, data, weight))
+    (tokens, ours, our_metrics_s), our_s, our_peak = timed(
+        device, memory, run_ncfast(args, device, data, weight)
+    )
     theirs, peer_s, peer_peak = timed(device, memory, run_peer(args, device, data, weight))
     c, p = ours["classes_present"], args.dim
     means, _ = tokens.stats.finalized()
