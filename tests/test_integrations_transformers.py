@@ -195,8 +195,17 @@ def test_trainer_callback_logs_what_measure_returns(seed, tmp_path):
     logged = [row for row in trainer.state.log_history if "eval_nc/nc1" in row]
     assert len(logged) == 1 and logged[0]["eval_nc/nc1"] == metrics["eval_nc/nc1"]
     assert callback.history[0]["num_tokens"] == expected["num_tokens"]
-    # Training-mode forward passes are not measured; a second evaluation starts afresh.
+    # Training-mode forward passes are not measured; a second evaluation starts afresh, with
+    # the head as it is then (training moves it).
     model.train()
     model(input_ids=batches[0]["input_ids"])
+    with torch.no_grad():
+        model.lm_head.weight.add_(
+            torch.randn(VOCAB, DIM, generator=torch.Generator().manual_seed(seed))
+        )
     again = trainer.evaluate()
+    moved = measure_language_model(model, [collate(rows[:8]), collate(rows[8:])])
     assert again["eval_nc/num_tokens"] == expected["num_tokens"]
+    assert again["eval_nc/nc3_self_duality"] == pytest.approx(moved["nc3_self_duality"], rel=1e-9)
+    assert again["eval_nc/nc4_ncc_mismatch"] == moved["nc4_ncc_mismatch"]
+    assert moved["nc3_self_duality"] != pytest.approx(expected["nc3_self_duality"], rel=1e-3)

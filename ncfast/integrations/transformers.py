@@ -291,6 +291,7 @@ class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
         self.trainer: Any = None
         self.history: list[dict[str, Any]] = []
         self._model: nn.Module | None = None
+        self._head: nn.Linear | None = None
         self._handles: list[Any] = []
         self._tokens: TokenMeasurement | None = None
         self._pending: torch.Tensor | None = None
@@ -316,16 +317,7 @@ class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
             return
         self.close()
         head = output_head(model, "NeuralCollapseCallback")
-        self._model = model
-        self._tokens = TokenMeasurement(
-            head.out_features,
-            head.in_features,
-            head.weight,
-            head.bias,
-            ignore_index=self.ignore_index,
-            weight_decay=self.weight_decay,
-            memory_budget_bytes=self.memory_budget_bytes,
-        )
+        self._model, self._head = model, head
         self._handles = [
             model.register_forward_pre_hook(self._on_model_inputs, with_kwargs=True),
             head.register_forward_pre_hook(self._on_features),
@@ -349,7 +341,7 @@ class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
 
     def _on_features(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         labels, self._pending = self._pending, None
-        if labels is None or self._tokens is None or not args:
+        if labels is None or not args:
             return
         features = args[0]
         # e.g. generation with logits for the last position only: not a measured pass.
@@ -360,7 +352,7 @@ class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
         """Remove the hooks (a new model is hooked at the next event that brings one)."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self._model, self._tokens = [], None, None
+        self._handles, self._model, self._head, self._tokens = [], None, None, None
         self._pending = self._last = None
 
     # ---------------------------------------------------------------- events
@@ -373,12 +365,24 @@ class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
     def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # Only the forward passes of the Trainer's loop count, not other eval-mode passes.
         last, self._last = self._last, None
-        if last is not None and self._tokens is not None:
-            self._tokens.update(*last)
+        if last is None or self._head is None:
+            return
+        if self._tokens is None:
+            # The head as it is now: NC4 keeps a float64 copy of it for the whole evaluation.
+            head = self._head
+            self._tokens = TokenMeasurement(
+                head.out_features,
+                head.in_features,
+                head.weight,
+                head.bias,
+                ignore_index=self.ignore_index,
+                weight_decay=self.weight_decay,
+                memory_budget_bytes=self.memory_budget_bytes,
+            )
+        self._tokens.update(*last)
 
     def on_predict(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._tokens is not None:
-            self._tokens.reset()
+        self._tokens = None
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any
@@ -388,7 +392,7 @@ class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
             return
         split = _split_of(metrics)
         result = self._compute(tokens)
-        tokens.reset()
+        self._tokens = None  # the next evaluation measures the head as it is then
         logged = scalars(result, f"{split}_{self.prefix}")
         self.history.append({"step": state.global_step, **result})
         if isinstance(metrics, dict):
