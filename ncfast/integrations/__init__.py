@@ -5,5 +5,8 @@
 - :mod:`~ncfast.integrations.torchmetrics`: :class:`NeuralCollapse`, a ``torchmetrics.Metric``
   (``ncfast[torchmetrics]``);
 - :mod:`~ncfast.integrations.lightning`: :class:`NeuralCollapseCallback`, a Lightning callback
-  (``ncfast[lightning]``).
+  (``ncfast[lightning]``);
+- :mod:`~ncfast.integrations.transformers`: :func:`measure_language_model` and
+  :class:`NeuralCollapseCallback`, token-level NC of Hugging Face causal language models
+  (``ncfast[transformers]``).
 """
