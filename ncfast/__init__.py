@@ -1,5 +1,6 @@
 """ncfast: exact, streaming Neural Collapse measurement (Han, Papyan & Donoho, ICLR 2022)."""
 
+from ncfast._version import __version__
 from ncfast.errors import NCFastError
 from ncfast.measure import Measurement
 from ncfast.metrics import (
@@ -12,9 +13,6 @@ from ncfast.metrics import (
 )
 from ncfast.nc4 import NCCMismatch
 from ncfast.stats import ClassStats, InvalidInputError
-
-# The one place the version is written (pyproject.toml reads it from here).
-__version__ = "0.2.0"
 
 __all__ = [
     "ClassStats",

@@ -24,7 +24,7 @@ def build_info() -> dict[str, object]:
     ("8.6"), kernel_image ("sm_86", "compute_90" or None) and uses (what runs its tensors).
     """
     # Imported here: the native module imports this one while ncfast itself is importing.
-    from ncfast import __version__
+    from ncfast._version import __version__
     from ncfast.backend import ops
 
     devices = (
