@@ -481,10 +481,14 @@ def simulate_central_path(
 
 
 def _progress(steps: Iterable[int], show: bool) -> Iterable[int]:
-    """``steps``, with a progress bar when ``show`` (tqdm is imported only then)."""
+    """``steps``, with a progress bar when ``show`` and tqdm (of the ``paper`` extra, imported
+    only then) is installed."""
     if not show:
         return steps
-    from tqdm.auto import tqdm
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the library runs without the app's dependencies: no bar then
+        return steps
 
     bar: Iterable[int] = tqdm(steps, desc="central path", leave=False)
     return bar

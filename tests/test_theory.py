@@ -424,6 +424,32 @@ def test_fit_accepts_numpy():
     assert fit["c3"] == pytest.approx(1.0, rel=1e-6)  # N · ¼ with N = 4
 
 
+def test_compare_with_closed_form_summarises_the_run(seed):
+    # ncfast.theory_summary: the comparison the CLI prints and writes, from the library alone.
+    from ncfast.theory_summary import compare_with_closed_form, simulation_record
+
+    g = torch.Generator().manual_seed(seed)
+    run = theory.simulate_central_path(theory.initial_features(3, 4, 4, generator=g), 3, 30)
+    comparison = compare_with_closed_form(run)
+    closed = theory.snr_closed_form(run.omega[0], run.times, 3, 4)
+    assert torch.equal(comparison["closed_form"], closed)  # the same call, the same numbers
+    summary = comparison["summary"]
+    assert summary["max_relative_error"] == float(comparison["relative_error"].max())
+    assert summary["max_relative_error"] < 1e-6  # RK4 at the adaptive default step (CLI test)
+    growth = run.omega[-1] / run.omega[0]
+    assert (summary["growth_min"], summary["growth_max"]) == (
+        float(growth.min()),
+        float(growth.max()),
+    )
+    assert summary["final_time"] == float(run.times[-1])
+    record = simulation_record(run, comparison, seed=seed, dt=None, max_log_step=0.02)
+    assert record["summary"] is summary and record["max_log_step"] == 0.02
+    assert (
+        simulation_record(run, comparison, seed=seed, dt=0.1, max_log_step=0.02)["max_log_step"]
+        is None
+    )  # a fixed-step run has no adaptive bound
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

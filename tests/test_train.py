@@ -541,3 +541,22 @@ def test_cuda_bf16_run_and_resume(tmp_path, tiny_data, monkeypatch):
         # cuDNN is not bitwise deterministic; the same run within a loose tolerance.
         assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
         assert b["error"] == pytest.approx(a["error"], abs=0.05)
+
+
+def test_merged_for_resume_puts_the_options_given_now_on_the_stored_config(tmp_path):
+    # TrainConfig.merged_for_resume: what `ncfast train --resume` runs with.
+    stored = TrainConfig.from_preset("demo", stop_after=2, tensorboard="tb", epochs=4)
+    merged = stored.merged_for_resume(
+        {"epochs": 6, "lr": None, "tensorboard": "/abs/tb"}, tmp_path / "run"
+    )
+    assert (merged.epochs, merged.lr, merged.tensorboard) == (6, stored.lr, "/abs/tb")
+    assert merged.stop_after is None  # a stop is for the session that asked for it
+    assert (merged.resume, merged.overwrite, merged.out) == (True, False, tmp_path / "run")
+    assert stored.merged_for_resume({"stop_after": 3, "tensorboard": "/t"}, "run").stop_after == 3
+    off = stored.merged_for_resume({"tensorboard": None}, "run", tensorboard_off=True)
+    assert off.tensorboard is None
+    # the stored folder is reused only when absolute (a relative one: relative to what?)
+    with pytest.raises(ValueError, match="TensorBoard folder 'tb' is a relative path"):
+        stored.merged_for_resume({}, "run")
+    absolute = TrainConfig.from_preset("demo", tensorboard="/abs/tb")
+    assert absolute.merged_for_resume({}, "run").tensorboard == "/abs/tb"

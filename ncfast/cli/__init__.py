@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ncfast import __version__
+from ncfast._version import __version__
 from ncfast.cli._shared import Group
 
 

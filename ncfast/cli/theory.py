@@ -10,8 +10,7 @@ import click
 
 from ncfast.cli import main
 from ncfast.cli._shared import check_output_dir
-
-FIGURE_NAME = "theory_simulation"
+from ncfast.theory_summary import SIMULATION_NAME, compare_with_closed_form, simulation_record
 
 
 @main.group("theory")
@@ -65,7 +64,7 @@ def _parse_omega0(text: str | None) -> list[float] | None:
     "--out",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help=f"Directory for {FIGURE_NAME}.png/.pdf/.json.",
+    help=f"Directory for {SIMULATION_NAME}.png/.pdf/.json.",
 )
 def simulate_command(
     num_classes: int,
@@ -84,6 +83,7 @@ def simulate_command(
     import torch
 
     from ncfast import theory
+    from ncfast.report.theory_figures import plot_simulation
 
     omega_list = _parse_omega0(omega0)
     if omega_list is not None and len(omega_list) != num_classes - 1:
@@ -102,20 +102,12 @@ def simulate_command(
     run = theory.simulate_central_path(
         x0, num_classes, steps, dt=dt, max_log_step=max_log_step, progress=True
     )
-    closed = theory.snr_closed_form(run.omega[0], run.times, num_classes, per_class)
-    rel_error = ((run.omega - closed) / closed).abs()
-    spread = run.omega[:, 0] / run.omega[:, -1]
-    summary = {
-        "max_relative_error": float(rel_error.max()),
-        "growth_min": float((run.omega[-1] / run.omega[0]).min()),
-        "growth_max": float((run.omega[-1] / run.omega[0]).max()),
-        "spread_start": float(spread[0]),
-        "spread_end": float(spread[-1]),
-        "alignment_start": float(run.alignment[0]),
-        "alignment_end": float(run.alignment[-1]),
-        "max_manifold_drift": float(run.manifold_drift.max()),
-        "final_time": float(run.times[-1]),
-    }
+    comparison = compare_with_closed_form(run)
+    closed, rel_error, summary = (
+        comparison["closed_form"],
+        comparison["relative_error"],
+        comparison["summary"],
+    )
 
     _print_table(run, closed, rel_error, per_class)
     click.echo(
@@ -127,23 +119,11 @@ def simulate_command(
         f"{summary['max_manifold_drift']:.1e}"
     )
 
-    series = run.to_dict()
-    series.update(
-        {
-            "seed": seed,
-            "dt": dt,
-            "max_log_step": None if dt is not None else max_log_step,
-            "omega_closed_form": closed.tolist(),
-            "relative_error": rel_error.tolist(),
-            "summary": summary,
-            "time_units": "gradient-flow time of the per-sample averaged SPEC §3 loss L_LS "
-            "w.r.t. the P×CN features; the closed form is C² log ω + C ω² + ω⁴/4 = a_j + t/N",
-        }
-    )
-    json_path = out / f"{FIGURE_NAME}.json"
+    record = simulation_record(run, comparison, seed=seed, dt=dt, max_log_step=max_log_step)
+    json_path = out / f"{SIMULATION_NAME}.json"
     out.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(series, indent=1))
-    paths = _write_figure(run, closed, rel_error, out, adaptive=dt is None)
+    json_path.write_text(json.dumps(record, indent=1))
+    paths = plot_simulation(run, closed, rel_error, out, adaptive=dt is None)
     click.echo("written: " + ", ".join(str(p) for p in [*paths, json_path]))
 
 
@@ -161,42 +141,3 @@ def _print_table(run, closed, rel_error, per_class: int, rows: int = 8) -> None:
             f"{float(closed[k, 0]):>11.5g} {float(run.omega[k, -1]):>11.5g} "
             f"{float(closed[k, -1]):>11.5g} {float(rel_error[k].max()):>9.1e}"
         )
-
-
-def _write_figure(run, closed, rel_error, out: Path, adaptive: bool) -> list[Path]:
-    from matplotlib import colormaps
-
-    from ncfast.report.plots import new_figure, save_figure
-
-    t = (run.times / run.per_class).numpy()
-    # Adaptive runs span decades of t: log axis without t = 0.
-    first = 1 if adaptive and t.size > 1 else 0
-    t = t[first:]
-    omega, law, err = run.omega[first:].numpy(), closed[first:].numpy(), rel_error[first:].numpy()
-    fig, grid = new_figure(1, 3, (13, 3.8))
-    axes = grid[0]
-    colors = colormaps["viridis"](
-        [i / max(1, omega.shape[1] - 1) * 0.9 for i in range(omega.shape[1])]
-    )
-    for j in range(omega.shape[1]):
-        axes[0].plot(t, omega[:, j], color=colors[j], lw=2, label=f"ω_{j + 1} simulated")
-        axes[0].plot(t, law[:, j], "k--", lw=1, label="closed form" if j == 0 else None)
-        axes[1].plot(t, err[:, j].clip(min=1e-17), color=colors[j])
-    axes[2].plot(t, omega[:, 0] / omega[:, -1], lw=2, label="simulated")
-    axes[2].plot(t, law[:, 0] / law[:, -1], "k--", lw=1, label="closed form")
-    titles = ["SNR singular values ω_j(t)", "relative error |sim − law| / law", "ω_max / ω_min"]
-    for ax, title in zip(axes, titles, strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("t / N")
-        ax.grid(alpha=0.3)
-        if adaptive:
-            ax.set_xscale("log")
-    axes[0].set_yscale("log" if adaptive else "linear")
-    axes[1].set_yscale("log")
-    axes[0].legend(fontsize=8)
-    axes[2].legend(fontsize=8)
-    fig.suptitle(
-        f"Continually renormalized gradient flow, C={run.num_classes}, N={run.per_class}, "
-        f"P={run.dim}: simulation vs C² log ω + C ω² + ω⁴/4 = a_j + t/N"
-    )
-    return save_figure(fig, out, FIGURE_NAME, ("png", "pdf"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from ncfast.cli import main
@@ -300,18 +298,7 @@ def _resumed(preset, options) -> TrainConfig:
         if options["dataset"] is None:
             raise click.UsageError("--resume needs --out (the run directory to continue)")
         out = TrainConfig.from_preset(preset, **{**options, "tensorboard": None}).resolved().out
-    stored = resume_config(out).to_json()
-    stored["stop_after"] = None  # a stop is for the session that asked for it
-    given = {k: v for k, v in options.items() if v is not None}
-    stored.update(given, out=out, resume=True, overwrite=False)
-    if stored["tensorboard"] is _NO_TENSORBOARD:
-        stored["tensorboard"] = None
-    elif "tensorboard" not in given and stored["tensorboard"] is not None:
-        # Where a run logs is for the machine it runs on: only a folder the run itself stored
-        # as an absolute path is reused, never one relative to an unknown directory.
-        if not os.path.isabs(stored["tensorboard"]):
-            raise click.UsageError(
-                f"--resume: the run's TensorBoard folder {stored['tensorboard']!r} is a relative "
-                "path; give --tensorboard DIR (or none) to resume"
-            )
-    return TrainConfig.from_json(stored)
+    tensorboard_off = options["tensorboard"] is _NO_TENSORBOARD
+    if tensorboard_off:
+        options = {**options, "tensorboard": None}
+    return resume_config(out).merged_for_resume(options, out, tensorboard_off=tensorboard_off)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ncfast import __version__
+from ncfast._version import __version__
 from ncfast.backend.precision import check_precision as check_stats_precision
 from ncfast.checks import check_device, check_int
 from ncfast.paper.checkpoint import CheckpointError, load_checkpoint, load_state_checked

@@ -176,6 +176,32 @@ class TrainConfig(Invocation, Experiment):
             resolve(c)
         return c
 
+    def merged_for_resume(
+        self, options: dict, out, *, tensorboard_off: bool = False
+    ) -> TrainConfig:
+        """The configuration that resumes the run in ``out`` (this is its stored configuration):
+        the ``options`` given now (those not None) on top, ``resume`` on, ``overwrite`` off, and
+        no ``stop_after`` unless given now (a stop is for the session that asked for it).
+        ``train`` then refuses options that differ in anything but runtime settings.
+
+        TensorBoard: ``tensorboard_off`` turns logging off; a folder given now is used; else the
+        stored folder is reused only where it is absolute (where a run logs is for the machine
+        it runs on: a relative one is relative to an unknown directory, a ValueError).
+        """
+        values = self.to_json()
+        values["stop_after"] = None
+        given = {k: v for k, v in options.items() if v is not None}
+        values.update(given, out=out, resume=True, overwrite=False)
+        if tensorboard_off:
+            values["tensorboard"] = None
+        elif "tensorboard" not in given and values["tensorboard"] is not None:
+            if not os.path.isabs(values["tensorboard"]):
+                raise ValueError(
+                    f"--resume: the run's TensorBoard folder {values['tensorboard']!r} is a "
+                    "relative path; give --tensorboard DIR (or none) to resume"
+                )
+        return TrainConfig.from_json(values)
+
     def experiment_values(self) -> dict:
         """The :class:`Experiment` fields as JSON values (what a resumption must match)."""
         values = self.to_json()

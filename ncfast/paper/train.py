@@ -78,7 +78,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ncfast import __version__
+from ncfast._version import __version__
 from ncfast.backend.precision import resolve_precision
 from ncfast.errors import NCFastError
 from ncfast.metrics import mse_lambda
