@@ -294,3 +294,28 @@ def test_a_large_offset_counts_a_low_variance_direction_only_above_the_bound(
     result = measured(features[order], labels[order])
     assert result["sigma_b_rank"] == rank
     assert math.isfinite(result["nc1"])
+
+
+# ------------------------------------------------------------- merges about a common shift
+def test_a_merge_whose_incoming_side_holds_a_class_alone_stays_exact(seed):
+    """Features of norm 1e6, spread 1e-2: class 2 has one sample, only in the incoming half,
+    and class 1 only in the incoming half too. The merged class means and Σ_W equal one
+    stream's within :func:`stream_tolerances` (a common shift taken from the side without the
+    class, far from its sample, would add rounding of the offset's size)."""
+    from tests.tolerances import stream_tolerances
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([0] * 20 + [1] * 20 + [2])
+    offset = 1e6 * torch.nn.functional.normalize(torch.randn(4, generator=g, dtype=F64), dim=0)
+    centers = torch.randn(3, 4, generator=g, dtype=F64)
+    features = offset + centers[labels] + 1e-2 * torch.randn(41, 4, generator=g, dtype=F64)
+    mine, theirs = ncfast.ClassStats(3, 4), ncfast.ClassStats(3, 4)
+    mine.update(features[:20], labels[:20])  # class 0 only
+    theirs.update(features[20:], labels[20:])  # classes 1 and 2 (one sample)
+    whole = ncfast.ClassStats(3, 4)
+    whole.update(features, labels)
+    merged = mine.merge(theirs)
+    atol_means, atol_sigma = stream_tolerances(features, labels)
+    assert torch.equal(merged.counts, whole.counts)
+    torch.testing.assert_close(merged.class_means, whole.class_means, rtol=0, atol=atol_means)
+    torch.testing.assert_close(merged.sigma_w, whole.sigma_w, rtol=0, atol=atol_sigma)
