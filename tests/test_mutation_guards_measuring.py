@@ -319,3 +319,18 @@ def test_a_merge_whose_incoming_side_holds_a_class_alone_stays_exact(seed):
     assert torch.equal(merged.counts, whole.counts)
     torch.testing.assert_close(merged.class_means, whole.class_means, rtol=0, atol=atol_means)
     torch.testing.assert_close(merged.sigma_w, whole.sigma_w, rtol=0, atol=atol_sigma)
+
+
+def test_the_invalid_input_message_names_both_problems_and_the_way_out():
+    """The whole message, as the user reads it: each problem counted, and the remedy."""
+    from ncfast.stats import InvalidInputError
+
+    features = torch.zeros(4, 2, dtype=F64)
+    features[1, 0] = math.nan
+    with pytest.raises(InvalidInputError) as info:
+        ncfast.ClassStats(3, 2).update(features, torch.tensor([0, 1, 5, 2]))
+    assert str(info.value) == (
+        "ClassStats: 1 sample(s) with labels outside [0, 3) and 1 sample(s) with non-finite "
+        "(NaN/inf) features in this batch; they were left out of the statistics. Fix the input, "
+        "or create ClassStats(..., on_invalid='skip') to skip and count them (see .skipped)."
+    )
