@@ -58,13 +58,23 @@ class CheckpointError(NCFastError, ValueError):
     """A checkpoint file is missing, unreadable, untrusted or not an ncfast checkpoint."""
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Create ``path`` through ``write(file)`` atomically: a temporary file in the same folder,
-    flushed to disk, then renamed over ``path``, so a killed process leaves the old or the new
-    file, never half of one."""
+def temporary_prefix(name: str, tag: str | None = None) -> str:
+    """The prefix of the temporary files of ``name``: ``.NAME.`` and, with ``tag`` (the token of
+    a run directory's lock, :class:`ncfast.paper.rundir.RunDirectory`), ``ncfast-TAG-``, so that
+    only the files of a known (killed) writer are ever cleaned up."""
+    return f".{name}." + (f"ncfast-{tag}-" if tag else "")
+
+
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[IO[bytes]], None], tag: str | None = None
+) -> Path:
+    """Create ``path`` through ``write(file)`` atomically: a temporary file in the same folder
+    (named by :func:`temporary_prefix`), flushed to disk, then renamed over ``path``, so a
+    killed process leaves the old or the new file, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = temporary_prefix(path.name, tag)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -78,12 +88,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     return path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+def write_text_atomic(path: str | os.PathLike, text: str, tag: str | None = None) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")), tag)
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+def save_checkpoint(path: str | os.PathLike, payload: dict, tag: str | None = None) -> Path:
     """Write ``payload`` to ``path`` atomically with ``torch.save`` (see :func:`atomic_write`).
 
     A failed write (disk full) is the OSError behind it, naming ``path``; torch reports it as a
@@ -91,7 +101,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     if not isinstance(payload, dict):
         raise TypeError(f"save_checkpoint: payload must be a dict, got {type(payload).__name__}")
     try:
-        return atomic_write(path, lambda f: torch.save(payload, f))
+        return atomic_write(path, lambda f: torch.save(payload, f), tag)
     except RuntimeError as exc:
         cause = _os_error_in_chain(exc)
         if cause is None:
@@ -188,9 +198,12 @@ def pickle_globals(data: bytes) -> list[str]:
 
 
 def _refuse_code(path: Path) -> None:
-    """CheckpointError if the checkpoint's pickles import anything outside ALLOWED_GLOBALS."""
+    """CheckpointError if the archive is damaged (an entry's CRC-32 does not match: a flipped
+    byte anywhere), holds two entries of one name (torch would read one, this check another),
+    or its pickles import anything outside ALLOWED_GLOBALS."""
     try:
         with zipfile.ZipFile(path) as archive:
+            _check_archive(archive, path)
             names = [n for n in archive.namelist() if n.endswith(".pkl")]
             if not names:
                 raise CheckpointError(
@@ -218,6 +231,23 @@ def _refuse_code(path: Path) -> None:
             f"checkpoint {path} is corrupt or truncated and cannot be read "
             f"({type(exc).__name__}: {_first_line(exc)})"
         ) from None
+
+
+def _check_archive(archive: zipfile.ZipFile, path: Path) -> None:
+    """Each name once, and every entry's bytes match the CRC-32 the writer recorded."""
+    names = archive.namelist()
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise CheckpointError(
+            f"checkpoint {path} was refused: its archive holds several entries named "
+            f"{', '.join(repeated[:3])} (torch.save never writes that: it was altered)"
+        )
+    damaged = archive.testzip()
+    if damaged is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: the entry {damaged} does not match its checksum "
+            "(CRC-32); the file was damaged after it was written"
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -385,8 +415,15 @@ def load_state_checked(module, state: dict, path, field: str, what: str) -> None
         for k, v in own.items()
         if k in state and isinstance(v, torch.Tensor) and state[k].shape != v.shape
     ]
+    # load_state_dict would cast: int, bool or complex weights would train silently otherwise.
+    dtypes = [
+        f"{k} {state[k].dtype} (expected {v.dtype})"
+        for k, v in own.items()
+        if k in state and isinstance(v, torch.Tensor) and state[k].dtype != v.dtype
+    ]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+    kinds = (("missing", missing), ("unexpected", unexpected), ("shape", shapes), ("dtype", dtypes))
+    for label, items in kinds:
         if items:
             more = f" and {len(items) - 3} more" if len(items) > 3 else ""
             problems.append(f"{label}: {', '.join(items[:3])}{more}")
