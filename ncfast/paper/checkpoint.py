@@ -32,6 +32,7 @@ from typing import IO
 import torch
 
 from ncfast.errors import NCFastError
+from ncfast.paper.config import MAX_EPOCHS
 from ncfast.report.runs import CHECKPOINT_FILE, RunError, check_record
 
 FORMAT = "ncfast-checkpoint-v1"
@@ -319,8 +320,8 @@ def _check_plain_fields(payload: dict, bad) -> None:
     if not isinstance(payload["ncfast_version"], str):
         raise bad("ncfast_version", "a string", payload["ncfast_version"])
     epoch = payload["epoch"]
-    if not _is_int(epoch) or epoch < 0:
-        raise bad("epoch", "an integer ≥ 0", epoch)
+    if not _is_int(epoch) or not 0 <= epoch <= MAX_EPOCHS:
+        raise bad("epoch", f"an integer in 0..{MAX_EPOCHS}", epoch)
     config = payload["config"]
     if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
         raise bad("config", "a dict of options", config)
