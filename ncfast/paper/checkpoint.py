@@ -325,6 +325,9 @@ def _check_plain_fields(payload: dict, bad) -> None:
     config = payload["config"]
     if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
         raise bad("config", "a dict of options", config)
+    for key, value in config.items():
+        if not _is_json(value):
+            raise bad(f"config/{key}", "a JSON value (number, string, list, dict or null)", value)
     model = payload["model"]
     if (
         not isinstance(model, dict)
@@ -360,6 +363,15 @@ def _describe(value) -> str:
         text = repr(value)
         return text if len(text) <= 60 else text[:57] + "..."
     return f"a {type(value).__name__}"
+
+
+def _is_json(value) -> bool:
+    """Whether ``value`` is made of JSON's kinds only (as config.json holds)."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _is_int(value) -> bool:
