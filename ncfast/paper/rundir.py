@@ -13,13 +13,20 @@
   is refused with "R is in use by PID ... on HOST". Where ``fcntl`` is missing (Windows) the
   file itself is the lock (created with ``O_CREAT | O_EXCL``) and a stale one must be deleted by
   hand (the message says so). Under torchrun only rank 0 takes it;
-- the overwrite: :meth:`RunDirectory.clear` moves the old run's files into a trash folder inside
-  ``R`` (the checkpoint first, so a run can never be resumed from a half-cleared directory) and
-  then deletes the folder; nothing new is written before it has run. A trash folder that a kill
-  left behind is deleted the next time the directory is locked;
-- partial files: the temporary ``.checkpoint.pt.*.tmp`` (and ``.config.json.*.tmp``,
-  ``.metrics.jsonl.*.tmp``) files of a write that was killed are deleted when the directory is
-  locked: nobody else can be writing them then;
+- the marker: a folder is a run directory only when its ``config.json`` is ncfast's
+  (:func:`is_run_directory`: ``format`` ``ncfast-run-v1`` and ``ncfast_version``; runs of
+  releases before the format field by their version and options). A folder holding files of
+  ncfast's names without it, or a sweep's ``sweep.json``, is refused, ``--overwrite`` included;
+- links: the lock is opened with ``O_NOFOLLOW`` and a run file that is a symbolic link is
+  refused (:meth:`RunDirectory.check_no_links`): nothing is written through one;
+- the overwrite: :meth:`RunDirectory.clear` moves the old run's files, only those ncfast writes
+  (:data:`RUN_FILES`; in ``analysis/`` :func:`analysis_entries`), into a trash folder inside ``R``
+  (the checkpoint first, ``config.json``, the marker, last) and then deletes the folder;
+  nothing new is written before it has run;
+- leftovers: every temporary name this object creates (partial ``.checkpoint.pt.*.tmp`` files,
+  the trash, an analysis being written) carries ``ncfast-TOKEN``, a random token recorded in the
+  lock. Taking over a killed owner's lock deletes that owner's leftovers by its token, and
+  nothing else (names that merely look like ncfast's are the user's);
 - the records: :meth:`RunDirectory.start` writes ``config.json`` and the log a run begins (or
   resumes) with, :meth:`RunDirectory.save` each checkpoint and the log lines of its epoch, and
   with :meth:`RunDirectory.open_tensorboard` every logged number also goes to TensorBoard.
