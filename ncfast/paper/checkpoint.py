@@ -20,6 +20,8 @@ one :class:`CheckpointError` naming the field, never a crash later.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import pickle
@@ -59,22 +61,35 @@ class CheckpointError(NCFastError, ValueError):
     """A checkpoint file is missing, unreadable, untrusted or not an ncfast checkpoint."""
 
 
-def temporary_prefix(name: str, tag: str | None = None) -> str:
-    """The prefix of the temporary files of ``name``: ``.NAME.`` and, with ``tag`` (the token of
-    a run directory's lock, :class:`ncfast.paper.rundir.RunDirectory`), ``ncfast-TAG-``, so that
-    only the files of a known (killed) writer are ever cleaned up."""
+# The tag of the temporary files written in this context (see temporary_prefix, tagged).
+_TAG: contextvars.ContextVar[str | None] = contextvars.ContextVar("ncfast_tag", default=None)
+
+
+@contextlib.contextmanager
+def tagged(tag: str):
+    """Within it, the temporary files of :func:`atomic_write` carry ``tag`` (a run directory's
+    lock token, :class:`ncfast.paper.rundir.RunDirectory`)."""
+    reset = _TAG.set(tag)
+    try:
+        yield
+    finally:
+        _TAG.reset(reset)
+
+
+def temporary_prefix(name: str) -> str:
+    """The prefix of the temporary files of ``name``: ``.NAME.`` and, within :func:`tagged`,
+    ``ncfast-TAG-``, so that only the files of a known (killed) writer are ever cleaned up."""
+    tag = _TAG.get()
     return f".{name}." + (f"ncfast-{tag}-" if tag else "")
 
 
-def atomic_write(
-    path: str | os.PathLike, write: Callable[[IO[bytes]], None], tag: str | None = None
-) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Create ``path`` through ``write(file)`` atomically: a temporary file in the same folder
     (named by :func:`temporary_prefix`), flushed to disk, then renamed over ``path``, so a
     killed process leaves the old or the new file, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = temporary_prefix(path.name, tag)
+    prefix = temporary_prefix(path.name)
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -89,12 +104,12 @@ def atomic_write(
     return path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, tag: str | None = None) -> Path:
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")), tag)
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict, tag: str | None = None) -> Path:
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     """Write ``payload`` to ``path`` atomically with ``torch.save`` (see :func:`atomic_write`).
 
     A failed write (disk full) is the OSError behind it, naming ``path``; torch reports it as a
@@ -102,7 +117,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict, tag: str | None = No
     if not isinstance(payload, dict):
         raise TypeError(f"save_checkpoint: payload must be a dict, got {type(payload).__name__}")
     try:
-        return atomic_write(path, lambda f: torch.save(payload, f), tag)
+        return atomic_write(path, lambda f: torch.save(payload, f))
     except RuntimeError as exc:
         cause = _os_error_in_chain(exc)
         if cause is None:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from ncfast.errors import NCFastError
 from ncfast.measure import scalars
-from ncfast.paper.checkpoint import save_checkpoint, write_text_atomic
+from ncfast.paper.checkpoint import save_checkpoint, tagged, write_text_atomic
 from ncfast.report.runs import (
     ANALYSIS_DIR,
     CHECKPOINT_FILE,
@@ -565,23 +565,20 @@ class RunDirectory:
     def _written(self, path: Path, write) -> Path:
         self._require_lock()
         try:
-            return write()
+            with tagged(self.token):  # its temporary file carries this lock's token
+                return write()
         except OSError as exc:
             raise RunDirectoryError(f"cannot write {path} ({_reason(exc)})") from None
 
     def write_config(self, record: dict) -> Path:
         """Replace ``config.json`` (atomically) with ``record``."""
         text = json.dumps(record, indent=2) + "\n"
-        return self._written(
-            self.config_path, lambda: write_text_atomic(self.config_path, text, self.token)
-        )
+        return self._written(self.config_path, lambda: write_text_atomic(self.config_path, text))
 
     def write_metrics(self, rows: list[dict]) -> Path:
         """Replace the log (atomically) with ``rows``."""
         text = metrics_lines(rows)
-        return self._written(
-            self.metrics_path, lambda: write_text_atomic(self.metrics_path, text, self.token)
-        )
+        return self._written(self.metrics_path, lambda: write_text_atomic(self.metrics_path, text))
 
     def append_metrics(self, rows: list[dict]) -> None:
         """Append ``rows`` to the log; on failure the log is cut back to its old length."""
@@ -603,7 +600,7 @@ class RunDirectory:
         """Replace the checkpoint atomically; on failure the previous one is intact."""
         path = self.checkpoint_path
         try:
-            return self._written(path, lambda: save_checkpoint(path, payload, self.token))
+            return self._written(path, lambda: save_checkpoint(path, payload))
         except RunDirectoryError as err:
             kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint yet"
             raise RunDirectoryError(f"{err}; {kept}") from None
