@@ -493,16 +493,15 @@ class RunDirectory:
         )
 
     def check_resumable(self) -> None:
-        """``--resume`` can continue the run here: its checkpoint exists, in a run directory
-        of ncfast, with no run file a symbolic link."""
+        """``--resume`` can continue the run here: its checkpoint exists, with no other file of
+        ncfast's names unless it is a run directory of ncfast, and no run file a link."""
         if self.checkpoint_path.is_file() and self.path.is_dir():
             self.check_no_links()
-            self.check_ncfast_files("--resume")
-            if run_marker(self.path) is None:
-                raise RunDirectoryError(
-                    f"--resume: {self.path} holds a {CHECKPOINT_FILE} but no {CONFIG_FILE} of "
-                    "an ncfast run: it is not a run directory ncfast can continue"
-                )
+            # A checkpoint alone is marked by its own format (load_checkpoint checks it), and
+            # resuming it replaces nothing; beside other files of ncfast's names, the marker.
+            others = [n for n in RUN_FILES[1:] if (self.path / n).exists()]
+            if others or (self.path / SWEEP_FILE).exists():
+                self.check_ncfast_files("--resume")
             return
         if not self.path.exists():
             raise RunDirectoryError(
