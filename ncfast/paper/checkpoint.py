@@ -353,6 +353,12 @@ def _check_plain_fields(payload: dict, bad) -> None:
     scheduler = payload["scheduler"]
     if not isinstance(scheduler, dict) or not all(isinstance(k, str) for k in scheduler):
         raise bad("scheduler", "a state dict", scheduler)
+    for key, value in scheduler.items():  # numbers, lists and the Counter of milestones
+        plain = dict(value) if isinstance(value, dict) else value
+        if isinstance(plain, dict):
+            plain = {str(k): v for k, v in plain.items()}
+        if not _is_json(plain):
+            raise bad(f"scheduler/{key}", "numbers, lists or the milestones", value)
 
 
 def _check_history_payload(history, epoch: int, bad, where: str) -> None:
