@@ -475,7 +475,7 @@ CORRUPTIONS = {
         "weights do not fit a vgg11 of width 0.0625 ('model': missing: body.0.weight)",
     ),
     "another net's weights": (_another_nets_weights, "weights do not fit a vgg11"),
-    "epoch 'two'": (lambda p: p.update(epoch="two"), "'epoch' must be an integer ≥ 0"),
+    "epoch 'two'": (lambda p: p.update(epoch="two"), "'epoch' must be an integer in 0.."),
     "an empty rng": (lambda p: p.update(rng={}), "'rng' must be"),
     "an empty optimizer": (lambda p: p.update(optimizer={}), "'optimizer' must be"),
     "misshapen momentum": (_misshapen_momentum, "'optimizer' state momentum_buffer"),
@@ -490,7 +490,50 @@ CORRUPTIONS = {
         lambda p: p["config"].update(epochs="two"),
         "'config' is unusable (epochs must be an integer",
     ),
+    # Issue 19, item 5: settings and dtypes that torch would load, and train differently with.
+    "milestones of another schedule": (
+        lambda p: p["scheduler"].update(milestones={"a": 1}),
+        "'scheduler' setting milestones is {'a': 1}, the run's config.json gives",
+    ),
+    "a negative weight decay": (
+        lambda p: p["optimizer"]["param_groups"][0].update(weight_decay=-5),
+        "'optimizer' setting weight_decay is -5, the run's config.json gives 0.0005",
+    ),
+    "nesterov 'yes'": (
+        lambda p: p["optimizer"]["param_groups"][0].update(nesterov="yes"),
+        "'optimizer' setting nesterov is 'yes'",
+    ),
+    "lr 'abc'": (
+        lambda p: p["optimizer"]["param_groups"][0].update(lr="abc"),
+        "'optimizer' setting lr must be a positive number, got 'abc'",
+    ),
+    "a scheduler's gamma": (
+        lambda p: p["scheduler"].update(gamma=0.5),
+        "'scheduler' setting gamma is 0.5",
+    ),
+    "bool weights": (
+        lambda p: p["model"].update({"body.0.weight": p["model"]["body.0.weight"] > 0}),
+        "('model': dtype: body.0.weight torch.bool (expected torch.float32))",
+    ),
+    "complex weights": (
+        lambda p: p["model"].update({"body.0.weight": p["model"]["body.0.weight"].cfloat()}),
+        "dtype: body.0.weight torch.complex64",
+    ),
+    "int momentum buffers": (
+        lambda p: _each_momentum(p, lambda m: m.long()),
+        "'optimizer' state momentum_buffer of parameter 0 is torch.int64",
+    ),
+    "an epoch beyond any run": (lambda p: p.update(epoch=10**12), "'epoch' must be an integer in"),
+    "a config of 10**12 epochs": (
+        lambda p: p["config"].update(epochs=10**12),
+        "'config' is unusable (epochs must be",
+    ),
 }
+
+
+def _each_momentum(payload, change) -> None:
+    for state in payload["optimizer"]["state"].values():
+        state["momentum_buffer"] = change(state["momentum_buffer"])
 
 
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
@@ -649,6 +692,9 @@ def test_tensorboard_folder_can_change_on_resume(tmp_path, resumable_run):
         (("--measure-epochs", ","), 2, "'--measure-epochs'"),
         (("--lr-gamma", "1e30", "--lr-milestones", "1,2"), 2, "lr_gamma"),
         (("--momentum", "1e300"), 2, "momentum must be a finite number"),
+        (("--momentum", "5"), 2, "momentum must be a finite number in [0, 1]"),
+        (("--epochs", "99999999999999999999999"), 2, "'--epochs'"),
+        (("--stop-after", "99999999999999999999999"), 2, "'--stop-after'"),
     ],
 )
 def test_option_errors_are_one_line(tmp_path, args, exit_code, phrase):

@@ -21,9 +21,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import ncfast
 from ncfast.cli import main
 from ncfast.cli.sweep import read_train_args
 from ncfast.paper import run_one
+from ncfast.paper.rundir import RUN_FORMAT
 from ncfast.paper.sweep import (
     STATUS_FILE,
     SWEEP_FILE,
@@ -336,7 +338,9 @@ def test_a_refused_option_writes_nothing(tmp_path, options, message, stand_in_ch
 def test_a_run_folder_is_not_a_sweep_folder(tmp_path, stand_in_child):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text("{}")
+    # What ncfast train writes first: config.json with ncfast's marker (rundir.run_marker).
+    marker = {"format": RUN_FORMAT, "ncfast_version": ncfast.__version__}
+    (run / "config.json").write_text(json.dumps(marker))
     (run / "metrics.jsonl").write_text("")
     before = sorted(p.name for p in run.iterdir())
     grid = ("--datasets", "mnist5k", "--nets", "vgg", "--losses", "mse", "--lrs", "0.01")

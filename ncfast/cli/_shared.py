@@ -3,6 +3,7 @@ and helpers several commands use."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import click
@@ -24,11 +25,15 @@ class Command(click.Command):
     - any other ``ValueError`` (an option the library refused): a usage error, exit code 2;
     - ``OSError`` (a write failed: disk full, permission lost): ``cannot write FILE (reason)``,
       exit code 1.
+
+    Python warnings print as one line, ``Warning: ...`` (not the source line that raised them).
     """
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():  # restores the previous display afterwards
+                warnings.showwarning = show_warning
+                return super().invoke(ctx)
         except NCFastError as exc:  # first: most of them are ValueErrors too
             raise click.ClickException(ctx.meta.get(ERROR_PREFIX, "") + str(exc)) from None
         except ValueError as exc:
@@ -65,6 +70,12 @@ def check_output_dir(out: Path, option: str = "--out") -> None:
         check_writable_dir(out, option)
     except RunDirectoryError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as a command's user sees it: one line on stderr, without the source line."""
+    text = str(message).strip().splitlines()
+    click.echo(f"Warning: {text[0] if text else category.__name__}", err=True)
 
 
 def write_failed(exc: OSError, out: Path | None = None) -> click.ClickException:

@@ -79,8 +79,12 @@ def analyze_command(
         checkpoint = checkpoint / CHECKPOINT_FILE
     report_dir = out if out is not None else checkpoint.parent / ANALYSIS_DIR
     click.get_current_context().meta[OUTPUT_DIR] = report_dir
+    # Name --out only where the user gave it: the default is the run's own folder.
+    option = "--out" if out is not None else "the run's analysis folder (give --out DIR)"
     if checkpoint.is_file():  # else analyze() says what is wrong with it
-        check_output_dir(report_dir)
+        check_output_dir(report_dir, option)
+        # The analysis is written beside it first, then swapped in.
+        check_output_dir(report_dir.parent, option)
     report = analyze(
         checkpoint,
         data_root=data_root,

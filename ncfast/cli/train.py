@@ -6,7 +6,7 @@ import click
 
 from ncfast.cli import main
 from ncfast.cli._shared import ERROR_PREFIX
-from ncfast.paper.config import MAX_SEED, PRESETS, TrainConfig
+from ncfast.paper.config import MAX_EPOCHS, MAX_SEED, PRESETS, TrainConfig
 from ncfast.paper.data import DATASETS
 from ncfast.paper.distributed import DistributedError, torchrun_environment
 from ncfast.paper.losses import LOSSES, parse_mse_scale
@@ -81,7 +81,12 @@ def _int_list(ctx, param, value):
     metavar="K,M",
     help="Hui & Belkin's scaling for --loss mse-rescaled, e.g. '1,15'.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default 350).")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1, max=MAX_EPOCHS),
+    default=None,
+    help="Epochs (default 350).",
+)
 @click.option(
     "--lr",
     type=float,
@@ -96,7 +101,7 @@ def _int_list(ctx, param, value):
     "the processes (it must be divisible by their number).",
 )
 @click.option("--weight-decay", type=float, default=None, help="SGD weight decay (default 5e-4).")
-@click.option("--momentum", type=float, default=None, help="SGD momentum (default 0.9).")
+@click.option("--momentum", type=float, default=None, help="SGD momentum, in [0, 1] (default 0.9).")
 @click.option(
     "--lr-milestones",
     callback=_int_list,
@@ -152,7 +157,7 @@ def _int_list(ctx, param, value):
 )
 @click.option(
     "--stop-after",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_EPOCHS),
     default=None,
     metavar="EPOCH",
     help="Stop after this epoch with a checkpoint; continue later with --resume "

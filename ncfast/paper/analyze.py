@@ -13,14 +13,23 @@ the run's history (with the figure of the training passes, ``online``, for a run
 
 Outputs in ``out_dir`` (default ``<checkpoint folder>/analysis``): ``report.json`` (strict JSON:
 NaN/inf written as null), ``summary.md`` (its text: :mod:`ncfast.report.summary`) and ``figures/``
-(the :mod:`ncfast.report.plots` figures).
+(the :mod:`ncfast.report.plots` figures). They are written into a temporary folder beside
+``out_dir`` that then replaces it at once (:func:`ncfast.paper.rundir.swap_in_folder`): an
+interrupted analysis leaves the previous one whole, never a mix. An ``out_dir`` holding files
+ncfast analyze does not write is refused (they would be replaced).
+
+The checkpoint of a run directory (``RUN/checkpoint.pt``) is analysed under the run's lock
+(:meth:`ncfast.paper.rundir.RunDirectory.lock_for_reading`): a training or ``--overwrite`` of the
+run meanwhile is refused, and so is this analysis while one runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,10 +41,18 @@ from ncfast.paper.checkpoint import CheckpointError, load_checkpoint, load_state
 from ncfast.paper.config import TrainConfig
 from ncfast.paper.evaluate import measure_split
 from ncfast.paper.robustness import DEFAULT_SAMPLES, robustness
-from ncfast.paper.train import build_model, load_data
+from ncfast.paper.rundir import (
+    RunDirectory,
+    RunDirectoryError,
+    foreign_entries,
+    is_run_directory,
+    swap_in_folder,
+)
+from ncfast.paper.train import _nonfinite_weights, build_model, load_data
 from ncfast.report.plots import FORMATS, plot_runs
 from ncfast.report.runs import (
     ANALYSIS_DIR,
+    CHECKPOINT_FILE,
     SPLITS,
     central_path_fit,
     run_from_history,
@@ -43,6 +60,7 @@ from ncfast.report.runs import (
 )
 from ncfast.report.summary import summary_markdown
 from ncfast.report.tables import table1_rows
+from ncfast.stats import InvalidInputError
 
 REPORT_FORMAT = "ncfast-report-v1"
 # The robustness numbers the Fig. 9 plot draws (ncfast.report.plots), put on the checkpoint's
@@ -145,27 +163,62 @@ def analyze(
         check_stats_precision(stats_precision, "analyze")
     dev = check_device(device, "device", "analyze")
     path = Path(checkpoint_path)
-    payload = load_checkpoint(path, map_location="cpu")
-    config = _rebuild(payload, path, data_root, dev, stats_precision)
     out = Path(out_dir) if out_dir is not None else path.parent / ANALYSIS_DIR
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir: {out} exists and is not a directory")
+    option = "out_dir" if out_dir is not None else f"the run's analysis folder {out}"
+    rundir = RunDirectory(path.parent, command="analyze")
+    with contextlib.ExitStack() as stack:
+        if path.name == CHECKPOINT_FILE and is_run_directory(path.parent):
+            stack.enter_context(rundir.lock_for_reading())
+        _check_out_dir(out, option)
+        payload = load_checkpoint(path, map_location="cpu")
+        config = _rebuild(payload, path, data_root, dev, stats_precision)
+        report, run, robust = _analysis(
+            payload,
+            path,
+            config,
+            dev,
+            robustness_samples,
+            {
+                "seed": robustness_seed,
+                "progress": progress,
+            },
+        )
+        return _write(report, run, robust, out, formats, rundir.token)
 
+
+def _check_out_dir(out: Path, option: str) -> None:
+    """ValueError unless ``out`` is missing, or a folder that holds only what ncfast analyze
+    writes (it is replaced as a whole)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        what = "a symbolic link" if out.is_symlink() else "not a directory"
+        raise ValueError(f"{option}: {out} is {what}")
+    foreign = foreign_entries(out)
+    if foreign:
+        shown = ", ".join(str(p.relative_to(out)) for p in foreign[:3])
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise RunDirectoryError(
+            f"{option}: {out} holds files ncfast analyze did not write ({shown}{more}); the "
+            "analysis replaces that folder as a whole: move them away, or give another --out"
+        )
+
+
+def _analysis(payload, path: Path, config, dev, samples: int, robust_options: dict):
+    """The report (before its files are written), the run of the checkpoint's history and the
+    robustness measured."""
     model, test_data, splits = _measure(payload, path, config, dev)
     robust = None
-    if robustness_samples > 0:
+    if samples > 0:
         robust = robustness(
             model,
             test_data,
-            samples=robustness_samples,
-            seed=robustness_seed,
+            samples=samples,
+            seed=robust_options["seed"],
             device=dev,
-            progress=progress,
+            progress=robust_options["progress"],
         )
     history = list(payload["history"])
     run = run_from_history(history, payload["config"], path.parent) if history else None
-    report = _report(payload, path, dev, splits, robust, run)
-    return _write(report, run, robust, out, formats)
+    return _report(payload, path, dev, splits, robust, run), run, robust
 
 
 def _measure(payload: dict, path: Path, config: TrainConfig, device: torch.device):
@@ -175,10 +228,23 @@ def _measure(payload: dict, path: Path, config: TrainConfig, device: torch.devic
     model = build_model(config, train_data.num_classes, train_data.channels, train_data.image_size)
     what = f"a {config.net} (width {config.width}) for {config.dataset}"
     load_state_checked(model, payload["model"], path, "model", what)
+    if bool(_nonfinite_weights(model)):
+        raise CheckpointError(
+            f"checkpoint {path}: its weights are not finite (NaN or infinity): its training "
+            "diverged; analyze a checkpoint from before, or train again with a lower --lr"
+        )
     model = model.to(device).eval()
     splits = {}
     for name, data in (("train", train_data), ("test", test_data)):
-        metrics = to_json_value(measure_split(model, data, **config.measure_options()))
+        try:
+            measured = measure_split(model, data, **config.measure_options())
+        except InvalidInputError:  # the labels are the dataset's: non-finite features
+            raise CheckpointError(
+                f"checkpoint {path}: its network's features on the {name} split are not finite "
+                "(NaN or infinity; weights too large): its training diverged; analyze a "
+                "checkpoint from before, or train again with a lower --lr"
+            ) from None
+        metrics = to_json_value(measured)
         decomposition = _decomposition(metrics)
         metrics["ls_perp_ratio"] = decomposition.get("ls_perp_ratio")
         splits[name] = (metrics, decomposition)
@@ -219,27 +285,35 @@ def _report(payload: dict, path: Path, device, splits: dict, robust: dict | None
     }
 
 
-def _write(report: dict, run, robust: dict | None, out: Path, formats) -> dict:
+def _write(report: dict, run, robust: dict | None, out: Path, formats, token: str) -> dict:
     """The figures of the run's history ``run`` (with the measured robustness on the
-    checkpoint's epoch), ``report.json`` and ``summary.md``, in ``out``; returns the report as
-    written (strict JSON, with the paths of its files)."""
-    out.mkdir(parents=True, exist_ok=True)
-    figure_paths = []
-    if run is not None:
-        if robust is not None:
-            _attach_robustness(run, report["epoch"], robust)
-        fits = {0: report["central_path"]}
-        figure_paths = plot_runs([run], out / "figures", formats=formats, fits=fits)
-    report["files"] = {
-        "report": str(out / "report.json"),
-        "summary": str(out / "summary.md"),
-        "figures": [str(p) for p in figure_paths],
-    }
-    report = to_json_value(report, strict=True)
-    (out / "report.json").write_text(
-        json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8"
-    )
-    (out / "summary.md").write_text(summary_markdown(report, out), encoding="utf-8")
+    checkpoint's epoch), ``report.json`` and ``summary.md``, written into a temporary folder
+    (named by ``token``) that then replaces ``out``; returns the report as written (strict
+    JSON, with the paths of its files in ``out``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.ncfast-{token}.tmp"
+    staging.mkdir()
+    try:
+        figure_paths = []
+        if run is not None:
+            if robust is not None:
+                _attach_robustness(run, report["epoch"], robust)
+            fits = {0: report["central_path"]}
+            figure_paths = plot_runs([run], staging / "figures", formats=formats, fits=fits)
+        report["files"] = {
+            "report": str(out / "report.json"),
+            "summary": str(out / "summary.md"),
+            "figures": [str(out / "figures" / p.name) for p in figure_paths],
+        }
+        report = to_json_value(report, strict=True)
+        (staging / "report.json").write_text(
+            json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8"
+        )
+        (staging / "summary.md").write_text(summary_markdown(report, out), encoding="utf-8")
+        swap_in_folder(staging, out, out.parent / f".{out.name}.ncfast-{token}-trash")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return report
 
 

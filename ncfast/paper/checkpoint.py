@@ -20,6 +20,8 @@ one :class:`CheckpointError` naming the field, never a crash later.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import pickle
@@ -32,6 +34,7 @@ from typing import IO
 import torch
 
 from ncfast.errors import NCFastError
+from ncfast.paper.config import MAX_EPOCHS
 from ncfast.report.runs import CHECKPOINT_FILE, RunError, check_record
 
 FORMAT = "ncfast-checkpoint-v1"
@@ -58,13 +61,36 @@ class CheckpointError(NCFastError, ValueError):
     """A checkpoint file is missing, unreadable, untrusted or not an ncfast checkpoint."""
 
 
+# The tag of the temporary files written in this context (see temporary_prefix, tagged).
+_TAG: contextvars.ContextVar[str | None] = contextvars.ContextVar("ncfast_tag", default=None)
+
+
+@contextlib.contextmanager
+def tagged(tag: str):
+    """Within it, the temporary files of :func:`atomic_write` carry ``tag`` (a run directory's
+    lock token, :class:`ncfast.paper.rundir.RunDirectory`)."""
+    reset = _TAG.set(tag)
+    try:
+        yield
+    finally:
+        _TAG.reset(reset)
+
+
+def temporary_prefix(name: str) -> str:
+    """The prefix of the temporary files of ``name``: ``.NAME.`` and, within :func:`tagged`,
+    ``ncfast-TAG-``, so that only the files of a known (killed) writer are ever cleaned up."""
+    tag = _TAG.get()
+    return f".{name}." + (f"ncfast-{tag}-" if tag else "")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Create ``path`` through ``write(file)`` atomically: a temporary file in the same folder,
-    flushed to disk, then renamed over ``path``, so a killed process leaves the old or the new
-    file, never half of one."""
+    """Create ``path`` through ``write(file)`` atomically: a temporary file in the same folder
+    (named by :func:`temporary_prefix`), flushed to disk, then renamed over ``path``, so a
+    killed process leaves the old or the new file, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = temporary_prefix(path.name)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -188,9 +214,12 @@ def pickle_globals(data: bytes) -> list[str]:
 
 
 def _refuse_code(path: Path) -> None:
-    """CheckpointError if the checkpoint's pickles import anything outside ALLOWED_GLOBALS."""
+    """CheckpointError if the archive is damaged (an entry's CRC-32 does not match: a flipped
+    byte anywhere), holds two entries of one name (torch would read one, this check another),
+    or its pickles import anything outside ALLOWED_GLOBALS."""
     try:
         with zipfile.ZipFile(path) as archive:
+            _check_archive(archive, path)
             names = [n for n in archive.namelist() if n.endswith(".pkl")]
             if not names:
                 raise CheckpointError(
@@ -218,6 +247,23 @@ def _refuse_code(path: Path) -> None:
             f"checkpoint {path} is corrupt or truncated and cannot be read "
             f"({type(exc).__name__}: {_first_line(exc)})"
         ) from None
+
+
+def _check_archive(archive: zipfile.ZipFile, path: Path) -> None:
+    """Each name once, and every entry's bytes match the CRC-32 the writer recorded."""
+    names = archive.namelist()
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise CheckpointError(
+            f"checkpoint {path} was refused: its archive holds several entries named "
+            f"{', '.join(repeated[:3])} (torch.save never writes that: it was altered)"
+        )
+    damaged = archive.testzip()
+    if damaged is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: the entry {damaged} does not match its checksum "
+            "(CRC-32); the file was damaged after it was written"
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -289,11 +335,14 @@ def _check_plain_fields(payload: dict, bad) -> None:
     if not isinstance(payload["ncfast_version"], str):
         raise bad("ncfast_version", "a string", payload["ncfast_version"])
     epoch = payload["epoch"]
-    if not _is_int(epoch) or epoch < 0:
-        raise bad("epoch", "an integer ≥ 0", epoch)
+    if not _is_int(epoch) or not 0 <= epoch <= MAX_EPOCHS:
+        raise bad("epoch", f"an integer in 0..{MAX_EPOCHS}", epoch)
     config = payload["config"]
     if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
         raise bad("config", "a dict of options", config)
+    for key, value in config.items():
+        if not _is_json(value):
+            raise bad(f"config/{key}", "a JSON value (number, string, list, dict or null)", value)
     model = payload["model"]
     if (
         not isinstance(model, dict)
@@ -304,6 +353,12 @@ def _check_plain_fields(payload: dict, bad) -> None:
     scheduler = payload["scheduler"]
     if not isinstance(scheduler, dict) or not all(isinstance(k, str) for k in scheduler):
         raise bad("scheduler", "a state dict", scheduler)
+    for key, value in scheduler.items():  # numbers, lists and the Counter of milestones
+        plain = dict(value) if isinstance(value, dict) else value
+        if isinstance(plain, dict):
+            plain = {str(k): v for k, v in plain.items()}
+        if not _is_json(plain):
+            raise bad(f"scheduler/{key}", "numbers, lists or the milestones", value)
 
 
 def _check_history_payload(history, epoch: int, bad, where: str) -> None:
@@ -329,6 +384,15 @@ def _describe(value) -> str:
         text = repr(value)
         return text if len(text) <= 60 else text[:57] + "..."
     return f"a {type(value).__name__}"
+
+
+def _is_json(value) -> bool:
+    """Whether ``value`` is made of JSON's kinds only (as config.json holds)."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _is_int(value) -> bool:
@@ -385,8 +449,15 @@ def load_state_checked(module, state: dict, path, field: str, what: str) -> None
         for k, v in own.items()
         if k in state and isinstance(v, torch.Tensor) and state[k].shape != v.shape
     ]
+    # load_state_dict would cast: int, bool or complex weights would train silently otherwise.
+    dtypes = [
+        f"{k} {state[k].dtype} (expected {v.dtype})"
+        for k, v in own.items()
+        if k in state and isinstance(v, torch.Tensor) and state[k].dtype != v.dtype
+    ]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+    kinds = (("missing", missing), ("unexpected", unexpected), ("shape", shapes), ("dtype", dtypes))
+    for label, items in kinds:
         if items:
             more = f" and {len(items) - 3} more" if len(items) > 3 else ""
             problems.append(f"{label}: {', '.join(items[:3])}{more}")

@@ -31,6 +31,9 @@ from ncfast.paper.models import FAMILIES, NETS, paper_net, parameter_count
 
 # Seeds are 63-bit (they reach torch generators and JSON as int64).
 MAX_SEED = 2**63 - 1
+# Epochs of a run: far beyond any that can run (the paper's are 350), and a bound to every
+# epoch number an option or a checkpoint gives.
+MAX_EPOCHS = 1_000_000
 # SGD multiplies float32 weights by these: larger ones cannot even be represented.
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -271,7 +274,7 @@ def _resolve_loss(c: TrainConfig) -> None:
 def _check_sizes(c: TrainConfig) -> None:
     """Counts: epochs, batches, seed, per-class subset, DeepFool sample, memory budget, the
     online measurement's window."""
-    check_int(c.epochs, "epochs", 1)
+    check_int(c.epochs, "epochs", 1, maximum=MAX_EPOCHS)
     check_int(c.batch_size, "batch_size", 1)
     check_int(c.measure_batch_size, "measure_batch_size", 1)
     check_int(c.online_every, "online_every", 0)
@@ -287,8 +290,9 @@ def _resolve_optimiser(c: TrainConfig) -> None:
     if c.lr is None:
         c.lr = REFERENCE_LR[c.loss]
     check_number(c.lr, "lr", minimum=0.0, maximum=FLOAT32_MAX, open_minimum=True)
-    for name in ("weight_decay", "momentum"):
-        check_number(getattr(c, name), name, minimum=0.0, maximum=FLOAT32_MAX)
+    check_number(c.weight_decay, "weight_decay", minimum=0.0, maximum=FLOAT32_MAX)
+    # Momentum above 1 makes every step grow the velocity: training cannot but diverge.
+    check_number(c.momentum, "momentum", minimum=0.0, maximum=1.0)
     check_number(c.lr_gamma, "lr_gamma", minimum=0.0, maximum=FLOAT32_MAX, open_minimum=True)
 
 
@@ -430,6 +434,7 @@ def check_model_size(
 __all__ = [
     "EXPERIMENT_FIELDS",
     "INVOCATION_FIELDS",
+    "MAX_EPOCHS",
     "MAX_SEED",
     "PAPER_EPOCHS",
     "PAPER_MEASURE_EPOCHS",

@@ -13,13 +13,20 @@
   is refused with "R is in use by PID ... on HOST". Where ``fcntl`` is missing (Windows) the
   file itself is the lock (created with ``O_CREAT | O_EXCL``) and a stale one must be deleted by
   hand (the message says so). Under torchrun only rank 0 takes it;
-- the overwrite: :meth:`RunDirectory.clear` moves the old run's files into a trash folder inside
-  ``R`` (the checkpoint first, so a run can never be resumed from a half-cleared directory) and
-  then deletes the folder; nothing new is written before it has run. A trash folder that a kill
-  left behind is deleted the next time the directory is locked;
-- partial files: the temporary ``.checkpoint.pt.*.tmp`` (and ``.config.json.*.tmp``,
-  ``.metrics.jsonl.*.tmp``) files of a write that was killed are deleted when the directory is
-  locked: nobody else can be writing them then;
+- the marker: a folder is a run directory only when its ``config.json`` is ncfast's
+  (:func:`is_run_directory`: ``format`` ``ncfast-run-v1`` and ``ncfast_version``; runs of
+  releases before the format field by their version and options). A folder holding files of
+  ncfast's names without it, or a sweep's ``sweep.json``, is refused, ``--overwrite`` included;
+- links: the lock is opened with ``O_NOFOLLOW`` and a run file that is a symbolic link is
+  refused (:meth:`RunDirectory.check_no_links`): nothing is written through one;
+- the overwrite: :meth:`RunDirectory.clear` moves the old run's files, only those ncfast writes
+  (:data:`RUN_FILES`; in ``analysis/`` :func:`analysis_entries`), into a trash folder inside ``R``
+  (the checkpoint first, ``config.json``, the marker, last) and then deletes the folder;
+  nothing new is written before it has run;
+- leftovers: every temporary name this object creates (partial ``.checkpoint.pt.*.tmp`` files,
+  the trash, an analysis being written) carries ``ncfast-TOKEN``, a random token recorded in the
+  lock. Taking over a killed owner's lock deletes that owner's leftovers by its token, and
+  nothing else (names that merely look like ncfast's are the user's);
 - the records: :meth:`RunDirectory.start` writes ``config.json`` and the log a run begins (or
   resumes) with, :meth:`RunDirectory.save` each checkpoint and the log lines of its epoch, and
   with :meth:`RunDirectory.open_tensorboard` every logged number also goes to TensorBoard.
@@ -28,18 +35,21 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import platform
+import re
+import secrets
 import shutil
+import stat
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from ncfast.errors import NCFastError
 from ncfast.measure import scalars
-from ncfast.paper.checkpoint import save_checkpoint, write_text_atomic
+from ncfast.paper.checkpoint import save_checkpoint, tagged, write_text_atomic
 from ncfast.report.runs import (
     ANALYSIS_DIR,
     CHECKPOINT_FILE,
@@ -54,9 +64,17 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 LOCK_FILE = ".ncfast.lock"
-TRASH_PREFIX = ".ncfast-trash-"
-# The files of a run, in the order an overwrite removes them (the checkpoint first).
-RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, ANALYSIS_DIR)
+# config.json's marker of a run directory (older releases wrote none: see is_run_directory).
+RUN_FORMAT = "ncfast-run-v1"
+# The file that makes a folder a sweep's (ncfast.paper.sweep.SWEEP_FILE), never a run's.
+SWEEP_FILE = "sweep.json"
+# The files of a run, in the order an overwrite removes them: the checkpoint first (a run is
+# never resumed from a half-cleared directory), config.json (the marker) last.
+RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, ANALYSIS_DIR, CONFIG_FILE)
+# What ncfast analyze writes in an analysis folder (figures/NAME.FORMAT of ncfast.report.plots).
+ANALYSIS_FILES = ("report.json", "summary.md")
+FIGURES_DIR = "figures"
+_TOKEN = re.compile(r"[0-9a-f]{16}")
 
 
 class RunDirectoryError(NCFastError, ValueError):
@@ -68,11 +86,101 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+def run_marker(path: str | os.PathLike) -> dict | None:
+    """The ``config.json`` of the run directory ``path`` when ncfast wrote it (a JSON object
+    with ncfast's ``format`` and ``ncfast_version``; releases before the format field: the
+    version and the options ``dataset``, ``net`` and ``epochs``), else None."""
+    config = Path(path) / CONFIG_FILE
+    if config.is_symlink() or not config.is_file():
+        return None
+    try:
+        with config.open("rb") as f:
+            record = json.loads(f.read(1 << 20).decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("ncfast_version"), str):
+        return None
+    if record.get("format") == RUN_FORMAT:
+        return record
+    legacy = "format" not in record and all(k in record for k in ("dataset", "net", "epochs"))
+    return record if legacy else None
+
+
+def is_run_directory(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run directory written by ``ncfast train``: its ``config.json``
+    carries ncfast's marker (:func:`run_marker`). A sweep folder (``sweep.json``) never is."""
+    return not (Path(path) / SWEEP_FILE).exists() and run_marker(path) is not None
+
+
+def analysis_entries(folder: str | os.PathLike) -> list[Path]:
+    """The files (and the figures folder) ``ncfast analyze`` writes that are in ``folder``:
+    report.json, summary.md and figures/NAME.FORMAT of ncfast's figures; deepest first."""
+    from ncfast.report.plots import FIGURE_NAMES, ONLINE_FIGURE
+
+    folder = Path(folder)
+    figures = folder / FIGURES_DIR
+    found = []
+    if figures.is_dir() and not figures.is_symlink():
+        figure_names = (*FIGURE_NAMES, ONLINE_FIGURE)
+        names = {f"{n}.{ext}" for n in figure_names for ext in ("png", "pdf", "svg")}
+        found = sorted(p for p in figures.iterdir() if p.name in names and not p.is_dir())
+        found.append(figures)
+    found += [folder / n for n in ANALYSIS_FILES if (folder / n).exists()]
+    return found
+
+
+def foreign_entries(folder: str | os.PathLike) -> list[Path]:
+    """What in the analysis ``folder`` ncfast analyze did not write."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    ours = set(analysis_entries(folder))
+    inside = [*folder.iterdir()]
+    if folder / FIGURES_DIR in ours:
+        inside += [*(folder / FIGURES_DIR).iterdir()]
+    return sorted(p for p in inside if p not in ours)
+
+
+def swap_in_folder(staging: Path, target: Path, trash: Path) -> None:
+    """Replace the folder ``target`` (if any) by ``staging`` at once: an atomic exchange where
+    the system has one (Linux ``renameat2``), else ``target`` renamed to ``trash`` and
+    ``staging`` to ``target`` (a kill between leaves both, named by the lock's token). The old
+    folder is deleted."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    if _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now the old folder
+        return
+    os.rename(target, trash)
+    os.rename(staging, target)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange the paths ``a`` and ``b`` (False where it cannot be done)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return done == 0
+
+
+def _dangling_link(path: Path) -> str | None:
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a symbolic link to {os.readlink(path)}, which does not exist"
+    return None
+
+
 def check_writable_dir(path: str | os.PathLike, option: str) -> None:
     """RunDirectoryError naming ``option`` unless ``path`` is a directory that can be written,
     or can be created. Nothing is left behind: a probe file is written (and removed) in
     ``path`` or in its nearest existing parent, which creating it needs to write to."""
     path = Path(path)
+    dangling = _dangling_link(path)
+    if dangling:
+        raise RunDirectoryError(f"{option}: {dangling}")
     if path.exists() and not path.is_dir():
         raise RunDirectoryError(f"{option}: {path} exists and is not a directory")
     existing = path
@@ -92,9 +200,14 @@ def check_writable_dir(path: str | os.PathLike, option: str) -> None:
 class RunDirectory:
     """The run directory ``path`` of one training run (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, command: str = "train") -> None:
         self.path = Path(path)
+        self.command = command  # recorded in the lock, for the "in use" message
+        # Names every temporary file and folder this object creates, and is recorded in the
+        # lock: a later owner deletes a killed owner's leftovers by it, and nothing else.
+        self.token = secrets.token_hex(8)
         self._lock_fd: int | None = None
+        self._shared = False  # lock_shared() took it: a reader's, never unlinked by it
         self._created: list[Path] = []  # folders lock() created, deepest first
         self.stale_owner: dict | None = None  # the owner of a stale lock lock() took over
         self.tensorboard = None  # a SummaryWriter once open_tensorboard() ran
@@ -116,16 +229,32 @@ class RunDirectory:
     def lock_path(self) -> Path:
         return self.path / LOCK_FILE
 
-    def partial_files(self) -> list[Path]:
-        """Temporary files of atomic writes that never finished (a killed process's)."""
-        if not self.path.is_dir():
+    def leftovers(self, token: str | None = None) -> list[Path]:
+        """The temporary files and folders (partial writes, the trash of an overwrite, an
+        analysis being written) of the owner whose lock token is ``token`` (default: this
+        one's): names carrying ``ncfast-TOKEN``, which no one else writes."""
+        token = self.token if token is None else token
+        if not isinstance(token, str) or not _TOKEN.fullmatch(token) or not self.path.is_dir():
             return []
-        names = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE)
-        return sorted(p for name in names for p in self.path.glob(f".{name}.*.tmp"))
+        mark = f"ncfast-{token}"
+        return sorted(p for p in self.path.iterdir() if p.name.startswith(".") and mark in p.name)
 
     def holds_run(self) -> bool:
-        """True when a run's config, log or checkpoint is here."""
-        return any((self.path / name).exists() for name in RUN_FILES[:3])
+        """True when a file or folder of ncfast's names is here (a run's, or a foreign one)."""
+        return any(
+            (self.path / name).exists() or (self.path / name).is_symlink() for name in RUN_FILES
+        )
+
+    def check_no_links(self) -> None:
+        """RunDirectoryError when a run file is a symbolic link: ncfast writes, replaces and
+        deletes them, and never through a link to a file elsewhere."""
+        for name in (*RUN_FILES, LOCK_FILE):
+            if (self.path / name).is_symlink():
+                raise RunDirectoryError(
+                    f"out: {self.path / name} is a symbolic link; ncfast never writes through "
+                    "one (it could change a file elsewhere): replace it by the file itself, or "
+                    "choose another --out"
+                )
 
     # ------------------------------------------------------------------------------- lock
     @property
@@ -145,10 +274,17 @@ class RunDirectory:
             self._remove_created_dirs()
             raise
         self._lock_fd = fd
-        for path in self.partial_files():
-            path.unlink(missing_ok=True)
-        for trash in self.path.glob(f"{TRASH_PREFIX}*"):
-            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            self.check_no_links()
+        except RunDirectoryError:
+            self.unlock()
+            raise
+        stale_token = (self.stale_owner or {}).get("token")
+        for path in self.leftovers(stale_token):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         return self
 
     def unlock(self) -> None:
@@ -157,11 +293,35 @@ class RunDirectory:
             return
         # Unlinked while still held: a process that opened the file before this can tell that
         # it no longer is the lock (see _take_lock).
-        with contextlib.suppress(OSError):
-            self.lock_path.unlink()
+        if not self._shared:
+            with contextlib.suppress(OSError):
+                self.lock_path.unlink()
+        self._shared = False
         os.close(self._lock_fd)
         self._lock_fd = None
         self._remove_created_dirs()
+
+    def lock_for_reading(self) -> RunDirectory:
+        """The lock of a reader that writes nothing in the directory's run files (``ncfast
+        analyze``): the exclusive :meth:`lock` where the directory can be written, else (a
+        read-only run) a shared ``flock`` on the lock file if there is one, so that no writer
+        can start meanwhile; RunDirectoryError naming the owner when a writer holds it."""
+        if self.locked:
+            return self
+        if os.access(self.path, os.W_OK) or fcntl is None:
+            return self.lock()
+        self.check_no_links()
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return self  # no lock file, and none can be created: no writer here either
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunDirectoryError(self._in_use_message()) from None
+        self._lock_fd, self._shared = fd, True
+        return self
 
     def __enter__(self) -> RunDirectory:
         return self.lock()
@@ -175,7 +335,7 @@ class RunDirectory:
         if self.locked or fcntl is None or not self.lock_path.is_file():
             return
         try:
-            fd = os.open(self.lock_path, os.O_RDONLY)
+            fd = os.open(self.lock_path, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return
         try:
@@ -188,6 +348,9 @@ class RunDirectory:
             os.close(fd)  # also releases the shared lock
 
     def _make_dirs(self) -> None:
+        dangling = _dangling_link(self.path)
+        if dangling:
+            raise RunDirectoryError(f"out: {dangling}")
         missing, parent = [], self.path
         while not parent.exists() and parent != parent.parent:
             missing.append(parent)
@@ -214,14 +377,20 @@ class RunDirectory:
 
     def _take_lock(self) -> int:
         flags = os.O_RDWR | os.O_CREAT | (0 if fcntl is not None else os.O_EXCL)
+        # Never through a link (it would overwrite the file it points to); O_NONBLOCK: a FIFO
+        # named like the lock does not hang the open (it is refused as no regular file).
+        flags |= _NOFOLLOW | os.O_NONBLOCK
         while True:
             try:
                 fd = os.open(self.lock_path, flags, 0o644)
+                _check_regular(fd, self.lock_path)
             except FileExistsError:
                 raise RunDirectoryError(
                     self._in_use_message() + f"; if no such process runs, delete {self.lock_path}"
                 ) from None
             except OSError as exc:
+                if self.lock_path.is_symlink():
+                    self.check_no_links()
                 raise RunDirectoryError(
                     f"out: cannot write to {self.path} ({_reason(exc)})"
                 ) from None
@@ -251,10 +420,14 @@ class RunDirectory:
             "pid": os.getpid(),
             "host": platform.node(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": self.command,
+            "token": self.token,
         }
         try:
             os.ftruncate(fd, 0)
-            os.write(fd, (json.dumps(owner) + "\n").encode())
+            # At offset 0: reading the stale owner moved the offset (a plain write there would
+            # leave NUL bytes before the JSON, and the owner unreadable).
+            os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
         except OSError as exc:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -279,14 +452,34 @@ class RunDirectory:
         if not isinstance(owner, dict) or "pid" not in owner:
             return f"out: {self.path} is in use by another process (it is starting)"
         since = f" since {owner['started']}" if owner.get("started") else ""
+        command = owner.get("command", "train")
+        what = "that analysis" if command == "analyze" else "that run"
         return (
             f"out: {self.path} is in use by PID {owner.get('pid')} on {owner.get('host', '?')}"
-            f"{since}; wait for that run to end, or choose another --out"
+            f" (ncfast {command}){since}; wait for {what} to end, or choose another --out"
         )
 
     # ------------------------------------------------------------------ state of the run
+    def check_ncfast_files(self, option: str = "out") -> None:
+        """RunDirectoryError unless the directory is no sweep's and the files of ncfast's names
+        here are a run's (:func:`is_run_directory`): nothing else is ever replaced or removed."""
+        if (self.path / SWEEP_FILE).exists():
+            raise RunDirectoryError(
+                f"{option}: {self.path} is a sweep folder ({SWEEP_FILE}), not a run directory; "
+                "ncfast sweep manages its runs: choose another --out for this run"
+            )
+        if self.holds_run() and run_marker(self.path) is None:
+            names = ", ".join(n for n in RUN_FILES if (self.path / n).exists())
+            raise RunDirectoryError(
+                f"{option}: {self.path} holds {names} but is not a run directory of ncfast "
+                f"(its {CONFIG_FILE} is missing or not one ncfast wrote); ncfast replaces none "
+                "of those files, also with --overwrite: choose another --out"
+            )
+
     def check_new_run(self, overwrite: bool) -> None:
-        """A new run may start here: the directory holds no run, or ``overwrite`` is set."""
+        """A new run may start here: the directory holds no run, or ``overwrite`` is set (and
+        what is here is a run's: :meth:`check_ncfast_files`)."""
+        self.check_ncfast_files()
         if overwrite or not self.holds_run():
             return
         if self.checkpoint_path.exists():
@@ -300,8 +493,15 @@ class RunDirectory:
         )
 
     def check_resumable(self) -> None:
-        """``--resume`` can continue the run here: its checkpoint exists."""
-        if self.checkpoint_path.is_file():
+        """``--resume`` can continue the run here: its checkpoint exists, with no other file of
+        ncfast's names unless it is a run directory of ncfast, and no run file a link."""
+        if self.checkpoint_path.is_file() and self.path.is_dir():
+            self.check_no_links()
+            # A checkpoint alone is marked by its own format (load_checkpoint checks it), and
+            # resuming it replaces nothing; beside other files of ncfast's names, the marker.
+            others = [n for n in RUN_FILES[1:] if (self.path / n).exists()]
+            if others or (self.path / SWEEP_FILE).exists():
+                self.check_ncfast_files("--resume")
             return
         if not self.path.exists():
             raise RunDirectoryError(
@@ -309,6 +509,7 @@ class RunDirectory:
             )
         if not self.path.is_dir():
             raise RunDirectoryError(f"--resume: {self.path} is not a directory")
+        self.check_ncfast_files("--resume")
         if self.holds_run():
             raise RunDirectoryError(
                 f"--resume: the run in {self.path} stopped before its first checkpoint, so "
@@ -325,27 +526,46 @@ class RunDirectory:
             raise RuntimeError(f"RunDirectory({self.path}): lock() it before changing it")
 
     def clear(self) -> None:
-        """Remove the old run's files (``--overwrite``): renamed into a trash folder, the
-        checkpoint first, then the folder is deleted."""
+        """Remove the old run's files (``--overwrite``), only those ncfast writes: renamed into
+        a trash folder (named by this lock's token), the checkpoint first and config.json last,
+        then the folder is deleted. Files of other names stay, also in ``analysis/``."""
         self._require_lock()
-        trash = self.path / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
+        self.check_ncfast_files()
+        trash = self.path / f".ncfast-{self.token}-trash"
         try:
             trash.mkdir()
             for name in RUN_FILES:
-                if (self.path / name).exists() or (self.path / name).is_symlink():
+                if name == ANALYSIS_DIR:
+                    self._clear_analysis(trash)
+                elif (self.path / name).exists():
                     os.rename(self.path / name, trash / name)
-            for path in self.partial_files():
-                os.rename(path, trash / path.name)
         except OSError as exc:
             raise RunDirectoryError(
                 f"--overwrite: cannot remove the old run in {self.path} ({_reason(exc)})"
             ) from None
         shutil.rmtree(trash, ignore_errors=True)
 
+    def _clear_analysis(self, trash: Path) -> None:
+        """Move what ncfast analyze wrote in ``analysis/`` to ``trash``; the folders go only
+        when nothing else is left in them."""
+        folder = self.path / ANALYSIS_DIR
+        if not folder.is_dir():
+            return
+        (trash / ANALYSIS_DIR / FIGURES_DIR).mkdir(parents=True)
+        for entry in analysis_entries(folder):
+            if entry.is_dir():
+                with contextlib.suppress(OSError):
+                    entry.rmdir()  # only if empty
+            else:
+                os.rename(entry, trash / entry.relative_to(self.path))
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
     def _written(self, path: Path, write) -> Path:
         self._require_lock()
         try:
-            return write()
+            with tagged(self.token):  # its temporary file carries this lock's token
+                return write()
         except OSError as exc:
             raise RunDirectoryError(f"cannot write {path} ({_reason(exc)})") from None
 
@@ -391,7 +611,7 @@ class RunDirectory:
         a killed run wrote after its checkpoint are dropped, so the log matches it)."""
         if replace:
             self.clear()
-        self.write_config(config_record)
+        self.write_config({"format": RUN_FORMAT, **config_record})
         self.write_metrics(history)
 
     def save(self, payload: dict, rows: list[dict], epoch: int) -> None:
@@ -433,6 +653,17 @@ class RunDirectory:
             self.tensorboard = None
 
 
+# Where the platform has it (POSIX): an open fails on a symbolic link instead of following it.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _check_regular(fd: int, path: Path) -> None:
+    """Close ``fd`` and raise RunDirectoryError unless it is a regular file."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirectoryError(f"out: {path} is not a regular file; delete it")
+
+
 def check_tensorboard() -> None:
     """ImportError naming the optional extra when TensorBoard is not installed."""
     try:
@@ -446,8 +677,15 @@ def check_tensorboard() -> None:
 
 __all__ = [
     "LOCK_FILE",
+    "RUN_FORMAT",
+    "SWEEP_FILE",
     "RunDirectory",
     "RunDirectoryError",
+    "analysis_entries",
     "check_tensorboard",
     "check_writable_dir",
+    "foreign_entries",
+    "is_run_directory",
+    "run_marker",
+    "swap_in_folder",
 ]

@@ -177,6 +177,8 @@ def _train(config: TrainConfig, ctx, progress: bool, data, rundir: RunDirectory)
     payload = _resume_payload(config, rundir)
     splits = _load_splits(config, ctx.device, data)
     state = TrainingState.start(config, ctx, splits[0], payload, rundir.checkpoint_path)
+    if payload is not None:
+        _check_resumed_network(state, splits[0], config, rundir.checkpoint_path)
     record = run_record(config, ctx, state.model, splits)
     _on_main(
         ctx,
@@ -252,6 +254,11 @@ def _resume_payload(config: TrainConfig, rundir: RunDirectory) -> dict | None:
     payload = load_checkpoint(rundir.checkpoint_path)
     _check_same_run(config, payload["config"], rundir.checkpoint_path)
     done = payload["epoch"]
+    if done > config.epochs:
+        raise CheckpointError(
+            f"checkpoint {rundir.checkpoint_path}: 'epoch' is {done}, after the run's last "
+            f"epoch {config.epochs}"
+        )
     if config.stop_after is not None and config.stop_after <= done:
         raise RunDirectoryError(
             f"stop_after: the run in {rundir.path} has already trained {done} epochs; give "
@@ -276,6 +283,21 @@ def _check_same_run(config: TrainConfig, stored: dict, path: Path) -> None:
             f"--resume: the options differ from those of the run in {path.parent}: "
             + "; ".join(differ)
         )
+
+
+def _check_resumed_network(state: TrainingState, data, config: TrainConfig, path) -> None:
+    """CheckpointError blaming the checkpoint when the network it holds is already diverged:
+    non-finite weights, or non-finite outputs in eval mode (weights near float32's limit)."""
+    if bool(_nonfinite_weights(state.model)):
+        problem = "its weights are not finite (NaN or infinity)"
+    elif not eval_outputs_finite(state.model, data, config):
+        problem = "its network's outputs are not finite (weights too large)"
+    else:
+        return
+    raise CheckpointError(
+        f"checkpoint {path}: {problem}: it cannot be resumed; start the run again with "
+        f"--overwrite (with a lower --lr than {config.lr:g} if it diverged)"
+    )
 
 
 def _load_splits(config: TrainConfig, device: torch.device, data=None):
@@ -349,6 +371,7 @@ class TrainingState:
     epoch: int = 0  # the last completed epoch
     step: int = 0  # SGD steps done since the run began
     saved_epoch: int = 0  # the epoch of the checkpoint on disk (0: none)
+    resumed_epoch: int = 0  # the epoch of the checkpoint this session resumed from (0: none)
     history: list[dict] = field(default_factory=list)
     epoch_times: list[float] = field(default_factory=list)  # training seconds of every epoch
     run_start: float = field(default_factory=time.perf_counter)  # wall_time's zero
@@ -371,7 +394,7 @@ class TrainingState:
         state = cls(model, model, optimizer, scheduler, device)
         if payload is not None:
             restore_training_state(payload, model, optimizer, scheduler, config, device, path)
-            state.epoch = state.saved_epoch = payload["epoch"]
+            state.epoch = state.saved_epoch = state.resumed_epoch = payload["epoch"]
             state.history = list(payload["history"])
             state.epoch_times = list(payload.get("epoch_times", []))
             state.run_start -= float(payload.get("wall_time", 0.0))
@@ -412,11 +435,15 @@ class TrainingState:
         }
 
     def diverged(self, config: TrainConfig, epoch: int, what: str) -> TrainingDivergedError:
-        kept = (
-            f"the checkpoint of epoch {self.saved_epoch} is kept"
-            if self.saved_epoch
-            else "no checkpoint was written"
-        )
+        if not self.saved_epoch:
+            kept = "no checkpoint was written"
+        elif self.saved_epoch == self.resumed_epoch:
+            kept = (
+                f"the checkpoint of epoch {self.saved_epoch}, which this run resumed from, is "
+                "kept, but training diverges from it"
+            )
+        else:
+            kept = f"the checkpoint of epoch {self.saved_epoch} is kept"
         return TrainingDivergedError(
             f"training diverged at epoch {epoch} ({what}); lower --lr (now {config.lr:g}) and "
             f"start again with --overwrite; {kept}"
@@ -521,6 +548,54 @@ def _check_optimizer_state(stored: dict, optimizer, path, what: str) -> None:
                     f"checkpoint {path}: 'optimizer' state {key} of parameter {index} has shape "
                     f"{list(value.shape)}, the parameter {list(param.shape)}"
                 )
+            if isinstance(value, torch.Tensor) and value.dtype != param.dtype:
+                raise CheckpointError(
+                    f"checkpoint {path}: 'optimizer' state {key} of parameter {index} is "
+                    f"{value.dtype}, the parameter {param.dtype}"
+                )
+    for stored_group, group in zip(groups, optimizer.param_groups, strict=True):
+        _check_optimizer_settings(stored_group, group, path)
+
+
+# Settings of the SGD of this release's runs (torch's implementation choices, which may differ
+# between machines, are not: fused, foreach, capturable).
+_IMPLEMENTATION_KEYS = ("params", "lr", "fused", "foreach", "capturable")
+
+
+def _check_optimizer_settings(stored: dict, fresh: dict, path) -> None:
+    """Each hyperparameter of a stored parameter group equals (value and type) the one this
+    run's config.json gives (``fresh``: the optimiser built from it); its ``lr`` is a number."""
+
+    def same(a, b) -> bool:
+        return type(a) is type(b) and a == b if isinstance(b, bool) else _number_equal(a, b)
+
+    lr = stored.get("lr")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+        raise CheckpointError(
+            f"checkpoint {path}: 'optimizer' setting lr must be a positive number, got {lr!r}"
+        )
+    for key, value in fresh.items():
+        if key in _IMPLEMENTATION_KEYS or key not in stored:
+            continue
+        if not same(stored[key], value):
+            raise CheckpointError(
+                f"checkpoint {path}: 'optimizer' setting {key} is {stored[key]!r}, the run's "
+                f"config.json gives {value!r}"
+            )
+    for key in ("fused", "foreach", "capturable"):
+        if stored.get(key) is not None and not isinstance(stored.get(key), bool):
+            raise CheckpointError(
+                f"checkpoint {path}: 'optimizer' setting {key} must be True, False or None, "
+                f"got {stored[key]!r}"
+            )
+
+
+def _number_equal(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return False
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return a is None and b is None
 
 
 def _match_state_layout(optimizer) -> None:
@@ -545,6 +620,21 @@ def _restore_schedule(payload: dict, scheduler, optimizer, config: TrainConfig, 
             f"{epoch} (last_epoch {epoch} and the milestones), got last_epoch "
             f"{stored.get('last_epoch')!r}"
         )
+    fresh = scheduler.state_dict()
+    for key in ("milestones", "gamma", "base_lrs"):
+        value = stored.get(key)
+        if key == "milestones":
+            matches = {**value} == {**fresh[key]} and all(_is_count(v) for v in value.values())
+        elif key == "base_lrs":
+            matches = isinstance(value, list) and len(value) == len(fresh[key])
+            matches = matches and all(map(_number_equal, value, fresh[key]))
+        else:
+            matches = _number_equal(value, fresh[key])
+        if not matches:
+            raise CheckpointError(
+                f"checkpoint {path}: 'scheduler' setting {key} is {value!r}, the run's "
+                f"config.json gives {fresh[key]!r}"
+            )
     try:
         scheduler.load_state_dict(stored)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -556,6 +646,10 @@ def _restore_schedule(payload: dict, scheduler, optimizer, config: TrainConfig, 
                 f"checkpoint {path}: 'optimizer'/'scheduler': learning rate {group['lr']:g} "
                 f"after epoch {epoch}, the schedule gives {expected:g}"
             )
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def resume_config(out) -> TrainConfig:

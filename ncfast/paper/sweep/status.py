@@ -15,7 +15,7 @@ from pathlib import Path
 from ncfast.paper.checkpoint import load_checkpoint, write_text_atomic
 from ncfast.paper.rundir import RunDirectory, RunDirectoryError
 from ncfast.paper.sweep.layout import STATUS_FILE
-from ncfast.report.runs import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunError, read_metrics
+from ncfast.report.runs import CHECKPOINT_FILE, METRICS_FILE, RunError, read_metrics
 
 # What sweep_status.json says of the submitit job of a submitted run.
 JOB_FIELDS = ("job_id", "cluster", "folder", "submit_host", "submitted")
@@ -73,16 +73,6 @@ def in_use(run_dir: str | os.PathLike) -> bool:
     except RunDirectoryError:
         return True
     return False
-
-
-def holds_training_run(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a training run's directory (``ncfast train --out``): its
-    ``config.json`` with its log or checkpoint. (ncfast.paper.rundir will say this by its own
-    marker; until then the files say it.)"""
-    path = Path(path)
-    return (path / CONFIG_FILE).is_file() and any(
-        (path / name).exists() for name in (METRICS_FILE, CHECKPOINT_FILE)
-    )
 
 
 def final_test_error(run_dir: str | os.PathLike, epochs: int) -> float | None:
@@ -222,7 +212,6 @@ __all__ = [
     "checkpoint_epoch",
     "failure_reason",
     "final_test_error",
-    "holds_training_run",
     "in_use",
     "job_alive",
     "outcome_of",

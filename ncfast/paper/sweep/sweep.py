@@ -11,7 +11,7 @@ from pathlib import Path
 from ncfast.paper.checkpoint import write_text_atomic
 from ncfast.paper.config import TrainConfig
 from ncfast.paper.data import DatasetError, default_root, download_dataset
-from ncfast.paper.rundir import RunDirectory, RunDirectoryError
+from ncfast.paper.rundir import RunDirectory, RunDirectoryError, is_run_directory
 from ncfast.paper.sweep.executors import (
     SweepOptions,
     local_slots,
@@ -30,7 +30,6 @@ from ncfast.paper.sweep.layout import (
 from ncfast.paper.sweep.run import TrainingRun
 from ncfast.paper.sweep.status import (
     final_test_error,
-    holds_training_run,
     in_use,
     job_alive,
     read_status,
@@ -57,10 +56,10 @@ class Sweep:
     ) -> None:
         self.out = Path(out)
         self.option = option
-        if holds_training_run(self.out):
+        if is_run_directory(self.out):
             raise SweepError(
-                f"{option}: {self.out} holds a training run (ncfast train's config.json and "
-                "log or checkpoint), not a sweep; choose another directory"
+                f"{option}: {self.out} holds a training run (its config.json carries ncfast "
+                "train's marker), not a sweep; choose another directory"
             )
         stored = self.stored_grid(read_train_args)
         if grid is None and stored is None:
@@ -198,7 +197,7 @@ class Sweep:
         self.prepare()
         if options.download:
             self._download(echo)
-        lock = RunDirectory(self.out)
+        lock = RunDirectory(self.out, command="sweep")
         try:
             lock.lock()  # one sweep process per DIR at a time
         except RunDirectoryError as exc:
