@@ -76,10 +76,11 @@ def test_a_window_of_skipped_rows_keeps_the_previous_nc4_reference(seed):
         reference = class_means(model.body(x1), y1)
     expected = ncc_mismatch(model, x3, reference)
     assert third["nc4_ncc_mismatch"] == expected  # a count over 30 samples: exact
-    # The reference matters: against the third window's own means the count differs.
+    # The reference is the first window's, not the third's own means (the counts against the
+    # two can coincide by chance on 30 samples, e.g. seed 1372050092, so the means are compared).
     with torch.no_grad():
         own = class_means(model.body(x3), y3)
-    assert ncc_mismatch(model, x3, own) != expected
+    assert not torch.allclose(own, reference)
 
 
 def test_a_restore_without_the_window_starts_an_empty_window(seed):
@@ -330,7 +331,7 @@ def test_the_invalid_input_message_names_both_problems_and_the_way_out():
     with pytest.raises(InvalidInputError) as info:
         ncfast.ClassStats(3, 2).update(features, torch.tensor([0, 1, 5, 2]))
     assert str(info.value) == (
-        "ClassStats: 1 sample(s) with labels outside [0, 3) and 1 sample(s) with non-finite "
+        "1 sample(s) with labels outside [0, 3) and 1 sample(s) with non-finite "
         "(NaN/inf) features in this batch; they were left out of the statistics. Fix the input, "
-        "or create ClassStats(..., on_invalid='skip') to skip and count them (see .skipped)."
+        "or pass ClassStats(..., on_invalid='skip') to skip and count them (see .skipped)."
     )
