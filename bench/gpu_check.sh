@@ -119,7 +119,7 @@ step_build() {
 
 step_tests() {
   NCFAST_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda \
-    tests/test_native.py tests/test_native_cuda.py tests/test_native_arch.py tests/test_precision.py \
+    tests/backend/test_native.py tests/backend/test_native_cuda.py tests/backend/test_native_arch.py tests/backend/test_precision.py \
     >"$DETAILS/tests.log" 2>&1
   local rc=$?
   tail -15 "$DETAILS/tests.log"

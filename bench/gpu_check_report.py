@@ -14,8 +14,8 @@ file). No torch import here except in ``init`` (the versions): the judges read f
     python bench/gpu_check_report.py finish --json J --elapsed S
 
 ``GPU_CHECK_PLAN`` names a JSON list of ``{"name", "cap", "threshold", "command"}`` that replaces
-the plan (tests/test_gpu_check_script.py runs fake steps so); such a step needs no GPU and passes
-when its command exits 0.
+the plan (tests/backend/test_gpu_check_script.py runs fake steps so); such a step needs no GPU
+and passes when its command exits 0.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ PLAN = (
         "tests",
         30,
         "0 failed, 0 errors, and >= 1 CUDA test passed with none skipped",
-        "pytest -m cuda tests/test_native.py tests/test_native_cuda.py tests/test_native_arch.py "
-        "tests/test_precision.py (fast policy never TF32)",
+        "pytest -m cuda tests/backend/test_native.py tests/backend/test_native_cuda.py "
+        "tests/backend/test_native_arch.py tests/backend/test_precision.py (fast: never TF32)",
     ),
     Step(
         "memcheck",

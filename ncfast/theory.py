@@ -19,8 +19,8 @@ the Euclidean (Frobenius) gradient with respect to the P×CN feature matrix. The
 ``dω_j/dt = (1/N) ω_j / (C + ω_j²)²``. A loss summed over samples instead of averaged runs CN
 times faster (t_sum = t / CN); a loss without the ½ runs twice as fast.
 
-Derivation (checked numerically by tests/test_theory.py). Let Z be the within-class deviations
-(columns z_{ci} = x_{ci} − μ_c) and K = Z Zᵀ (= CN·I on the manifold).
+Derivation (checked numerically by tests/library/test_theory.py). Let Z be the within-class
+deviations (columns z_{ci} = x_{ci} − μ_c) and K = Z Zᵀ (= CN·I on the manifold).
 
 - Tangent space of {Σ_W = const} at X: Σ_W = Z Zᵀ/CN and Σ_i z_{ci} = 0 give
   dΣ_W = (ξZᵀ + Zξᵀ)/CN, so T_X = {ξ : sym(ξ Zᵀ) = 0}; its Frobenius-orthogonal complement is

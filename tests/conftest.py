@@ -1,5 +1,6 @@
-"""Shared fixtures of the test suite (plain helpers live in modules by topic: tests/feeding.py,
-tests/tolerances.py, tests/synthetic_features.py, tests/tiny_runs.py, ...).
+"""Shared fixtures of the test suite (plain helpers live in tests/helpers/, by topic:
+feeding.py, tolerances.py, synthetic_features.py, tiny_runs.py, ...; the tests in folders by
+the layer they test: library/, backend/, paper/, report/, integrations/).
 
 Random tests take the ``seed`` fixture: a fresh seed per test (so repeated runs explore new
 inputs), or the value of ``NCFAST_TEST_SEED`` when it is set (to replay a failure). A failing
@@ -15,11 +16,13 @@ import torch
 
 # Helper modules that assert: pytest rewrites their asserts as it does the tests' (the values
 # in a failure's message). Registered before anything imports them.
-pytest.register_assert_rewrite("tests.assertions", "tests.native_checks", "tests.tolerances")
+pytest.register_assert_rewrite(
+    "tests.helpers.assertions", "tests.helpers.native_checks", "tests.helpers.tolerances"
+)
 
-from tests.native_checks import NATIVE_MISSING  # noqa: E402
-from tests.seeds import SEED_ENV, draw_seed  # noqa: E402
-from tests.tiny_runs import synthetic_split  # noqa: E402
+from tests.helpers.native_checks import NATIVE_MISSING  # noqa: E402
+from tests.helpers.seeds import SEED_ENV, draw_seed  # noqa: E402
+from tests.helpers.tiny_runs import synthetic_split  # noqa: E402
 
 
 @pytest.fixture
@@ -75,5 +78,6 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_data():
-    """Training and test splits of tests/tiny_runs.py's synthetic images: 20 and 6 per class."""
+    """Training and test splits of tests/helpers/tiny_runs.py's synthetic images: 20 and 6 per
+    class."""
     return synthetic_split("train", 20, 0), synthetic_split("test", 6, 1)
