@@ -98,6 +98,11 @@ def test_extra_dry_run_lists_issue_22_and_23s_gpu_cases_within_a_second_call():
     names = _dry_run_names("--extra", plan=report.EXTRA_PLAN)
     assert names[:2] == ["env", "build"]  # nothing runs without a device and a build
     assert {"precision", "vocab", "lmpeer"} <= set(names)
+    # docs/gpu_check.md's table of the extra call gives each step with its cap and the total.
+    docs = (ROOT / "docs" / "gpu_check.md").read_text().split("## The extra call")[1]
+    for step in report.EXTRA_PLAN:
+        assert f"| `{step.name}` | {step.cap} |" in docs, step.name
+    assert f"add up to {sum(s.cap for s in report.EXTRA_PLAN)} s" in docs
 
 
 def test_bad_arguments_fail_in_one_line():
