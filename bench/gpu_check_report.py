@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench_scale import accumulator_bytes  # bench/ (the script's folder); imports no torch
+
 SCHEMA = 1
 BUDGET_S = 300  # one device call: the caps below add up to at most this
 
@@ -166,7 +168,7 @@ EXTRA_PLAN = (
     Step(
         "vocab",
         90,
-        "completes; state bytes = 8C + 16CP + 8P^2; update and NC4 per 10^6 tokens, metrics "
+        "completes; state bytes = 8C + 16CP + 8P^2 + 16; update and NC4 per 10^6 tokens, metrics "
         "time and nc1 finite; NC4 counted on the 65536-token sample",
         "bench/bench_vocab.py --device cuda --tokens 1048576 --nc4-tokens 65536 "
         "(C = 50257, P = 768)",
@@ -481,11 +483,10 @@ def judge_vocab(details: Path, rc: int) -> Judged:
     r = json.loads(path.read_text())
     keys = ("update_s_per_million", "nc4_s_per_million", "metrics_s", "metrics_peak_bytes", "nc1")
     figures = {k: r[k] for k in ("state_bytes", "classes_present", "tokens_measured", *keys)}
-    c, p = r["vocab"], r["dim"]
-    expected = 8 * c + 16 * c * p + 8 * p * p
+    expected = accumulator_bytes(r["vocab"], r["dim"])
     problems = [f"{k} = {r[k]}" for k in keys if not math.isfinite(r[k])]
     if r["state_bytes"] != expected:
-        problems.append(f"state {r['state_bytes']} bytes, not 8C + 16CP + 8P^2 = {expected}")
+        problems.append(f"state {r['state_bytes']} bytes, not 8C + 16CP + 8P^2 + 16 = {expected}")
     if not r["nc4_tokens"] > 0:
         problems.append("NC4 counted no token")
     if rc != 0 or problems:

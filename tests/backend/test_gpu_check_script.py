@@ -319,7 +319,7 @@ def _vocab_result(**changes):
     result = {
         "vocab": vocab,
         "dim": dim,
-        "state_bytes": 8 * vocab + 16 * vocab * dim + 8 * dim * dim,
+        "state_bytes": 8 * vocab + 16 * vocab * dim + 8 * dim * dim + 16,
         "classes_present": 30000,
         "tokens_measured": 1038000,
         "update_s_per_million": 1.2,
@@ -338,7 +338,7 @@ def _vocab_result(**changes):
         ({}, "PASS"),
         ({"nc1": float("nan")}, "FAIL"),
         ({"update_s_per_million": float("inf")}, "FAIL"),
-        ({"state_bytes": 8 * 50257 + 16 * 50257 * 768 + 8 * 768 * 768 + 8}, "FAIL"),
+        ({"state_bytes": 8 * 50257 + 16 * 50257 * 768 + 8 * 768 * 768}, "FAIL"),
         ({"nc4_tokens": 0}, "FAIL"),
     ],
 )
@@ -376,6 +376,24 @@ def test_lmpeer_judge_holds_the_mapping_tolerances(tmp_path, nc1_rel, nc2_rel, n
     got, reason, figures = report.judge_lmpeer(tmp_path, 0)
     assert got == verdict, reason
     assert figures["time_s"] == {"ncfast": 2.0, "peer": 3.0}
+
+
+def test_vocab_and_lmpeer_judges_read_what_the_scripts_write_on_the_cpu(tmp_path):
+    """bench/bench_vocab.py and bench/bench_lm_peer.py at a tiny vocabulary on the CPU (the
+    GPU call differs only in --device): their files, renamed as on cuda, pass the judges."""
+    pytest.importorskip("ncfast._C")
+    import bench_lm_peer
+    import bench_vocab
+
+    tiny = ["--vocab", "60", "--dim", "8", "--tokens", "512", "--batch-tokens", "256"]
+    tiny += ["--seq-len", "32", "--out", str(tmp_path)]
+    assert bench_vocab.main([*tiny, "--nc4-tokens", "128"]) == 0
+    assert bench_lm_peer.main(tiny) == 0
+    for stem in ("vocab", "lm_peer"):
+        (tmp_path / f"{stem}_cpu.json").rename(tmp_path / f"{stem}_cuda.json")
+    for judge in (report.judge_vocab, report.judge_lmpeer):
+        verdict, reason, _ = judge(tmp_path, 0)
+        assert verdict == "PASS", reason
 
 
 def test_line_judge_reads_the_scripts_verdicts(tmp_path):
