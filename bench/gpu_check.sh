@@ -8,13 +8,16 @@
 #   bash bench/gpu_check.sh              # every step; results under $OUT
 #   bash bench/gpu_check.sh --dry-run    # the steps, their caps and thresholds; runs nothing
 #   bash bench/gpu_check.sh --budget 280 # stop starting steps when 280 s are spent
+#   bash bench/gpu_check.sh --extra      # the second call (issues 22 and 23's GPU cases), if the
+#                                        # device budget allows; --extra --dry-run lists it
 #
 # The plan (steps, caps, thresholds) and the verdicts live in bench/gpu_check_report.py; this
 # script only runs each step's commands under its cap. Steps run in order of value; a step that
 # would start with less than MIN_STEP_S seconds of budget left is SKIPPED with the reason, and
 # gpu_check.json is rewritten after every step, so a killed run still leaves it whole.
 # OUT (default bench/results/gpu) receives at most 3 files: gpu_check.json (docs/gpu_check.md),
-# gpu_check.log (everything printed) and gpu_check_details.tar.gz (each step's raw output).
+# gpu_check.log (everything printed) and gpu_check_details.tar.gz (each step's raw output);
+# --extra: gpu_check_extra.json, gpu_check_extra.log, gpu_check_extra_details.tar.gz.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,13 +27,15 @@ REPORT=("$PY" "$ROOT/bench/gpu_check_report.py")
 MIN_STEP_S=${GPU_CHECK_MIN_STEP_S:-4}
 RESERVE_S=3 # kept back for packing the details at the end
 
-usage() { echo "usage: bash bench/gpu_check.sh [--dry-run] [--budget SECONDS]"; }
+usage() { echo "usage: bash bench/gpu_check.sh [--extra] [--dry-run] [--budget SECONDS]"; }
 
 dry_run=0
 budget=300
+export GPU_CHECK_STAGE=main # the plan gpu_check_report.py hands out
 while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
+    --extra) GPU_CHECK_STAGE=extra ;;
     --budget)
       [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || { echo "gpu_check: --budget needs seconds" >&2; exit 2; }
       budget=$2
@@ -47,10 +52,12 @@ fi
 
 OUT="${OUT:-$ROOT/bench/results/gpu}"
 mkdir -p "$OUT"
-JSON="$OUT/gpu_check.json"
-LOG="$OUT/gpu_check.log"
+NAME=gpu_check
+[[ "$GPU_CHECK_STAGE" == extra ]] && NAME=gpu_check_extra
+JSON="$OUT/$NAME.json"
+LOG="$OUT/$NAME.log"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
-DETAILS="$WORK/gpu_check_details" # packed into one .tar.gz at the end
+DETAILS="$WORK/${NAME}_details" # packed into one .tar.gz at the end
 mkdir -p "$DETAILS"
 : >"$LOG"
 exec > >(tee -a "$LOG") 2>&1
@@ -60,7 +67,7 @@ NPROC=$(nproc 2>/dev/null || echo 4)
 START=$SECONDS
 
 finish() {
-  tar czf "$OUT/gpu_check_details.tar.gz" -C "$WORK" gpu_check_details 2>/dev/null ||
+  tar czf "$OUT/${NAME}_details.tar.gz" -C "$WORK" "${NAME}_details" 2>/dev/null ||
     echo "[gpu_check] packing the details failed"
   "${REPORT[@]}" finish --json "$JSON" --elapsed $((SECONDS - START))
   local pid
@@ -104,12 +111,18 @@ step_build() {
   local cc t0
   cc=$(device_cc)
   [[ -n "$cc" ]] || cc=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+  if [[ "$GPU_CHECK_STAGE" == extra ]] &&
+    "$PY" -m ncfast info 2>&1 | grep -E "CUDA kernels: compiled.*sm_${cc/./}" >"$DETAILS/build.log"; then
+    echo "reused the main call's build (arch $cc)" | tee -a "$DETAILS/build.log"
+    return 0
+  fi
   rm -rf build ncfast/_C.*.so
   t0=$SECONDS
   TORCH_CUDA_ARCH_LIST="$cc+PTX" FORCE_CUDA=1 NCFAST_REQUIRE_EXTENSION=1 MAX_JOBS=$NPROC \
     "$PY" setup.py build_ext --inplace >"$DETAILS/build.log" 2>&1 || { tail -30 "$DETAILS/build.log"; return 1; }
   echo "build time: $((SECONDS - t0)) s (MAX_JOBS=$NPROC, arch $cc+PTX)" | tee -a "$DETAILS/build.log"
   grep -E "TORCH_CUDA_ARCH_LIST" "$DETAILS/build.log"
+  [[ "$GPU_CHECK_STAGE" == extra ]] && { "$PY" -m ncfast info 2>&1 | tee -a "$DETAILS/build.log" | grep -E "CUDA kernels"; return; }
   # The variants for ptxjit/fallback build in the background while the tests and sanitizers
   # (GPU-bound) run: started after the main build, which has every core to itself.
   build_variant fallback "$(lower_cc "$cc")"
@@ -198,6 +211,19 @@ step_fallback() {
   } 2>&1 | tee "$DETAILS/fallback.log"
 }
 
+# The extra call's steps (issue 22 item 4, issue 23 item 3).
+step_precision() {
+  "$PY" bench/bench_precision.py --device cuda --repeats 25 --out "$DETAILS/precision_cuda.json"
+}
+
+step_vocab() {
+  "$PY" bench/bench_vocab.py --device cuda --tokens 1048576 --nc4-tokens 65536 --out "$DETAILS"
+}
+
+step_lmpeer() {
+  "$PY" bench/bench_lm_peer.py --device cuda --tokens 262144 --batch-tokens 8192 --out "$DETAILS"
+}
+
 # ------------------------------------------------------------------ the run
 mapfile -t PLAN < <("${REPORT[@]}" plan)
 [[ -f "$JSON" ]] && rm -f "$JSON"
@@ -222,7 +248,7 @@ for row in "${PLAN[@]}"; do
     timeout -k 2 "$cap" bash -c "$command"
   else
     # timeout signals its whole process group: the step's children end with it.
-    timeout -k 2 "$cap" bash -c "$(declare -p PY REPORT DETAILS WORK JSON NPROC ROOT OUT); $(declare -f); step_$step"
+    timeout -k 2 "$cap" bash -c "$(declare -p PY REPORT DETAILS WORK JSON NPROC ROOT OUT GPU_CHECK_STAGE); $(declare -f); step_$step"
   fi
   rc=$?
   "${REPORT[@]}" judge "$step" --json "$JSON" --details "$DETAILS" --rc $rc \

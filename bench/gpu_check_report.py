@@ -6,7 +6,7 @@ here, where a judge compares the step's figures with its threshold and appends t
 ``gpu_check.json`` (rewritten whole after every step, so a killed run still leaves a complete
 file). No torch import here except in ``init`` (the versions): the judges read files only.
 
-    python bench/gpu_check_report.py plan [--table]
+    python bench/gpu_check_report.py plan [--table]     # GPU_CHECK_STAGE=extra: the extra call
     python bench/gpu_check_report.py init --json J --budget S
     python bench/gpu_check_report.py machine --json J --details D
     python bench/gpu_check_report.py judge STEP --json J --details D --rc RC --seconds S --cap C
@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench_scale import accumulator_bytes  # bench/ (the script's folder); imports no torch
+
 SCHEMA = 1
 BUDGET_S = 300  # one device call: the caps below add up to at most this
 
@@ -45,6 +47,14 @@ class Step:
     what: str  # the command, in words
     command: str = ""  # only for GPU_CHECK_PLAN's steps: a shell command, PASS on exit 0
 
+
+# The lmpeer step's agreement (docs/language_models.md's mapping): the peer accumulates in
+# float32, so its sums of ~2.6e5 tokens carry ~log2(N)·u32 ≈ 1e-6 relative error per entry,
+# amplified by NC1's pseudo-inverse; 1e-4 leaves a factor ~100 (the CPU run: 1.9e-7 at 4,046
+# tokens). NC4: a near-tie decided differently by the peer's float32 argmax moves one token;
+# 1e-4 of the tokens is ~26 such ties out of 2.6e5.
+LMPEER_RTOL = 1e-4
+LMPEER_NC4_ATOL = 1e-4
 
 # Ordered by value: without a build nothing runs; correctness before speed.
 PLAN = (
@@ -135,10 +145,57 @@ PLAN = (
 )
 
 
+# The extra call (``gpu_check.sh --extra``, a second call of <= 300 s when the device budget
+# allows): the GPU cases of issues 22 and 23, which do not fit the main call. It reuses the main
+# call's build on the same warm machine (a fresh machine builds again, without the variants).
+EXTRA_PLAN = (
+    PLAN[0],
+    Step(
+        "build",
+        80,
+        "the extension reports CUDA kernels for the device's arch (the main call's build, "
+        "reused when it has them, else built as there)",
+        "ncfast info; else TORCH_CUDA_ARCH_LIST=<device cc>+PTX setup.py build_ext --inplace",
+    ),
+    Step(
+        "precision",
+        40,
+        "per batch, fast >= 1x the peer's float32 two passes at every shape; on a GPU with "
+        "fast float64 (ncfast's auto picks exact) also exact <= 2x fast",
+        "bench/bench_precision.py --device cuda: (B,P,C) = (1024,512,10), (1024,2048,1000), "
+        "(1024,768,5000), CUDA events, interleaved, medians",
+    ),
+    Step(
+        "vocab",
+        90,
+        "completes; state bytes = 8C + 16CP + 8P^2 + 16; update and NC4 per 10^6 tokens, metrics "
+        "time and nc1 finite; NC4 counted on the 65536-token sample",
+        "bench/bench_vocab.py --device cuda --tokens 1048576 --nc4-tokens 65536 "
+        "(C = 50257, P = 768)",
+    ),
+    Step(
+        "lmpeer",
+        80,
+        f"after the documented mapping, NC1 and NC2 within {LMPEER_RTOL:.0e} relative and NC4 "
+        f"within {LMPEER_NC4_ATOL:.0e} absolute of the peer's (float32)",
+        "bench/bench_lm_peer.py --device cuda --tokens 262144 --batch-tokens 8192",
+    ),
+)
+STAGES = {"main": PLAN, "extra": EXTRA_PLAN}
+
+
+def stage() -> str:
+    """The call being run: ``GPU_CHECK_STAGE`` (gpu_check.sh sets it), ``main`` by default."""
+    name = os.environ.get("GPU_CHECK_STAGE", "main")
+    if name not in STAGES:
+        raise SystemExit(f"gpu_check_report: GPU_CHECK_STAGE must be main or extra, not {name!r}")
+    return name
+
+
 def plan() -> tuple[Step, ...]:
     path = os.environ.get("GPU_CHECK_PLAN")
     if not path:
-        return PLAN
+        return STAGES[stage()]
     rows = json.loads(Path(path).read_text())
     return tuple(
         Step(r["name"], int(r["cap"]), r.get("threshold", "exit 0"), r["command"], r["command"])
@@ -259,6 +316,8 @@ def judge_build(details: Path, rc: int) -> Judged:
         return "FAIL", f"build exit {rc}: {_tail(log)}", figures
     if "CUDA kernels" not in text:
         return "FAIL", "ncfast info reports no CUDA kernels", figures
+    if "reused the main call's build" in text:
+        return "PASS", "reused the main call's build (CUDA kernels for the device)", figures
     return "PASS", f"built in {figures.get('build_s', '?')} s for {figures.get('targets')}", figures
 
 
@@ -382,6 +441,88 @@ def judge_scale(details: Path, rc: int) -> Judged:
     return verdict, f"all metrics in {seconds:.2f} s", figures
 
 
+PRECISION_FAST_OVER_PEER = 1.0  # issue 22's goal: fast no slower than the peer's float32
+PRECISION_EXACT_OVER_FAST = 2.0  # float64 at >= 1/2 the float32 rate: its product <= 2x
+
+
+def judge_precision(details: Path, rc: int) -> Judged:
+    path = details / "precision_cuda.json"
+    if not path.is_file():
+        return "FAIL", f"no precision_cuda.json (exit {rc})", {}
+    result = json.loads(path.read_text())
+    strong = result["auto_precision"][0] == "exact"  # ncfast's own rule: fast float64
+    figures: dict = {"auto_precision": result["auto_precision"], "shapes": {}}
+    problems = []
+    for row in result["rows"]:
+        shape = f"B={row['batch']} P={row['dim']} C={row['classes']}"
+        fast_over = row["peer_f32_over"]["ncfast fast"]
+        figures["shapes"][shape] = {
+            "peer_f32_over_fast": fast_over,
+            "peer_f32_over_exact": row["peer_f32_over"]["ncfast exact"],
+            "peer_f64_over_exact": row["peer_f64_over"]["ncfast exact"],
+            "exact_over_fast": row["exact_over_fast"],
+        }
+        if not fast_over >= PRECISION_FAST_OVER_PEER:
+            problems.append(f"{shape}: peer f32/fast {fast_over:.2f}x")
+        if strong and not row["exact_over_fast"] <= PRECISION_EXACT_OVER_FAST:
+            problems.append(f"{shape}: exact/fast {row['exact_over_fast']:.2f}x")
+    if not result["rows"]:
+        problems.append("no shape measured")
+    if rc != 0 or problems:
+        return "FAIL", "; ".join(problems) or f"exit {rc}", figures
+    low = min(f["peer_f32_over_fast"] for f in figures["shapes"].values())
+    worst = max(f["exact_over_fast"] for f in figures["shapes"].values())
+    held = "held" if strong else "not held: weak float64"
+    return "PASS", f"peer f32/fast >= {low:.2f}x; exact/fast <= {worst:.2f}x ({held})", figures
+
+
+def judge_vocab(details: Path, rc: int) -> Judged:
+    path = details / "vocab_cuda.json"
+    if not path.is_file():
+        return "FAIL", f"no vocab_cuda.json (exit {rc})", {}
+    r = json.loads(path.read_text())
+    keys = ("update_s_per_million", "nc4_s_per_million", "metrics_s", "metrics_peak_bytes", "nc1")
+    figures = {k: r[k] for k in ("state_bytes", "classes_present", "tokens_measured", *keys)}
+    expected = accumulator_bytes(r["vocab"], r["dim"])
+    problems = [f"{k} = {r[k]}" for k in keys if not math.isfinite(r[k])]
+    if r["state_bytes"] != expected:
+        problems.append(f"state {r['state_bytes']} bytes, not 8C + 16CP + 8P^2 + 16 = {expected}")
+    if not r["nc4_tokens"] > 0:
+        problems.append("NC4 counted no token")
+    if rc != 0 or problems:
+        return "FAIL", "; ".join(problems) or f"exit {rc}", figures
+    return (
+        "PASS",
+        f"state {r['state_bytes'] / 2**20:.0f} MiB; update {r['update_s_per_million']:.2f} s "
+        f"and NC4 {r['nc4_s_per_million']:.2f} s per 10^6 tokens; metrics {r['metrics_s']:.2f} s",
+        figures,
+    )
+
+
+def judge_lmpeer(details: Path, rc: int) -> Judged:
+    path = details / "lm_peer_cuda.json"
+    if not path.is_file():
+        return "FAIL", f"no lm_peer_cuda.json (exit {rc})", {}
+    rows = {row[0].split(" ")[0]: row for row in json.loads(path.read_text())["rows"]}
+    figures: dict = {}
+    problems = []
+    for key, tolerance, relative in (
+        ("NC1", LMPEER_RTOL, True),
+        ("NC2", LMPEER_RTOL, True),
+        ("NC4", LMPEER_NC4_ATOL, False),
+    ):
+        ours, theirs = rows[key][1], rows[key][2]
+        diff = abs(ours - theirs) / (max(abs(ours), 1e-300) if relative else 1.0)
+        figures[key] = {"ncfast": ours, "peer_mapped": theirs, "difference": diff}
+        if not diff <= tolerance:  # NaN fails
+            problems.append(f"{key}: {diff:.2e} > {tolerance:g}")
+    figures["time_s"] = {"ncfast": rows["time"][1], "peer": rows["time"][2]}
+    if rc != 0 or problems:
+        return "FAIL", "; ".join(problems) or f"exit {rc}", figures
+    worst = ", ".join(f"{k} {figures[k]['difference']:.1e}" for k in ("NC1", "NC2", "NC4"))
+    return "PASS", f"agree after the mapping: {worst}", figures
+
+
 def judge_lines(name: str) -> Callable[[Path, int], Judged]:
     """Steps whose script prints ``VERDICT <PASS|FAIL|SKIPPED> <reason>`` and a ``FIGURES {json}``
     line (bench/gpu_integrations.py, bench/gpu_variant_check.py, via the step's shell)."""
@@ -416,6 +557,9 @@ JUDGES: dict[str, Callable[[Path, int], Judged]] = {
     "train": judge_train,
     "online": judge_online,
     "scale": judge_scale,
+    "precision": judge_precision,
+    "vocab": judge_vocab,
+    "lmpeer": judge_lmpeer,
     **{name: judge_lines(name) for name in LINE_STEPS},
 }
 
@@ -454,6 +598,7 @@ def cmd_plan(args) -> None:
 def cmd_init(args) -> None:
     report = {
         "schema": SCHEMA,
+        "stage": stage(),
         "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "budget_s": args.budget,
         "plan": [{"name": s.name, "cap_s": s.cap, "threshold": s.threshold} for s in plan()],

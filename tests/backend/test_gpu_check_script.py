@@ -2,9 +2,11 @@
 (every step with its cap and threshold, the caps within one 300 s call), its argument errors,
 a run of fake steps where one overruns its cap (killed, FAIL) and the budget runs out (the rest
 SKIPPED) and still a complete gpu_check.json and at most 3 files; a run on this GPU-less
-machine (env FAIL, every other step SKIPPED with the reason); each judge's threshold on
-made-up results (bench/gpu_check_report.py); and that what the steps call exists and accepts
-the options passed. The sanitizer workload runs here on the CPU kernels."""
+machine (env FAIL, every other step SKIPPED with the reason); the same for the extra call
+(``--extra``: issues 22 and 23's GPU cases, its own <= 300 s and 3 files); each judge's
+threshold on made-up results (bench/gpu_check_report.py); and that what the steps call exists
+and accepts the options passed. The sanitizer workload and bench/bench_precision.py run here on
+the CPU."""
 
 from __future__ import annotations
 
@@ -44,12 +46,12 @@ def _bash(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
-def _complete(out: Path, names: list[str]) -> dict:
-    """gpu_check.json is whole: every planned step has one row with every field."""
+def _complete(out: Path, names: list[str], stem: str = "gpu_check") -> dict:
+    """<stem>.json is whole: every planned step has one row with every field."""
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= MAX_FILES and "gpu_check.json" in files and "gpu_check.log" in files
+    assert len(files) <= MAX_FILES and f"{stem}.json" in files and f"{stem}.log" in files
     assert all(p.is_file() for p in out.iterdir())  # flat: nothing deeper comes back
-    data = json.loads((out / "gpu_check.json").read_text())
+    data = json.loads((out / f"{stem}.json").read_text())
     assert [row["name"] for row in data["steps"]] == names
     for row in data["steps"]:
         assert set(row) >= {"verdict", "reason", "seconds", "cap_s", "threshold", "figures"}
@@ -65,25 +67,42 @@ def test_script_parses():
     assert result.returncode == 0, result.stderr
 
 
-def test_dry_run_lists_every_step_with_its_cap_and_threshold_within_one_call():
-    result = _bash("--dry-run")
+def _dry_run_names(*args: str, plan: tuple) -> list[str]:
+    """The dry run of one call: every step of ``plan`` with its cap and threshold, then the
+    total, within one 300 s call; what the steps run is in the repository (no network)."""
+    result = _bash(*args, "--dry-run")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     rows = [re.match(r"(\S+)\s+(\d+)\s+(.*)", line) for line in lines[1:]]
     assert all(rows), result.stdout
     names = [m.group(1) for m in rows]
-    assert names[:-1] == [s.name for s in report.PLAN] and names[-1] == "total"
+    assert names[:-1] == [s.name for s in plan] and names[-1] == "total"
     caps = [int(m.group(2)) for m in rows]
     assert all(cap > 0 for cap in caps[:-1]) and caps[-1] == sum(caps[:-1]) <= ONE_CALL
-    for m, step in zip(rows, report.PLAN, strict=False):
+    for m, step in zip(rows, plan, strict=False):
         assert step.threshold in m.group(3)  # the threshold each figure is held to
-    # Ordered by value: build first, the sanitizers before the timings.
-    assert names.index("build") < names.index("tests") < names.index("memcheck")
-    assert names.index("synccheck") < names.index("kernels") < names.index("fallback")
-    # What the steps run is in the repository (the GPU machine has no network).
     text = SCRIPT.read_text() + result.stdout
     for path in set(re.findall(r"(?:bench|tests)/[\w/]+\.py", text)):
         assert (ROOT / path).is_file(), path
+    return names
+
+
+def test_dry_run_lists_every_step_with_its_cap_and_threshold_within_one_call():
+    names = _dry_run_names(plan=report.PLAN)
+    # Ordered by value: build first, the sanitizers before the timings.
+    assert names.index("build") < names.index("tests") < names.index("memcheck")
+    assert names.index("synccheck") < names.index("kernels") < names.index("fallback")
+
+
+def test_extra_dry_run_lists_issue_22_and_23s_gpu_cases_within_a_second_call():
+    names = _dry_run_names("--extra", plan=report.EXTRA_PLAN)
+    assert names[:2] == ["env", "build"]  # nothing runs without a device and a build
+    assert {"precision", "vocab", "lmpeer"} <= set(names)
+    # docs/gpu_check.md's table of the extra call gives each step with its cap and the total.
+    docs = (ROOT / "docs" / "gpu_check.md").read_text().split("## The extra call")[1]
+    for step in report.EXTRA_PLAN:
+        assert f"| `{step.name}` | {step.cap} |" in docs, step.name
+    assert f"add up to {sum(s.cap for s in report.EXTRA_PLAN)} s" in docs
 
 
 def test_bad_arguments_fail_in_one_line():
@@ -126,6 +145,23 @@ def test_without_a_gpu_env_fails_and_every_other_step_is_skipped_with_the_reason
     data = _complete(out, [s.name for s in report.PLAN])
     env, *rest = data["steps"]
     # "no CUDA device", or over its cap where a loaded machine imports torch slowly
+    assert env["verdict"] == "FAIL", env
+    assert all(r["verdict"] == "SKIPPED" and "env failed" in r["reason"] for r in rest)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows the GPU-less run")
+def test_the_extra_call_without_a_gpu_writes_its_own_complete_results(tmp_path):
+    out = tmp_path / "out"
+    result = _bash("--extra", env={"OUT": str(out)})
+    assert result.returncode == 1, result.stdout[-2000:]
+    data = _complete(out, [s.name for s in report.EXTRA_PLAN], stem="gpu_check_extra")
+    assert data["stage"] == "extra" and data["summary"]["verdict"] == "FAIL"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpu_check_extra.json",
+        "gpu_check_extra.log",
+        "gpu_check_extra_details.tar.gz",
+    ]
+    env, *rest = data["steps"]
     assert env["verdict"] == "FAIL", env
     assert all(r["verdict"] == "SKIPPED" and "env failed" in r["reason"] for r in rest)
 
@@ -215,6 +251,151 @@ def test_scale_judge_holds_ten_seconds(tmp_path, seconds, verdict):
     assert report.judge_scale(tmp_path, 0)[0] == verdict
 
 
+def _precision_row(fast_over_peer, exact_over_fast, shape=(1024, 512, 10)):
+    batch, dim, classes = shape
+    return {
+        "batch": batch,
+        "dim": dim,
+        "classes": classes,
+        "ms": {},
+        "peer_f32_over": {"ncfast fast": fast_over_peer, "ncfast exact": 1.0},
+        "peer_f64_over": {"ncfast fast": 2.0, "ncfast exact": 1.5},
+        "exact_over_fast": exact_over_fast,
+    }
+
+
+@pytest.mark.parametrize(
+    "policy, fast_over_peer, exact_over_fast, verdict",
+    [
+        ("exact", 1.0, 2.0, "PASS"),  # at both thresholds
+        ("exact", 0.99, 1.0, "FAIL"),  # fast slower than the peer's float32
+        ("exact", 1.5, 2.01, "FAIL"),  # fast float64, yet exact > 2x fast
+        ("fast", 1.5, 9.0, "PASS"),  # weak float64: exact/fast reported, not held
+        ("fast", 0.99, 1.0, "FAIL"),
+    ],
+)
+def test_precision_judge_holds_fast_against_the_peer_and_exact_where_float64_is_fast(
+    tmp_path, policy, fast_over_peer, exact_over_fast, verdict
+):
+    rows = [
+        _precision_row(3.0, 1.0, (1024, 2048, 1000)),
+        _precision_row(fast_over_peer, exact_over_fast),  # every shape is held
+    ]
+    result = {"auto_precision": [policy, "why"], "rows": rows}
+    (tmp_path / "precision_cuda.json").write_text(json.dumps(result))
+    got, reason, figures = report.judge_precision(tmp_path, 0)
+    assert got == verdict, reason
+    assert figures["shapes"]["B=1024 P=512 C=10"]["peer_f32_over_fast"] == fast_over_peer
+    (tmp_path / "precision_cuda.json").write_text(json.dumps({**result, "rows": []}))
+    assert report.judge_precision(tmp_path, 0)[0] == "FAIL"
+
+
+def test_bench_precision_runs_on_the_cpu_and_its_results_are_what_the_judge_reads(tmp_path):
+    """bench/bench_precision.py end to end on tiny shapes (its --device cuda differs only in
+    the clock, CUDA events): the CPU file keeps its keys, and with the device's policy added
+    (what --device cuda writes) the precision judge reads it."""
+    pytest.importorskip("ncfast._C")
+    import bench_precision
+
+    out = tmp_path / "precision.json"
+    assert bench_precision.main(["--shape", "64,16,4", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {"machine", "build", "rows"}
+    assert list(result["rows"][0]) == [
+        *("batch", "dim", "classes", "ms", "wall_ms"),
+        *("peer_f32_over", "peer_f64_over", "exact_over_fast"),
+    ]
+    result["auto_precision"] = ["fast", "made up"]
+    (tmp_path / "precision_cuda.json").write_text(json.dumps(result))
+    verdict, reason, figures = report.judge_precision(tmp_path, 0)
+    assert verdict in ("PASS", "FAIL") and "unreadable" not in reason
+    assert list(figures["shapes"]) == ["B=64 P=16 C=4"]
+    with pytest.raises(SystemExit):
+        bench_precision.main(["--shape", "64,16"])
+
+
+def _vocab_result(**changes):
+    vocab, dim = 50257, 768
+    result = {
+        "vocab": vocab,
+        "dim": dim,
+        "state_bytes": 8 * vocab + 16 * vocab * dim + 8 * dim * dim + 16,
+        "classes_present": 30000,
+        "tokens_measured": 1038000,
+        "update_s_per_million": 1.2,
+        "nc4_s_per_million": 0.8,
+        "nc4_tokens": 64880,
+        "metrics_s": 3.0,
+        "metrics_peak_bytes": 2**30,
+        "nc1": 0.36,
+    }
+    return {**result, **changes}
+
+
+@pytest.mark.parametrize(
+    "changes, verdict",
+    [
+        ({}, "PASS"),
+        ({"nc1": float("nan")}, "FAIL"),
+        ({"update_s_per_million": float("inf")}, "FAIL"),
+        ({"state_bytes": 8 * 50257 + 16 * 50257 * 768 + 8 * 768 * 768}, "FAIL"),
+        ({"nc4_tokens": 0}, "FAIL"),
+    ],
+)
+def test_vocab_judge_needs_the_state_as_computed_and_finite_figures(tmp_path, changes, verdict):
+    (tmp_path / "vocab_cuda.json").write_text(json.dumps(_vocab_result(**changes)))
+    got, reason, figures = report.judge_vocab(tmp_path, 0)
+    assert got == verdict, reason
+    assert figures["state_bytes"] == _vocab_result(**changes)["state_bytes"]
+    assert report.judge_vocab(tmp_path, 1)[0] == "FAIL"  # the script failed
+
+
+@pytest.mark.parametrize(
+    "nc1_rel, nc2_rel, nc4_abs, verdict",
+    [
+        (report.LMPEER_RTOL, report.LMPEER_RTOL, report.LMPEER_NC4_ATOL, "PASS"),  # at them
+        (0.0, 0.0, 0.0, "PASS"),
+        (1.1 * report.LMPEER_RTOL, 0.0, 0.0, "FAIL"),
+        (0.0, 1.1 * report.LMPEER_RTOL, 0.0, "FAIL"),
+        (0.0, 0.0, 1.1 * report.LMPEER_NC4_ATOL, "FAIL"),
+        (float("nan"), 0.0, 0.0, "FAIL"),
+    ],
+)
+def test_lmpeer_judge_holds_the_mapping_tolerances(tmp_path, nc1_rel, nc2_rel, nc4_abs, verdict):
+    """Rows as bench/bench_lm_peer.py writes them: [name, ncfast, peer mapped, note]. The
+    figures are powers of two so that the made-up differences are what the judge computes."""
+    nc1, nc2, nc4 = 0.5, 0.25, 0.125
+    rows = [
+        ["NC1 (SPEC)", nc1, nc1 * (1 + nc1_rel), "peer × C/P"],
+        ["NC2 (peer's ETF error)", nc2, nc2 * (1 - nc2_rel), "ncfast's means"],
+        ["NC4 (mismatch)", nc4, nc4 + nc4_abs, "1 − agreement"],
+        ["time (s)", 2.0, 3.0, ""],
+        ["  of which final metrics", 1.0, float("nan"), ""],
+    ]
+    (tmp_path / "lm_peer_cuda.json").write_text(json.dumps({"args": {}, "rows": rows}))
+    got, reason, figures = report.judge_lmpeer(tmp_path, 0)
+    assert got == verdict, reason
+    assert figures["time_s"] == {"ncfast": 2.0, "peer": 3.0}
+
+
+def test_vocab_and_lmpeer_judges_read_what_the_scripts_write_on_the_cpu(tmp_path):
+    """bench/bench_vocab.py and bench/bench_lm_peer.py at a tiny vocabulary on the CPU (the
+    GPU call differs only in --device): their files, renamed as on cuda, pass the judges."""
+    pytest.importorskip("ncfast._C")
+    import bench_lm_peer
+    import bench_vocab
+
+    tiny = ["--vocab", "60", "--dim", "8", "--tokens", "512", "--batch-tokens", "256"]
+    tiny += ["--seq-len", "32", "--out", str(tmp_path)]
+    assert bench_vocab.main([*tiny, "--nc4-tokens", "128"]) == 0
+    assert bench_lm_peer.main(tiny) == 0
+    for stem in ("vocab", "lm_peer"):
+        (tmp_path / f"{stem}_cpu.json").rename(tmp_path / f"{stem}_cuda.json")
+    for judge in (report.judge_vocab, report.judge_lmpeer):
+        verdict, reason, _ = judge(tmp_path, 0)
+        assert verdict == "PASS", reason
+
+
 def test_line_judge_reads_the_scripts_verdicts(tmp_path):
     judge = report.judge_lines("ptxjit")
     log = tmp_path / "ptxjit.log"
@@ -241,6 +422,9 @@ def test_line_judge_reads_the_scripts_verdicts(tmp_path):
         ("online_overhead.py", ["--device", "--nets", "--reps", "--results"]),
         ("sanitize_ops.py", ["--device"]),
         ("gpu_variant_check.py", ["--label", "--save", "--compare", "--expect"]),
+        ("bench_precision.py", ["--device", "--repeats", "--out"]),
+        ("bench_vocab.py", ["--device", "--tokens", "--nc4-tokens", "--out"]),
+        ("bench_lm_peer.py", ["--device", "--tokens", "--batch-tokens", "--out"]),
     ],
 )
 def test_called_scripts_accept_the_options_passed(script, options):
