@@ -63,6 +63,20 @@ def test_imports_go_one_way():
     assert not violations, "imports against the layering:\n" + "\n".join(violations)
 
 
+def test_the_layers_below_the_library_never_import_the_package_root():
+    """paper, report, backend and integrations import what they use from its module (the
+    version from ncfast._version), never from the package root: ``import ncfast`` or
+    ``from ncfast import X`` would tie them to the root's exports and risk import cycles."""
+    violations = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if layer_of(path) not in ("paper", "report", "backend", "integrations"):
+            continue
+        for line, module in imported_modules(path):
+            if module == "ncfast":
+                violations.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports ncfast")
+    assert not violations, "imports of the package root:\n" + "\n".join(violations)
+
+
 def test_no_module_is_over_600_lines():
     lines = {
         path.relative_to(PACKAGE).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
