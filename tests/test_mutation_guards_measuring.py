@@ -330,7 +330,7 @@ def test_the_invalid_input_message_names_both_problems_and_the_way_out():
     with pytest.raises(InvalidInputError) as info:
         ncfast.ClassStats(3, 2).update(features, torch.tensor([0, 1, 5, 2]))
     assert str(info.value) == (
-        "ClassStats: 1 sample(s) with labels outside [0, 3) and 1 sample(s) with non-finite "
-        "(NaN/inf) features in this batch; they were left out of the statistics. Fix the input, "
-        "or create ClassStats(..., on_invalid='skip') to skip and count them (see .skipped)."
+        "1 sample(s) with labels outside [0, 3) and 1 sample(s) with non-finite (NaN/inf) "
+        "features in this batch; they were left out of the statistics. Fix the input, or pass "
+        "ClassStats(..., on_invalid='skip') to skip and count them (see .skipped)."
     )
