@@ -4,11 +4,21 @@ surviving mutants that bench/results/mutation.md lists with it (checked by runni
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from ncfast.stats import ClassStats, InvalidInputError
+from ncfast.stats import (
+    ClassStats,
+    InvalidInputError,
+    InvalidStateError,
+    all_reduced_state,
+    check_state,
+)
+from tests.process_group import free_port, gloo_group
 from tests.synthetic_features import F64
 
 
@@ -62,3 +72,125 @@ def test_from_state_dict_accepts_one_class_of_one_feature():
     restored = ClassStats.from_state_dict(stats.state_dict())
     assert restored.counts.tolist() == [2]
     assert restored.class_means.tolist() == [[3.0]]  # (2 + 4) / 2, exact in float64
+
+
+def test_from_state_dict_puts_the_state_on_the_device_asked_for():
+    """An explicit device wins over the saved tensors' device (the meta device: no data, so
+    any box has a second device)."""
+    saved = ClassStats(2, 3, device="cpu").state_dict()
+    restored = ClassStats.from_state_dict(saved, device="meta")
+    assert restored.device == torch.device("meta")
+    assert ClassStats.from_state_dict(saved).device == torch.device("cpu")
+
+
+def good_state(classes: int = 4, dim: int = 2) -> dict[str, torch.Tensor]:
+    stats = ClassStats(classes, dim)
+    stats.update(torch.arange(2.0 * dim, dtype=F64).reshape(2, dim), torch.tensor([0, 1]))
+    return {k: v for k, v in stats.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def test_check_state_returns_int64_counts_and_float64_sums():
+    """Whole-number counts of any real dtype come back as int64, sums of any float dtype as
+    float64 (the merge adds them in place into int64 and float64 tensors)."""
+    state = good_state()
+    given = dict(state, counts=state["counts"].double(), invalid=state["invalid"].float())
+    for key in ("shift", "sums", "scatter"):
+        given[key] = state[key].float()  # small integers: exact in float32
+    checked = check_state(given, 4, 2, "here")
+    for key, value in checked.items():
+        expected = torch.int64 if key in ("counts", "invalid") else torch.float64
+        assert value.dtype == expected, key
+        assert torch.equal(value, state[key].to(expected)), key
+
+
+def test_check_state_takes_counts_up_to_two_to_the_62():
+    state = good_state()
+    for count in (125.0, 2.0**62):
+        check_state(dict(state, counts=torch.tensor([count, 1, 0, 0], dtype=F64)), 4, 2, "here")
+    # 2**62 + 2**10: the next float64 above 2**62.
+    for count in (2.0**62 + 2.0**10, 1.5 * 2.0**62, -1.0, 0.5):
+        too_many = dict(state, counts=torch.tensor([count, 1, 0, 0], dtype=F64))
+        with pytest.raises(InvalidStateError, match=r"^here: 'counts' must hold counts"):
+            check_state(too_many, 4, 2, "here")
+
+
+def test_check_state_names_the_first_three_bad_counts():
+    state = dict(good_state(), counts=torch.tensor([-1, -2, 0, -3]))
+    with pytest.raises(InvalidStateError) as info:
+        check_state(state, 4, 2, "here")
+    assert str(info.value).endswith("got [-1.0, -2.0, -3.0]")
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex128])
+@pytest.mark.parametrize("key", ["counts", "sums"])
+def test_check_state_refuses_bool_and_complex_tensors(dtype, key):
+    state = good_state()
+    given = dict(state, **{key: state[key].to(dtype)})
+    with pytest.raises(InvalidStateError, match=rf"'{key}' has dtype {dtype}; expected real"):
+        check_state(given, 4, 2, "here")
+
+
+def test_check_state_message_lists_every_shape_given_and_wanted():
+    state = dict(good_state(), scatter=torch.zeros(3, 3))
+    state["shift"] = state["shift"].tolist()
+    with pytest.raises(InvalidStateError) as info:
+        check_state(state, 4, 2, "here")
+    assert str(info.value) == (
+        "here: the state's tensors have shapes counts [4], shift (list), sums [4, 2], "
+        "scatter [3, 3], invalid [2]; statistics of num_classes=4, dim=2 need counts [4], "
+        "shift [4, 2], sums [4, 2], scatter [2, 2], invalid [2]"
+    )
+    with pytest.raises(InvalidStateError, match=r"^here: the state must be a dict, got list$"):
+        check_state([state], 4, 2, "here")
+
+
+# ------------------------------------------------------------------ reductions
+def _settings_and_group_worker(rank, world, port, out_dir):
+    with gloo_group(rank, world, port):
+        # Every rank creates every group (collective); each keeps the one of itself alone.
+        alone_group = [dist.new_group([r]) for r in range(world)][rank]
+        stats = ClassStats(2, 2, on_invalid="skip", precision="exact")
+        stats.invalid_advice = "the advice of the caller"
+        features = torch.tensor([[float(rank), 1.0], [2.0, 3.0 * rank]], dtype=F64)
+        stats.update(features, torch.tensor([0, 1]))
+        local_means = stats.class_means  # computed and cached
+        alone = stats.reduced(group=alone_group)
+        everyone = stats.reduced()
+        in_place_alone = ClassStats.from_state_dict(stats.state_dict())
+        in_place_alone.all_reduce(group=alone_group)
+        stats.all_reduce()
+        result = {
+            "settings": [everyone.on_invalid, everyone.precision, everyone.invalid_advice],
+            "alone_counts": [alone.counts, in_place_alone.counts],
+            "everyone_counts": everyone.counts,
+            "local_means": local_means,
+            "in_place_means": stats.class_means,  # after the reduction: not the cached ones
+            "reduced_means": everyone.class_means,
+        }
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_gloo_reductions_keep_the_settings_and_use_the_group_given(tmp_path):
+    """reduced() keeps on_invalid, precision and the caller's advice; reduced(group=...) and
+    all_reduce(group=...) reduce over that group only (here: each rank alone); all_reduce()
+    drops the cached results of the local state."""
+    mp.spawn(_settings_and_group_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["settings"] == ["skip", "exact", "the advice of the caller"]
+        for counts in result["alone_counts"]:
+            assert counts.tolist() == [1, 1]
+        assert result["everyone_counts"].tolist() == [2, 2]
+        # The same reduction of the same state: bit for bit.
+        assert torch.equal(result["in_place_means"], result["reduced_means"])
+        assert not torch.equal(result["in_place_means"], result["local_means"])
+
+
+def test_reductions_without_a_process_group_name_the_caller():
+    state = ClassStats(2, 3, device="cpu").state_dict()
+    with pytest.raises(RuntimeError, match=r"^ClassStats\.all_reduce needs"):
+        ClassStats(2, 3).all_reduce()
+    with pytest.raises(RuntimeError, match=r"^ClassStats\.reduced needs"):
+        ClassStats(2, 3).reduced()
+    with pytest.raises(RuntimeError, match=r"^all_reduce needs"):
+        all_reduced_state({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
