@@ -20,6 +20,7 @@ from ncfast.stats import (
 )
 from tests.process_group import free_port, gloo_group
 from tests.synthetic_features import F64
+from tests.tolerances import stream_tolerances
 
 
 def invalid_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,6 +143,42 @@ def test_check_state_message_lists_every_shape_given_and_wanted():
     )
     with pytest.raises(InvalidStateError, match=r"^here: the state must be a dict, got list$"):
         check_state([state], 4, 2, "here")
+
+
+# ------------------------------------------------------------- merges about a common shift
+def test_a_merge_whose_incoming_side_holds_a_class_alone_stays_exact(seed):
+    """Features of norm 1e6, spread 1e-2: class 2 has one sample, only in the incoming half,
+    and class 1 only in the incoming half too. The merged class means and Σ_W equal one
+    stream's within :func:`stream_tolerances` (a common shift taken from the side without the
+    class, far from its sample, would add rounding of the offset's size)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([0] * 20 + [1] * 20 + [2])
+    offset = 1e6 * torch.nn.functional.normalize(torch.randn(4, generator=g, dtype=F64), dim=0)
+    centers = torch.randn(3, 4, generator=g, dtype=F64)
+    features = offset + centers[labels] + 1e-2 * torch.randn(41, 4, generator=g, dtype=F64)
+    mine, theirs = ClassStats(3, 4), ClassStats(3, 4)
+    mine.update(features[:20], labels[:20])  # class 0 only
+    theirs.update(features[20:], labels[20:])  # classes 1 and 2 (one sample)
+    whole = ClassStats(3, 4)
+    whole.update(features, labels)
+    merged = mine.merge(theirs)
+    atol_means, atol_sigma = stream_tolerances(features, labels)
+    assert torch.equal(merged.counts, whole.counts)
+    torch.testing.assert_close(merged.class_means, whole.class_means, rtol=0, atol=atol_means)
+    torch.testing.assert_close(merged.sigma_w, whole.sigma_w, rtol=0, atol=atol_sigma)
+
+
+def test_the_invalid_input_message_names_both_problems_and_the_way_out():
+    """The whole message, as the user reads it: each problem counted, and the remedy."""
+    features = torch.zeros(4, 2, dtype=F64)
+    features[1, 0] = math.nan
+    with pytest.raises(InvalidInputError) as info:
+        ClassStats(3, 2).update(features, torch.tensor([0, 1, 5, 2]))
+    assert str(info.value) == (
+        "1 sample(s) with labels outside [0, 3) and 1 sample(s) with non-finite (NaN/inf) "
+        "features in this batch; they were left out of the statistics. Fix the input, or pass "
+        "ClassStats(..., on_invalid='skip') to skip and count them (see .skipped)."
+    )
 
 
 # ------------------------------------------------------------------ reductions
