@@ -181,6 +181,22 @@ def test_the_invalid_input_message_names_both_problems_and_the_way_out():
     )
 
 
+def test_wrap_keeps_the_precision_asked_for():
+    state = good_state()
+    assert ClassStats.wrap(state, precision="fast").precision == "fast"
+    assert ClassStats.wrap(state).precision == "auto"
+
+
+def test_reset_drops_the_cached_results():
+    """Read right after reset (no update in between): the empty statistics, not the cache."""
+    stats = ClassStats(2, 2)
+    stats.update(torch.tensor([[1.0, 2.0], [3.0, 5.0]], dtype=F64), torch.tensor([0, 1]))
+    stats.finalized()
+    means, sigma_w = stats.reset().finalized()
+    assert not means.any() and not sigma_w.any()
+    assert stats.class_means.isnan().all()
+
+
 # ------------------------------------------------------------------ reductions
 def _settings_and_group_worker(rank, world, port, out_dir):
     with gloo_group(rank, world, port):
