@@ -16,7 +16,7 @@ from torch import nn
 import ncfast
 from ncfast.monitor import NCMonitor
 from tests.synthetic_features import F64, make_data
-from tests.tolerances import EPS
+from tests.test_mutation_guards_metrics import documented_bound
 
 
 # ------------------------------------------------------------------- 5. the online watch
@@ -184,21 +184,6 @@ def test_lightning_measures_only_the_chosen_validation_dataloader(seed):
 
 
 # ------------------------------------------------- 10. the degenerate-features rule
-def documented_bound(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """The threshold documented by ncfast.metrics.check_separation, from the statistics:
-    2·√C·γ_{2·max n_c + 2}·max_c r_c with r_c² = ‖μ_c‖² + (N/n_c)·tr Σ_W."""
-    x = features.double()
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    means = torch.stack([x[labels == c].mean(0) for c in range(num_classes)])
-    trace_w = float((x - means[labels]).square().sum()) / len(labels)
-    r = max(
-        math.sqrt(float(means[c].square().sum()) + len(labels) / float(counts[c]) * trace_w)
-        for c in range(num_classes)
-    )
-    terms = 2 * int(counts.max()) + 2
-    return 2 * math.sqrt(num_classes) * terms * EPS / (1 - terms * EPS) * r
-
-
 COUNTS = (1000, 10, 10)  # unbalanced: the bound grows with the largest class
 
 
