@@ -247,3 +247,17 @@ def test_reductions_without_a_process_group_name_the_caller():
         ClassStats(2, 3).reduced()
     with pytest.raises(RuntimeError, match=r"^all_reduce needs"):
         all_reduced_state({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+
+
+def test_a_merge_moves_the_incoming_statistics_to_this_device():
+    """Statistics on another device (here the CPU, merged into statistics on the meta device:
+    no data, so any box has a second device) are moved before they are combined."""
+    incoming = ClassStats(2, 2)
+    incoming.update(torch.ones(2, 2), torch.tensor([0, 1]))
+    merged = ClassStats(2, 2, device="meta").merge(incoming)
+    assert merged.device == torch.device("meta")
+    assert all(
+        t.device == torch.device("meta")
+        for t in merged.state_dict().values()
+        if isinstance(t, torch.Tensor)
+    )
