@@ -84,6 +84,15 @@ def test_from_state_dict_puts_the_state_on_the_device_asked_for():
     assert ClassStats.from_state_dict(saved).device == torch.device("cpu")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_from_state_dict_keeps_a_cuda_state_on_cuda():
+    """Without a device, the state stays where the saved tensors are (a second real device:
+    the CPU's default would be the same place)."""
+    saved = ClassStats(2, 3, device="cuda").state_dict()
+    assert ClassStats.from_state_dict(saved).device.type == "cuda"
+
+
 def good_state(classes: int = 4, dim: int = 2) -> dict[str, torch.Tensor]:
     stats = ClassStats(classes, dim)
     stats.update(torch.arange(2.0 * dim, dtype=F64).reshape(2, dim), torch.tensor([0, 1]))
