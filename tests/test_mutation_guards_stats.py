@@ -206,6 +206,22 @@ def test_reset_drops_the_cached_results():
     assert stats.class_means.isnan().all()
 
 
+def test_load_state_dict_errors_name_it_and_what_is_wrong():
+    where = r"^ClassStats\.load_state_dict: "
+    saved = ClassStats(3, 4, device="cpu").state_dict()
+    with pytest.raises(InvalidStateError, match=where + "state_dict must be a dict, got list$"):
+        ClassStats(3, 4).load_state_dict([saved])
+    sizes_missing = {k: v for k, v in saved.items() if k not in ("num_classes", "dim")}
+    with pytest.raises(
+        InvalidStateError, match=where + r"state_dict lacks \['num_classes', 'dim'\]"
+    ):
+        ClassStats(3, 4).load_state_dict(sizes_missing)
+    with pytest.raises(InvalidStateError, match=where + "state is for num_classes=3, dim=4; these"):
+        ClassStats(3, 5).load_state_dict(saved)
+    with pytest.raises(InvalidStateError, match=where + "'sums' contains NaN or inf$"):
+        ClassStats(3, 4).load_state_dict(dict(saved, sums=torch.full((3, 4), math.nan)))
+
+
 # ------------------------------------------------------------------ reductions
 def _settings_and_group_worker(rank, world, port, out_dir):
     with gloo_group(rank, world, port):
