@@ -222,6 +222,38 @@ def test_load_state_dict_errors_name_it_and_what_is_wrong():
         ClassStats(3, 4).load_state_dict(dict(saved, sums=torch.full((3, 4), math.nan)))
 
 
+def test_statistics_created_on_a_device_read_as_empty():
+    """Created with a device (the state allocated at once), read before any update."""
+    stats = ClassStats(2, 2, device="cpu")
+    means, sigma_w = stats.finalized()
+    assert not means.any() and not sigma_w.any()
+
+
+def test_update_errors_name_classstats_update():
+    with pytest.raises(ValueError, match=r"^ClassStats\.update: features must have shape"):
+        ClassStats(2, 3).update(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+
+
+def test_the_first_batch_sets_the_device_even_when_empty():
+    """An empty batch on another device (meta) allocates the state there and adds nothing."""
+    stats = ClassStats(2, 2)
+    stats.update(torch.zeros(0, 2, device="meta"), torch.zeros(0, dtype=torch.long, device="meta"))
+    assert stats.device == torch.device("meta")
+
+
+def test_a_batch_with_an_invalid_row_in_the_callers_mask_is_refused_at_once():
+    """update_checked with the caller's validity mask: one row invalid, so on the CPU the
+    batch raises at once and adds nothing (not deferred, not partly added)."""
+    from ncfast.nc4 import valid_rows
+
+    features, labels = invalid_batch()
+    stats = ClassStats(3, 2)
+    with pytest.raises(InvalidInputError, match="in this batch"):
+        stats.update_checked(features, labels, valid=valid_rows(features, labels, 3))
+    assert stats.skipped == {"label_out_of_range": 0, "non_finite": 0}
+    assert stats.counts.tolist() == [0, 0, 0]
+
+
 # ------------------------------------------------------------------ reductions
 def _settings_and_group_worker(rank, world, port, out_dir):
     with gloo_group(rank, world, port):
