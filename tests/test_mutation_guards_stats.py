@@ -125,7 +125,7 @@ def test_check_state_takes_counts_up_to_two_to_the_62():
 
 
 def test_check_state_names_the_first_three_bad_counts():
-    state = dict(good_state(), counts=torch.tensor([-1, -2, 0, -3]))
+    state = dict(good_state(), counts=torch.tensor([-1, -2, -3, -4]))
     with pytest.raises(InvalidStateError) as info:
         check_state(state, 4, 2, "here")
     assert str(info.value).endswith("got [-1.0, -2.0, -3.0]")
@@ -252,6 +252,19 @@ def test_a_batch_with_an_invalid_row_in_the_callers_mask_is_refused_at_once():
         stats.update_checked(features, labels, valid=valid_rows(features, labels, 3))
     assert stats.skipped == {"label_out_of_range": 0, "non_finite": 0}
     assert stats.counts.tolist() == [0, 0, 0]
+
+
+def test_the_fast_policy_is_used_where_asked(seed):
+    """precision='fast' on the CPU runs the float32 product: Σ_W differs from the exact one
+    (random float64 features: their float32 roundings do not cancel), by float32 rounding."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(64, 5, generator=g, dtype=F64)
+    labels = torch.arange(64) % 2
+    fast, exact = ClassStats(2, 5, precision="fast"), ClassStats(2, 5, precision="exact")
+    fast.update(features, labels)
+    exact.update(features, labels)
+    assert fast.resolved_precision == "fast"
+    assert not torch.equal(fast.sigma_w, exact.sigma_w)
 
 
 # ------------------------------------------------------------------ reductions
