@@ -267,6 +267,11 @@ def test_the_fast_policy_is_used_where_asked(seed):
     assert not torch.equal(fast.sigma_w, exact.sigma_w)
 
 
+def test_constructor_errors_name_classstats():
+    with pytest.raises(ValueError, match=r"^ClassStats: num_classes must be an integer ≥ 1"):
+        ClassStats(0, 2)
+
+
 # ------------------------------------------------------------------ reductions
 def _settings_and_group_worker(rank, world, port, out_dir):
     with gloo_group(rank, world, port):
