@@ -270,6 +270,8 @@ def test_the_fast_policy_is_used_where_asked(seed):
 def test_constructor_errors_name_classstats():
     with pytest.raises(ValueError, match=r"^ClassStats: num_classes must be an integer ≥ 1"):
         ClassStats(0, 2)
+    with pytest.raises(ValueError, match=r"^ClassStats: precision must be one of"):
+        ClassStats(2, 2, precision="float16")
 
 
 # ------------------------------------------------------------------ reductions
