@@ -10,8 +10,11 @@
 # killed / (mutants − equivalent), and the surviving mutants' names (`cd build/mutation/<module>
 # && mutmut show NAME` shows the diff). Not part of `python -m pytest`.
 #
-# Environment: MUTATION_JOBS (parallel mutants, default 2), MUTATION_KEEP=1 (reuse the scratch
-# copy and mutmut's cache: rerun only the mutants whose code or tests changed).
+# Environment: MUTATION_JOBS (parallel mutants, default 2; 1 on a shared box), MUTATION_KEEP=1
+# (reuse the scratch copy and mutmut's cache: rerun only the mutants whose code changed),
+# MUTATION_RECHECK=0 (skip the recheck below), MUTATION_RECHECK_ONLY=1 (with MUTATION_KEEP=1: no
+# mutmut run, only the recheck of the last run's survivors against the checkout's current tests:
+# for tests written after the run).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -58,20 +61,25 @@ EOF
     # passes the mutant under test to them in MUTANT_UNDER_TEST). The folder must exist before
     # Python starts, or its import system caches it as missing.
     mkdir -p "$work/mutants"
-    (cd "$work" && PYTHONPATH="$work/mutants" mutmut run --max-children "$jobs" >mutmut-run.log 2>&1) || {
-        tail -30 "$work/mutmut-run.log"; echo "$name: mutmut run failed (log: $work/mutmut-run.log)" >&2; exit 1; }
-    (cd "$work" && mutmut results --all true >mutmut-results.txt 2>&1 || true)
+    if [ "${MUTATION_RECHECK_ONLY:-0}" != 1 ]; then
+        (cd "$work" && PYTHONPATH="$work/mutants" mutmut run --max-children "$jobs" >mutmut-run.log 2>&1) || {
+            tail -30 "$work/mutmut-run.log"; echo "$name: mutmut run failed (log: $work/mutmut-run.log)" >&2; exit 1; }
+        (cd "$work" && mutmut results --all true >mutmut-results.txt 2>&1 || true)
+    fi
     # mutmut links a test to a function only through calls in its own process: a test that
     # reaches the function only in the processes it spawns (the gloo tests) is never run on its
-    # mutants. Survivors are rerun against the module's tests that spawn gloo processes.
+    # mutants. Survivors are rerun against the module's tests that spawn gloo processes and its
+    # guard file (tests/*/test_mutation_guards_*.py), as the checkout has them now.
     if [ "${MUTATION_RECHECK:-1}" = 1 ]; then
-        grep -E ': survived$' "$work/mutmut-results.txt" | sed 's/: survived$//; s/^ *//' | while read -r mutant; do
+        (cd "$root" && tar -cf - $tests) | tar -xf - -C "$work/mutants"
+        grep -E ': (survived|no tests)$' "$work/mutmut-results.txt" | sed 's/: [a-z ]*$//; s/^ *//' | while read -r mutant; do
             if (cd "$work/mutants" && MUTANT_UNDER_TEST="$mutant" PYTHONPATH="$work/mutants" \
-                timeout 600 python -m pytest -x -q -p no:cacheprovider -k gloo $tests >/dev/null 2>&1); then
+                timeout 600 python -m pytest -x -q -p no:cacheprovider -k "gloo or mutation_guards" $tests \
+                >/dev/null 2>&1); then
                 :
             elif [ $? = 1 ]; then
-                sed -i "s/^\( *\)$mutant: survived$/\1$mutant: killed/" "$work/mutmut-results.txt"
-                echo "  killed by a gloo test on recheck: $mutant"
+                sed -i "s/^\( *\)$mutant: [a-z ]*$/\1$mutant: killed/" "$work/mutmut-results.txt"
+                echo "  killed on recheck: $mutant"
             fi
         done
     fi

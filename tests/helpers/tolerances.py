@@ -3,6 +3,8 @@ accumulations of N terms (N·eps of the terms' sizes) and the conditioning of th
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -84,3 +86,18 @@ def fast_scatter_bound(centered: torch.Tensor, batch_rows: int) -> torch.Tensor:
     u = U32
     absolute = centered.to(torch.float64).abs()
     return (2 * u + u * u + gamma(batch_rows + 1, u) * (1 + u) ** 2) * (absolute.T @ absolute)
+
+
+def documented_bound(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """The threshold documented by ncfast.metrics.check_separation, from the statistics:
+    2·√C·γ_{2·max n_c + 2}·max_c r_c with r_c² = ‖μ_c‖² + (N/n_c)·tr Σ_W."""
+    x = features.double()
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    means = torch.stack([x[labels == c].mean(0) for c in range(num_classes)])
+    trace_w = float((x - means[labels]).square().sum()) / len(labels)
+    r = max(
+        math.sqrt(float(means[c].square().sum()) + len(labels) / float(counts[c]) * trace_w)
+        for c in range(num_classes)
+    )
+    terms = 2 * int(counts.max()) + 2
+    return 2 * math.sqrt(num_classes) * terms * EPS / (1 - terms * EPS) * r

@@ -16,7 +16,7 @@ from torch import nn
 import ncfast
 from ncfast.monitor import NCMonitor
 from tests.helpers.synthetic_features import F64, make_data
-from tests.helpers.tolerances import EPS
+from tests.helpers.tolerances import documented_bound
 
 
 # ------------------------------------------------------------------- 5. the online watch
@@ -185,21 +185,6 @@ def test_lightning_measures_only_the_chosen_validation_dataloader(seed):
 
 
 # ------------------------------------------------- 10. the degenerate-features rule
-def documented_bound(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """The threshold documented by ncfast.metrics.check_separation, from the statistics:
-    2·√C·γ_{2·max n_c + 2}·max_c r_c with r_c² = ‖μ_c‖² + (N/n_c)·tr Σ_W."""
-    x = features.double()
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    means = torch.stack([x[labels == c].mean(0) for c in range(num_classes)])
-    trace_w = float((x - means[labels]).square().sum()) / len(labels)
-    r = max(
-        math.sqrt(float(means[c].square().sum()) + len(labels) / float(counts[c]) * trace_w)
-        for c in range(num_classes)
-    )
-    terms = 2 * int(counts.max()) + 2
-    return 2 * math.sqrt(num_classes) * terms * EPS / (1 - terms * EPS) * r
-
-
 COUNTS = (1000, 10, 10)  # unbalanced: the bound grows with the largest class
 
 
@@ -295,43 +280,3 @@ def test_a_large_offset_counts_a_low_variance_direction_only_above_the_bound(
     result = measured(features[order], labels[order])
     assert result["sigma_b_rank"] == rank
     assert math.isfinite(result["nc1"])
-
-
-# ------------------------------------------------------------- merges about a common shift
-def test_a_merge_whose_incoming_side_holds_a_class_alone_stays_exact(seed):
-    """Features of norm 1e6, spread 1e-2: class 2 has one sample, only in the incoming half,
-    and class 1 only in the incoming half too. The merged class means and Σ_W equal one
-    stream's within :func:`stream_tolerances` (a common shift taken from the side without the
-    class, far from its sample, would add rounding of the offset's size)."""
-    from tests.helpers.tolerances import stream_tolerances
-
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.tensor([0] * 20 + [1] * 20 + [2])
-    offset = 1e6 * torch.nn.functional.normalize(torch.randn(4, generator=g, dtype=F64), dim=0)
-    centers = torch.randn(3, 4, generator=g, dtype=F64)
-    features = offset + centers[labels] + 1e-2 * torch.randn(41, 4, generator=g, dtype=F64)
-    mine, theirs = ncfast.ClassStats(3, 4), ncfast.ClassStats(3, 4)
-    mine.update(features[:20], labels[:20])  # class 0 only
-    theirs.update(features[20:], labels[20:])  # classes 1 and 2 (one sample)
-    whole = ncfast.ClassStats(3, 4)
-    whole.update(features, labels)
-    merged = mine.merge(theirs)
-    atol_means, atol_sigma = stream_tolerances(features, labels)
-    assert torch.equal(merged.counts, whole.counts)
-    torch.testing.assert_close(merged.class_means, whole.class_means, rtol=0, atol=atol_means)
-    torch.testing.assert_close(merged.sigma_w, whole.sigma_w, rtol=0, atol=atol_sigma)
-
-
-def test_the_invalid_input_message_names_both_problems_and_the_way_out():
-    """The whole message, as the user reads it: each problem counted, and the remedy."""
-    from ncfast.stats import InvalidInputError
-
-    features = torch.zeros(4, 2, dtype=F64)
-    features[1, 0] = math.nan
-    with pytest.raises(InvalidInputError) as info:
-        ncfast.ClassStats(3, 2).update(features, torch.tensor([0, 1, 5, 2]))
-    assert str(info.value) == (
-        "1 sample(s) with labels outside [0, 3) and 1 sample(s) with non-finite "
-        "(NaN/inf) features in this batch; they were left out of the statistics. Fix the input, "
-        "or pass ClassStats(..., on_invalid='skip') to skip and count them (see .skipped)."
-    )
