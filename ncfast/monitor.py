@@ -284,6 +284,12 @@ class NCMonitor:
         self._watch = TrainingWatch(self, every, step=step, nc4=nc4)
         return self._watch
 
+    def release_watch(self, watch: TrainingWatch) -> None:
+        """Forget ``watch`` when it closes (:meth:`TrainingWatch.close` calls this), so that
+        :meth:`watch_training` may start another."""
+        if self._watch is watch:
+            self._watch = None
+
     def _default_forward(self, inputs: object) -> object:
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.to(self.classifier.weight.device, non_blocking=True)

@@ -286,8 +286,7 @@ class TrainingWatch:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        if self.monitor._watch is self:
-            self.monitor._watch = None
+        self.monitor.release_watch(self)
 
     @property
     def is_open(self) -> bool:

@@ -48,7 +48,7 @@ from ncfast.paper.rundir import (
     is_run_directory,
     swap_in_folder,
 )
-from ncfast.paper.train import _nonfinite_weights, build_model, load_data
+from ncfast.paper.train import build_model, load_data, nonfinite_weights
 from ncfast.report.plots import FORMATS, plot_runs
 from ncfast.report.runs import (
     ANALYSIS_DIR,
@@ -228,7 +228,7 @@ def _measure(payload: dict, path: Path, config: TrainConfig, device: torch.devic
     model = build_model(config, train_data.num_classes, train_data.channels, train_data.image_size)
     what = f"a {config.net} (width {config.width}) for {config.dataset}"
     load_state_checked(model, payload["model"], path, "model", what)
-    if bool(_nonfinite_weights(model)):
+    if bool(nonfinite_weights(model)):
         raise CheckpointError(
             f"checkpoint {path}: its weights are not finite (NaN or infinity): its training "
             "diverged; analyze a checkpoint from before, or train again with a lower --lr"

@@ -288,7 +288,7 @@ def _check_same_run(config: TrainConfig, stored: dict, path: Path) -> None:
 def _check_resumed_network(state: TrainingState, data, config: TrainConfig, path) -> None:
     """CheckpointError blaming the checkpoint when the network it holds is already diverged:
     non-finite weights, or non-finite outputs in eval mode (weights near float32's limit)."""
-    if bool(_nonfinite_weights(state.model)):
+    if bool(nonfinite_weights(state.model)):
         problem = "its weights are not finite (NaN or infinity)"
     elif not eval_outputs_finite(state.model, data, config):
         problem = "its network's outputs are not finite (weights too large)"
@@ -729,7 +729,7 @@ def train_epoch(state: TrainingState, epoch: int, data, config: TrainConfig, ctx
             sgd = (batch_loss_sum, batch_wrong, stop - first, lr)
             online.stepped(sgd, epoch - 1 + done / len(batches), state, ctx)
     state.scheduler.step()
-    nonfinite = _nonfinite_weights(state.model).double()
+    nonfinite = nonfinite_weights(state.model).double()
     totals = ctx.all_reduce_sum(torch.stack([loss_sum, wrong.double(), nonfinite]))
     sgd_loss, sgd_wrong, nonfinite_count = totals.tolist()
     seen = batches[-1][1]
@@ -864,7 +864,7 @@ def min_last_batch(world_size: int, sync_batchnorm: bool) -> int:
     return max(2, world_size) if sync_batchnorm else 2 * world_size
 
 
-def _nonfinite_weights(model) -> torch.Tensor:
+def nonfinite_weights(model) -> torch.Tensor:
     """1 (on the device, no synchronisation) when a parameter or floating buffer of ``model``
     holds a NaN or an infinity, else 0."""
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
