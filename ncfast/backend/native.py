@@ -41,12 +41,14 @@ CUDA tensors take the reference instead of the compiled kernels, per call, when
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from types import FrameType
-from typing import NamedTuple
+from typing import NamedTuple, ParamSpec, TypeVar
 
 import torch
 
@@ -229,35 +231,6 @@ def _image_failed(device: torch.device, exc: RuntimeError) -> bool:
     return True
 
 
-# ----------------------------------------------------------------- fake (meta) kernels
-# Shapes only, for FakeTensor tracing (torch.compile, opcheck). register_fake has no return
-# annotation in torch, so mypy would call the decorated functions untyped.
-@torch.library.register_fake("ncfast::update_stats_")  # type: ignore[untyped-decorator]
-def _update_stats_fake(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    counts: torch.Tensor,
-    shift: torch.Tensor,
-    sums: torch.Tensor,
-    scatter: torch.Tensor,
-    invalid: torch.Tensor,
-    fast: bool = False,
-) -> None:
-    return None
-
-
-@torch.library.register_fake("ncfast::ncc_mismatch_count")  # type: ignore[untyped-decorator]
-def _ncc_mismatch_count_fake(
-    features: torch.Tensor,
-    valid: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    class_means: torch.Tensor,
-    present: torch.Tensor,
-) -> torch.Tensor:
-    return features.new_empty((), dtype=torch.int64)
-
-
 # ------------------------------------------------------------------------ dispatch
 def kernels_for(device: torch.device) -> bool:
     """Whether compiled kernels run on tensors of ``device``."""
@@ -276,53 +249,87 @@ def update_kernels_for(device: torch.device) -> bool:
     return kernels_for(device)
 
 
-def update_stats_(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    counts: torch.Tensor,
-    shift: torch.Tensor,
-    sums: torch.Tensor,
-    scatter: torch.Tensor,
-    invalid: torch.Tensor,
-    fast: bool = False,
-) -> None:
-    """Add one batch to the accumulator state in place (see ``reference.update_stats_``)."""
-    if not update_kernels_for(features.device):
-        reference.update_stats_(features, labels, counts, shift, sums, scatter, invalid, fast)
-        return
-    state = (counts, shift, sums, scatter, invalid)
-    # The kernels need contiguous state; else they update contiguous copies, written back.
-    work = state if all(t.is_contiguous() for t in state) else [t.contiguous() for t in state]
-    try:
-        torch.ops.ncfast.update_stats_(features, labels, *work, fast)
-    except RuntimeError as exc:
-        if not _image_failed(features.device, exc):
-            raise
-        reference.update_stats_(features, labels, counts, shift, sums, scatter, invalid, fast)
-        return
-    if work is not state:
-        for target, result in zip(state, work, strict=True):
-            target.copy_(result)
+# ------------------------------------------------------------------- the compiled ops
+# Each op's signature is written twice, where the tools need it: the schema in csrc/ops.cpp
+# (C++) and the reference function (Python, the oracle, with the types mypy checks callers
+# against). Everything else is derived: the wrappers below take the reference's signature, the
+# fake kernels and the in-place arguments come from the schema, and
+# tests/backend/test_native.py checks that torch.library.infer_schema of each reference
+# function is the registered schema.
+_Params = ParamSpec("_Params")
+_Result = TypeVar("_Result")
 
 
-def ncc_mismatch_count(
-    features: torch.Tensor,
-    valid: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    class_means: torch.Tensor,
-    present: torch.Tensor,
-) -> torch.Tensor:
-    """NC4 mismatches among the ``valid`` rows, int64 device scalar (see reference)."""
-    if not kernels_for(features.device):
-        return reference.ncc_mismatch_count(features, valid, weight, bias, class_means, present)
-    # torch.ops.* are resolved at run time (Any to mypy): the schema says Tensor.
-    try:
-        count: torch.Tensor = torch.ops.ncfast.ncc_mismatch_count(
-            features, valid.to(torch.bool), weight, bias, class_means, present.to(torch.bool)
-        )
-    except RuntimeError as exc:
-        if not _image_failed(features.device, exc):
-            raise
-        return reference.ncc_mismatch_count(features, valid, weight, bias, class_means, present)
-    return count
+def _schema(name: str) -> torch.FunctionSchema:
+    schema: torch.FunctionSchema = getattr(torch.ops.ncfast, name).default._schema
+    return schema
+
+
+def _fake(name: str) -> Callable[..., torch.Tensor | None]:
+    """The shape-only kernel (FakeTensor tracing: torch.compile, opcheck) of op ``name``,
+    from its schema: an in-place op returns nothing; an op that returns a Tensor returns a
+    count, an int64 scalar on the device of its first argument (the features)."""
+    returns = [str(r.type) for r in _schema(name).returns]
+    if not returns:
+        return lambda *args, **kwargs: None
+    if returns != ["Tensor"]:  # a new kind of op: say here what it returns
+        raise RuntimeError(f"ncfast::{name} returns {returns}: native._fake knows no such op")
+    return lambda features, *args, **kwargs: features.new_empty((), dtype=torch.int64)
+
+
+def _contiguous_call(name: str) -> Callable[[tuple[object, ...], dict[str, object]], object]:
+    """Op ``name`` called with its arguments as the schema orders them (keywords and defaults
+    made positional), the arguments it writes in place as contiguous copies (the kernels'
+    layout) copied back into the caller's tensors afterwards; no copy of a contiguous one."""
+    arguments = _schema(name).arguments
+    names = {a.name for a in arguments}
+    written = [i for i, a in enumerate(arguments) if a.alias_info and a.alias_info.is_write]
+
+    def call(args: tuple[object, ...], kwargs: dict[str, object]) -> object:
+        if unknown := set(kwargs) - names:
+            raise TypeError(f"ncfast::{name} got unexpected arguments {sorted(unknown)}")
+        values = list(args) + [kwargs.get(a.name, a.default_value) for a in arguments[len(args) :]]
+        copies = []
+        for i in written:
+            tensor = values[i]
+            if isinstance(tensor, torch.Tensor) and not tensor.is_contiguous():
+                values[i] = copy = tensor.contiguous()
+                copies.append((tensor, copy))
+        result = getattr(torch.ops.ncfast, name)(*values)  # looked up per call (tests patch it)
+        for tensor, copy in copies:
+            tensor.copy_(copy)
+        return result
+
+    return call
+
+
+def _compiled(
+    reference_op: Callable[_Params, _Result], runs_on: Callable[[torch.device], bool]
+) -> Callable[_Params, _Result]:
+    """The compiled op of ``reference_op``'s name with ``reference_op``'s signature: the
+    reference instead where ``runs_on(device of the first argument)`` is False, or where the
+    driver cannot load the kernels (then from there on, with one warning)."""
+    name = reference_op.__name__
+    torch.library.register_fake(f"ncfast::{name}", _fake(name))
+    call = _contiguous_call(name)
+
+    @functools.wraps(reference_op)  # its signature, for help() and inspect
+    def run(*args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
+        features = args[0] if args else kwargs["features"]  # the first argument of every op
+        device = features.device  # type: ignore[attr-defined]
+        fallback: Callable[_Params, _Result] = getattr(reference, name)  # looked up per call
+        if not runs_on(device):
+            return fallback(*args, **kwargs)
+        try:
+            return call(args, dict(kwargs))  # type: ignore[return-value]  # the schema's
+        except RuntimeError as exc:
+            if not _image_failed(device, exc):
+                raise
+            return fallback(*args, **kwargs)
+
+    run.__doc__ = f"The compiled ``ncfast::{name}`` (see :func:`.reference.{name}`)."
+    return run
+
+
+update_stats_ = _compiled(reference.update_stats_, update_kernels_for)
+ncc_mismatch_count = _compiled(reference.ncc_mismatch_count, kernels_for)

@@ -2,20 +2,20 @@
 
 ``NCFAST_BACKEND=reference`` or ``native`` forces a backend; unset, the native one is used when
 ``ncfast._C`` is importable. The switch covers the compiled ops only (``update_stats_``,
-``ncc_mismatch_count``): :class:`Backend` spells out their signatures, and both backend modules
-are checked against it (mypy); the linear algebra below them is the reference's own, torch calls
-in both backends. :func:`use_backend` switches for a block of code (tests and benchmarks compare
+``ncc_mismatch_count``), with the reference's signatures (the native module derives its own
+from them); the linear algebra below them is the reference's own, torch calls in both
+backends. :func:`use_backend` switches for a block of code (tests and benchmarks compare
 the two).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
-from typing import Concatenate, ParamSpec, Protocol, TypeVar
-
-import torch
+from types import ModuleType
+from typing import ParamSpec, TypeVar
 
 from ncfast.backend import reference
 
@@ -24,34 +24,7 @@ _Params = ParamSpec("_Params")
 _Result = TypeVar("_Result")
 
 
-class Backend(Protocol):
-    """The compiled ops, which every backend module provides (the signatures of
-    :mod:`.reference`)."""
-
-    def update_stats_(
-        self,
-        features: torch.Tensor,
-        labels: torch.Tensor,
-        counts: torch.Tensor,
-        shift: torch.Tensor,
-        sums: torch.Tensor,
-        scatter: torch.Tensor,
-        invalid: torch.Tensor,
-        fast: bool = False,
-    ) -> None: ...
-
-    def ncc_mismatch_count(
-        self,
-        features: torch.Tensor,
-        valid: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        class_means: torch.Tensor,
-        present: torch.Tensor,
-    ) -> torch.Tensor: ...
-
-
-def _load_native() -> tuple[Backend | None, str]:
+def _load_native() -> tuple[ModuleType | None, str]:
     try:
         from ncfast.backend import native  # optional compiled extension
     except ImportError as exc:  # no extension built: the reference is complete on its own
@@ -59,7 +32,7 @@ def _load_native() -> tuple[Backend | None, str]:
     return native, ""
 
 
-def _select() -> tuple[Backend, str, str]:
+def _select() -> tuple[ModuleType, str, str]:
     requested = os.environ.get("NCFAST_BACKEND", "").strip().lower()
     if requested and requested not in _BACKENDS:
         raise ValueError(
@@ -98,24 +71,22 @@ def use_backend(name: str) -> Iterator[None]:
         _impl, BACKEND = previous
 
 
-def _dispatch(
-    method: Callable[Concatenate[Backend, _Params], _Result],
-) -> Callable[_Params, _Result]:
-    """The op ``method`` names, run by the backend in use at call time (so that
-    :func:`use_backend` switches it), with the signature :class:`Backend` gives it."""
-    name = method.__name__
+def _dispatch(reference_op: Callable[_Params, _Result]) -> Callable[_Params, _Result]:
+    """The op of ``reference_op``'s name, run by the backend in use at call time (so that
+    :func:`use_backend` switches it), with the reference's signature."""
+    name = reference_op.__name__
 
+    @functools.wraps(reference_op)  # its signature, for help() and inspect
     def run(*args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
         op: Callable[_Params, _Result] = getattr(_impl, name)
         return op(*args, **kwargs)
 
-    run.__name__ = run.__qualname__ = name
     run.__doc__ = f"``{name}`` of the backend in use (see :func:`.reference.{name}`)."
     return run
 
 
-update_stats_ = _dispatch(Backend.update_stats_)
-ncc_mismatch_count = _dispatch(Backend.ncc_mismatch_count)
+update_stats_ = _dispatch(reference.update_stats_)
+ncc_mismatch_count = _dispatch(reference.ncc_mismatch_count)
 
 # Linear algebra on matrices of size P or min(C, P), once per measurement: torch's own
 # LAPACK/cuSOLVER/BLAS calls, the same in both backends (no switch; see ncfast.backend.native).

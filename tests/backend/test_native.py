@@ -7,6 +7,7 @@ turns that into a failure.
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -318,6 +319,47 @@ def test_opcheck_ncc_mismatch_count(device, seed):
     torch.library.opcheck(
         torch.ops.ncfast.ncc_mismatch_count.default, _ncc_case(g, 30, 5, 4, torch.float32, device)
     )
+
+
+def _alias_free(schema) -> list[tuple[str, str, object, bool]]:
+    """(name, type, default, written) of each argument: the schema less its alias set names,
+    which infer_schema numbers differently (a2! for a!)."""
+    return [
+        (a.name, str(a.type), a.default_value, bool(a.alias_info and a.alias_info.is_write))
+        for a in schema.arguments
+    ]
+
+
+@pytest.mark.parametrize("name", ["update_stats_", "ncc_mismatch_count"])
+def test_each_op_signature_is_the_reference_signature(name):
+    """The signature is written in the C++ schema and in the reference only (the wrappers,
+    the dispatch and the fake derive theirs): torch's own schema inference from the
+    reference's annotations must give the registered schema, argument for argument, with the
+    same arguments written in place (those the reference's docstring says it updates)."""
+    registered = getattr(torch.ops.ncfast, name).default._schema
+    written = [a.name for a in registered.arguments if a.alias_info and a.alias_info.is_write]
+    inferred = torch._C.parse_schema(
+        f"ncfast::{name}"
+        + torch.library.infer_schema(getattr(reference, name), mutates_args=written)
+    )
+    assert _alias_free(inferred) == _alias_free(registered)
+    assert [str(r.type) for r in inferred.returns] == [str(r.type) for r in registered.returns]
+    for module in (ops, native_backend):  # derived: the same parameters as the reference
+        assert inspect.signature(getattr(module, name)) == inspect.signature(
+            getattr(reference, name)
+        )
+
+
+def test_native_op_takes_keywords_and_refuses_unknown_ones(seed):
+    """The wrapper orders keyword arguments as the schema does, defaults included."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = make_batch(24, 6, 3, torch.float32, torch.int64, g, "cpu")
+    by_keyword, by_position = new_state(3, 6), new_state(3, 6)
+    native_backend.update_stats_(features=x, labels=y, **by_keyword)
+    native_backend.update_stats_(x, y, *(by_position[k] for k in STATE_KEYS), False)
+    assert_state_matches(by_keyword, by_position)
+    with pytest.raises(TypeError, match=r"unexpected arguments \['fastest'\]"):
+        native_backend.update_stats_(x, y, *(by_position[k] for k in STATE_KEYS), fastest=True)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
