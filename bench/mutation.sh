@@ -92,7 +92,8 @@ for line in open(results):
     if m:
         status[m.group(1)] = m.group(2).strip()
 try:
-    listed = set(re.findall(r"`([\w.]+__mutmut_\d+)`", open(md).read()))
+    # Equivalent: a list line "- `NAME`: why" (other mentions, e.g. open lists, do not count).
+    listed = set(re.findall(r"^- `([\w.]+__mutmut_\d+)`:", open(md).read(), re.MULTILINE))
 except FileNotFoundError:
     listed = set()
 killed = [k for k, v in status.items() if v == "killed"]
