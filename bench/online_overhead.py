@@ -1,7 +1,7 @@
 """Cost of measuring Neural Collapse from the training passes (``ncfast train --online-every K``).
 
 Three copies of one network (same seed, same data) train side by side in one process through
-``ncfast train``'s own epoch loop (:func:`ncfast.paper.train.train_epoch`): one plain, one with
+``ncfast train``'s own epoch loop (:func:`ncfast.paper.sgd_epoch.train_epoch`): one plain, one with
 the online measurement (the forward pre-hook feeding every batch's features into the window's
 float64 statistics, NC4 against the previous window's means counted on the device, and at the
 window's end the metrics), and one whose windows never end (the per-batch work alone). Each
@@ -33,9 +33,11 @@ import torch.nn.functional as F
 
 from ncfast.backend import ops
 from ncfast.paper.config import TrainConfig
+from ncfast.paper.console import Console
 from ncfast.paper.data import LabeledImages, load_dataset
 from ncfast.paper.distributed import DistributedContext
-from ncfast.paper.train import Console, TrainingState, train_epoch
+from ncfast.paper.sgd_epoch import train_epoch
+from ncfast.paper.training_state import TrainingState
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -12,7 +12,8 @@ from ncfast.paper.distributed import DistributedError, torchrun_environment
 from ncfast.paper.losses import LOSSES, parse_mse_scale
 from ncfast.paper.models import FAMILIES, NETS
 from ncfast.paper.rundir import check_tensorboard
-from ncfast.paper.train import resume_config, train
+from ncfast.paper.train import train
+from ncfast.paper.training_state import resume_config
 
 
 def _int_list(ctx, param, value):

@@ -48,7 +48,9 @@ from ncfast.paper.rundir import (
     is_run_directory,
     swap_in_folder,
 )
-from ncfast.paper.train import build_model, load_data, nonfinite_weights
+from ncfast.paper.sgd_epoch import nonfinite_weights
+from ncfast.paper.train import load_data
+from ncfast.paper.training_state import build_model
 from ncfast.report.plots import FORMATS, plot_runs
 from ncfast.report.runs import (
     ANALYSIS_DIR,

@@ -24,7 +24,7 @@ from torch import nn
 from ncfast import ClassStats, metrics, mse_lambda, nc_metrics
 from ncfast.cli import main
 from ncfast.monitor import NCMonitor
-from ncfast.paper import train as train_module
+from ncfast.paper import training_state
 from ncfast.paper.checkpoint import load_checkpoint, save_checkpoint
 from ncfast.paper.train import ONLINE_ROW_KEYS, train
 from ncfast.report import read_runs
@@ -49,7 +49,7 @@ def tiny_data():
 def freeze_training(monkeypatch) -> None:
     """Runs of this test train at learning rate 0 with batch norm kept in eval mode: every
     forward pass computes the same network, in train mode as in eval mode."""
-    build, make_optimizer = train_module.build_model, train_module.make_optimizer
+    build, make_optimizer = training_state.build_model, training_state.make_optimizer
 
     def build_frozen(config, *args):
         model = build(config, *args)
@@ -62,8 +62,8 @@ def freeze_training(monkeypatch) -> None:
     def sgd_at_lr_0(model, config, device):
         return make_optimizer(model, dataclasses.replace(config, lr=0.0), device)
 
-    monkeypatch.setattr(train_module, "build_model", build_frozen)
-    monkeypatch.setattr(train_module, "make_optimizer", sgd_at_lr_0)
+    monkeypatch.setattr(training_state, "build_model", build_frozen)
+    monkeypatch.setattr(training_state, "make_optimizer", sgd_at_lr_0)
 
 
 def online_rows(rows: list[dict]) -> dict[int, dict]:

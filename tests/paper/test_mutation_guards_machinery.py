@@ -119,14 +119,14 @@ def tiny_data():
 def test_an_infinite_loss_with_finite_weights_stops_the_run(tmp_path, tiny_data, monkeypatch):
     """+inf added to every batch's loss as a constant: the gradients (and so the weights and
     the eval-mode outputs) stay finite, only the loss shows the divergence."""
-    import ncfast.paper.train as train_module
+    import ncfast.paper.sgd_epoch as sgd_epoch
 
-    compute_loss = train_module.compute_loss
+    compute_loss = sgd_epoch.compute_loss
 
     def infinite_loss(*args):
         return compute_loss(*args) + torch.tensor(float("inf"))
 
-    monkeypatch.setattr(train_module, "compute_loss", infinite_loss)
+    monkeypatch.setattr(sgd_epoch, "compute_loss", infinite_loss)
     out = tmp_path / "run"
     config = tiny_config(out, batch_size=80, epochs=1, measure_epochs="none")
     with pytest.raises(TrainingDivergedError, match=r"diverged at epoch 1 \(loss inf\)"):

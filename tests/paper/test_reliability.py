@@ -50,16 +50,16 @@ def pause():
 
 
 if kind == "epoch":
-    import ncfast.paper.train
+    import ncfast.paper.sgd_epoch
 
-    permutation = ncfast.paper.train.epoch_permutation
+    permutation = ncfast.paper.sgd_epoch.epoch_permutation
 
     def hooked(num_samples, seed, epoch, device):
         if epoch == int(arg):
             pause()
         return permutation(num_samples, seed, epoch, device)
 
-    ncfast.paper.train.epoch_permutation = hooked
+    ncfast.paper.sgd_epoch.epoch_permutation = hooked
 elif kind == "rename":
     rename, count = os.rename, [0]
 

@@ -18,6 +18,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 import ncfast.paper.train as train_module
+import ncfast.paper.training_state as training_state
 from ncfast.errors import NCFastError
 from ncfast.paper import distributed as dist_utils
 from ncfast.paper.checkpoint import load_checkpoint, save_checkpoint
@@ -171,8 +172,8 @@ def test_fuzzed_checkpoint_fields_are_refused_naming_them(tmp_path, stopped, see
         target[field[-1]] = value
         save_checkpoint(run / "checkpoint.pt", payload)
         try:
-            resumed = train_module._resume_payload(config, RunDirectory(run))
-            train_module.TrainingState.start(config, ctx, data[0], resumed, run / "checkpoint.pt")
+            resumed = training_state.resume_payload(config, RunDirectory(run))
+            training_state.TrainingState.start(config, ctx, data[0], resumed, run / "checkpoint.pt")
         except NCFastError as exc:
             one_line(exc)
 

@@ -37,6 +37,7 @@ from hypothesis.stateful import (
 )
 
 import ncfast.paper.analyze as analyze_module
+import ncfast.paper.sgd_epoch as sgd_epoch
 import ncfast.paper.train as train_module
 from ncfast.errors import NCFastError
 from ncfast.paper.checkpoint import load_checkpoint
@@ -140,7 +141,7 @@ class RunDirectoryMachine(RuleBasedStateMachine):
         a checkpoint too."""
         resume = bool(self.checkpoint_epoch) and not self.finished
         epoch = min(EPOCHS, (self.checkpoint_epoch if resume else 0) + later)
-        permutation = train_module.epoch_permutation
+        permutation = sgd_epoch.epoch_permutation
 
         def killed_at(num_samples, seed, e, device):
             if e == epoch:
@@ -149,7 +150,7 @@ class RunDirectoryMachine(RuleBasedStateMachine):
 
         unlock = RunDirectory.unlock
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(train_module, "epoch_permutation", killed_at)
+            patch.setattr(sgd_epoch, "epoch_permutation", killed_at)
             # The kernel drops a killed owner's flock; its lock file stays.
             patch.setattr(RunDirectory, "unlock", _unlock_as_a_kill)
             try:
