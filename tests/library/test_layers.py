@@ -28,7 +28,7 @@ FORBIDDEN = {
 MAX_LINES = 600
 # The known modules over MAX_LINES (841, 962, 700 and 651 lines when this was written), each to
 # be split by the work that owns it (issue 20); one that is under the limit leaves the list.
-OVER_LIMIT = ("monitor.py", "paper/train.py", "report/plots.py", "theory.py")
+OVER_LIMIT = ("paper/train.py",)
 
 
 def layer_of(path: Path) -> str:
