@@ -9,14 +9,17 @@ line style says which quantity: solid for class means / the training set, dashed
 classifiers / the test set (in the robustness figure: solid DeepFool's r, dashed the tight s*·r,
 dash-dot the percentage of out-of-range pixels on a second axis).
 
-Runs trained with ``--online-every`` also get :func:`online_figure` (``online``): NC1 and the
-MSE decomposition of the training passes against SGD steps, with the eval-mode measurements at
-the measured epochs on the same axes and the learning-rate drops marked. The other figures
-draw the eval-mode rows only.
+Runs trained with ``--online-every`` also get
+:func:`~ncfast.report.online_figures.online_figure` (``online``): NC1 and the MSE decomposition
+of the training passes against SGD steps, with the eval-mode measurements at the measured
+epochs on the same axes and the learning-rate drops marked. The other figures draw the
+eval-mode rows only.
 
 Figures are ``matplotlib.figure.Figure`` objects made without pyplot: drawing them selects no
-global backend (a user's interactive one stays), and :func:`save_figure` writes them to files
-(PNG/PDF/SVG need no backend of their own), the one figure saver of ncfast.
+global backend (a user's interactive one stays), and
+:func:`~ncfast.report.figure_layout.save_figure` writes them to files (PNG/PDF/SVG need no
+backend of their own), the one figure saver of ncfast. ``new_figure``, ``save_figure``,
+``FORMATS``, the colours, ``ONLINE_FIGURE`` and ``online_figure`` are importable from here too.
 """
 
 from __future__ import annotations
@@ -28,23 +31,27 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from ncfast.report.runs import ONLINE_SPLIT, SPLITS, Run, central_path_fit
-
-FORMATS = ("png", "pdf")
-ZERO_ERROR_COLOR = "#d62728"
-LOSS_COLORS = {"mse": "#1f77b4", "ce": "#ff7f0e", "mse-rescaled": "#2ca02c"}
-OTHER_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
-DECOMPOSITION_TERMS = (
-    ("loss_mse", r"$\mathcal{L}$ (MSE)", "black"),
-    ("loss_ls", r"$\mathcal{L}_{LS} = \mathcal{L}_{NC1} + \mathcal{L}_{NC2/3}$", "#1f77b4"),
-    ("loss_nc1", r"$\mathcal{L}_{NC1}$", "#2ca02c"),
-    ("loss_nc23", r"$\mathcal{L}_{NC2/3}$", "#ff7f0e"),
-    ("loss_ls_perp", r"$\mathcal{L}^{\perp}_{LS}$", "#9467bd"),
+from ncfast.report.figure_layout import (
+    DECOMPOSITION_TERMS,
+    FORMATS,
+    LOSS_COLORS,
+    OTHER_COLORS,
+    ZERO_ERROR_COLOR,
+    figure_legend,
+    log_y,
+    new_figure,
+    panel_figsize,
+    plot_series,
+    run_history,
+    save_figure,
 )
+
+# LR_DROP_COLOR is not used here: imported so that it stays importable from this module.
+from ncfast.report.online_figures import LR_DROP_COLOR, ONLINE_FIGURE, online_figure  # noqa: F401
+from ncfast.report.runs import SPLITS, Run, central_path_fit
 
 
 @dataclass(frozen=True)
@@ -162,21 +169,10 @@ FIGURE_NAMES = (
     "ls_perp_ratio",
     "snr",
 )
-# Drawn in addition to FIGURE_NAMES where a run logged its training passes (--online-every).
-ONLINE_FIGURE = "online"
-LR_DROP_COLOR = "0.45"
-
-
-def _history(run: Run, split: str) -> dict[str, np.ndarray]:
-    hist = dict(run.history(split))
-    if "loss_ls_perp" in hist and "loss_ls" in hist:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            hist["ls_perp_ratio"] = hist["loss_ls_perp"] / hist["loss_ls"]
-    return hist
 
 
 def _has_data(run: Run, key: str, split: str) -> bool:
-    values = _history(run, split).get(key)
+    values = run_history(run, split).get(key)
     return values is not None and values.size > 0 and bool(np.isfinite(values).any())
 
 
@@ -219,30 +215,6 @@ def _epoch_axis(ax) -> None:
     ax.tick_params(which="both", labelsize=8)
 
 
-class _PlainLogFormatter(LogFormatter):
-    """LogFormatter's choice of ticks, written as plain numbers (0.06, 30) not 6e−02, 3×10¹."""
-
-    def _num_to_string(self, x, vmin, vmax):
-        return f"{x:g}"
-
-
-def _log_y(ax) -> None:
-    """Log y; within two decades plain numbers on the minor ticks too."""
-    ax.set_yscale("log")
-    low, high = ax.get_ylim()
-    if low > 0 and high / low < 1.5:
-        # Nearly equal values (one measured epoch): a range of ×1.5 around them, not ticks
-        # that differ in the sixth digit.
-        middle = math.sqrt(low * high)
-        low, high = middle / 1.5, middle * 1.5
-        ax.set_ylim(low, high)
-    if low > 0 and high / low < 100:
-        ax.yaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
-        ax.yaxis.set_minor_formatter(
-            _PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
-        )
-
-
 def _epoch_limits(ax, runs: Sequence[Run]) -> None:
     """The x range of the runs' measured epochs (so a lone point still sits in its run)."""
     epochs = [
@@ -253,11 +225,6 @@ def _epoch_limits(ax, runs: Sequence[Run]) -> None:
     ]
     if epochs:
         ax.set_xlim(min(epochs) / 1.15, max(epochs) * 1.15)
-
-
-def _figsize(nrows: int, ncols: int, panel_w: float, panel_h: float) -> tuple[float, float]:
-    # A single panel still needs room for the title and the legend below it.
-    return max(panel_w * ncols + 0.6, 5.2), panel_h * nrows + 1.2
 
 
 def _ordered_labels(variants: dict[int, tuple[str, str]]) -> list[str]:
@@ -272,7 +239,7 @@ def _grid(runs: Sequence[Run], title: str, panel_w=3.4, panel_h=2.6):
     losses = {r.loss for r in runs}
     suffix = f" · {next(iter(losses))}" if len(losses) == 1 else ""
     nrows, ncols = len(nets), len(datasets)
-    fig, axes = new_figure(nrows, ncols, _figsize(nrows, ncols, panel_w, panel_h))
+    fig, axes = new_figure(nrows, ncols, panel_figsize(nrows, ncols, panel_w, panel_h))
     panel = {}
     for i, net in enumerate(nets):
         for j, ds in enumerate(datasets):
@@ -292,34 +259,10 @@ def _grid(runs: Sequence[Run], title: str, panel_w=3.4, panel_h=2.6):
     return fig, panel
 
 
-def _plot_series(ax, epochs, values, *, logy, marker="o", markersize=2.5, **kwargs) -> bool:
-    mask = np.isfinite(values) & (epochs > 0)
-    if logy:
-        mask &= values > 0
-    if not mask.any():
-        return False
-    ax.plot(
-        epochs[mask], values[mask], marker=marker, markersize=markersize, linewidth=1.3, **kwargs
-    )
-    return True
-
-
 def _zero_error_line(ax, run: Run, color: str, style: str = "-") -> None:
     epoch = run.zero_error_epoch
     if epoch is not None and epoch > 0:
         ax.axvline(epoch, color=color, linewidth=1.0, linestyle=style, alpha=0.8, zorder=0)
-
-
-def _figure_legend(fig, handles) -> None:
-    # As many columns as fit the figure's width (about 1.8 inch per entry).
-    per_row = max(1, int(fig.get_figwidth() / 1.8))
-    fig.legend(
-        handles=handles,
-        loc="outside lower center",
-        ncol=min(len(handles), per_row),
-        fontsize=8,
-        frameon=False,
-    )
 
 
 def _legend(fig, variants: dict[int, tuple[str, str]], styles, one_variant: bool) -> None:
@@ -342,29 +285,7 @@ def _legend(fig, variants: dict[int, tuple[str, str]], styles, one_variant: bool
             label="zero training error",
         )
     )
-    _figure_legend(fig, handles)
-
-
-def new_figure(nrows: int, ncols: int, figsize: tuple[float, float]):
-    """A figure (no pyplot, so no global backend) with a ``nrows × ncols`` grid of axes
-    (always a 2-d array) and constrained layout."""
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
-
-
-def save_figure(
-    fig: Figure, out_dir: str | Path, name: str, formats: Sequence[str] = FORMATS
-) -> list[Path]:
-    """Write ``fig`` as ``out_dir/<name>.<format>`` for each format (PNG at 150 dpi; PDF and
-    SVG are vector); returns the paths. ``out_dir`` is created if missing."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in formats:
-        path = out_dir / f"{name}.{fmt}"
-        fig.savefig(path, dpi=150 if fmt == "png" else None)
-        paths.append(path)
-    return paths
+    figure_legend(fig, handles)
 
 
 def _ylabel(panel: dict, text: str) -> None:
@@ -405,10 +326,10 @@ def metric_figure(runs: Sequence[Run], spec: MetricFigure):
         color = variants[i][1]
         ax = panel[(run.dataset, run.net)]
         for curve in spec.curves:
-            hist = _history(run, curve.split)
+            hist = run_history(run, curve.split)
             if curve.key not in hist:
                 continue
-            if _plot_series(
+            if plot_series(
                 ax,
                 hist["epoch"],
                 hist[curve.key] * curve.scale,
@@ -424,8 +345,8 @@ def metric_figure(runs: Sequence[Run], spec: MetricFigure):
             cell = (run.dataset, run.net)
             if cell not in right_panels:
                 right_panels[cell] = ax.twinx()
-            hist = _history(run, curve.split)
-            if _plot_series(
+            hist = run_history(run, curve.split)
+            if plot_series(
                 right_panels[cell],
                 hist["epoch"],
                 hist[curve.key] * curve.scale,
@@ -443,7 +364,7 @@ def metric_figure(runs: Sequence[Run], spec: MetricFigure):
     for cell, ax in panel.items():
         _epoch_limits(ax, [r for r in runs if (r.dataset, r.net) == cell])
         if spec.logy and ax.has_data():
-            _log_y(ax)
+            log_y(ax)
     _ylabel(panel, spec.ylabel)
     _right_axes(panel, right_panels, spec)
     styles = list(used_styles.items()) if len(spec.curves) + len(spec.right) > 1 else []
@@ -467,15 +388,15 @@ def decomposition_figure(runs: Sequence[Run]):
     for i, run in enumerate(runs):
         ax = panel[(run.dataset, run.net)]
         style = styles[labels.index(variants[i][0]) % len(styles)]
-        hist = _history(run, "train")
+        hist = run_history(run, "train")
         for key, _, color in DECOMPOSITION_TERMS:
             if key in hist:
-                _plot_series(ax, hist["epoch"], hist[key], logy=True, color=color, linestyle=style)
+                plot_series(ax, hist["epoch"], hist[key], logy=True, color=color, linestyle=style)
         _zero_error_line(ax, run, ZERO_ERROR_COLOR, style)
     for cell, ax in panel.items():
         _epoch_limits(ax, [r for r in runs if (r.dataset, r.net) == cell])
         if ax.has_data():
-            _log_y(ax)
+            log_y(ax)
     _ylabel(panel, "loss (training set)")
     handles = [Line2D([], [], color=c, linewidth=2, label=lab) for _, lab, c in DECOMPOSITION_TERMS]
     if len(labels) > 1:
@@ -484,7 +405,7 @@ def decomposition_figure(runs: Sequence[Run]):
             for k, lab in enumerate(labels)
         ]
     handles.append(Line2D([], [], color=ZERO_ERROR_COLOR, linewidth=1, label="zero training error"))
-    _figure_legend(fig, handles)
+    figure_legend(fig, handles)
     return fig
 
 
@@ -506,19 +427,19 @@ def snr_figure(runs: Sequence[Run], fits: dict[int, dict] | None = None):
     n = len(runs_with)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
-    fig, axes = new_figure(nrows, ncols, _figsize(nrows, ncols, 4.0, 3.1))
+    fig, axes = new_figure(nrows, ncols, panel_figsize(nrows, ncols, 4.0, 3.1))
     for k in range(n, nrows * ncols):
         axes[k // ncols][k % ncols].set_axis_off()
     any_fit = False
     for k, (i, run) in enumerate(runs_with):
         ax = axes[k // ncols][k % ncols]
-        hist = _history(run, "train")
+        hist = run_history(run, "train")
         epochs, omega = hist["epoch"], hist["snr_singular_values"]
         cmap = colormaps["viridis"]
         num = omega.shape[1]
         colors = [cmap(j / max(num - 1, 1) * 0.9) for j in range(num)]
         for j in range(num):
-            _plot_series(ax, epochs, omega[:, j], logy=True, color=colors[j], linestyle="none")
+            plot_series(ax, epochs, omega[:, j], logy=True, color=colors[j], linestyle="none")
         fit = fits.get(i) if fits is not None else central_path_fit(run)
         if fit is not None and fit.get("fitted"):
             t, pred = np.asarray(fit["epochs"]), np.asarray(fit["predicted_omega"])
@@ -537,7 +458,7 @@ def snr_figure(runs: Sequence[Run], fits: dict[int, dict] | None = None):
         _epoch_axis(ax)
         _epoch_limits(ax, [run])
         if ax.has_data():
-            _log_y(ax)
+            log_y(ax)
         ax.set_title(f"{run.label} ({run.name})", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         if k % ncols == 0:
@@ -565,98 +486,8 @@ def snr_figure(runs: Sequence[Run], fits: dict[int, dict] | None = None):
             )
         )
     handles.append(Line2D([], [], color=ZERO_ERROR_COLOR, linewidth=1, label="zero training error"))
-    _figure_legend(fig, handles)
+    figure_legend(fig, handles)
     fig.suptitle("SNR singular values (HPD22 §3, SPEC §5)", fontsize=11)
-    return fig
-
-
-def _steps_per_epoch(run: Run) -> float:
-    """SGD steps per epoch of ``run``: its ``config.json``'s, else those of its online rows
-    (step / epoch, the last row's)."""
-    stored = run.config.get("steps_per_epoch")
-    if isinstance(stored, (int, float)) and not isinstance(stored, bool) and stored > 0:
-        return float(stored)
-    online = run.history(ONLINE_SPLIT)
-    epoch = online["epoch"][-1]
-    return float(online["step"][-1] / epoch) if epoch > 0 else 1.0
-
-
-def _lr_drop_steps(run: Run, per_epoch: float) -> list[float]:
-    """Steps at which the learning rate dropped: after each of the run's ``lr_milestones``
-    (config.json), else where the online rows' learning rate falls (at the end of the window
-    before the fall)."""
-    milestones = run.config.get("lr_milestones")
-    if isinstance(milestones, list) and all(isinstance(m, (int, float)) for m in milestones):
-        last = run.last_epoch
-        return [m * per_epoch for m in milestones if 0 < m < last]
-    online = run.history(ONLINE_SPLIT)
-    lr = online.get("lr")
-    if lr is None:
-        return []
-    falls = np.flatnonzero(lr[1:] < lr[:-1])
-    return [float(online["step"][i]) for i in falls]
-
-
-def _online_panel(ax, run: Run, curves, per_epoch: float, logy: bool = True) -> None:
-    """``curves`` = (key, colour) of the run's training passes (lines) and of its eval-mode
-    training-set measurements at step epoch·``per_epoch`` (dots), the learning-rate drops
-    (dashed) and the zero-error epoch (red)."""
-    online, measured = run.history(ONLINE_SPLIT), _history(run, "train")
-    for key, color in curves:
-        if key in online:
-            steps = online["step"].astype(np.float64)
-            _plot_series(ax, steps, online[key], logy=logy, color=color, marker="none")
-        if key in measured:
-            steps = measured["epoch"] * per_epoch
-            _plot_series(
-                ax, steps, measured[key], logy=logy, color=color, linestyle="none", markersize=4
-            )
-    for step in _lr_drop_steps(run, per_epoch):
-        ax.axvline(step, color=LR_DROP_COLOR, linestyle="--", linewidth=1.0, zorder=0)
-    zero = run.zero_error_epoch
-    if zero is not None and zero > 0:
-        ax.axvline(zero * per_epoch, color=ZERO_ERROR_COLOR, linewidth=1.0, alpha=0.8, zorder=0)
-    ax.set_xlim(left=0)
-    ax.grid(True, alpha=0.3)
-    ax.tick_params(labelsize=8)
-    ax.set_xlabel("SGD step", fontsize=8)
-    top = ax.secondary_xaxis("top", functions=(lambda s: s / per_epoch, lambda e: e * per_epoch))
-    top.set_xlabel("epoch", fontsize=8)
-    top.tick_params(labelsize=8)
-    if logy and ax.has_data():
-        _log_y(ax)
-
-
-def online_figure(runs: Sequence[Run]):
-    """Neural Collapse of the training passes (``train_online`` rows of ``--online-every``):
-    per run, NC1 (left) and the MSE decomposition (right, HPD22 Fig. 2's terms) against SGD
-    steps as lines, the eval-mode measurements of the training set as dots at the measured
-    epochs (epoch e at step e·steps per epoch), the learning-rate drops as dashed lines and the
-    zero-training-error epoch in red. None when no run has online rows."""
-    runs = [run for run in runs if run.has_online]
-    if not runs:
-        return None
-    fig, axes = new_figure(len(runs), 2, _figsize(len(runs), 2, 4.4, 3.2))
-    for row, run in enumerate(runs):
-        per_epoch = _steps_per_epoch(run)
-        nc1_ax, loss_ax = axes[row]
-        _online_panel(nc1_ax, run, [("nc1", LOSS_COLORS["mse"])], per_epoch)
-        nc1_ax.set_ylabel(r"NC1 = tr$(\Sigma_W \Sigma_B^\dagger)/C$", fontsize=8)
-        nc1_ax.set_title(f"{run.label} ({run.name}): NC1", fontsize=9)
-        _online_panel(loss_ax, run, [(k, c) for k, _, c in DECOMPOSITION_TERMS], per_epoch)
-        loss_ax.set_ylabel("loss (training set)", fontsize=8)
-        loss_ax.set_title("MSE decomposition (HPD22 Fig. 2)", fontsize=9)
-    handles = [Line2D([], [], color=c, linewidth=2, label=lab) for _, lab, c in DECOMPOSITION_TERMS]
-    handles += [
-        Line2D([], [], color="0.3", linewidth=1.3, label="training passes (online)"),
-        Line2D([], [], color="0.3", marker="o", markersize=4, linestyle="none", label="eval mode"),
-        Line2D(
-            [], [], color=LR_DROP_COLOR, linestyle="--", linewidth=1, label="learning-rate drop"
-        ),
-        Line2D([], [], color=ZERO_ERROR_COLOR, linewidth=1, label="zero training error"),
-    ]
-    _figure_legend(fig, handles)
-    fig.suptitle("Neural Collapse of the training passes, every few SGD steps", fontsize=11)
     return fig
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ncfast.report.plots import LOSS_COLORS, OTHER_COLORS, new_figure, save_figure
+from ncfast.report.figure_layout import LOSS_COLORS, OTHER_COLORS, new_figure, save_figure
 
 
 def lr_sweep_figure(selection: dict, out_dir: str | os.PathLike, formats=("png", "pdf")):

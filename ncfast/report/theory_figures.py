@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from matplotlib import colormaps
 
-from ncfast.report.plots import new_figure, save_figure
+from ncfast.report.figure_layout import new_figure, save_figure
 from ncfast.theory import CentralPathRun
 from ncfast.theory_summary import SIMULATION_NAME
 
