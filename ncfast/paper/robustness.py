@@ -379,10 +379,12 @@ def robustness(
             labels = labels.to(device)
             res = deepfool(model, images, overshoot=overshoot, max_iter=max_iter)
             scale = tight_scales(model, images, res)
-            total_norm = res.total.flatten(1).double().norm(dim=1)
-            image_norm = images.flatten(1).double().norm(dim=1)
-            per_image["rel"].append(res.relative_norms(images))
-            per_image["tight"].append(scale * total_norm / image_norm)
+            rel = res.relative_norms(images)
+            per_image["rel"].append(rel)
+            # ‖s*·r‖/‖x‖ as (s*/(1 + overshoot))·‖(1 + overshoot)·r‖/‖x‖: the same number, and
+            # with s* ≤ 1 + overshoot never above robustness's term, rounding included (a
+            # product with the float32 perturbation's norm could round 1e-8 above it).
+            per_image["tight"].append(scale / (1.0 + res.overshoot) * rel)
             per_image["scale"].append(scale)
             if bounds is not None:
                 outside = out_of_range_fractions(images + res.perturbation, *bounds)

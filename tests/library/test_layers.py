@@ -131,3 +131,16 @@ def test_the_library_round_trip_loads_no_heavy_module():
     loaded = json.loads(out.splitlines()[-1])
     heavy = sorted(m for m in loaded if any(m == h or m.startswith(h + ".") for h in HEAVY))
     assert not heavy, f"a ClassStats -> nc_metrics round trip imported {heavy}"
+
+
+def test_the_mutation_config_names_existing_modules_and_tests():
+    """[tool.mutmut.module_tests] (bench/mutation.sh) follows the layout: every module and
+    test file it names exists (a moved module or test file must move its entry too)."""
+    import tomllib
+
+    root = PACKAGE.parent
+    table = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    module_tests = table["tool"]["mutmut"]["module_tests"]
+    missing = [m for m in module_tests if not (root / m).is_file()]
+    missing += [t for tests in module_tests.values() for t in tests if not (root / t).is_file()]
+    assert not missing, f"module_tests names files that do not exist: {missing}"
