@@ -8,9 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ncfast.cli import main
+from ncfast.paper import evaluate
+from ncfast.paper.analyze import compare_with_log
 
 OLD_RUN = Path(__file__).resolve().parents[1] / "data" / "run_v0_1_0"
 
@@ -22,13 +25,22 @@ def old_run(tmp_path) -> Path:
     return run
 
 
-def test_a_v0_1_0_checkpoint_analyses_and_agrees_with_its_log(old_run, tmp_path):
-    out = tmp_path / "analysis"
+# The float32 forward pass rounds each feature by the summation order of its reductions, which
+# differs between CPUs (AVX2 vs AVX-512 kernels): two orders of K terms differ by up to K·u32 and
+# typically by about √K·u32. VGG11 at width 1/16 reduces up to K = 3·3·32 = 288 terms per layer:
+# each key may differ from the 0.1.0 log (written on another CPU) by what a random relative
+# perturbation of the features of 64 float32 ulps (≈ 4·√K) changes it, plus 1e-6 of float64 and
+# backend rounding. Measured on an AMD EPYC box: snr_condition 1.8e-6 from the log, while 1 ulp
+# of noise already moves it by 1e-6 (Σ_W of 50 samples in 32 dimensions is ill-conditioned).
+FEATURE_ULPS = 64
+
+
+def _analyze(checkpoint: Path, out: Path) -> dict:
     result = CliRunner().invoke(
         main,
         [
             "analyze",
-            str(old_run / "checkpoint.pt"),
+            str(checkpoint),
             "--out",
             str(out),
             "--quiet",
@@ -39,14 +51,33 @@ def test_a_v0_1_0_checkpoint_analyses_and_agrees_with_its_log(old_run, tmp_path)
         ],
     )
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
+    return json.loads((out / "report.json").read_text())
+
+
+def test_a_v0_1_0_checkpoint_analyses_and_agrees_with_its_log(old_run, tmp_path, monkeypatch, seed):
+    report = _analyze(old_run / "checkpoint.pt", tmp_path / "analysis")
     assert report["epoch"] == 2
-    # Same weights, data and measurement code path as the run used: the 0.1.0 log is matched to
-    # the rounding of a different backend (the run used the reference, analyze here the native
-    # ops): float64 statistics of float32 features, far below 1e-6.
+    # Each key's sensitivity to the features' float32 rounding, measured on this machine.
+    generator = torch.Generator().manual_seed(seed)
+    unperturbed = evaluate.split_features
+
+    def perturbed_features(*args, **kwargs):
+        for h, y in unperturbed(*args, **kwargs):
+            noise = torch.rand(h.shape, generator=generator, dtype=torch.float64) * 2 - 1
+            yield (h.double() * (1 + FEATURE_ULPS * 2.0**-24 * noise)).float(), y
+
+    monkeypatch.setattr(evaluate, "split_features", perturbed_features)
+    moved = _analyze(old_run / "checkpoint.pt", tmp_path / "perturbed")
     for split in ("train", "test"):
-        agreement = report["agreement_with_log"][split]
-        assert agreement["max_relative_difference"] < 1e-6, agreement
+        sensitivity = compare_with_log(moved["splits"][split], report["splits"][split])["per_key"]
+        agreement = report["agreement_with_log"][split]["per_key"]
+        assert agreement, "no logged key was compared"
+        beyond = {
+            key: (difference, sensitivity.get(key, 0.0))
+            for key, difference in agreement.items()
+            if not difference <= 1e-6 + sensitivity.get(key, 0.0)
+        }
+        assert not beyond, f"{split}: (difference from the log, allowed rounding) {beyond}"
 
 
 def test_a_v0_1_0_run_plots_and_tabulates(old_run, tmp_path):
