@@ -68,13 +68,18 @@ EOF
     fi
     # mutmut links a test to a function only through calls in its own process: a test that
     # reaches the function only in the processes it spawns (the gloo tests) is never run on its
-    # mutants. Survivors are rerun against the module's tests that spawn gloo processes and its
-    # guard file (tests/*/test_mutation_guards_*.py), as the checkout has them now.
-    if [ "${MUTATION_RECHECK:-1}" = 1 ]; then
+    # mutants. Survivors are rerun against the module's tests that spawn gloo processes (only
+    # modules that have such tests: the recheck costs a test run per survivor), and, with
+    # MUTATION_RECHECK_ONLY=1, against its guard files (tests/*/test_mutation_guards_*.py) as
+    # the checkout has them now (tests written after the run).
+    selection="gloo"
+    [ "${MUTATION_RECHECK_ONLY:-0}" = 1 ] && selection="gloo or mutation_guards"
+    if [ "${MUTATION_RECHECK:-1}" = 1 ] && { [ "${MUTATION_RECHECK_ONLY:-0}" = 1 ] ||
+        (cd "$root" && grep -lq "gloo" $tests); }; then
         (cd "$root" && tar -cf - $tests) | tar -xf - -C "$work/mutants"
         grep -E ': (survived|no tests)$' "$work/mutmut-results.txt" | sed 's/: [a-z ]*$//; s/^ *//' | while read -r mutant; do
             if (cd "$work/mutants" && MUTANT_UNDER_TEST="$mutant" PYTHONPATH="$work/mutants" \
-                timeout 600 python -m pytest -x -q -p no:cacheprovider -k "gloo or mutation_guards" $tests \
+                timeout 600 python -m pytest -x -q -p no:cacheprovider -k "$selection" $tests \
                 >/dev/null 2>&1); then
                 :
             elif [ $? = 1 ]; then
