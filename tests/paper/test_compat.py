@@ -26,13 +26,13 @@ def old_run(tmp_path) -> Path:
 
 
 # The float32 forward pass rounds each feature by the summation order of its reductions, which
-# differs between CPUs (AVX2 vs AVX-512 kernels): two orders of K terms differ by up to K·u32 and
-# typically by about √K·u32. VGG11 at width 1/16 reduces up to K = 3·3·32 = 288 terms per layer:
-# each key may differ from the 0.1.0 log (written on another CPU) by what a random relative
-# perturbation of the features of 64 float32 ulps (≈ 4·√K) changes it, plus 1e-6 of float64 and
-# backend rounding. Measured on an AMD EPYC box: snr_condition 1.8e-6 from the log, while 1 ulp
-# of noise already moves it by 1e-6 (Σ_W of 50 samples in 32 dimensions is ill-conditioned).
-FEATURE_ULPS = 64
+# differs between CPUs (AVX2 vs AVX-512 kernels): two orders of a sum of K terms differ by up to
+# about K·u32 of the terms' size. VGG11 at width 1/16 reduces up to K = 3·3·32 = 288 terms per
+# layer: each key may differ from the 0.1.0 log (written on another CPU) by what a random relative
+# perturbation of the features of that size, 288 float32 ulps, changes it, plus 1e-6 of float64
+# and backend rounding. Measured on an AMD EPYC box: snr_condition 1.8e-6 from the log (Σ_W of
+# 50 samples in 32 dimensions is ill-conditioned: 64 ulps of noise move it by 0.7e-6 to 2e-6).
+FEATURE_ULPS = 288
 
 
 def _analyze(checkpoint: Path, out: Path) -> dict:
@@ -67,9 +67,16 @@ def test_a_v0_1_0_checkpoint_analyses_and_agrees_with_its_log(old_run, tmp_path,
             yield (h.double() * (1 + FEATURE_ULPS * 2.0**-24 * noise)).float(), y
 
     monkeypatch.setattr(evaluate, "split_features", perturbed_features)
-    moved = _analyze(old_run / "checkpoint.pt", tmp_path / "perturbed")
+    # One random draw can cancel by chance (a key moved 0.7e-6 in one draw, 4e-6 in another):
+    # the largest change of a few draws.
+    draws = [_analyze(old_run / "checkpoint.pt", tmp_path / f"perturbed{i}") for i in range(3)]
     for split in ("train", "test"):
-        sensitivity = compare_with_log(moved["splits"][split], report["splits"][split])["per_key"]
+        sensitivity: dict[str, float] = {}
+        for moved in draws:
+            for key, change in compare_with_log(moved["splits"][split], report["splits"][split])[
+                "per_key"
+            ].items():
+                sensitivity[key] = max(sensitivity.get(key, 0.0), change)
         agreement = report["agreement_with_log"][split]["per_key"]
         assert agreement, "no logged key was compared"
         beyond = {
