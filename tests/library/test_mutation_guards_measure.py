@@ -214,3 +214,161 @@ def test_scalars_refuses_a_sequence_without_ndim():
 
     with pytest.raises(TypeError, match=r"^scalars: metrics\['v'\] is a array; only numbers"):
         scalars({"v": array.array("d", [1.0, 2.0])})
+
+
+# ------------------------------------------------------------------------- construction
+def test_constructor_defaults_and_smallest_sizes():
+    """weight_decay defaults to 0; one class, one dim and a zero budget are allowed."""
+    measurement = Measurement(1, 1, memory_budget_bytes=0)
+    assert measurement.weight_decay == 0.0
+    assert measurement.computed_stats is None
+    assert measurement.weight is None and measurement.bias is None and measurement.ncc is None
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "message"),
+    [
+        ((0, 4), {}, ValueError, r"num_classes must be an integer ≥ 1"),
+        ((2.5, 4), {}, TypeError, r"num_classes must be an integer"),
+        ((3, 0), {}, ValueError, r"dim must be an integer ≥ 1"),
+        ((3, 1.5), {}, TypeError, r"dim must be an integer"),
+        ((3, 4), {"memory_budget_bytes": -1}, ValueError, r"memory_budget_bytes must be an integ"),
+        ((3, 4), {"weight_decay": -1.0}, ValueError, r"weight_decay"),
+        ((3, 4), {"weight": torch.zeros(3, 5, dtype=F64)}, ValueError, r"weight"),
+        ((3, 4), {"weight": torch.zeros(2, 4, dtype=F64)}, ValueError, r"weight"),
+    ],
+)
+def test_constructor_errors_name_measurement_and_the_argument(args, kwargs, error, message):
+    with pytest.raises(error, match=r"^Measurement: " + message):
+        Measurement(*args, **kwargs)
+
+
+def test_constructor_passes_device_on_invalid_and_precision_on():
+    measurement = Measurement(3, 4, device="meta", on_invalid="skip", precision="exact")
+    assert measurement.stats.on_invalid == "skip"
+    assert measurement.stats.precision == "exact"
+    assert measurement.stats.state_dict()["counts"].device.type == "meta"
+
+
+def test_invalid_rows_raise_with_the_measurement_advice(seed):
+    features, labels, weight, bias = make_data([3, 3, 3], 4, seed)
+    features[2, 1] = math.nan
+    measurement = Measurement(3, 4, weight=weight, bias=bias)
+    with pytest.raises(ValueError) as raised:
+        measurement.update(features, labels)
+    assert "Measurement(..., on_invalid='skip')" in str(raised.value)
+    assert "(see measurement.stats.skipped)" in str(raised.value)
+
+
+# ------------------------------------------------------------------------------ update
+def test_update_errors_name_the_call():
+    with pytest.raises(ValueError, match=r"^Measurement\.update: features must have shape"):
+        Measurement(3, 4).update(torch.zeros(2, 5, dtype=F64), torch.tensor([0, 1]))
+
+
+def test_skipped_rows_are_left_out_of_the_nc4_buffer(seed):
+    """With on_invalid='skip', a NaN row and an out-of-range label are marked invalid in the NC4
+    buffer, as in the statistics."""
+    features, labels, weight, bias = make_data([3, 3, 3], 4, seed)
+    labels[4] = 7
+    features[6, 0] = math.nan
+    measurement = Measurement(3, 4, weight=weight, bias=bias, on_invalid="skip")
+    measurement.update(features, labels)
+    nc4 = measurement.state_dict()["nc4"]
+    assert isinstance(nc4, dict)
+    expected = torch.ones(9, dtype=torch.bool)
+    expected[[4, 6]] = False
+    assert torch.equal(nc4["valid"][0], expected)
+    assert measurement.stats.num_samples == 7
+
+
+# ----------------------------------------------------------------------------- compute
+def ncc_mismatch_by_hand(features, labels, weight, bias, num_classes):
+    means = torch.stack([features[labels == k].mean(0) for k in range(num_classes)])
+    ncc = torch.cdist(features, means).argmin(1)
+    return float((ncc != (features @ weight.T + bias).argmax(1)).double().mean())
+
+
+def test_compute_is_nc_metrics_of_the_stats_and_the_mismatch(seed):
+    """compute() is nc_metrics of its statistics, classifier (bias included), weight decay and
+    the NC4 mismatch, which is the fraction of samples whose nearest class mean and classifier
+    disagree; on_degenerate='nan' gives the same where the metrics are defined."""
+    from ncfast.metrics import nc_metrics
+
+    features, labels, weight, bias = make_data([6, 7, 8], 4, seed, spread=3.0)
+    measurement = Measurement(3, 4, weight=weight, bias=bias, weight_decay=0.25)
+    measurement.update(features, labels)
+    got = measurement.compute()
+    mismatch = ncc_mismatch_by_hand(features, labels, weight, bias, 3)
+    assert got["nc4_ncc_mismatch"] == pytest.approx(mismatch, abs=1e-12)
+    expected = nc_metrics(measurement.stats, weight, bias, 0.25, ncc_mismatch=mismatch)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(expected[key])), key
+    again = measurement.compute(on_degenerate="nan")
+    assert again.keys() == got.keys()
+    assert again["nc4_ncc_mismatch"] == got["nc4_ncc_mismatch"]
+    assert measurement.computed_stats is measurement.stats
+
+
+def test_compute_with_a_second_pass(seed):
+    """Past the budget, compute(second_pass=...) counts the batches again: the same mismatch."""
+    features, labels, weight, bias = make_data([6, 7, 8], 4, seed, spread=3.0)
+    measurement = Measurement(3, 4, weight=weight, bias=bias, memory_budget_bytes=0)
+    measurement.update(features, labels)
+    assert measurement.needs_second_pass
+    got = measurement.compute(second_pass=[(features, labels)])
+    mismatch = ncc_mismatch_by_hand(features, labels, weight, bias, 3)
+    assert got["nc4_ncc_mismatch"] == pytest.approx(mismatch, abs=1e-12)
+
+
+def test_compute_degenerate_raises_or_gives_the_nan_row(seed):
+    """One class seen: 'raise' raises, 'nan' gives nc_metrics_or_nan of the classifier."""
+    from ncfast.metrics import nc_metrics_or_nan
+
+    features, _, weight, bias = make_data([5, 6, 7], 4, seed)
+    labels = torch.zeros(len(features), dtype=torch.int64)
+    measurement = Measurement(3, 4, weight=weight, bias=bias, weight_decay=0.5)
+    measurement.update(features, labels)
+    with pytest.raises(ValueError, match=r"needs at least two classes with samples"):
+        measurement.compute()
+    got = measurement.compute(on_degenerate="nan")
+    expected = nc_metrics_or_nan(measurement.stats, weight, bias, 0.5)
+    assert got.keys() == expected.keys()
+    assert str(got) == str(expected)
+
+
+@pytest.mark.parametrize("bad", ["weight", "bias"])
+def test_compute_nan_with_a_nan_classifier(seed, bad):
+    """A NaN in the bias alone makes the metrics undefined, as one in the weight does."""
+    features, labels, weight, bias = make_data([5, 6, 7], 4, seed)
+    (weight if bad == "weight" else bias)[1] = math.nan
+    measurement = Measurement(3, 4, weight=weight, bias=bias)
+    measurement.update(features, labels)
+    got = measurement.compute(on_degenerate="nan")
+    assert isinstance(got["nc_undefined"], str)
+    assert math.isnan(got["nc4_ncc_mismatch"])
+
+
+def test_distributed_compute_passes_the_group_on(seed, monkeypatch):
+    """distributed=True reduces the statistics and all-reduces the NC4 counts over ``group``."""
+    import torch.distributed as dist
+
+    features, labels, weight, bias = make_data([6, 7, 8], 4, seed, spread=3.0)
+    measurement = Measurement(3, 4, weight=weight, bias=bias)
+    measurement.update(features, labels)
+    group = object()
+    seen = []
+    monkeypatch.setattr(
+        measurement.stats, "reduced", lambda g: seen.append(("reduced", g)) or measurement.stats
+    )
+
+    def all_reduce(tensor, group=None):
+        seen.append(("all_reduce", group))
+        assert isinstance(tensor, torch.Tensor) and tensor.shape == (2,)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    got = measurement.compute(distributed=True, group=group)
+    assert seen == [("reduced", group), ("all_reduce", group)]
+    mismatch = ncc_mismatch_by_hand(features, labels, weight, bias, 3)
+    assert got["nc4_ncc_mismatch"] == pytest.approx(mismatch, abs=1e-12)
