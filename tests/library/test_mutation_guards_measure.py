@@ -256,7 +256,7 @@ def test_invalid_rows_raise_with_the_measurement_advice(seed):
     measurement = Measurement(3, 4, weight=weight, bias=bias)
     with pytest.raises(ValueError) as raised:
         measurement.update(features, labels)
-    assert "Measurement(..., on_invalid='skip')" in str(raised.value)
+    assert "pass Measurement(..., on_invalid='skip') to skip" in str(raised.value)
     assert "(see measurement.stats.skipped)" in str(raised.value)
 
 
@@ -348,6 +348,23 @@ def test_compute_nan_with_a_nan_classifier(seed, bad):
     got = measurement.compute(on_degenerate="nan")
     assert isinstance(got["nc_undefined"], str)
     assert math.isnan(got["nc4_ncc_mismatch"])
+    # Known undefined before NC4 counts: past the budget, no second pass is asked for.
+    past_budget = Measurement(3, 4, weight=weight, bias=bias, memory_budget_bytes=0)
+    past_budget.update(features, labels)
+    assert str(past_budget.compute(on_degenerate="nan")) == str(got)
+
+
+def test_compute_nan_where_the_means_do_not_separate():
+    """Two classes seen with one and the same mean: nc_metrics raises, 'nan' gives the NaN row."""
+    from ncfast.metrics import DegenerateFeaturesError
+
+    measurement = Measurement(2, 2)
+    measurement.update(torch.ones(4, 2, dtype=F64), torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(DegenerateFeaturesError):
+        measurement.compute()
+    got = measurement.compute(on_degenerate="nan")
+    assert isinstance(got["nc_undefined"], str)
+    assert math.isnan(got["nc1"])
 
 
 def test_distributed_compute_passes_the_group_on(seed, monkeypatch):
