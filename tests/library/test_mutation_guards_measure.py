@@ -75,6 +75,28 @@ def test_merge_refuses_another_classifier(seed, differs):
     assert len(buffered(first)) == 1
 
 
+@pytest.mark.parametrize("part", ["weight", "bias"])
+def test_merge_compares_the_incoming_classifier_on_this_device(seed, part):
+    """The incoming classifier is moved to this measurement's device before the comparison. A
+    stand-in for a tensor on a second device (no box here has one) checks that: compared as is
+    it is not a tensor; moved with ``.to(device)`` it is this measurement's own tensor."""
+    first, second, _ = halves(seed, True)
+    assert first.ncc is not None and second.ncc is not None
+    own = getattr(first.ncc, part)
+    moved_to: list[torch.device] = []
+
+    class Elsewhere:
+        shape = own.shape
+
+        def to(self, device):
+            moved_to.append(torch.device(device))
+            return own.clone()
+
+    setattr(second.ncc, part, Elsewhere())
+    assert first.merge(second) is first
+    assert moved_to == [own.device]
+
+
 def test_merge_refuses_a_classifier_against_none(seed):
     with_one, _, _ = halves(seed, True)
     without, _, _ = halves(seed, False)

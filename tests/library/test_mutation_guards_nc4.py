@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ncfast import nc4
 from ncfast.backend import ops
 from ncfast.nc4 import FeatureBuffer, NCCMismatch, count_mismatches, valid_rows
 from ncfast.stats import ClassStats, InvalidStateError
@@ -226,6 +227,21 @@ def test_the_classifier_is_kept_in_float64_on_the_device_of_the_weight():
     assert (ncc.weight.dtype, ncc.bias.dtype) == (F64, F64)
     ncc = NCCMismatch(weight.to(META), bias)
     assert [(t.device, t.dtype) for t in (ncc.weight, ncc.bias)] == [(META, F64)] * 2
+
+
+def test_the_validity_scratch_counter_is_on_the_batch_device(monkeypatch):
+    """The scratch counter valid_rows hands the kernel lives on the batch's device (meta stands
+    in for a second device; the kernel is replaced by a spy, as nothing can be counted there)."""
+    seen: list[torch.device] = []
+
+    def spy(features, labels, num_classes, scratch):
+        seen.append(scratch.device)
+        assert scratch.dtype == torch.int64 and scratch.shape == (2,)
+        return torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+
+    monkeypatch.setattr(nc4, "count_invalid_rows_", spy)
+    valid_rows(torch.zeros(3, 2, device=META), torch.zeros(3, dtype=torch.int64, device=META), 2)
+    assert seen == [META]
 
 
 @pytest.mark.cuda

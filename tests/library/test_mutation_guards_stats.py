@@ -22,6 +22,8 @@ from tests.helpers.process_group import free_port, gloo_group
 from tests.helpers.synthetic_features import F64
 from tests.helpers.tolerances import stream_tolerances
 
+META = torch.device("meta")
+
 
 def invalid_batch() -> tuple[torch.Tensor, torch.Tensor]:
     """Four samples of two features: one label out of range (5 of 3 classes), one NaN row."""
@@ -85,6 +87,18 @@ def test_from_state_dict_puts_the_state_on_the_device_asked_for():
 
 
 @pytest.mark.cuda
+def test_from_state_dict_defaults_to_the_device_of_the_saved_tensors(monkeypatch):
+    """Without a device, the new state is made where the saved tensors are: saved tensors on
+    meta (a second device on any box) give a meta state. Loading reads the counts, which meta
+    cannot, so the load itself is stubbed out here (the CUDA test below runs it whole)."""
+    saved = {
+        key: value.to(META) if isinstance(value, torch.Tensor) else value
+        for key, value in ClassStats(2, 3, device="cpu").state_dict().items()
+    }
+    monkeypatch.setattr(ClassStats, "load_state_dict", lambda self, state_dict: self)
+    assert ClassStats.from_state_dict(saved).device == META
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_from_state_dict_keeps_a_cuda_state_on_cuda():
     """Without a device, the state stays where the saved tensors are (a second real device:
