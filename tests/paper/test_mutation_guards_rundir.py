@@ -18,6 +18,14 @@ from ncfast.paper.rundir import RunDirectory, RunDirectoryError
 from tests.helpers.tiny_runs import tiny_payload
 
 fcntl = pytest.importorskip("fcntl", reason="the lock is an flock")
+# A Python that fails where a file is opened in text mode without an encoding.
+STRICT_ENCODING_PYTHON = [
+    sys.executable,
+    "-X",
+    "warn_default_encoding",
+    "-W",
+    "error::EncodingWarning",
+]
 
 
 def refusal_while_held(out: Path, owner: bytes) -> list[str]:
@@ -96,15 +104,14 @@ def test_the_owner_record_is_read_as_utf8_whatever_the_locale(tmp_path):
         "from ncfast.paper.rundir import RunDirectory, RunDirectoryError\n"
         "out = sys.argv[1]\n"
         "holder = RunDirectory(out).lock()\n"
-        "holder.lock_path.write_bytes(b'{\"pid\": 5, \"host\": \"h\\\\u00e9\"}')\n"
+        'holder.lock_path.write_bytes(b\'{"pid": 5, "host": "h\\\\u00e9"}\')\n'
         "try:\n"
         "    RunDirectory(out).check_not_in_use()\n"
         "except RunDirectoryError as error:\n"
         "    print(error)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-X", "warn_default_encoding", "-W", "error::EncodingWarning"]
-        + ["-c", script, str(tmp_path / "run")],
+        [*STRICT_ENCODING_PYTHON, "-c", script, str(tmp_path / "run")],
         capture_output=True,
         text=True,
         encoding="utf-8",
@@ -227,7 +234,8 @@ def test_a_failed_checkpoint_write_says_what_is_kept(tmp_path, monkeypatch, had_
     kept = "the previous checkpoint is intact" if had_one else "no checkpoint yet"
     with pytest.raises(RunDirectoryError) as error:
         run.save_checkpoint(tiny_payload(2))
-    assert str(error.value) == f"cannot write {run.checkpoint_path} (No space left on device); {kept}"
+    why = "No space left on device"
+    assert str(error.value) == f"cannot write {run.checkpoint_path} ({why}); {kept}"
     run.unlock()
 
 
