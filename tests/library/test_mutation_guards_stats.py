@@ -286,6 +286,8 @@ def test_constructor_errors_name_classstats():
         ClassStats(0, 2)
     with pytest.raises(ValueError, match=r"^ClassStats: precision must be one of"):
         ClassStats(2, 2, precision="float16")
+    with pytest.raises(ValueError, match=r"^ClassStats: dim must be an integer ≥ 1"):
+        ClassStats(2, 0)
 
 
 # ------------------------------------------------------------------ reductions
@@ -303,7 +305,19 @@ def _settings_and_group_worker(rank, world, port, out_dir):
         in_place_alone = ClassStats.from_state_dict(stats.state_dict())
         in_place_alone.all_reduce(group=alone_group)
         stats.all_reduce()
+        # Far from the origin, small spread: the within-class scatter is exact only about a shift
+        # within the class's spread; a shift pooled over the wrong group (twice the offset here)
+        # cancels 1e16-sized terms in float64 (error ~1 against a scatter ~1e-6).
+        far = ClassStats(2, 2, precision="exact")
+        offsets = torch.tensor([[1e-3, -2e-3], [-5e-4, 1e-3], [2e-3, 4e-4]], dtype=F64)
+        far.update(
+            torch.cat([1e8 + offsets * (rank + 1), -1e8 + offsets]), torch.tensor([0] * 3 + [1] * 3)
+        )
+        far_local = far.sigma_w
+        far_alone = far.reduced(group=alone_group)
         result = {
+            "far_local": far_local,
+            "far_alone": [far_alone.sigma_w, far_alone.class_means, far.class_means],
             "settings": [everyone.on_invalid, everyone.precision, everyone.invalid_advice],
             "alone_counts": [alone.counts, in_place_alone.counts],
             "everyone_counts": everyone.counts,
@@ -325,6 +339,11 @@ def test_gloo_reductions_keep_the_settings_and_use_the_group_given(tmp_path):
         for counts in result["alone_counts"]:
             assert counts.tolist() == [1, 1]
         assert result["everyone_counts"].tolist() == [2, 2]
+        # Alone in its group a rank keeps its own statistics (rounding about shifts within the
+        # spread: relative error ~1e-9 on a scatter ~1e-6; the wrong group's shift gives ~1).
+        alone_sigma_w, alone_means, local_means = result["far_alone"]
+        torch.testing.assert_close(alone_sigma_w, result["far_local"], rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(alone_means, local_means, rtol=1e-15, atol=1e-6)
         # The same reduction of the same state: bit for bit.
         assert torch.equal(result["in_place_means"], result["reduced_means"])
         assert not torch.equal(result["in_place_means"], result["local_means"])
