@@ -354,9 +354,7 @@ def _check_plain_fields(payload: dict, bad) -> None:
     if not isinstance(scheduler, dict) or not all(isinstance(k, str) for k in scheduler):
         raise bad("scheduler", "a state dict", scheduler)
     for key, value in scheduler.items():  # numbers, lists and the Counter of milestones
-        plain = dict(value) if isinstance(value, dict) else value
-        if isinstance(plain, dict):
-            plain = {str(k): v for k, v in plain.items()}
+        plain = {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
         if not _is_json(plain):
             raise bad(f"scheduler/{key}", "numbers, lists or the milestones", value)
 
@@ -444,19 +442,36 @@ def load_state_checked(module, state: dict, path, field: str, what: str) -> None
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    # Entries where both sides hold a tensor are compared; a tensor expected and something
+    # else found is named as such (not an AttributeError on its .shape).
+    tensors = {
+        k: (state[k], v) for k, v in own.items() if k in state and isinstance(v, torch.Tensor)
+    }
+    not_tensors = [
+        f"{k} {type(theirs).__name__}"
+        for k, (theirs, _) in tensors.items()
+        if not isinstance(theirs, torch.Tensor)
+    ]
+    pairs = {k: pair for k, pair in tensors.items() if isinstance(pair[0], torch.Tensor)}
     shapes = [
-        f"{k} {list(state[k].shape)} (expected {list(v.shape)})"
-        for k, v in own.items()
-        if k in state and isinstance(v, torch.Tensor) and state[k].shape != v.shape
+        f"{k} {list(theirs.shape)} (expected {list(ours.shape)})"
+        for k, (theirs, ours) in pairs.items()
+        if theirs.shape != ours.shape
     ]
     # load_state_dict would cast: int, bool or complex weights would train silently otherwise.
     dtypes = [
-        f"{k} {state[k].dtype} (expected {v.dtype})"
-        for k, v in own.items()
-        if k in state and isinstance(v, torch.Tensor) and state[k].dtype != v.dtype
+        f"{k} {theirs.dtype} (expected {ours.dtype})"
+        for k, (theirs, ours) in pairs.items()
+        if theirs.dtype != ours.dtype
     ]
     problems = []
-    kinds = (("missing", missing), ("unexpected", unexpected), ("shape", shapes), ("dtype", dtypes))
+    kinds = (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("not a tensor", not_tensors),
+        ("shape", shapes),
+        ("dtype", dtypes),
+    )
     for label, items in kinds:
         if items:
             more = f" and {len(items) - 3} more" if len(items) > 3 else ""

@@ -314,6 +314,19 @@ def test_a_state_lists_its_missing_unexpected_misshaped_and_mistyped_entries():
     assert module.loaded is None
 
 
+def test_a_state_naming_something_else_where_a_tensor_is_expected_is_refused():
+    own = {"a": torch.zeros(2), "b": torch.zeros(2), "step": 1}
+    state = {"a": 1.5, "b": torch.zeros(3), "step": torch.tensor(2)}
+    module = _StateHolder(own)
+    with pytest.raises(CheckpointError) as info:
+        load_state_checked(module, state, "ck.pt", "optimizer", "SGD")
+    assert str(info.value) == (
+        "checkpoint ck.pt: its state does not fit SGD ('optimizer': not a tensor: a float; "
+        "shape: b [3] (expected [2]))"
+    )
+    assert module.loaded is None
+
+
 @pytest.mark.parametrize(
     ("count", "listed"),
     [
