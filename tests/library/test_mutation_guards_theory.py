@@ -341,3 +341,27 @@ def test_small_problems_run_on_one_thread_and_restore_the_count(seed, monkeypatc
     assert x.numel() == 1 << 16
     theory.simulate_central_path(x, 8, 0)
     assert calls == []
+
+
+def test_the_projection_refuses_features_without_any_within_class_spread(seed):
+    # Z = 0: K's eigenvalues all 0, on the bound itself (0 > 0 fails).
+    c, n, p = 3, 4, 3
+    means = torch.randn(p, c, 1, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    collapsed = means.expand(p, c, n).reshape(p, c * n)
+    with pytest.raises(ValueError, match=r"^tangent_projection: Σ_W of features is singular"):
+        theory.tangent_projection(torch.ones_like(collapsed), collapsed, c)
+
+
+def test_the_projection_does_not_depend_on_the_scale_of_the_features(seed):
+    """Π at s·X: Z scales by s, S by 1/s, S Z not at all; the singularity test is relative
+    (K's eigenvalues 1e-12 × those at X here must still pass)."""
+    c, n, p = 3, 4, 3
+    x = features_on_the_manifold(c, n, p, seed)
+    gradient = torch.randn(p, c * n, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    # A well-conditioned P×P eigen-solve, rescaled: rounding ~1e-14 relative.
+    torch.testing.assert_close(
+        theory.tangent_projection(gradient, 1e-6 * x, c),
+        theory.tangent_projection(gradient, x, c),
+        rtol=1e-10,
+        atol=1e-12,
+    )
