@@ -15,6 +15,7 @@ from torch import nn
 from ncfast.paper import models
 from ncfast.paper.data.images import LabeledImages
 from ncfast.paper.robustness import (
+    DEFAULT_MAX_ITER,
     STEP_MARGIN,
     DeepFoolResult,
     deepfool,
@@ -131,10 +132,14 @@ def test_nonlinear_batched_equals_one_by_one_and_crosses_boundary(seed):
     model.eval()
     images = torch.randn(6, 1, 6, 6, dtype=torch.float64)
     batched = deepfool(model, images)
-    assert batched.fooled.all()
+    # A ReLU network can leave an image in a flat region (every gradient difference zero, e.g.
+    # seed 693230763): DeepFool then stops it unfooled before max_iter. Every other image crosses.
+    fooled = batched.fooled
+    assert fooled.any()
+    assert bool((batched.iterations[~fooled] < DEFAULT_MAX_ITER).all())
     with torch.no_grad():
         adv = model(images + batched.perturbation).argmax(1)
-    assert (adv != model(images).argmax(1)).all()
+    assert torch.equal(adv != model(images).argmax(1), fooled)
     for i in range(images.shape[0]):
         one = deepfool(model, images[i : i + 1])
         torch.testing.assert_close(one.perturbation[0], batched.perturbation[i])
