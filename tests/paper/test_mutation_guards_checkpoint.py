@@ -15,7 +15,6 @@ import torch
 
 from ncfast.paper import checkpoint
 from ncfast.paper.checkpoint import (
-    FORMAT,
     CheckpointError,
     atomic_write,
     check_payload,
@@ -24,27 +23,12 @@ from ncfast.paper.checkpoint import (
     tagged,
     temporary_prefix,
 )
+from tests.helpers.checkpoint_payloads import valid_payload
 
 
 # ------------------------------------------------------ the value a wrong field is shown as
-def _valid_payload() -> dict:
-    """A valid checkpoint payload of a one-weight model after one epoch, built by hand (no
-    torch.optim: its first use costs seconds)."""
-    return {
-        "format": FORMAT,
-        "ncfast_version": "x",
-        "epoch": 1,
-        "config": {"epochs": 2},
-        "model": {"weight": torch.zeros(2)},
-        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
-        "scheduler": {"milestones": {2: 1}, "last_epoch": 1},
-        "rng": {"torch": torch.get_rng_state()},
-        "history": [{"epoch": 1, "split": "train", "error": 0.5}],
-    }
-
-
 def test_the_hand_built_payload_is_valid():
-    check_payload(_valid_payload())
+    check_payload(valid_payload())
 
 
 def _long_string(repr_length: int) -> str:
@@ -65,7 +49,7 @@ def _long_string(repr_length: int) -> str:
     ids=["empty", "list", "scalar", "60-chars", "61-chars", "tensor"],
 )
 def test_an_error_shows_the_wrong_value_briefly(field, value, shown):
-    payload = _valid_payload()
+    payload = valid_payload()
     payload[field] = value
     with pytest.raises(CheckpointError) as info:
         check_payload(payload, "run/checkpoint.pt")

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from ncfast.paper.checkpoint import (
-    FORMAT,
     CheckpointError,
     atomic_write,
     check_payload,
@@ -29,27 +28,10 @@ from ncfast.paper.checkpoint import (
     write_text_atomic,
 )
 from ncfast.paper.config import MAX_EPOCHS
+from tests.helpers.checkpoint_payloads import valid_payload
 
 WHERE = "checkpoint run/checkpoint.pt"
 RNG_BYTES = torch.get_rng_state().numel()
-
-
-def _payload(**fields) -> dict:
-    """A valid checkpoint payload of a one-weight model after one epoch, built by hand (no
-    torch.optim: its first use costs seconds), with ``fields`` replaced."""
-    payload = {
-        "format": FORMAT,
-        "ncfast_version": "x",
-        "epoch": 1,
-        "config": {"epochs": 2},
-        "model": {"weight": torch.zeros(2)},
-        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
-        "scheduler": {"milestones": {2: 1}, "last_epoch": 1},
-        "rng": {"torch": torch.get_rng_state()},
-        "history": [{"epoch": 1, "split": "train", "error": 0.5}],
-    }
-    payload.update(fields)
-    return payload
 
 
 def _refusal(payload: dict) -> str:
@@ -240,13 +222,13 @@ MALFORMED = {
 def test_a_malformed_field_is_refused_naming_it_what_it_must_be_and_what_it_is(
     field, value, named, expected, shown
 ):
-    message = _refusal(_payload(**{field: value}))
+    message = _refusal(valid_payload(**{field: value}))
     assert message == f"{WHERE}: '{named}' must be {expected}, got {shown}"
 
 
 def test_a_malformed_history_record_is_refused_naming_its_index():
     history = [{"epoch": 1, "split": "train", "error": 0.5}, {"epoch": 1, "split": "train"}]
-    message = _refusal(_payload(history=history))
+    message = _refusal(valid_payload(history=history))
     assert message == f"{WHERE}: 'history' record 1: missing key(s) error"
 
 
@@ -268,11 +250,11 @@ VALID = {
 
 @pytest.mark.parametrize("fields", VALID.values(), ids=VALID.keys())
 def test_a_valid_payload_at_the_edges_is_accepted(fields):
-    check_payload(_payload(**fields), "run/checkpoint.pt")
+    check_payload(valid_payload(**fields), "run/checkpoint.pt")
 
 
 def test_a_valid_checkpoint_round_trips_through_save_and_load(tmp_path):
-    payload = _payload(
+    payload = valid_payload(
         rng={"torch": torch.get_rng_state(), "cuda": [torch.zeros(8, dtype=torch.uint8)]},
         scheduler={"milestones": collections.Counter({2: 1}), "last_epoch": 1},
         wall_time=2.5,
