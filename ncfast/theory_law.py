@@ -196,9 +196,11 @@ def fit_central_path(times: object, omega: object) -> CentralPathFit:
     target = t.repeat_interleave(num_j)
     residual, (c1, c2, c3), a = _nonnegative_fit(terms, offsets, target)
     total = float((target - target.mean()).square().sum())
-    # Solve the fitted law from base ω = 1 (F(0) = c2 + c3).
-    increment = a[None, :] + t[:, None] - (c2 + c3)
-    predicted = _solve_potential(torch.ones_like(increment), increment, c1, c2, c3)
+    # Solve the fitted law from each measured ω: the increment is that entry's residual, so an
+    # ω far below 1 keeps its relative accuracy (from ω = 1 it would cancel against c2 + c3).
+    fitted = c1 * w.log() + c2 * w.square() + c3 * w.square().square()
+    increment = a[None, :] + t[:, None] - fitted
+    predicted = _solve_potential(w, increment, c1, c2, c3)
     w_total = float((w - w.mean()).square().sum())
     w_res = float((predicted - w).square().sum())
     return {
