@@ -101,9 +101,15 @@ class MonitorPass:
                 "followed before the pass ended"
             )
         self._state = "done"
-        self._needs_second_pass = self._agree_on_second_pass()
-        if not self._needs_second_pass:
-            self._metrics = self._compute(None, None)
+        try:
+            self._needs_second_pass = self._agree_on_second_pass()
+            if not self._needs_second_pass:
+                self._metrics = self._compute(None, None)
+        except BaseException:
+            # No metrics will come of this pass (e.g. the classifier changed): say so, not
+            # that a second pass is due.
+            self._state = "failed"
+            raise
 
     def cancel(self) -> None:
         """Abandon the pass (e.g. after an exception): remove the hook, compute nothing."""
@@ -217,12 +223,19 @@ class MonitorPass:
         as in :meth:`~ncfast.monitor.NCMonitor.evaluate`; ``nc4=False``: without
         ``nc4_ncc_mismatch`` (and without a second pass). Collective in distributed mode."""
         if self._state != "done":
-            raise RuntimeError("MonitorPass.compute: the measurement pass has not ended yet")
+            raise RuntimeError(
+                "MonitorPass.compute: the measurement pass has not ended (or ended with an error)"
+            )
         if self._metrics is None:
             metrics = self._compute(second_pass, forward, nc4)
             if not nc4:
                 return metrics
             self._metrics = metrics
+        if not nc4:
+            # Metrics computed when the pass closed hold NC4: leave it out, as asked.
+            without = self._metrics.copy()
+            without.pop("nc4_ncc_mismatch", None)
+            return without
         return self._metrics
 
     def _compute(
@@ -280,7 +293,8 @@ class _SecondPass(Generic[_Inputs]):
                         "one forward pass; hook a module that runs exactly once per forward"
                     )
                 features = captured.pop()
-                labels = mon._flat_labels(torch.as_tensor(labels)).to(features.device)
+                where = "MonitorPass.compute(second_pass)"
+                labels = mon._paired_labels(mon._given_labels(labels, where), features, where)
                 yield features, labels
             if seen == 0:
                 raise ValueError(

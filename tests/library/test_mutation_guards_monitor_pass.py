@@ -149,6 +149,51 @@ def test_compute_without_nc4_needs_no_second_pass_and_is_not_kept(seed):
     assert nc.metrics is full
 
 
+def test_compute_without_nc4_leaves_it_out_of_metrics_computed_at_close(seed):
+    """A pass within budget computes its metrics (with NC4) when it closes; compute(nc4=False)
+    still returns them without ``nc4_ncc_mismatch``, as documented, and leaves them whole."""
+    features, labels, model = data_and_model(seed)
+    nc = measured(NCMonitor(model, model[1]), model, split(features, labels))
+    metrics = nc.metrics
+    without = nc.compute(nc4=False)
+    assert "nc4_ncc_mismatch" not in without
+    assert without == {k: v for k, v in metrics.items() if k != "nc4_ncc_mismatch"}
+    assert "nc4_ncc_mismatch" in nc.metrics and nc.compute() is metrics
+
+
+def test_a_close_that_fails_ends_the_pass_with_an_error_not_with_second_pass_advice(seed):
+    """The classifier edited during the pass: close raises, and later reads of the pass say
+    that it ended with an error (not that NC4 needs a second pass: it does not)."""
+    features, labels, model = data_and_model(seed)
+    nc = NCMonitor(model, model[1]).measure()
+    with pytest.raises(RuntimeError, match="changed during the measurement"):
+        with torch.no_grad(), nc:
+            nc.labels(labels)
+            model(features)
+            model[1].weight.data[0, 0] += 1.0
+    assert not nc.needs_second_pass
+    with pytest.raises(RuntimeError, match=r"has not ended \(or ended with an error\)"):
+        _ = nc.metrics
+    with pytest.raises(RuntimeError, match=r"has not ended \(or ended with an error\)"):
+        nc.compute()
+    with pytest.raises(RuntimeError, match=r"\(it is failed\)$"):
+        nc.close()
+
+
+def test_second_pass_labels_are_checked_as_the_first_pass_labels(seed):
+    """Labels of the second pass: float labels, and a count that does not match the batch,
+    are errors naming compute(second_pass), as in the first pass (not NC4's errors later)."""
+    nc, batches, _, _ = over_budget_pass(seed)
+    (x, y), *rest = batches
+    with pytest.raises(TypeError, match=r"^MonitorPass\.compute\(second_pass\): labels must"):
+        nc.compute(second_pass=[(x, y.double()), *rest])
+    with pytest.raises(
+        ValueError, match=r"^MonitorPass\.compute\(second_pass\): got labels of shape \[7\]"
+    ):
+        nc.compute(second_pass=[(x, y[:7]), *rest])
+    assert nc.needs_second_pass  # nothing was kept: the right batches still work
+
+
 def test_the_pass_measures_with_the_monitors_settings(seed):
     """What open() hands to its Measurement: the classifier (weight and bias), λ, the device
     (before any batch), on_invalid and precision."""
