@@ -362,6 +362,19 @@ def test_a_string_put_at_any_memo_index_is_known_when_got_back():
     assert pickle_globals(data) == ["os system"]
 
 
+BININT1 = b"K"
+
+
+@pytest.mark.parametrize("unknown", ["module", "name"])
+def test_a_stack_global_of_a_value_not_known_to_be_a_string_is_computed(unknown):
+    """STACK_GLOBAL takes the two values on top of the stack: where either was not pushed as a
+    literal string (here an integer), the name is known only at load time."""
+    operands = [_unicode("os"), _unicode("system")]
+    operands[0 if unknown == "module" else 1] = BININT1 + b"\x05"
+    data = b"".join(operands) + STACK_GLOBAL + STOP
+    assert pickle_globals(data) == ["<computed>"]
+
+
 def test_a_global_from_the_extension_registry_is_computed_even_after_two_strings():
     """EXT1 imports what copyreg's registry holds under a code: the strings before it are not
     its name."""
