@@ -15,6 +15,7 @@ import pytest
 import torch
 from scipy.optimize import nnls
 
+from ncfast import theory_law
 from ncfast.theory_law import (
     as_vector,
     central_path_potential,
@@ -292,6 +293,76 @@ def test_closed_form_is_accurate_to_rounding(num_classes):
             reference, delta = law_root_decimal(num_classes, w0, s)
             error = abs(Decimal(float(got[i, j])) / reference - 1)
             assert error <= Decimal(2 * EPS) * (1 + abs(delta)), (s, w0, float(error))
+
+
+def potential_root_decimal(
+    c: tuple[float, float, float], base: float, s: float
+) -> tuple[Decimal, Decimal] | None:
+    """(ω, δ = log ω/base) of ``F(log ω) = F(log base) + s``, F(u) = c1 u + c2 e^{2u} + c3 e^{4u},
+    in 60 digits, any sign of s; None where there is no root (c1 = 0 and F(log base) + s ≤ 0).
+    G(δ) = c1 δ + c2 b² expm1(2δ) + c3 b⁴ expm1(4δ) = s is increasing: a bracket by doubling,
+    then 300 bisections (to 2^-300 of the bracket)."""
+    with localcontext() as ctx:
+        ctx.prec = 60
+        c1, c2, c3 = (Decimal(x) for x in c)
+        b, target = Decimal(base), Decimal(s)
+        b2, b4 = b * b, b**4
+        if c1 == 0 and c2 * b2 + c3 * b4 + target <= 0:
+            return None
+
+        def g(d: Decimal) -> Decimal:
+            return c1 * d + c2 * b2 * expm1_decimal(2 * d) + c3 * b4 * expm1_decimal(4 * d)
+
+        lo, hi = Decimal(-1), Decimal(1)
+        while g(hi) < target:
+            lo, hi = hi, 2 * hi
+        while g(lo) > target:
+            lo, hi = 2 * lo, lo
+        for _ in range(300):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if g(mid) < target else (lo, mid)
+        d = (lo + hi) / 2
+        return b * d.exp(), d
+
+
+POTENTIALS = {  # (c1, c2, c3): each zero/nonzero pattern, weak and strong terms
+    "log": (1.0, 0.0, 0.0),
+    "weak log": (0.1, 0.0, 0.0),
+    "square": (0.0, 1.5, 0.0),
+    "fourth": (0.0, 0.0, 0.7),
+    "square+fourth": (0.0, 2.0, 0.5),
+    "log+square": (2.0, 1.0, 0.0),
+    "log+fourth": (3.0, 0.0, 0.5),
+    "all": (9.0, 3.0, 0.25),
+    "weak log, strong fourth": (0.1, 0.0, 10.0),
+}
+
+
+@pytest.mark.parametrize("potential", POTENTIALS)
+@pytest.mark.parametrize("base", [1e-3, 1.0, 30.0])
+def test_the_potential_is_solved_to_rounding_from_any_base_and_increment(potential, base):
+    """The solve behind both the closed form and the fit, called directly (the fit now starts
+    from the measured ω, so its increments are residuals, tiny): increments of both signs from
+    1e-6 to 30 in size, against the 60-digit root. Every term of G has the sign of δ (no
+    cancellation), so the bound of the closed-form test holds: 2·eps·(1 + |δ|). Where the law
+    has no root (c1 = 0, F(log base) + s ≤ 0, including exactly 0 from base 1) ω is 0."""
+    c = POTENTIALS[potential]
+    increments = [-30.0, -1.0, -1e-6, 0.0, 1e-6, 0.5, 1.0, 30.0]
+    f_base = c[1] * base**2 + c[2] * base**4  # F(log base) + c1·log base, minus the log term
+    if c[0] == 0 and base == 1.0:
+        # F(0) + s = 0 exactly: no root. (Elsewhere the solve's b² = e^{2 log b} rounds, and
+        # near that edge ω ~ sqrt(F(log b) + s) turns a rounding into a root of ~1e-5.)
+        increments.append(-f_base)
+    s = tensor(*increments)
+    got = theory_law._solve_potential(torch.full_like(s, base), s, *c)
+    for value, increment in zip(got.tolist(), increments, strict=True):
+        root = potential_root_decimal(c, base, increment)
+        if root is None:
+            assert value == 0.0, (increment, value)
+            continue
+        reference, delta = root
+        error = abs(Decimal(value) / reference - 1)
+        assert error <= Decimal(2 * EPS) * (1 + abs(delta)), (increment, value, float(error))
 
 
 def counted_expm1_calls(monkeypatch) -> list[int]:
