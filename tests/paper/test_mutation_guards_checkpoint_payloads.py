@@ -13,6 +13,8 @@ import collections
 import pickle
 import re
 import struct
+import warnings
+import zipfile
 
 import pytest
 import torch
@@ -380,6 +382,31 @@ def test_a_global_from_the_extension_registry_is_computed_even_after_two_strings
     its name."""
     data = _unicode("os") + _unicode("system") + b"\x82\x01" + STOP
     assert pickle_globals(data) == ["<computed>"]
+
+
+def _archive_of(path, entries: list[tuple[str, bytes]]):
+    """A zip archive at ``path`` holding ``entries`` in order (a name may repeat)."""
+    with zipfile.ZipFile(path, "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns of a duplicate name
+        for name, data in entries:
+            archive.writestr(name, data)
+    return path
+
+
+def test_a_refusal_names_each_refused_global_once_in_order(tmp_path):
+    """Three imports of two globals: the message lists both, joined by ", ", each once."""
+    data = b"cos\nsystem\n0cbuiltins\neval\n0cos\nsystem\n."
+    path = _archive_of(tmp_path / "code.pt", [("archive/data.pkl", data)])
+    with pytest.raises(CheckpointError, match=r"it would call os\.system, builtins\.eval when"):
+        load_checkpoint(path)
+
+
+def test_an_altered_archive_is_refused_naming_the_checkpoint(tmp_path):
+    """Two entries of one name: the refusal names the checkpoint file (its path)."""
+    entry = ("archive/data.pkl", pickle.dumps({}, protocol=2))
+    path = _archive_of(tmp_path / "twice.pt", [entry, entry])
+    with pytest.raises(CheckpointError, match=f"^checkpoint {re.escape(str(path))} was refused"):
+        load_checkpoint(path)
 
 
 @pytest.mark.parametrize(
