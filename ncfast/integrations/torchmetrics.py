@@ -283,9 +283,13 @@ class NeuralCollapse(Metric):
                     if prefix + k in state_dict
                 )
             self._checked_state(state, "NeuralCollapse.load_state_dict")
-        super()._load_from_state_dict(
+        restores_nc4 = self.nc4 and prefix + "nc4_counts" in state_dict
+        super()._load_from_state_dict(  # torchmetrics pops the states it sets
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if restores_nc4:
+            # A restored dropped buffer stays dropped: later updates buffer nothing more.
+            self._nc4_dropped = bool(self.nc4_counts[0])
 
     def _sync_dist(self, dist_sync_fn=None, process_group=None) -> None:
         """All ranks' samples, exactly: see the module docstring. Collective."""

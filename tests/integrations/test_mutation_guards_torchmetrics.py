@@ -322,3 +322,18 @@ def test_a_loaded_dropped_buffer_stays_dropped_through_a_merge(seed):
     assert restored.nc4_features == [] and restored._nc4_dropped is True
     with pytest.warns(RuntimeWarning, match="exceeded memory_budget_bytes"):
         assert math.isnan(restored.compute()["nc4_ncc_mismatch"])
+
+
+def test_a_loaded_dropped_buffer_buffers_nothing_more(seed):
+    """Restored past its budget (saved by a metric of a small budget), a metric of a large
+    budget buffers no later features (NC4 is NaN anyway); a restored buffer within the budget
+    goes on buffering (all 15 features)."""
+    features, labels, weight, bias = data(seed)
+    for saved_budget, kept in ((8, 0), (2**20, len(labels))):
+        saved = NeuralCollapse(C, P, (weight, bias), memory_budget_bytes=saved_budget)
+        fed(saved, features[:6], labels[:6])
+        saved.persistent(True)
+        restored = NeuralCollapse(C, P, (weight, bias), memory_budget_bytes=2**20)
+        restored.load_state_dict(saved.state_dict())
+        fed(restored, features[6:], labels[6:])
+        assert sum(len(f) for f in restored.nc4_features) == kept, saved_budget
