@@ -269,6 +269,44 @@ def test_a_valid_checkpoint_round_trips_through_save_and_load(tmp_path):
     assert loaded["history"] == payload["history"] and loaded["epoch_times"] == [2.5]
 
 
+def test_load_asks_torch_for_weights_only_and_the_given_device(tmp_path, monkeypatch):
+    """Defence in depth behind the opcode scan: torch's weights-only unpickler, always; and the
+    caller's map_location reaches torch.load."""
+    path = save_checkpoint(tmp_path / "run" / "checkpoint.pt", valid_payload())
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    load_checkpoint(path, map_location="meta")
+    load_checkpoint(path)
+    assert calls == [
+        {"map_location": "meta", "weights_only": True},
+        {"map_location": "cpu", "weights_only": True},
+    ]
+
+
+def test_a_field_error_of_a_loaded_checkpoint_names_its_file(tmp_path):
+    path = save_checkpoint(tmp_path / "run" / "checkpoint.pt", valid_payload(epoch=-1))
+    with pytest.raises(CheckpointError, match=f"^checkpoint {re.escape(str(path))}: 'epoch'"):
+        load_checkpoint(path)
+
+
+def test_a_run_directory_given_as_the_checkpoint_points_to_its_file(tmp_path):
+    """A folder is refused; where it holds checkpoint.pt the message gives that file."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match=r"is a directory, not a checkpoint file$"):
+        load_checkpoint(folder)
+    save_checkpoint(folder / "checkpoint.pt", valid_payload())
+    hint = re.escape(f"; give {folder / 'checkpoint.pt'}")
+    with pytest.raises(CheckpointError, match=f"is a directory, not a checkpoint file{hint}$"):
+        load_checkpoint(folder)
+
+
 # ------------------------------------------------------- a state that does not fit its module
 class _StateHolder:
     """A module whose state dict is ``entries`` and whose ``load_state_dict`` records what it
