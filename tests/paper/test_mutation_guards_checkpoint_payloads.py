@@ -269,6 +269,21 @@ def test_a_valid_checkpoint_round_trips_through_save_and_load(tmp_path):
     assert loaded["history"] == payload["history"] and loaded["epoch_times"] == [2.5]
 
 
+def test_a_dict_of_another_format_is_not_an_ncfast_checkpoint():
+    """Every field present but the format: refused for the format (and the check reads the
+    format only of a dict: a list is named by its type)."""
+    with pytest.raises(CheckpointError, match=r"expected format .*, found 'other'$"):
+        check_payload(valid_payload(format="other"), "run/checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"expected format .*, found 'list'$"):
+        check_payload([], "run/checkpoint.pt")
+
+
+def test_a_payload_checked_without_a_file_is_named_by_the_default():
+    """check_payload(payload) with no path: the messages say "checkpoint checkpoint"."""
+    with pytest.raises(CheckpointError, match=r"^checkpoint checkpoint: 'epoch' must be"):
+        check_payload(valid_payload(epoch=-1))
+
+
 def test_load_asks_torch_for_weights_only_and_the_given_device(tmp_path, monkeypatch):
     """Defence in depth behind the opcode scan: torch's weights-only unpickler, always; and the
     caller's map_location reaches torch.load."""
