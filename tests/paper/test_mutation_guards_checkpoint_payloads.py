@@ -284,6 +284,21 @@ def test_a_payload_checked_without_a_file_is_named_by_the_default():
         check_payload(valid_payload(epoch=-1))
 
 
+def test_a_payload_without_required_entries_lists_them():
+    payload = valid_payload()
+    del payload["epoch"], payload["history"]
+    with pytest.raises(CheckpointError, match=r"lacks the entries \['epoch', 'history'\]$"):
+        check_payload(payload, "run/checkpoint.pt")
+
+
+def test_a_generator_state_of_the_wrong_size_is_named_with_the_checkpoint():
+    rng = {"torch": torch.zeros(7, dtype=torch.uint8)}
+    with pytest.raises(
+        CheckpointError, match=r"^checkpoint run/checkpoint\.pt: 'rng': the 'torch' generator"
+    ):
+        check_payload(valid_payload(rng=rng), "run/checkpoint.pt")
+
+
 def test_load_asks_torch_for_weights_only_and_the_given_device(tmp_path, monkeypatch):
     """Defence in depth behind the opcode scan: torch's weights-only unpickler, always; and the
     caller's map_location reaches torch.load."""
