@@ -42,12 +42,9 @@ CUDA tensors take the reference instead of the compiled kernels, per call, when
 from __future__ import annotations
 
 import functools
-import os
 import re
-import sys
 import warnings
 from collections.abc import Callable
-from types import FrameType
 from typing import NamedTuple, ParamSpec, TypeVar
 
 import torch
@@ -60,6 +57,7 @@ from ncfast._C import torch_version as COMPILED_TORCH_VERSION
 from ncfast._C import with_cuda as _WITH_CUDA
 from ncfast._version import cuda_version_string
 from ncfast.backend import reference
+from ncfast.errors import user_stacklevel
 
 WITH_CUDA = bool(_WITH_CUDA)
 COMPILED_CUDA_VERSION = cuda_version_string(_CUDA_VERSION_INT)
@@ -176,18 +174,7 @@ def describe_image(image: ArchTarget | None) -> str:
     return f"native kernels, machine code {image}"
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 NO_IMAGE = "ncfast: no usable kernel image"  # csrc/cuda/kernels.h, kNoImage
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning raised by this function's caller point at the
-    first frame outside the ncfast package (the user's line), however deep the call came."""
-    level = 1
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _warn_fallback(index: int, why: str) -> None:
@@ -195,7 +182,7 @@ def _warn_fallback(index: int, why: str) -> None:
         f"ncfast: {why}; ncfast uses its reference backend for tensors on cuda:{index} "
         f"({torch.cuda.get_device_name(index)}) (correct, slower).",
         NativeKernelFallbackWarning,
-        stacklevel=_user_stacklevel(),
+        stacklevel=user_stacklevel(),
     )
 
 

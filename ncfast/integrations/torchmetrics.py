@@ -52,6 +52,7 @@ from torch import nn
 
 from ncfast.backend.state import STATE_KEYS
 from ncfast.checks import check_int, check_weight_decay
+from ncfast.errors import user_stacklevel
 from ncfast.metrics import ON_DEGENERATE, nc_metrics, nc_metrics_or_nan
 from ncfast.nc4 import (
     DEFAULT_MEMORY_BUDGET,
@@ -157,21 +158,20 @@ class NeuralCollapse(Metric):
         self._nc4_dropped = False  # read per batch without a device sync; nc4_counts[0] mirrors it
         c, p = self.num_classes, self.dim
         f64 = torch.float64
-        # Registered for .to(), reset() and state_dict(); _sync_dist and _reduce_states below
-        # do the reductions (exact merges about a common shift), not these reduce functions.
-        self.add_state("counts", torch.zeros(c, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("shift", torch.zeros(c, p, dtype=f64), dist_reduce_fx=None)
-        self.add_state("sums", torch.zeros(c, p, dtype=f64), dist_reduce_fx=None)
-        self.add_state("scatter", torch.zeros(p, p, dtype=f64), dist_reduce_fx=None)
-        self.add_state("invalid", torch.zeros(2, dtype=torch.int64), dist_reduce_fx="sum")
+        # Registered for .to(), reset() and state_dict(), without a dist_reduce_fx:
+        # _sync_dist and _reduce_states below do the reductions (exact merges about a common
+        # shift), torchmetrics' reduce functions are never called.
+        self.add_state("counts", torch.zeros(c, dtype=torch.int64))
+        self.add_state("shift", torch.zeros(c, p, dtype=f64))
+        self.add_state("sums", torch.zeros(c, p, dtype=f64))
+        self.add_state("scatter", torch.zeros(p, p, dtype=f64))
+        self.add_state("invalid", torch.zeros(2, dtype=torch.int64))
         if self.nc4:
-            self.add_state("nc4_features", [], dist_reduce_fx=None)
-            self.add_state("nc4_valid", [], dist_reduce_fx=None)
-            # [buffer dropped (0/1), mismatches, valid samples]; the counts are filled by the
-            # sync (all ranks' samples against the global means), -1 until then.
-            self.add_state(
-                "nc4_counts", torch.tensor([0, -1, -1], dtype=torch.int64), dist_reduce_fx=None
-            )
+            self.add_state("nc4_features", [])
+            self.add_state("nc4_valid", [])
+            # [buffer dropped (0/1), mismatches, valid samples] (int64); the counts are filled
+            # by the sync (all ranks' samples against the global means), -1 until then.
+            self.add_state("nc4_counts", torch.tensor([0, -1, -1]))
 
     # ---------------------------------------------------------------- update
     def _stats(self) -> ClassStats:
@@ -192,7 +192,7 @@ class NeuralCollapse(Metric):
         features = features.detach()
         buffer = self._nc4_buffer() if self.nc4 else None
         valid = None
-        if buffer is not None and features.shape[0] and buffer.fits(features):
+        if buffer is not None and buffer.fits(features):
             valid = valid_rows(features, labels, self.num_classes)  # once, for both
         self._stats().update_checked(features, labels, valid)
         if buffer is not None:
@@ -288,8 +288,14 @@ class NeuralCollapse(Metric):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         if restores_nc4:
-            # A restored dropped buffer stays dropped: later updates buffer nothing more.
-            self._nc4_dropped = bool(self.nc4_counts[0])
+            # The restored buffer, held to this metric's budget (new lists: those loaded are
+            # the caller's); a dropped one stays dropped and later updates buffer nothing more.
+            restored = list(self.nc4_features), list(self.nc4_valid), bool(self.nc4_counts[0])
+            self.nc4_features, self.nc4_valid = [], []
+            self._nc4_dropped = False
+            buffer = self._nc4_buffer()
+            buffer.extend(*restored)
+            self._note_dropped(buffer)
 
     def _sync_dist(self, dist_sync_fn=None, process_group=None) -> None:
         """All ranks' samples, exactly: see the module docstring. Collective."""
@@ -311,11 +317,11 @@ class NeuralCollapse(Metric):
         device = self.counts.device
         dropped = int(bool(self.nc4_counts[0]))
         if dropped or int(self.counts.sum()) == 0:
-            return torch.tensor([dropped, 0, 0], dtype=torch.int64, device=device)
+            return torch.tensor([dropped, 0, 0], device=device)
         stats = self._stats()
         means, _ = stats.finalized()
         weight, bias = self._weight_bias(device)
-        pairs = zip(self.nc4_features, self.nc4_valid, strict=True)
+        pairs = self._nc4_buffer().pairs()
         mismatches, total = count_mismatches(pairs, weight, bias, means, stats.present)
         return torch.stack([torch.zeros_like(total), mismatches, total])
 
@@ -358,7 +364,7 @@ class NeuralCollapse(Metric):
                     f"{self.memory_budget_bytes}, so nc4_ncc_mismatch is NaN; raise the budget "
                     "or pass nc4=False",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=user_stacklevel("torchmetrics"),
                 )
                 mismatch = math.nan
             else:

@@ -8,8 +8,10 @@ data: the whole file runs in a few seconds."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -337,3 +339,64 @@ def test_a_loaded_dropped_buffer_buffers_nothing_more(seed):
         restored.load_state_dict(saved.state_dict())
         fed(restored, features[6:], labels[6:])
         assert sum(len(f) for f in restored.nc4_features) == kept, saved_budget
+
+
+def test_the_over_budget_warning_points_at_the_callers_line(seed):
+    """The NaN-NC4 warning names the budget and what to do, and points at the line that called
+    ``compute()`` (not at ncfast or torchmetrics' compute wrapper), so a warnings filter on the
+    user's module catches it."""
+    features, labels, weight, bias = data(seed)
+    metric = fed(NeuralCollapse(C, P, (weight, bias), memory_budget_bytes=8), features, labels)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        result = metric.compute()
+    assert math.isnan(result["nc4_ncc_mismatch"])
+    (warning,) = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert str(warning.message) == (
+        "NeuralCollapse: the features of this pass exceeded memory_budget_bytes=8, so "
+        "nc4_ncc_mismatch is NaN; raise the budget or pass nc4=False"
+    )
+    assert (warning.filename, warning.lineno) == (__file__, line)
+
+
+def test_a_restored_buffer_is_held_to_the_new_budget(seed):
+    """A buffer saved within a large budget (15 samples, 360 bytes) and restored into a metric
+    of a smaller budget is dropped (NC4 NaN with the warning, nothing buffered later); within
+    the new budget it is kept and NC4 is that of all samples. The loaded lists stay the
+    caller's: later updates do not grow the saved metric's buffer."""
+    features, labels, weight, bias = data(seed)
+    saved = fed(NeuralCollapse(C, P, (weight, bias)), features, labels)
+    saved.persistent(True)
+    size = len(labels) * P * 8
+    for budget in (size - 1, size, size + 8 * P):
+        restored = NeuralCollapse(C, P, (weight, bias), memory_budget_bytes=budget)
+        restored.load_state_dict(saved.state_dict())
+        if budget < size:
+            assert restored.nc4_features == [] and restored._nc4_dropped is True
+            assert restored.nc4_counts.tolist() == [1, -1, -1]
+            fed(restored, features[:1], labels[:1])
+            assert restored.nc4_features == []
+            with pytest.warns(RuntimeWarning, match=f"memory_budget_bytes={budget}"):
+                assert math.isnan(restored.compute()["nc4_ncc_mismatch"])
+            continue
+        assert sum(len(f) for f in restored.nc4_features) == len(labels)
+        assert restored._nc4_dropped is False and restored.nc4_counts.tolist() == [0, -1, -1]
+        assert_oracle(restored.compute(), features, labels, weight, bias)
+        fed(restored, features[:1], labels[:1])  # one more sample: fits only the largest
+        kept = sum(len(f) for f in restored.nc4_features)
+        assert kept == (len(labels) + 1 if budget > size else 0)
+        assert sum(len(f) for f in saved.nc4_features) == len(labels)
+
+
+def test_a_metric_without_nc4_ignores_a_saved_nc4_buffer(seed):
+    """A state saved by a metric with NC4, loaded (strict=False) by one with nc4=False: the
+    statistics are restored, the NC4 entries are reported unexpected and not kept."""
+    features, labels, weight, bias = data(seed)
+    saved = fed(NeuralCollapse(C, P, (weight, bias)), features, labels)
+    saved.persistent(True)
+    lean = NeuralCollapse(C, P, (weight, bias), nc4=False)
+    report = lean.load_state_dict(saved.state_dict(), strict=False)
+    assert sorted(report.unexpected_keys) == sorted(NC4_STATES)
+    assert not hasattr(lean, "nc4_counts") and lean._nc4_dropped is False
+    assert_oracle(lean.compute(), features, labels, weight, bias, nc4=False)
