@@ -11,7 +11,9 @@ from __future__ import annotations
 import inspect
 import io
 import math
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,13 +116,13 @@ def test_states_start_empty_and_reset_empties_them(seed, nc4):
 
 def test_constructor_bounds_and_on_degenerate(seed):
     NeuralCollapse(1, 1)  # the least class count and dim
-    with pytest.raises(ValueError, match="NeuralCollapse: dim must be an integer ≥ 1"):
+    with pytest.raises(ValueError, match="^NeuralCollapse: dim must be an integer ≥ 1"):
         NeuralCollapse(2, 0)
-    with pytest.raises(ValueError, match="NeuralCollapse: num_classes must be an integer ≥ 1"):
+    with pytest.raises(ValueError, match="^NeuralCollapse: num_classes must be an integer ≥ 1"):
         NeuralCollapse(0, 2)
-    with pytest.raises(ValueError, match="NeuralCollapse: memory_budget_bytes must be .* ≥ 0"):
+    with pytest.raises(ValueError, match="^NeuralCollapse: memory_budget_bytes must be .* ≥ 0"):
         NeuralCollapse(2, 2, memory_budget_bytes=-1)
-    with pytest.raises(ValueError, match="NeuralCollapse.*weight_decay"):
+    with pytest.raises(ValueError, match=r"^NeuralCollapse: weight_decay \(λ of SPEC §3\) must be"):
         NeuralCollapse(2, 2, weight_decay=-0.5)
     with pytest.raises(ValueError, match="on_degenerate must be one of"):
         NeuralCollapse(2, 2, on_degenerate="ignore")
@@ -357,7 +359,12 @@ def test_the_over_budget_warning_points_at_the_callers_line(seed):
         "NeuralCollapse: the features of this pass exceeded memory_budget_bytes=8, so "
         "nc4_ncc_mismatch is NaN; raise the budget or pass nc4=False"
     )
-    assert (warning.filename, warning.lineno) == (__file__, line)
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        # Under mutmut a trampoline frame (outside both packages) sits between torchmetrics'
+        # wrapper and compute, so the warning points at it; the exact line is checked without.
+        assert Path(warning.filename).name == "trampoline.py"
+    else:
+        assert (warning.filename, warning.lineno) == (__file__, line)
 
 
 def test_a_restored_buffer_is_held_to_the_new_budget(seed):
