@@ -9,7 +9,11 @@ test's report names its seed and the command line that replays it.
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +51,17 @@ def pytest_runtest_makereport(item, call):
                 )
             )
     return report
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under mutmut (bench/mutation.sh), the fastest tests first, by the durations mutmut
+    measured (mutmut-stats.json, in the folder it runs from): with ``-x`` the first failure
+    ends a mutant's run, so a fast guard test spares the slow ones. Otherwise the order stays."""
+    stats = Path("mutmut-stats.json")
+    if not os.environ.get("MUTANT_UNDER_TEST") or not stats.is_file():
+        return
+    durations = json.loads(stats.read_text()).get("duration_by_test", {})
+    items.sort(key=lambda item: durations.get(item.nodeid, math.inf))
 
 
 BACKENDS = [
