@@ -274,6 +274,31 @@ def test_table1_accuracy_is_the_test_record_of_that_epoch():
     assert (row["acc_zero_error"], row["acc_final"], row["improvement"]) == (75.0, 75.0, 0.0)
 
 
+def test_table1_takes_the_last_record_of_an_epoch_logged_twice():
+    """A resumed run that logged epochs 2 and 3 again: the later records count, as in
+    history_arrays, read_runs and the figures (the first ones were stale)."""
+    run = hand_run(
+        "resumed",
+        {},
+        [
+            (1, "train", 0.5),
+            (1, "test", 0.5),
+            (2, "train", 0.0),
+            (2, "test", 0.5),
+            (3, "train", 0.0),
+            (3, "test", 0.5),
+            (2, "train", 0.0),
+            (2, "test", 0.25),
+            (3, "train", 0.0),
+            (3, "test", 0.125),
+        ],
+    )
+    (row,) = table1_rows([run])
+    assert run.history("test")["error"].tolist() == [0.5, 0.25, 0.125]
+    assert (row["zero_error_epoch"], row["final_epoch"]) == (2, 3)
+    assert (row["acc_zero_error"], row["acc_final"], row["improvement"]) == (75.0, 87.5, 12.5)
+
+
 def test_table1_summary_median_and_mean():
     rows = [{"improvement": v} for v in (6.0, None, 1.0, 2.0)]
     assert summary(rows) == {
