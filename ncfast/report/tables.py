@@ -30,7 +30,9 @@ COLUMNS = (
 
 
 def _test_accuracy_at(run: Run, epoch: int) -> float | None:
-    for rec in run.records:
+    # The last record of the epoch: a resumed run may have logged it twice, and the later one
+    # counts (as in history_arrays, read_runs and the figures).
+    for rec in reversed(run.records):
         if rec["split"] == "test" and rec["epoch"] == epoch:
             return 100.0 * (1.0 - float(rec["error"]))
     return None
@@ -43,7 +45,8 @@ def table1_rows(runs: Sequence[Run]) -> list[dict]:
         final = run.last_record("test")
         zero = run.zero_error_epoch
         acc_zero = _test_accuracy_at(run, zero) if zero is not None else None
-        acc_final = 100.0 * (1.0 - float(final["error"])) if final is not None else None
+        final_epoch = final["epoch"] if final is not None else None
+        acc_final = _test_accuracy_at(run, final_epoch) if final_epoch is not None else None
         both = acc_zero is not None and acc_final is not None
         rows.append(
             {
@@ -53,7 +56,7 @@ def table1_rows(runs: Sequence[Run]) -> list[dict]:
                 "run": run.name,
                 "zero_error_epoch": zero,
                 "acc_zero_error": acc_zero,
-                "final_epoch": final["epoch"] if final is not None else None,
+                "final_epoch": final_epoch,
                 "acc_final": acc_final,
                 "improvement": acc_final - acc_zero if both else None,
             }
