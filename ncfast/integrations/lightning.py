@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from ncfast.checks import check_int, check_weight_decay
+from ncfast.errors import user_stacklevel
 from ncfast.measure import scalars
 from ncfast.monitor import MonitorPass, NCMonitor, TrainingWatch
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
@@ -257,7 +258,7 @@ class NeuralCollapseCallback(Callback):
                 f"memory_budget_bytes={self.memory_budget_bytes}, so nc4_ncc_mismatch is "
                 "NaN; raise the budget or pass dataloader= (which can run a second pass)",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel("lightning", "pytorch_lightning"),
             )
             self._result = {**nc.compute(nc4=False), "nc4_ncc_mismatch": math.nan}
         else:
@@ -288,7 +289,7 @@ class NeuralCollapseCallback(Callback):
                 f"NeuralCollapseCallback: metrics of the training passes undefined at step "
                 f"{row['step']}, logged as NaN: {row['nc_undefined']}",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel("lightning", "pytorch_lightning"),
             )
         self.online_history.append(row)
         values = {
@@ -325,7 +326,7 @@ class NeuralCollapseCallback(Callback):
                 f"NeuralCollapseCallback: metrics undefined at epoch {epoch}, logged as NaN: "
                 f"{result['nc_undefined']}",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel("lightning", "pytorch_lightning"),
             )
         self.metrics = result
         self.history.append({"epoch": epoch, **result})
