@@ -1,0 +1,343 @@
+"""Mutation guards of what a sweep knows of a run (ncfast/paper/sweep/status.py) and of its
+layout (layout.py): fast, in-process tests that pin each answer exactly, so that a small change
+of these modules fails here in seconds, before the slow sweeps of test_sweep.py. Run
+directories are built in tmp_path in the real on-disk formats (metrics.jsonl records, an ncfast
+checkpoint, the run directory's lock); the run function's guards are in
+test_mutation_guards_sweep_run.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from ncfast.errors import NCFastError
+from ncfast.paper.checkpoint import save_checkpoint
+from ncfast.paper.run_files import RUN_FORMAT
+from ncfast.paper.rundir import RunDirectory
+from ncfast.paper.sweep import layout
+from ncfast.paper.sweep.grid import RunSpec
+from ncfast.paper.sweep.status import (
+    checkpoint_epoch,
+    failure_reason,
+    final_test_error,
+    in_use,
+    job_alive,
+    outcome_of,
+    read_status,
+    sweep_owner,
+    sweep_wording,
+    tail,
+    write_status,
+)
+from tests.helpers.checkpoint_payloads import valid_payload
+
+SPEC = RunSpec("mnist5k", "vgg11", "mse", 0.01, 3)
+RUN_NAME = "mnist5k-vgg11-mse-lr0.01-seed3"
+
+
+# ------------------------------------------------------------------------ on-disk states
+def write_metrics(run_dir: Path, rows: list[dict], tail_text: str = "") -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in rows) + tail_text
+    (run_dir / "metrics.jsonl").write_text(text)
+
+
+def finished_rows(epochs: int, error: float = 0.25) -> list[dict]:
+    return [
+        {"epoch": epochs, "split": "train", "error": 0.0},
+        {"epoch": epochs, "split": "test", "error": error},
+    ]
+
+
+def write_checkpoint(run_dir: Path, epoch: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(run_dir / "checkpoint.pt", valid_payload(epoch=epoch))
+
+
+def write_config(run_dir: Path) -> None:
+    """config.json with ncfast's marker: what ncfast train writes first."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = {"format": RUN_FORMAT, "ncfast_version": "0.3.0"}
+    (run_dir / "config.json").write_text(json.dumps(marker))
+
+
+# -------------------------------------------------------------------------------- layout
+def test_the_layout_names_are_the_documented_ones():
+    assert (layout.SWEEP_FILE, layout.SELECTED_FILE) == ("sweep.json", "selected.json")
+    assert (layout.RUNS_DIR, layout.REPORT_DIR, layout.SLURM_DIR) == ("runs", "report", "slurm")
+    assert (layout.STATUS_FILE, layout.LOG_FILE) == ("sweep_status.json", "sweep.log")
+    assert (layout.FORMAT, layout.FORMATS) == (2, (1, 2))
+    assert layout.STATES == ("done", "running", "failed", "queued", "waiting")
+    assert layout.SHOWN_CHARS == 60
+    assert issubclass(layout.SweepError, NCFastError) and issubclass(layout.SweepError, ValueError)
+
+
+def test_now_is_local_time_to_the_second():
+    before = time.strftime("%Y-%m-%d %H:%M:%S")
+    stamp = layout.now()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", stamp), stamp
+    assert before <= stamp <= time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def test_shown_cuts_a_long_value_and_says_its_length():
+    assert layout.shown("a" * 58) == repr("a" * 58)  # 60 characters: whole
+    assert layout.shown("a" * 59) == "'" + "a" * 49 + "... (61 characters)"
+    assert layout.shown([1]) == "[1]"
+
+
+# ------------------------------------------------------------------------- read_status
+def test_a_missing_or_unreadable_status_reads_as_empty(tmp_path):
+    assert read_status(tmp_path / "none") == {}
+    for raw in (b"{", b"[1, 2]", b'"done"', b"\xff\xfe{}", b"null"):
+        (tmp_path / "sweep_status.json").write_bytes(raw)
+        assert read_status(tmp_path) == {}, raw
+
+
+def test_read_status_keeps_every_field_of_the_right_kind_and_drops_the_others(tmp_path):
+    status = {
+        "state": "done",
+        "reason": 5,
+        "note": "n",
+        "started": "s",
+        "finished": None,
+        "job_id": 12,
+        "cluster": "local",
+        "folder": "f",
+        "submit_host": "h",
+        "submitted": "t",
+        "test_error": 1,
+        "attempts": [
+            {"seconds": 1.5, "from_epoch": True, "pid": "x", "returncode": 2, "host": "h"},
+            {"seconds": math.inf, "from_epoch": 3},
+            7,
+        ],
+        "extra": [1],
+    }
+    write_status(tmp_path, status)
+    read = read_status(tmp_path)
+    assert read == {
+        "extra": [1],
+        "state": "done",
+        "note": "n",
+        "started": "s",
+        "job_id": "12",
+        "cluster": "local",
+        "folder": "f",
+        "submit_host": "h",
+        "submitted": "t",
+        "test_error": 1.0,
+        "attempts": [{"seconds": 1.5, "returncode": 2, "host": "h"}, {"from_epoch": 3}],
+    }
+    assert type(read["test_error"]) is float
+
+
+@pytest.mark.parametrize(
+    ("status", "read"),
+    [
+        ({"job_id": True, "reason": 3, "state": ["done"]}, {"attempts": []}),
+        ({"submitted": 1, "submit_host": None, "folder": 2, "cluster": 3}, {"attempts": []}),
+        ({"job_id": "7_1", "finished": "f"}, {"job_id": "7_1", "finished": "f", "attempts": []}),
+        ({"test_error": "x"}, {"attempts": []}),
+        ({"test_error": True}, {"attempts": []}),
+        ({"test_error": math.nan, "attempts": "x"}, {"attempts": []}),
+        ({"test_error": 0.5, "attempts": {"seconds": 1}}, {"test_error": 0.5, "attempts": []}),
+        ({"attempts": [{"seconds": 2, "pid": 9}]}, {"attempts": [{"seconds": 2, "pid": 9}]}),
+        ({"attempts": [{"returncode": False}]}, {"attempts": [{}]}),
+    ],
+)
+def test_read_status_field_by_field(tmp_path, status, read):
+    (tmp_path / "sweep_status.json").write_text(json.dumps(status, allow_nan=True))
+    assert read_status(tmp_path) == read
+
+
+def test_write_status_writes_indented_json_in_the_status_file(tmp_path):
+    write_status(tmp_path, {"state": "done", "attempts": [{"seconds": 1.0}]})
+    text = (tmp_path / "sweep_status.json").read_text()
+    assert text == json.dumps({"state": "done", "attempts": [{"seconds": 1.0}]}, indent=1) + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep_status.json"]
+
+
+# ------------------------------------------------------------------ lock, owner, job alive
+def test_in_use_and_the_sweeps_owner_follow_the_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    assert in_use(run_dir) is False and sweep_owner(run_dir) is None
+    lock = RunDirectory(run_dir, command="sweep").lock()
+    try:
+        assert in_use(run_dir) is True
+        owner = sweep_owner(run_dir)
+        assert owner.startswith(f"PID {os.getpid()} on {platform.node()} (ncfast sweep) since ")
+        assert ";" not in owner and re.search(r"since \d{4}-\d\d-\d\d", owner), owner
+    finally:
+        lock.unlock()
+    # The lock file a finished owner leaves is not a lock.
+    assert in_use(run_dir) is False and sweep_owner(run_dir) is None
+
+
+def stand_in_job(name: str = "submitit-job") -> subprocess.Popen:
+    """A live process whose command line names submitit (as its local jobs' do)."""
+    job = subprocess.Popen([name, "60"], executable="/bin/sleep")
+    cmdline = Path(f"/proc/{job.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while name.encode() not in cmdline.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.001)  # until its exec is done
+    return job
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_a_local_job_is_alive_only_as_a_live_submitit_process_of_this_host():
+    here = {"cluster": "local", "submit_host": platform.node()}
+    job = stand_in_job()
+    try:
+        assert job_alive({**here, "job_id": str(job.pid)}) is True
+        assert job_alive({**here, "job_id": str(job.pid), "submit_host": "elsewhere"}) is False
+    finally:
+        job.kill()
+        job.wait()
+    assert job_alive({**here, "job_id": str(job.pid)}) is False  # ended
+    other = stand_in_job("another-job")
+    try:
+        assert job_alive({**here, "job_id": str(other.pid)}) is False  # live, not submitit's
+    finally:
+        other.kill()
+        other.wait()
+    assert job_alive({**here, "job_id": str(os.getpid())}) is False
+    for job_id in ("x", "", str(2**70)):
+        assert job_alive({**here, "job_id": job_id}) is False
+    assert job_alive(here) is False
+    assert job_alive({}) is False
+
+
+def test_a_slurm_job_is_alive_while_sacct_knows_it_unfinished(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text("#!/bin/sh\nexit 0\n")  # knows no job: still pending
+    (bin_dir / "sacct").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    status = {"job_id": "42_1", "cluster": "slurm", "folder": str(tmp_path)}
+    assert job_alive(status) is True
+    assert job_alive({"cluster": "slurm", "folder": str(tmp_path)}) is False
+    monkeypatch.setitem(sys.modules, "submitit", None)  # no submitit: submit again
+    assert job_alive(status) is False
+
+
+# -------------------------------------------------------------- logs, checkpoint, outcome
+def test_final_test_error_is_the_last_test_record_of_the_last_epoch(tmp_path):
+    assert final_test_error(tmp_path, 2) is None  # no log
+    rows = [
+        {"epoch": 2, "split": "train", "error": 0.5},
+        {"epoch": 1, "split": "test", "error": 0.3},
+        {"epoch": 2, "split": "test", "error": 0.2},
+        {"epoch": 2, "split": "test", "error": 0.125},  # a resumed run logged it again
+        {"epoch": 3, "split": "train", "error": 0.75},
+    ]
+    write_metrics(tmp_path, rows)
+    assert final_test_error(tmp_path, 2) == 0.125
+    assert final_test_error(tmp_path, 1) == 0.3
+    assert final_test_error(tmp_path, 3) is None  # only the train record
+    assert final_test_error(tmp_path, 4) is None
+    write_metrics(tmp_path, [{"epoch": 2, "split": "test", "error": 0}])
+    assert type(final_test_error(tmp_path, 2)) is float
+    write_metrics(tmp_path, [{"epoch": 2, "split": "test"}])  # no error measured
+    assert final_test_error(tmp_path, 2) is None
+    write_metrics(tmp_path, [])
+    assert final_test_error(tmp_path, 2) is None  # an empty log
+
+
+def test_a_half_written_last_line_is_skipped_silently_and_a_corrupt_log_is_no_result(tmp_path):
+    write_metrics(tmp_path, finished_rows(2, 0.25), tail_text='{"epoch": 3, "spl')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert final_test_error(tmp_path, 2) == 0.25
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 2\n' + json.dumps(finished_rows(2)[1]))
+    assert final_test_error(tmp_path, 2) is None
+
+
+def test_checkpoint_epoch_reads_the_checkpoint(tmp_path):
+    assert checkpoint_epoch(tmp_path) == 0
+    write_checkpoint(tmp_path, 3)
+    assert checkpoint_epoch(tmp_path) == 3
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(NCFastError, match="is corrupt or not a torch checkpoint"):
+        checkpoint_epoch(tmp_path)
+
+
+def test_outcome_of_a_status():
+    status = {
+        "state": "done",
+        "reason": "r",
+        "test_error": 0.5,
+        "note": "n",
+        "finished": "t",
+        "job_id": "1",
+        "attempts": [{"seconds": 2.0}, 3, {"from_epoch": 1}],
+    }
+    out = {"state": "done", "reason": "r", "test_error": 0.5, "note": "n", "attempts": 2}
+    assert outcome_of(status) == out
+    status["attempts"] = [{"seconds": 1.0}, 3, {"seconds": 4.5}]
+    assert outcome_of(status) == {**out, "seconds": 4.5}
+    assert outcome_of({"state": "failed"}) == {"state": "failed", "attempts": 0}
+    assert outcome_of({}) == {"attempts": 0}
+
+
+def test_tail_is_the_last_bytes_of_a_file(tmp_path):
+    path = tmp_path / "log"
+    assert tail(path) == ""
+    path.write_bytes(b"x" * 10 + b"\xff" + b"y" * 8192)
+    assert tail(path) == "y" * 8192
+    assert tail(path, 8193) == "\ufffd" + "y" * 8192
+    assert tail(path, 3) == "yyy"
+    assert tail(path, 20000) == "x" * 10 + "\ufffd" + "y" * 8192
+
+
+# ---------------------------------------------------------------------- failure reasons
+@pytest.mark.parametrize(
+    ("returncode", "log", "reason"),
+    [
+        (1, "a\nError: first\nb\nError: second\nlast\n", "second"),
+        (1, "  spaced out  \n\n   \n", "spaced out"),
+        (1, "Error:no space\n", "Error:no space"),
+        (2, "", "the run's process exited with code 2"),
+        (0, "", "the run's process exited with code 0"),
+        (0, "\n \n", "the run's process exited with code 0"),
+        (-9, "", "killed by SIGKILL (out of memory?)"),
+        (-9, "epoch 1\n", "killed by SIGKILL (out of memory?); last output: epoch 1"),
+        (-15, "Error: out: R is busy\n", "killed by SIGTERM; last output: R is busy"),
+        (-200, "", "killed by signal 200"),
+        (1, "Error: --resume: nothing; start it again with --overwrite\n", "nothing"),
+    ],
+)
+def test_failure_reason(returncode, log, reason):
+    assert failure_reason(returncode, log) == reason
+
+
+@pytest.mark.parametrize(
+    ("message", "worded"),
+    [
+        ("--resume: a; b", "a; b"),
+        ("out: a", "a"),
+        ("--out: a", "a"),
+        ("keep --out in the first clause; b", "keep --out in the first clause; b"),
+        ("a; replace it with --overwrite, or choose another --out; c", "a; c"),
+        ("a; start with --resume", "a"),
+        ("a; choose --out", "a"),
+        ("a; set --overwrite", "a"),
+        ("a; lower --lr (now 1) and start again with --overwrite; c", "a; lower --lr (now 1); c"),
+        ("a; use --out x and y", "a"),
+        ("a; b and c", "a; b and c"),
+        ("a;b", "a;b"),
+        ("", ""),
+    ],
+)
+def test_sweep_wording_drops_the_advice_of_ncfast_train(message, worded):
+    assert sweep_wording(message) == worded
