@@ -55,9 +55,15 @@ def test_the_paper_grid_and_the_limits():
         "lr": "--lrs",
         "seed": "--seeds",
     }
-    assert sorted(SWEEP_OWNED) == sorted(
-        ["out", "resume", "overwrite", "quiet", "stop_after", "tensorboard", "download"]
-    )
+    assert SWEEP_OWNED == {
+        "out": "each run's directory is DIR/runs/<run>",
+        "resume": "the sweep resumes killed runs itself",
+        "overwrite": "the sweep never replaces a run",
+        "quiet": "the runs are quiet",
+        "stop_after": "use the sweep's --checkpoint-every",
+        "tensorboard": "the runs would share one TensorBoard folder",
+        "download": "give --download to the sweep (it downloads once, before the runs)",
+    }
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     assert TRAIN_FIELDS == tuple(f for f in fields if f != "preset") and "preset" in fields
     assert (grid_module.LR_DIGITS, grid_module.MAX_LRS, grid_module.MAX_RUNS) == (10, 1000, 100_000)
