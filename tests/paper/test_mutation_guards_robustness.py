@@ -416,26 +416,27 @@ def _just_outside(bound: float, upper: bool) -> tuple[float, float]:
 
 
 def test_out_of_range_counts_values_past_the_slack_per_channel():
-    """Per channel c (2 channels, images 3 × 2): row 0 holds the last values inside the two
-    edges, row 1 values well inside, row 2 the first values outside."""
-    bounds = [(-3.0, 2.0), (0.5, 0.75)]
+    """Per channel c (3 channels, images 4 × 2): row 0 holds the last values inside the two
+    edges, rows 1-2 values well inside, row 3 the first values outside. Bounds of either sign,
+    above and below 1 in size (the slack is relative to |bound|, at least 1)."""
+    bounds = [(-3.0, -1.5), (1.5, 2.75), (-0.25, 0.5)]
     low = torch.tensor([lo for lo, _ in bounds], dtype=F64)
     high = torch.tensor([hi for _, hi in bounds], dtype=F64)
-    points = torch.zeros(2, 2, 3, 2, dtype=F64)
+    points = torch.zeros(2, 3, 4, 2, dtype=F64)
     for c, (lo, hi) in enumerate(bounds):
         points[:, c] = (lo + hi) / 2
         for col, (bound, upper) in enumerate(((lo, False), (hi, True))):
             inside, outside = _just_outside(bound, upper)
-            points[0, c, 0, col], points[0, c, 2, col] = inside, outside
-    points[1, 0, 1, 1] = 2.5  # image 1: one value past channel 0's high
+            points[0, c, 0, col], points[0, c, 3, col] = inside, outside
+    points[1, 0, 1, 1] = -1.4  # image 1: one value past channel 0's high
     got = out_of_range_fractions(points, low, high)
-    assert got.dtype == F64 and got.tolist() == [4 / 12, 1 / 12]
+    assert got.dtype == F64 and got.tolist() == [6 / 24, 1 / 24]
     # One bound for every channel: a direct count.
     one = out_of_range_fractions(points, torch.tensor([0.0], dtype=F64), torch.tensor([1.0]))
     expected = ((points < -1e-5) | (points > 1 + 1e-5)).flatten(1).double().mean(1)
     assert one.tolist() == expected.tolist() and 0 < one[0] < 1
     with pytest.raises(ValueError, match="valid_range"):
-        out_of_range_fractions(points, torch.zeros(3), torch.ones(3))
+        out_of_range_fractions(points, torch.zeros(2), torch.ones(2))
 
 
 def test_out_of_range_of_flat_points_takes_the_second_dimension_as_channels():
@@ -638,7 +639,7 @@ def test_robustness_progress_bar(capsys):
     assert capsys.readouterr().err == ""
     robustness(model, split, samples=4, batch_size=2)  # progress by default
     err = capsys.readouterr().err
-    assert "DeepFool" in err and "batch/s" in err and "0/2" in err  # 2 batches
+    assert err.startswith("\rDeepFool: ") and "batch/s" in err and "0/2" in err  # 2 batches
     assert "\n" not in err  # leave=False: the bar is cleared, no line left behind
 
 
