@@ -360,8 +360,9 @@ def robustness(
     num_images = len(data.labels) if hasattr(data, "labels") else len(data)
     if num_images == 0:
         raise ValueError("robustness: data has no images")
-    if device is None:
-        device = next(iter(model.parameters())).device
+    if device is None:  # the model's (a model without parameters: the data's)
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else _data_device(data)
     device = torch.device(device)
     index = sample_indices(num_images, samples, seed)
 

@@ -587,6 +587,18 @@ def test_robustness_takes_the_range_from_the_splits_statistics():
     assert wide["robustness_out_of_range"] == 0.0
 
 
+def test_a_model_without_parameters_runs_on_the_devices_of_the_data():
+    """No ``device`` and a model without parameters: the data's device (was a bare
+    StopIteration), with the result of ``device="cpu"``."""
+    assert not list(_Flat().parameters())
+    images = torch.tensor([[[0.0, 1.9]], [[-2.1, 2.0]]], dtype=F64)
+    split = _Split(images, torch.zeros(2, dtype=torch.long))
+    kwargs = {"samples": 2, "valid_range": (-2.0, 2.0), "progress": False}
+    assert robustness(_Flat(), split, **kwargs) == robustness(
+        _Flat(), split, device="cpu", **kwargs
+    )
+
+
 def test_robustness_runs_in_eval_mode_and_restores_the_mode():
     inner = _linear(3, 2, 0, dtype=torch.float32)
     split = _Split(torch.randn(5, 3, generator=torch.Generator().manual_seed(2)), torch.zeros(5))
