@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 import ncfast
 from ncfast.stats import InvalidStateError
 from tests.helpers import oracle
 from tests.helpers.assertions import assert_matches_oracle
+from tests.helpers.process_group import free_port, gloo_group
 from tests.helpers.synthetic_features import F64, make_data
 from tests.helpers.tolerances import oracle_rtol
 
@@ -407,3 +409,47 @@ def test_a_metric_without_nc4_ignores_a_saved_nc4_buffer(seed):
     assert sorted(report.unexpected_keys) == sorted(NC4_STATES)
     assert not hasattr(lean, "nc4_counts") and lean._nc4_dropped is False
     assert_oracle(lean.compute(), features, labels, weight, bias, nc4=False)
+
+
+# ------------------------------------------------------------------ sync across two ranks
+def _sync_with_an_idle_rank(rank, world, port, features, labels, weight, bias, out_dir):
+    with gloo_group(rank, world, port):
+        # Rank 1 sees no sample at all (one empty batch): it adds nothing, NC4 included.
+        idle = NeuralCollapse(C, P, (weight, bias))
+        if rank == 0:
+            fed(idle, features, labels)
+        else:
+            idle.update(features[:0], labels[:0])
+        alone = idle.compute()
+        # Rank 1's buffer past its budget: NC4 is NaN on every rank, the rest exact.
+        budget = 8 if rank == 1 else 2**20
+        mine = slice(rank, None, world)
+        over = fed(
+            NeuralCollapse(C, P, (weight, bias), memory_budget_bytes=budget),
+            *(t[mine] for t in (features, labels)),
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dropped = over.compute()
+        warned = any("exceeded memory_budget_bytes" in str(w.message) for w in caught)
+        torch.save(
+            {"alone": alone, "dropped": dropped, "warned": warned},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+
+
+@pytest.mark.slow  # two spawned processes importing torch and torchmetrics: ~8 s on 2 cores
+def test_gloo_sync_with_an_idle_rank_and_a_rank_past_its_budget(tmp_path, seed):
+    """Two gloo ranks: one that saw no sample adds nothing (every key, NC4's count too, is the
+    brute force of the other rank's samples); one past its NC4 budget makes NC4 NaN, with the
+    warning, on both ranks while every other key is that of all samples."""
+    features, labels, weight, bias = data(seed)
+    args = (2, free_port(), features, labels, weight, bias, str(tmp_path))
+    mp.spawn(_sync_with_an_idle_rank, args=args, nprocs=2, join=True)
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert_oracle(saved["alone"], features, labels, weight, bias)
+        dropped = saved["dropped"]
+        assert math.isnan(dropped["nc4_ncc_mismatch"]) and saved["warned"], rank
+        rest = {k: v for k, v in dropped.items() if k != "nc4_ncc_mismatch"}
+        assert_oracle(rest, features, labels, weight, bias, nc4=False)
