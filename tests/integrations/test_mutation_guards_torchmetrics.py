@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -432,17 +433,23 @@ def _sync_with_an_idle_rank(rank, world, port, features, labels, weight, bias, o
             warnings.simplefilter("always")
             dropped = over.compute()
         warned = any("exceeded memory_budget_bytes" in str(w.message) for w in caught)
+        # process_group honoured: each rank in a group of its own syncs with nobody.
+        groups = [dist.new_group([r]) for r in range(world)]  # collective: every rank makes both
+        own = NeuralCollapse(C, P, (weight, bias), process_group=groups[rank])
+        fed(own, *(t[mine] for t in (features, labels)))
+        separate = own.compute()
         torch.save(
-            {"alone": alone, "dropped": dropped, "warned": warned},
+            {"alone": alone, "dropped": dropped, "warned": warned, "separate": separate},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
 
 
 @pytest.mark.slow  # two spawned processes importing torch and torchmetrics: ~8 s on 2 cores
-def test_gloo_sync_with_an_idle_rank_and_a_rank_past_its_budget(tmp_path, seed):
+def test_gloo_sync_with_an_idle_rank_a_rank_past_its_budget_and_own_groups(tmp_path, seed):
     """Two gloo ranks: one that saw no sample adds nothing (every key, NC4's count too, is the
     brute force of the other rank's samples); one past its NC4 budget makes NC4 NaN, with the
-    warning, on both ranks while every other key is that of all samples."""
+    warning, on both ranks while every other key is that of all samples; a metric given a
+    ``process_group`` of its own rank syncs with no other (its own samples' brute force)."""
     features, labels, weight, bias = data(seed)
     args = (2, free_port(), features, labels, weight, bias, str(tmp_path))
     mp.spawn(_sync_with_an_idle_rank, args=args, nprocs=2, join=True)
@@ -453,3 +460,5 @@ def test_gloo_sync_with_an_idle_rank_and_a_rank_past_its_budget(tmp_path, seed):
         assert math.isnan(dropped["nc4_ncc_mismatch"]) and saved["warned"], rank
         rest = {k: v for k, v in dropped.items() if k != "nc4_ncc_mismatch"}
         assert_oracle(rest, features, labels, weight, bias, nc4=False)
+        mine = slice(rank, None, 2)
+        assert_oracle(saved["separate"], features[mine], labels[mine], weight, bias)
