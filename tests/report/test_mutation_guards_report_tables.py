@@ -107,6 +107,23 @@ def test_read_runs_rows_columns_and_dtypes_exactly(two_runs):
     assert frame_rows(df) == EXPECTED_ROWS
 
 
+def test_read_runs_keys_a_training_pass_by_its_step(tmp_path):
+    """A step of the training passes logged twice with different epochs (a resume whose epoch
+    length changed) keeps its last record: rows of ``train_online`` are keyed by step, not
+    epoch; two records of one fractional epoch and different steps are both kept."""
+    pytest.importorskip("pandas")
+    records = [
+        {"epoch": 0.5, "step": 5, "split": "train_online", "nc1": 3.0},
+        {"epoch": 0.625, "step": 5, "split": "train_online", "nc1": 2.5},
+        {"epoch": 0.625, "step": 6, "split": "train_online", "nc1": 2.0},
+    ]
+    df = read_runs(write_run_dir(tmp_path / "r", records=records))
+    assert frame_rows(df) == [
+        ("r", 0.625, 5, "train_online", "nc1", 2.5),
+        ("r", 0.625, 6, "train_online", "nc1", 2.0),
+    ]
+
+
 def test_read_runs_takes_one_path_as_str_or_path_and_any_iterable(two_runs):
     a_rows = [row for row in EXPECTED_ROWS if row[0] == "a"]
     one = read_runs(str(two_runs[0]))
