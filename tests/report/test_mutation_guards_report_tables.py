@@ -8,6 +8,9 @@ test_mutation_guards_report_figures.py."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,8 @@ from ncfast.report.summary import (
 from ncfast.report.tables import COLUMNS as TABLE1_COLUMNS
 from ncfast.report.tables import summary, table1_rows, to_csv, to_markdown, write_table1
 from tests.helpers.synthetic_runs import write_run_dir
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # ---- ncfast.report.frame: read_runs ---------------------------------------------------------
 
@@ -365,6 +370,39 @@ def test_write_table1_files(tmp_path):
     with pytest.raises(ValueError, match="no runs given"):
         write_table1([], tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+WRITE_UNDER_ASCII = """
+import locale, sys
+from pathlib import Path
+from ncfast.report.runs import Run
+from ncfast.report.tables import write_table1
+print(locale.getpreferredencoding(False))
+run = Run(path=Path("runs") / "\\u03bb-run", config={"dataset": "mnist"}, records=[])
+write_table1([run], Path(sys.argv[1]))
+"""  # ASCII source: the command line itself must survive the C locale
+
+
+def test_write_table1_writes_utf8_whatever_the_locale(tmp_path):
+    """Under an ASCII locale (LC_ALL=C, no UTF-8 mode) the files are still UTF-8: the "—" of a
+    missing value and a run named "λ-run" (a subprocess: the locale is fixed at start)."""
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
+    env["PYTHONCOERCECLOCALE"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", WRITE_UNDER_ASCII, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+    )
+    assert done.returncode == 0, done.stderr
+    if done.stdout.split()[0].lower().replace("-", "") == "utf8":
+        pytest.skip("this platform's C locale is UTF-8: nothing to tell apart")
+    run = Run(path=Path("runs") / "λ-run", config={"dataset": "mnist"}, records=[])
+    text, _ = write_table1([run], tmp_path / "here")
+    assert (tmp_path / "table1.md").read_text(encoding="utf-8") == text
+    assert "λ-run" in (tmp_path / "table1.csv").read_text(encoding="utf-8")
 
 
 # ---- ncfast.report.summary: ncfast analyze's text ----------------------------------------------
