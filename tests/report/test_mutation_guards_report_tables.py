@@ -649,3 +649,8 @@ def test_summary_markdown_exactly(tmp_path):
     assert summary_markdown(report, tmp_path) == "\n".join(head + tail) + "\n"
     pdf_only = analyze_report(files={"figures": [str(figures[1])]})
     assert summary_markdown(pdf_only, tmp_path) == "\n".join(head) + "\n"
+    # A report without its config (made by hand): written, the title's fields unknown.
+    bare = {k: v for k, v in pdf_only.items() if k != "config"}
+    lines = summary_markdown(bare, tmp_path).splitlines()
+    assert lines[0] == "# ncfast analysis: None · None · None, epoch 40"
+    assert lines[1:7] == head[1:7]
