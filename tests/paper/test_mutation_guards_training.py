@@ -189,7 +189,10 @@ def test_build_model_is_seeded_and_in_the_configured_memory_format(seed, channel
     a = build_model(config, 4, 1, 32)
     b = build_model(config, 4, 1, 32)
     other = build_model(dataclasses.replace(config, seed=config.seed + 1), 4, 1, 32)
-    params = [(p, q, r) for p, q, r in zip(a.parameters(), b.parameters(), other.parameters())]
+    params = [
+        (p, q, r)
+        for p, q, r in zip(a.parameters(), b.parameters(), other.parameters(), strict=True)
+    ]
     assert all(torch.equal(p, q) for p, q, _ in params)
     assert not all(torch.equal(p, r) for p, _, r in params)
     conv = next(p for p in a.parameters() if p.dim() == 4 and p.shape[1] > 1)
@@ -326,8 +329,11 @@ REFUSALS = {
         r"'optimizer' holds 2 parameters in 2 group\(s\)",
     ),
     "buffer shape": (
-        lambda p: _buffer(p).__setitem__("momentum_buffer", torch.zeros(3, 15, dtype=torch.float64)),
-        r"'optimizer' state momentum_buffer of parameter 0 has shape \[3, 15\], the parameter \[3, 16\]",
+        lambda p: _buffer(p).__setitem__(
+            "momentum_buffer", torch.zeros(3, 15, dtype=torch.float64)
+        ),
+        r"'optimizer' state momentum_buffer of parameter 0 has shape \[3, 15\], "
+        r"the parameter \[3, 16\]",
     ),
     "buffer dtype": (
         lambda p: _buffer(p).__setitem__("momentum_buffer", torch.zeros(3, 16)),
@@ -338,7 +344,10 @@ REFUSALS = {
     "weight_decay None": (_set_group("weight_decay", None), r"setting weight_decay is None"),
     "nesterov an int": (_set_group("nesterov", 0), r"setting nesterov is 0"),
     "maximize": (_set_group("maximize", True), r"setting maximize is True"),
-    "lr zero": (_set_group("lr", 0.0), r"'optimizer' setting lr must be a positive number, got 0.0"),
+    "lr zero": (
+        _set_group("lr", 0.0),
+        r"'optimizer' setting lr must be a positive number, got 0.0",
+    ),
     "lr negative": (_set_group("lr", -0.1), r"setting lr must be a positive number"),
     "lr nan": (_set_group("lr", float("nan")), r"setting lr must be a positive number"),
     "lr inf": (_set_group("lr", float("inf")), r"setting lr must be a positive number"),
@@ -407,7 +416,9 @@ def test_each_unfit_part_of_a_checkpoint_is_refused_by_name(tiny_payload_of_epoc
 @pytest.mark.parametrize(
     ("key", "value"), [("fused", False), ("foreach", True), ("capturable", False), ("fused", None)]
 )
-def test_implementation_choices_of_another_machine_are_accepted(tiny_payload_of_epoch_2, key, value):
+def test_implementation_choices_of_another_machine_are_accepted(
+    tiny_payload_of_epoch_2, key, value
+):
     config, payload = tiny_payload_of_epoch_2
     state = _restore(config, _edited(payload, _set_group(key, value)))
     assert state.scheduler.last_epoch == 2

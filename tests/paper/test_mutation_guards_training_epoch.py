@@ -45,7 +45,9 @@ RTOL = 1e-10
 def test_the_permutation_is_the_seeded_formula_of_seed_and_epoch(seed):
     for s in (seed, 0, 2**63 - 1):
         for epoch in (1, 2, 350):
-            assert torch.equal(epoch_permutation(23, s, epoch, CPU), permutation_by_hand(23, s, epoch))
+            assert torch.equal(
+                epoch_permutation(23, s, epoch, CPU), permutation_by_hand(23, s, epoch)
+            )
     assert not torch.equal(epoch_permutation(50, seed, 1, CPU), epoch_permutation(50, seed, 2, CPU))
 
 
