@@ -106,9 +106,12 @@ def stopped_and_resumed(tmp_path_factory):
     try:
         for extra in ({"stop_after": 2}, {"resume": True}):
             recorder = Recorder(mp)
-            stderr = io.StringIO()
-            with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            stderr, stdout = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
                 returned = train(tiny_config(out, **options, **extra), False, data)
+            recorder.printed = [
+                line.split("|")[0].split()[:2] for line in stdout.getvalue().splitlines()
+            ]
             sessions.append(
                 (recorder, returned, stderr.getvalue(), load_checkpoint(out / "checkpoint.pt"))
             )
@@ -122,6 +125,8 @@ def test_the_stopped_session_trains_measures_and_saves_the_right_epochs(stopped_
     out, ((recorder, returned, stderr, payload), _) = stopped_and_resumed
     assert returned == out and stderr == ""
     assert [r.epoch for r in recorder.trained] == [1, 2]
+    # measure_overhead: the summary and overhead lines of the measured epoch only
+    assert recorder.printed == [["epoch", "1"], ["epoch", "1"]]
     assert recorder.saved == [(1, [(1, "train"), (1, "test")]), (2, [])]
     assert recorder.scalars[:1] == [("sgd", 1, ["error", "loss", "lr"])]
     assert [s for s in recorder.scalars if s[0] == "sgd"] == [
@@ -407,7 +412,7 @@ def test_run_record_of_an_in_memory_network(vgg_state):
 def test_robustness_is_logged_on_the_test_row_of_rank_0(vgg_state, monkeypatch):
     config, splits, state = vgg_state
     config = tiny_config(
-        "unused", epochs=3, measure_epochs=(2,), robustness_samples=3, seed=4, lr_milestones=(2,)
+        "unused", epochs=3, measure_epochs=(2,), robustness_samples=1, seed=4, lr_milestones=(2,)
     )
     calls = []
 
@@ -418,7 +423,7 @@ def test_robustness_is_logged_on_the_test_row_of_rank_0(vgg_state, monkeypatch):
     monkeypatch.setattr(train_module, "robustness", robustness)
     rows = measure_epoch(state, _sgd(2), splits, config, cpu_context(), True)
     assert calls == [
-        (state.model, "test", {"samples": 3, "seed": 4, "device": CPU, "progress": True})
+        (state.model, "test", {"samples": 1, "seed": 4, "device": CPU, "progress": True})
     ]
     assert "robustness" not in rows[0]
     test_row = rows[1]
