@@ -61,187 +61,6 @@ ROBUSTNESS_KEYS = [
 ]
 
 
-class Recorder:
-    """Wraps train's train_epoch, _save_epoch and RunDirectory.log_scalars to record them."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.trained, self.saved, self.scalars = [], [], []
-        real_epoch, real_save = train_module.train_epoch, train_module._save_epoch
-        real_scalars = RunDirectory.log_scalars
-
-        def train_epoch(state, epoch, *args):
-            result = real_epoch(state, epoch, *args)
-            self.trained.append(result)
-            return result
-
-        def save_epoch(rundir, state, config, rows, console):
-            self.saved.append((state.epoch, [(r["epoch"], r["split"]) for r in rows]))
-            real_save(rundir, state, config, rows, console)
-
-        def log_scalars(rundir, values, step, prefix):
-            self.scalars.append((prefix, step, sorted(values)))
-            real_scalars(rundir, values, step, prefix)
-
-        monkeypatch.setattr(train_module, "train_epoch", train_epoch)
-        monkeypatch.setattr(train_module, "_save_epoch", save_epoch)
-        monkeypatch.setattr(RunDirectory, "log_scalars", log_scalars)
-
-
-@pytest.fixture(scope="module")
-def stopped_and_resumed(tmp_path_factory):
-    """Three epochs (measured at 1 and 3, lr ×0.1 after 2, online every 2 of 3 steps, the
-    overhead measured), stopped after epoch 2 and resumed."""
-    mp = pytest.MonkeyPatch()
-    out = tmp_path_factory.mktemp("loop") / "run"
-    data = (synthetic_split("train", 5, 0), synthetic_split("test", 3, 1))
-    options = dict(
-        epochs=3,
-        batch_size=8,
-        measure_epochs=(1, 3),
-        lr_milestones=(2,),
-        online_every=2,
-        measure_overhead=True,
-    )
-    sessions = []
-    try:
-        for extra in ({"stop_after": 2}, {"resume": True}):
-            recorder = Recorder(mp)
-            stderr, stdout = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
-                returned = train(tiny_config(out, **options, **extra), False, data)
-            recorder.printed = [
-                line.split("|")[0].split()[:2] for line in stdout.getvalue().splitlines()
-            ]
-            sessions.append(
-                (recorder, returned, stderr.getvalue(), load_checkpoint(out / "checkpoint.pt"))
-            )
-            mp.undo()
-    finally:
-        mp.undo()
-    return out, sessions
-
-
-def test_the_stopped_session_trains_measures_and_saves_the_right_epochs(stopped_and_resumed):
-    out, ((recorder, returned, stderr, payload), _) = stopped_and_resumed
-    assert returned == out and stderr == ""
-    assert [r.epoch for r in recorder.trained] == [1, 2]
-    # measure_overhead: the summary and overhead lines of the measured epoch only
-    assert recorder.printed == [["epoch", "1"], ["epoch", "1"]]
-    assert recorder.saved == [(1, [(1, "train"), (1, "test")]), (2, [])]
-    assert recorder.scalars[:1] == [("sgd", 1, ["error", "loss", "lr"])]
-    assert [s for s in recorder.scalars if s[0] == "sgd"] == [
-        ("sgd", e, ["error", "loss", "lr"]) for e in (1, 2)
-    ]
-    assert payload["epoch"] == 2 and payload["step"] == 6
-    assert payload["online"] is not None and payload["online"]["sgd_samples"] == 0
-    assert [(r["epoch"], r["split"]) for r in payload["history"]] == [
-        (pytest.approx(2 / 3), "train_online"),
-        (1, "train"),
-        (1, "test"),
-        (pytest.approx(4 / 3), "train_online"),
-        (2.0, "train_online"),
-    ]
-
-
-def test_the_resumption_goes_on_from_the_saved_epoch(stopped_and_resumed):
-    out, ((first, *_), (recorder, returned, stderr, payload)) = stopped_and_resumed
-    assert returned == out and stderr == ""
-    assert [r.epoch for r in recorder.trained] == [3]
-    assert recorder.saved == [(3, [(3, "train"), (3, "test")])]
-    assert payload["epoch"] == 3 and payload["step"] == 9
-    assert payload["epoch_times"] == [r.seconds for r in first.trained + recorder.trained]
-    rows = read_rows(out)
-    assert payload["history"] == rows
-    online = [r for r in rows if r["split"] == "train_online"]
-    assert [r["step"] for r in online] == [2, 4, 6, 8]  # windows go on across epochs
-    assert [r["epoch"] for r in online] == pytest.approx([2 / 3, 4 / 3, 2, 8 / 3])
-    assert payload["online"]["sgd_samples"] == 4  # step 9's window is open
-    assert RunDirectory(out).lock().unlock() is None  # the lock was released
-
-
-def test_the_metrics_rows_hold_the_epoch_and_the_measurement(stopped_and_resumed):
-    out, ((first, *_), (second, *_)) = stopped_and_resumed
-    results = {r.epoch: r for r in first.trained + second.trained}
-    rows = [r for r in read_rows(out) if r["split"] != "train_online"]
-    assert [(r["epoch"], r["split"]) for r in rows] == [
-        (1, "train"),
-        (1, "test"),
-        (3, "train"),
-        (3, "test"),
-    ]
-    epoch_times = load_checkpoint(out / "checkpoint.pt")["epoch_times"]
-    for row in rows:
-        sgd = results[row["epoch"]]
-        assert list(row)[: len(ROW_KEYS)] == ROW_KEYS
-        assert (row["lr"], row["sgd_loss"], row["sgd_error"]) == (sgd.lr, sgd.loss, sgd.error)
-        assert row["world_size"] == 1 and row["epoch_time"] == epoch_times[row["epoch"] - 1]
-        assert row["measure_time"] > 0 and row["forward_time"] > 0
-        assert row["num_samples"] == (20 if row["split"] == "train" else 12)
-        assert row["weight_decay"] == pytest.approx(4 * 5e-4 / 2)
-        assert "robustness" not in row
-    assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.05, 0.005, 0.005])
-    assert rows[0]["wall_time"] < rows[2]["wall_time"]
-
-
-def test_config_json_is_the_run_record(stopped_and_resumed):
-    out, _ = stopped_and_resumed
-    record = json.loads((out / "config.json").read_text())
-    expected = {
-        "ncfast_version": __version__,
-        "torch_version": torch.__version__,
-        "host": platform.node(),
-        "device_name": "cpu",
-        "world_size": 1,
-        "per_process_batch_size": 8,
-        "num_classes": 4,
-        "in_channels": 1,
-        "image_size": 32,
-        "train_samples": 20,
-        "test_samples": 12,
-        "lambda": pytest.approx(4 * 5e-4 / 2),
-        "steps_per_epoch": 3,
-        "epochs": 3,
-        "batch_size": 8,
-        "resume": True,
-    }
-    assert {k: record[k] for k in expected} == expected
-    assert record["feature_dim"] > 0 and record["stats_precision_resolved"] in ("exact", "fast")
-
-
-# ------------------------------------------------------------------------------ divergence
-def test_divergence_after_a_checkpoint_keeps_it(tmp_path, monkeypatch):
-    """Epoch 1 is measured and saved; epoch 2's loss is +inf: the run stops naming the kept
-    checkpoint of epoch 1, which is left as it was."""
-    real = sgd_epoch.compute_loss
-    calls = []
-
-    def infinite_in_epoch_2(*args):
-        calls.append(1)
-        loss = real(*args)
-        return loss + float("inf") if len(calls) > 2 else loss
-
-    monkeypatch.setattr(sgd_epoch, "compute_loss", infinite_in_epoch_2)
-    out = tmp_path / "run"
-    config = tiny_config(out, epochs=2, batch_size=10, measure_epochs=(1,), measure_batch_size=8)
-    data = (synthetic_split("train", 5, 0), synthetic_split("test", 2, 1))
-    with pytest.raises(TrainingDivergedError) as info:
-        train(config, progress=False, data=data)
-    assert str(info.value).endswith("--overwrite; the checkpoint of epoch 1 is kept")
-    assert "diverged at epoch 2 (loss inf)" in str(info.value)
-    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
-    assert [r["epoch"] for r in read_rows(out)] == [1, 1]
-    RunDirectory(out).lock().unlock()
-
-
-def test_a_new_run_refuses_a_run_directory_that_holds_a_run(stopped_and_resumed, tmp_path):
-    out, _ = stopped_and_resumed
-    data = (synthetic_split("train", 2, 0), synthetic_split("test", 1, 1))
-    with pytest.raises(RunDirectoryError, match="already holds a run"):
-        train(tiny_config(out, epochs=3), progress=False, data=data)
-    with pytest.raises(RunDirectoryError, match="--resume"):
-        train(tiny_config(tmp_path / "none", resume=True), progress=False, data=data)
-
-
 # ------------------------------------------------------------------------ the pieces
 def test_the_global_batch_must_divide_among_the_processes():
     with pytest.raises(DistributedError, match="divisible by the number of processes"):
@@ -433,3 +252,185 @@ def test_robustness_is_logged_on_the_test_row_of_rank_0(vgg_state, monkeypatch):
     ]
     assert "seed" not in test_row and "overshoot" not in test_row
     assert 0 <= test_row["robustness_time"] < 5
+
+
+# ------------------------------------------------------------------ the run, end to end
+class Recorder:
+    """Wraps train's train_epoch, _save_epoch and RunDirectory.log_scalars to record them."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.trained, self.saved, self.scalars = [], [], []
+        real_epoch, real_save = train_module.train_epoch, train_module._save_epoch
+        real_scalars = RunDirectory.log_scalars
+
+        def train_epoch(state, epoch, *args):
+            result = real_epoch(state, epoch, *args)
+            self.trained.append(result)
+            return result
+
+        def save_epoch(rundir, state, config, rows, console):
+            self.saved.append((state.epoch, [(r["epoch"], r["split"]) for r in rows]))
+            real_save(rundir, state, config, rows, console)
+
+        def log_scalars(rundir, values, step, prefix):
+            self.scalars.append((prefix, step, sorted(values)))
+            real_scalars(rundir, values, step, prefix)
+
+        monkeypatch.setattr(train_module, "train_epoch", train_epoch)
+        monkeypatch.setattr(train_module, "_save_epoch", save_epoch)
+        monkeypatch.setattr(RunDirectory, "log_scalars", log_scalars)
+
+
+@pytest.fixture(scope="module")
+def stopped_and_resumed(tmp_path_factory):
+    """Three epochs (measured at 1 and 3, lr ×0.1 after 2, online every 2 of 3 steps, the
+    overhead measured), stopped after epoch 2 and resumed."""
+    mp = pytest.MonkeyPatch()
+    out = tmp_path_factory.mktemp("loop") / "run"
+    data = (synthetic_split("train", 5, 0), synthetic_split("test", 3, 1))
+    options = dict(
+        epochs=3,
+        batch_size=8,
+        measure_epochs=(1, 3),
+        lr_milestones=(2,),
+        online_every=2,
+        measure_overhead=True,
+    )
+    sessions = []
+    try:
+        for extra in ({"stop_after": 2}, {"resume": True}):
+            recorder = Recorder(mp)
+            stderr, stdout = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+                returned = train(tiny_config(out, **options, **extra), False, data)
+            recorder.printed = [
+                line.split("|")[0].split()[:2] for line in stdout.getvalue().splitlines()
+            ]
+            sessions.append(
+                (recorder, returned, stderr.getvalue(), load_checkpoint(out / "checkpoint.pt"))
+            )
+            mp.undo()
+    finally:
+        mp.undo()
+    return out, sessions
+
+
+def test_the_stopped_session_trains_measures_and_saves_the_right_epochs(stopped_and_resumed):
+    out, ((recorder, returned, stderr, payload), _) = stopped_and_resumed
+    assert returned == out and stderr == ""
+    assert [r.epoch for r in recorder.trained] == [1, 2]
+    # measure_overhead: the summary and overhead lines of the measured epoch only
+    assert recorder.printed == [["epoch", "1"], ["epoch", "1"]]
+    assert recorder.saved == [(1, [(1, "train"), (1, "test")]), (2, [])]
+    assert recorder.scalars[:1] == [("sgd", 1, ["error", "loss", "lr"])]
+    assert [s for s in recorder.scalars if s[0] == "sgd"] == [
+        ("sgd", e, ["error", "loss", "lr"]) for e in (1, 2)
+    ]
+    assert payload["epoch"] == 2 and payload["step"] == 6
+    assert payload["online"] is not None and payload["online"]["sgd_samples"] == 0
+    assert [(r["epoch"], r["split"]) for r in payload["history"]] == [
+        (pytest.approx(2 / 3), "train_online"),
+        (1, "train"),
+        (1, "test"),
+        (pytest.approx(4 / 3), "train_online"),
+        (2.0, "train_online"),
+    ]
+
+
+def test_the_resumption_goes_on_from_the_saved_epoch(stopped_and_resumed):
+    out, ((first, *_), (recorder, returned, stderr, payload)) = stopped_and_resumed
+    assert returned == out and stderr == ""
+    assert [r.epoch for r in recorder.trained] == [3]
+    assert recorder.saved == [(3, [(3, "train"), (3, "test")])]
+    assert payload["epoch"] == 3 and payload["step"] == 9
+    assert payload["epoch_times"] == [r.seconds for r in first.trained + recorder.trained]
+    rows = read_rows(out)
+    assert payload["history"] == rows
+    online = [r for r in rows if r["split"] == "train_online"]
+    assert [r["step"] for r in online] == [2, 4, 6, 8]  # windows go on across epochs
+    assert [r["epoch"] for r in online] == pytest.approx([2 / 3, 4 / 3, 2, 8 / 3])
+    assert payload["online"]["sgd_samples"] == 4  # step 9's window is open
+    assert RunDirectory(out).lock().unlock() is None  # the lock was released
+
+
+def test_the_metrics_rows_hold_the_epoch_and_the_measurement(stopped_and_resumed):
+    out, ((first, *_), (second, *_)) = stopped_and_resumed
+    results = {r.epoch: r for r in first.trained + second.trained}
+    rows = [r for r in read_rows(out) if r["split"] != "train_online"]
+    assert [(r["epoch"], r["split"]) for r in rows] == [
+        (1, "train"),
+        (1, "test"),
+        (3, "train"),
+        (3, "test"),
+    ]
+    epoch_times = load_checkpoint(out / "checkpoint.pt")["epoch_times"]
+    for row in rows:
+        sgd = results[row["epoch"]]
+        assert list(row)[: len(ROW_KEYS)] == ROW_KEYS
+        assert (row["lr"], row["sgd_loss"], row["sgd_error"]) == (sgd.lr, sgd.loss, sgd.error)
+        assert row["world_size"] == 1 and row["epoch_time"] == epoch_times[row["epoch"] - 1]
+        assert row["measure_time"] > 0 and row["forward_time"] > 0
+        assert row["num_samples"] == (20 if row["split"] == "train" else 12)
+        assert row["weight_decay"] == pytest.approx(4 * 5e-4 / 2)
+        assert "robustness" not in row
+    assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.05, 0.005, 0.005])
+    assert rows[0]["wall_time"] < rows[2]["wall_time"]
+
+
+def test_config_json_is_the_run_record(stopped_and_resumed):
+    out, _ = stopped_and_resumed
+    record = json.loads((out / "config.json").read_text())
+    expected = {
+        "ncfast_version": __version__,
+        "torch_version": torch.__version__,
+        "host": platform.node(),
+        "device_name": "cpu",
+        "world_size": 1,
+        "per_process_batch_size": 8,
+        "num_classes": 4,
+        "in_channels": 1,
+        "image_size": 32,
+        "train_samples": 20,
+        "test_samples": 12,
+        "lambda": pytest.approx(4 * 5e-4 / 2),
+        "steps_per_epoch": 3,
+        "epochs": 3,
+        "batch_size": 8,
+        "resume": True,
+    }
+    assert {k: record[k] for k in expected} == expected
+    assert record["feature_dim"] > 0 and record["stats_precision_resolved"] in ("exact", "fast")
+
+
+# ------------------------------------------------------------------------------ divergence
+def test_divergence_after_a_checkpoint_keeps_it(tmp_path, monkeypatch):
+    """Epoch 1 is measured and saved; epoch 2's loss is +inf: the run stops naming the kept
+    checkpoint of epoch 1, which is left as it was."""
+    real = sgd_epoch.compute_loss
+    calls = []
+
+    def infinite_in_epoch_2(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss + float("inf") if len(calls) > 2 else loss
+
+    monkeypatch.setattr(sgd_epoch, "compute_loss", infinite_in_epoch_2)
+    out = tmp_path / "run"
+    config = tiny_config(out, epochs=2, batch_size=10, measure_epochs=(1,), measure_batch_size=8)
+    data = (synthetic_split("train", 5, 0), synthetic_split("test", 2, 1))
+    with pytest.raises(TrainingDivergedError) as info:
+        train(config, progress=False, data=data)
+    assert str(info.value).endswith("--overwrite; the checkpoint of epoch 1 is kept")
+    assert "diverged at epoch 2 (loss inf)" in str(info.value)
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    assert [r["epoch"] for r in read_rows(out)] == [1, 1]
+    RunDirectory(out).lock().unlock()
+
+
+def test_a_new_run_refuses_a_run_directory_that_holds_a_run(stopped_and_resumed, tmp_path):
+    out, _ = stopped_and_resumed
+    data = (synthetic_split("train", 2, 0), synthetic_split("test", 1, 1))
+    with pytest.raises(RunDirectoryError, match="already holds a run"):
+        train(tiny_config(out, epochs=3), progress=False, data=data)
+    with pytest.raises(RunDirectoryError, match="--resume"):
+        train(tiny_config(tmp_path / "none", resume=True), progress=False, data=data)
