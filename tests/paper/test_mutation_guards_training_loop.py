@@ -11,6 +11,8 @@ import contextlib
 import io
 import json
 import platform
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ import ncfast.paper.train as train_module
 from ncfast._version import __version__
 from ncfast.paper.checkpoint import CheckpointError, load_checkpoint
 from ncfast.paper.data import LabeledImages
-from ncfast.paper.distributed import DistributedError
+from ncfast.paper.distributed import DistributedContext, DistributedError
 from ncfast.paper.rundir import RunDirectory, RunDirectoryError
 from ncfast.paper.train import (
     TrainingDivergedError,
@@ -226,6 +228,18 @@ def test_run_record_of_an_in_memory_network(vgg_state):
     assert record["feature_dim"] == state.model.feature_dim
     assert (record["train_samples"], record["test_samples"]) == (8, 4)
     assert record["steps_per_epoch"] == 1 and record["per_process_batch_size"] == 16
+    two = DistributedContext(device=CPU, world_size=2)  # no collective is needed
+    record = run_record(config.resolved(), two, state.model, splits)
+    assert record["world_size"] == 2
+    assert record["per_process_batch_size"] == 8 and type(record["per_process_batch_size"]) is int
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_time_restores_the_mode(vgg_state, training):
+    config, splits, state = vgg_state
+    state.model.train(training)
+    assert 0 < train_module._forward_time(state.model, splits[1], config) < 30
+    assert state.model.training is training
 
 
 def test_robustness_is_logged_on_the_test_row_of_rank_0(vgg_state, monkeypatch):
@@ -255,6 +269,16 @@ def test_robustness_is_logged_on_the_test_row_of_rank_0(vgg_state, monkeypatch):
 
 
 # ------------------------------------------------------------------ the run, end to end
+RUN_OPTIONS = dict(
+    epochs=3,
+    batch_size=8,
+    measure_epochs=(1, 3),
+    lr_milestones=(2,),
+    online_every=2,
+    measure_overhead=True,
+)
+
+
 class Recorder:
     """Wraps train's train_epoch, _save_epoch and RunDirectory.log_scalars to record them."""
 
@@ -288,14 +312,7 @@ def stopped_and_resumed(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     out = tmp_path_factory.mktemp("loop") / "run"
     data = (synthetic_split("train", 5, 0), synthetic_split("test", 3, 1))
-    options = dict(
-        epochs=3,
-        batch_size=8,
-        measure_epochs=(1, 3),
-        lr_milestones=(2,),
-        online_every=2,
-        measure_overhead=True,
-    )
+    options = RUN_OPTIONS
     sessions = []
     try:
         for extra in ({"stop_after": 2}, {"resume": True}):
@@ -323,6 +340,10 @@ def test_the_stopped_session_trains_measures_and_saves_the_right_epochs(stopped_
     assert recorder.printed == [["epoch", "1"], ["epoch", "1"]]
     assert recorder.saved == [(1, [(1, "train"), (1, "test")]), (2, [])]
     assert recorder.scalars[:1] == [("sgd", 1, ["error", "loss", "lr"])]
+    assert [(p, step) for p, step, _ in recorder.scalars if p != "sgd"] == [
+        ("train", 1),
+        ("test", 1),
+    ]
     assert [s for s in recorder.scalars if s[0] == "sgd"] == [
         ("sgd", e, ["error", "loss", "lr"]) for e in (1, 2)
     ]
@@ -434,3 +455,16 @@ def test_a_new_run_refuses_a_run_directory_that_holds_a_run(stopped_and_resumed,
         train(tiny_config(out, epochs=3), progress=False, data=data)
     with pytest.raises(RunDirectoryError, match="--resume"):
         train(tiny_config(tmp_path / "none", resume=True), progress=False, data=data)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_resumed(stopped_and_resumed, tmp_path):
+    out, _ = stopped_and_resumed
+    run = Path(shutil.copytree(out, tmp_path / "run"))
+    payload = torch.load(run / "checkpoint.pt", weights_only=False)
+    weight = next(v for v in payload["model"].values() if v.is_floating_point())
+    weight.view(-1)[0] = float("nan")
+    torch.save(payload, run / "checkpoint.pt")
+    data = (synthetic_split("train", 5, 0), synthetic_split("test", 3, 1))
+    config = tiny_config(run, **RUN_OPTIONS, resume=True)
+    with pytest.raises(CheckpointError, match="its weights are not finite"):
+        train(config, progress=False, data=data)
