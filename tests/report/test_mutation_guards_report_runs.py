@@ -340,7 +340,7 @@ def test_zero_error_epoch_is_the_first_measured_zero():
         train(3, 0.0),
         {"epoch": 1, "split": "test", "error": 0},
     ]
-    records.append(train(4, 0.01))
+    records += [train(4, 0.01), train(2, 0.001)]
     assert zero_error_epoch(records) == 3
     assert zero_error_epoch([train(0, 0.0), train(1, 0.0)]) == 0
     assert zero_error_epoch([train(1, 0.1), {"epoch": 2, "split": "test", "error": 0.0}]) is None
@@ -383,7 +383,8 @@ def test_run_properties():
     assert only_online.last_epoch == 3 and type(only_online.last_epoch) is int
     assert (only_online.dataset, only_online.net, only_online.loss) == ("?", "5", "?")
     assert only_online.name == "." and only_online.label == "? · 5 · ?"
-    assert Run(Path("runs/r"), {}, [train(4)]).has_online is False
+    bare = Run(Path("runs/r"), {}, [train(4)])
+    assert bare.has_online is False and bare.label == "? · ? · ?"
 
 
 def test_last_record_is_the_last_logged_of_the_last_epoch():
@@ -485,6 +486,7 @@ ROWS = [
     (4, 0.0, [7.0, 0.0]),  # ω not positive
     (5, 0.0, [8.0, 4.0]),
     (6, 0.0, [9.0, 5.0]),
+    (7, 0.0, [math.inf, 6.0]),  # not finite
 ]
 
 
