@@ -289,22 +289,22 @@ def test_grid_of_datasets_and_networks():
     runs = [
         make_run("a", "mse", "mnist", "vgg11"),
         make_run("b", "ce", "cifar10", "vgg11"),
-        make_run("c", "mse", "mnist", "resnet18"),
+        make_run("c", "mse", "cifar10", "resnet18"),
     ]
     fig = figure(runs, "error")
-    top_left, top_right, _, bottom_right = fig.axes
+    _, top_right, bottom_left, bottom_right = fig.axes
     assert tuple(fig.get_size_inches()) == pytest.approx((7.4, 6.4), abs=1e-12)
     assert [ax.get_title() for ax in fig.axes] == [
         "mnist · vgg11",
         "cifar10 · vgg11",
-        "mnist · resnet18",
         "",
+        "cifar10 · resnet18",
     ]
-    assert bottom_right.axison is False and top_left.axison is True
-    assert [ax.get_xlabel() for ax in fig.axes] == ["", "epoch", "epoch", ""]
-    assert [ax.get_ylabel() for ax in fig.axes] == ["error (%)", "", "error (%)", ""]
-    assert bottom_right.get_xscale() == "linear" and top_right.get_xscale() == "log"
-    assert [len(ax.get_lines()) for ax in fig.axes] == [3, 3, 3, 0]
+    assert bottom_left.axison is False and bottom_right.axison is True
+    assert [ax.get_xlabel() for ax in fig.axes] == ["epoch", "", "", "epoch"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["error (%)", "", "", "error (%)"]
+    assert bottom_left.get_xscale() == "linear" and bottom_right.get_xscale() == "log"
+    assert [len(ax.get_lines()) for ax in fig.axes] == [3, 3, 0, 3]
     assert top_right.get_lines()[0].get_color() == ORANGE
 
 
@@ -326,7 +326,7 @@ def test_epoch_axis_ticks_and_grid():
 
 def test_variant_colours_and_legend_order():
     """Other losses take the spare colours in turn; MSE, then CE, then the rest, in the legend."""
-    losses = ["huber", "ce", "l1", "mse", "a", "b", "c", "d", "e"]
+    losses = ["huber", "CE", "l1", "mse", "a", "b", "c", "d", "e"]
     runs = [make_run(f"r{k}", loss, factor=k + 1.0) for k, loss in enumerate(losses)]
     fig = figure(runs, "self_duality")
     colors = [line.get_color() for line in fig.axes[0].get_lines()[::2]]
@@ -375,6 +375,20 @@ def without_lines(name: str, dataset: str) -> Run:
         if record["split"] == "train":
             record["error"] = 0.5
     return run
+
+
+def test_a_curve_missing_from_a_run_leaves_the_others():
+    run = make_run(keys=["nc2_equinorm_classifiers"])
+    fig = figure([run], "equinorm")
+    assert lines(fig.axes[0]) == [
+        (series("nc2_equinorm_classifiers", "train"), BLUE, "--", "o", 2.5),
+        vline(2.0, RED, "-"),
+    ]
+    assert [entry[0] for entry in legend(fig)] == [
+        "MSE",
+        r"classifiers $\|w_c\|$",
+        "zero training error",
+    ]
 
 
 def test_a_log_panel_without_data_stays_linear():
@@ -621,7 +635,8 @@ def saved(monkeypatch):
     calls = []
 
     def save(fig, out_dir, name, formats=("default",)):
-        calls.append((out_dir, name, tuple(formats), fig.get_suptitle()))
+        notes = [text.get_text() for text in fig.axes[0].texts]
+        calls.append((out_dir, name, tuple(formats), fig.get_suptitle(), notes))
         return [Path(out_dir) / f"{name}.{fmt}" for fmt in formats]
 
     monkeypatch.setattr(plots, "save_figure", save)
@@ -639,6 +654,7 @@ def test_plot_runs_writes_every_figure_with_data(tmp_path, saved):
     assert paths == [out / f"{n}.{fmt}" for n in names for fmt in ("png", "pdf")]
     snr_title = saved[names.index("snr")][3]
     assert snr_title == "SNR singular values (HPD22 §3, SPEC §5)"
+    assert saved[names.index("snr")][4][0].startswith("fit from epoch 2: R²(ω) = 0.988")
     saved.clear()
     assert plot_runs([make_run(keys=["nc1"], online=False)], out, formats=("svg",)) == [
         out / "error.svg",
