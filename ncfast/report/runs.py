@@ -279,9 +279,11 @@ class Run:
         return any(r["split"] == ONLINE_SPLIT for r in self.records)
 
     def last_record(self, split: str) -> dict | None:
-        """The record of the last measured epoch of ``split`` (None if never measured)."""
+        """The record of the last measured epoch of ``split`` (None if never measured); of an
+        epoch logged twice (a resumed run), the later record, as in :meth:`history`."""
         recs = [r for r in self.records if r["split"] == split]
-        return max(recs, key=lambda r: r["epoch"]) if recs else None
+        # max() keeps the first of equal keys: search from the end for the later record.
+        return max(reversed(recs), key=lambda r: r["epoch"]) if recs else None
 
     @property
     def dataset(self) -> str:
