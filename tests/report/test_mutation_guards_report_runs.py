@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +227,11 @@ def test_a_truncated_last_line_is_skipped_with_a_warning(tmp_path):
         f"{path}, line 4: incomplete last line skipped (not valid JSON (Unterminated string "
         "starting at))"
     )
-    assert warning.filename == __file__  # attributed to the caller of read_metrics
+    if "MUTANT_UNDER_TEST" in os.environ:
+        # Under mutmut a trampoline frame sits between this test and read_metrics.
+        assert Path(warning.filename).name == "trampoline.py"
+    else:
+        assert warning.filename == __file__  # attributed to the caller of read_metrics
 
 
 def test_a_last_line_cut_inside_a_character_is_skipped(tmp_path):
