@@ -20,13 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from ncfast.paper.checkpoint import save_checkpoint
-from ncfast.paper.run_files import RUN_FORMAT
 from ncfast.paper.rundir import RunDirectory
 from ncfast.paper.sweep.grid import RunSpec
 from ncfast.paper.sweep.run import TrainingRun, child_command
 from ncfast.paper.sweep.status import read_status, write_status
-from tests.helpers.checkpoint_payloads import valid_payload
+from tests.helpers.sweep_runs import finished_rows, write_checkpoint, write_config
 
 SPEC = RunSpec("mnist5k", "vgg11", "mse", 0.01, 3)
 RUN_NAME = "mnist5k-vgg11-mse-lr0.01-seed3"
@@ -35,25 +33,6 @@ RUN_NAME = "mnist5k-vgg11-mse-lr0.01-seed3"
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def finished_rows(epochs: int, error: float = 0.25) -> list[dict]:
-    return [
-        {"epoch": epochs, "split": "train", "error": 0.0},
-        {"epoch": epochs, "split": "test", "error": error},
-    ]
-
-
-def write_checkpoint(run_dir: Path, epoch: int) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(run_dir / "checkpoint.pt", valid_payload(epoch=epoch))
-
-
-def write_config(run_dir: Path) -> None:
-    """config.json with ncfast's marker: what ncfast train writes first."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    marker = {"format": RUN_FORMAT, "ncfast_version": "0.3.0"}
-    (run_dir / "config.json").write_text(json.dumps(marker))
 
 
 class StandInRun(TrainingRun):
