@@ -435,3 +435,50 @@ def test_online_panel_without_drawable_values_keeps_a_linear_axis():
     for ax in (nc1_ax, loss_ax):
         assert len(ax.get_lines()) == 0 and ax.get_yscale() == "linear"
         assert ax.get_xlabel() == "SGD step" and ax.get_xlim()[0] == 0
+
+
+def test_log_panel_leaves_out_values_at_or_below_zero():
+    """On the log panels a training-pass value of 0 and an eval-mode value below 0 are not
+    drawn (a log axis cannot show them); the other points are."""
+    run = online_run(config={"steps_per_epoch": 10})
+    for record in run.records:
+        if record["split"] == "train_online" and record["step"] == 15:
+            record["nc1"] = 0.0
+        if record["split"] == "train" and record["epoch"] == 2:
+            record["nc1"] = -1.0
+    (nc1_ax, _) = online_figure([run]).axes
+    passes, dots = nc1_ax.get_lines()[:2]
+    assert [x for x, _ in passes.get_xydata().tolist()] == [5.0, 10.0, 20.0, 25.0, 30.0]
+    assert [x for x, _ in dots.get_xydata().tolist()] == [10.0, 30.0]
+    assert nc1_ax.get_yscale() == "log"
+
+
+def test_zero_error_at_epoch_one_is_marked():
+    run = online_run(config={"steps_per_epoch": 10})
+    for record in run.records:
+        if record["split"] == "train":
+            record["error"] = 0.0
+    (nc1_ax, _) = online_figure([run]).axes
+    marks = [line for line in nc1_ax.get_lines() if line.get_color() == ZERO_ERROR_COLOR]
+    assert [line.get_xdata()[0] for line in marks] == [10.0]
+
+
+def test_online_figure_is_built_without_warnings():
+    """matplotlib warns when a grid is switched off while given line properties: the panels
+    turn it on, with no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = online_figure([online_run(config={"steps_per_epoch": 10})])
+    assert all(line.get_visible() for line in fig.axes[0].get_xgridlines())
+
+
+def test_a_stored_steps_per_epoch_of_one_is_used():
+    """One SGD step per epoch (a full-batch run) is a valid stored value, not a missing one
+    (which would give 30 / 3 = 10 from the last online row)."""
+    assert per_epoch_and_drops(online_run(config={"steps_per_epoch": 1}))[0] == 1.0
+
+
+def test_steps_per_epoch_from_passes_shorter_than_one_epoch():
+    """Online rows only within the first epoch: 30 steps at epoch 0.5 are 60 steps per epoch."""
+    run = online_run(online_epochs=[0.1, 0.2, 0.3, 0.4, 0.45, 0.5])
+    assert per_epoch_and_drops(run)[0] == 60.0
