@@ -76,7 +76,8 @@ EOF
     [ "${MUTATION_RECHECK_ONLY:-0}" = 1 ] && selection="gloo or mutation_guards"
     if [ "${MUTATION_RECHECK:-1}" = 1 ] && { [ "${MUTATION_RECHECK_ONLY:-0}" = 1 ] ||
         (cd "$root" && grep -lq "gloo" $tests); }; then
-        (cd "$root" && tar -cf - $tests) | tar -xf - -C "$work/mutants"
+        # The selected test files and what they import (tests/helpers), as the checkout has them.
+        (cd "$root" && tar -cf - $tests tests/conftest.py tests/helpers) | tar -xf - -C "$work/mutants"
         grep -E ': (survived|no tests)$' "$work/mutmut-results.txt" | sed 's/: [a-z ]*$//; s/^ *//' | while read -r mutant; do
             if (cd "$work/mutants" && MUTANT_UNDER_TEST="$mutant" PYTHONPATH="$work/mutants" \
                 timeout 600 python -m pytest -x -q -p no:cacheprovider -k "$selection" $tests \

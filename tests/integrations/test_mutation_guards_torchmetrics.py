@@ -13,7 +13,6 @@ import io
 import math
 import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ from tests.helpers.assertions import assert_matches_oracle
 from tests.helpers.process_group import free_port, gloo_group
 from tests.helpers.synthetic_features import F64, make_data
 from tests.helpers.tolerances import oracle_rtol
+from tests.helpers.warning_origin import assert_warned_from
 
 pytest.importorskip("torchmetrics")
 from ncfast.integrations.torchmetrics import NeuralCollapse
@@ -362,12 +362,7 @@ def test_the_over_budget_warning_points_at_the_callers_line(seed):
         "NeuralCollapse: the features of this pass exceeded memory_budget_bytes=8, so "
         "nc4_ncc_mismatch is NaN; raise the budget or pass nc4=False"
     )
-    if "MUTANT_UNDER_TEST" in os.environ:
-        # Under mutmut a trampoline frame (outside both packages) sits between torchmetrics'
-        # wrapper and compute, so the warning points at it; the exact line is checked without.
-        assert Path(warning.filename).name == "trampoline.py"
-    else:
-        assert (warning.filename, warning.lineno) == (__file__, line)
+    assert_warned_from(warning, __file__, line)
 
 
 def test_a_restored_buffer_is_held_to_the_new_budget(seed):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import ncfast.report.runs
 import ncfast.theory
 from ncfast.report.runs import (
     ANALYSIS_DIR,
@@ -43,6 +43,7 @@ from ncfast.report.runs import (
     zero_error_epoch,
 )
 from ncfast.theory import snr_closed_form
+from tests.helpers.warning_origin import assert_warned_from
 
 
 def train(epoch, error=0.5, **keys) -> dict:
@@ -227,11 +228,7 @@ def test_a_truncated_last_line_is_skipped_with_a_warning(tmp_path):
         f"{path}, line 4: incomplete last line skipped (not valid JSON (Unterminated string "
         "starting at))"
     )
-    if "MUTANT_UNDER_TEST" in os.environ:
-        # Under mutmut a trampoline frame sits between this test and read_metrics.
-        assert Path(warning.filename).name == "trampoline.py"
-    else:
-        assert warning.filename == __file__  # attributed to the caller of read_metrics
+    assert_warned_from(warning, __file__)  # attributed to the caller of read_metrics
 
 
 def test_a_last_line_cut_inside_a_character_is_skipped(tmp_path):
@@ -295,6 +292,28 @@ def test_read_config(tmp_path):
         with pytest.raises(RunError) as caught:
             read_config(missing)
         assert str(caught.value) == f"run config not found: {missing}"
+
+
+def test_an_error_without_a_message_is_named_by_its_type(tmp_path, monkeypatch):
+    """A decoding error whose message is empty (a JSON library raising a bare ValueError)
+    still gives a reason: the error's type."""
+
+    class BareJSON:
+        JSONDecodeError = json.JSONDecodeError
+
+        @staticmethod
+        def loads(text):
+            raise ValueError()
+
+    monkeypatch.setattr(ncfast.report.runs, "json", BareJSON)
+    path = write(tmp_path, "{}", "c.json")
+    with pytest.raises(RunError) as caught:
+        read_config(path)
+    assert str(caught.value) == f"{path}: not valid JSON (ValueError)"
+    path = write(tmp_path, "{}\n{}\n")
+    with pytest.raises(RunError) as caught:
+        read_metrics(path)
+    assert str(caught.value) == f"{path}, line 1: not valid JSON (ValueError)"
 
 
 def test_history_sorts_keeps_the_last_duplicate_and_converts_values():
@@ -524,6 +543,15 @@ def test_central_path_fit_start_epoch_and_split(fake_fit):
     fit = central_path_fit(omega_run(ROWS, "test"), "test", start_epoch=np.int64(1))
     assert type(fit["start_epoch"]) is int and fit["fitted"] is False
     assert fake_fit[-1][0].tolist() == [1.0, 2.0, 5.0, 6.0]
+
+
+def test_central_path_fit_keeps_singular_values_below_one(fake_fit):
+    """ω in (0, 1] is positive and enters the law (early in training the SNR is small)."""
+    rows = [(1, 0.0, [0.5, 0.25]), (2, 0.0, [1.0, 0.5]), (3, 0.0, [2.0, 0.75])]
+    central_path_fit(omega_run(rows))
+    ((times, omega),) = fake_fit
+    assert times.tolist() == [1.0, 2.0, 3.0]
+    assert omega.tolist() == [[0.5, 0.25], [1.0, 0.5], [2.0, 0.75]]
 
 
 def test_central_path_fit_without_singular_values(fake_fit):
