@@ -314,9 +314,68 @@ def test_failure_reason(returncode, log, reason):
         ("a; lower --lr (now 1) and start again with --overwrite; c", "a; lower --lr (now 1); c"),
         ("a; use --out x and y", "a"),
         ("a; b and c", "a; b and c"),
+        ("a; lower --lr and --wd and start again with --overwrite", "a; lower --lr and --wd"),
+        ("a; lower --lr and start again with --resume and --overwrite; c", "a; lower --lr; c"),
         ("a;b", "a;b"),
         ("", ""),
     ],
 )
 def test_sweep_wording_drops_the_advice_of_ncfast_train(message, worded):
     assert sweep_wording(message) == worded
+
+
+def live_local_job(pid: int) -> dict:
+    return {"cluster": "local", "submit_host": platform.node(), "job_id": str(pid)}
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_asking_whether_a_local_job_is_alive_sends_it_no_signal(monkeypatch):
+    """The liveness probe is signal 0 (no signal sent), never one that would stop the job."""
+    sent = []
+    real_kill = os.kill
+
+    def spy(pid, signal):
+        sent.append(signal)
+        return real_kill(pid, 0)
+
+    job = stand_in_job()
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "kill", spy)
+            assert job_alive(live_local_job(job.pid)) is True
+    finally:
+        job.kill()
+        job.wait()
+    assert sent == [0]
+
+
+def test_without_proc_a_live_pid_is_taken_as_a_live_job(monkeypatch):
+    """No /proc (macOS): a live PID is all there is to go by; a dead one is still dead."""
+    real_exists = Path.exists
+    monkeypatch.setattr(
+        Path, "exists", lambda self: not str(self).startswith("/proc/") and real_exists(self)
+    )
+    assert job_alive(live_local_job(os.getpid())) is True
+    ended = subprocess.Popen(["sleep", "0"], executable="/bin/sleep")
+    ended.wait()
+    assert job_alive(live_local_job(ended.pid)) is False
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_a_job_whose_command_line_cannot_be_read_is_not_alive(monkeypatch):
+    """The process ended between the probe and the read of /proc/PID/cmdline (or it is not
+    readable): not taken as a live job, and no error."""
+    real_read = Path.read_bytes
+
+    def unreadable(self):
+        if str(self).startswith("/proc/") and str(self).endswith("/cmdline"):
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_read(self)
+
+    job = stand_in_job()
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    try:
+        assert job_alive(live_local_job(job.pid)) is False
+    finally:
+        job.kill()
+        job.wait()

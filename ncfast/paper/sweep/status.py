@@ -139,10 +139,11 @@ def sweep_wording(message: str) -> str:
 def _without_advice(clause: str) -> str:
     """``clause`` without its ``ncfast train`` advice: all of it, or what comes before an
     ' and ' that starts the advice ('lower --lr (now 1) and start again with --overwrite')."""
-    if not any(word in clause for word in TRAIN_ADVICE):
-        return clause
-    before, _, _ = clause.partition(" and ")
-    return before if not any(word in before for word in TRAIN_ADVICE) and before != clause else ""
+    parts = clause.split(" and ")
+    for i, part in enumerate(parts):
+        if any(word in part for word in TRAIN_ADVICE):
+            return " and ".join(parts[:i])
+    return clause
 
 
 def outcome_of(status: dict) -> dict:
