@@ -54,14 +54,22 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under mutmut (bench/mutation.sh), the fastest tests first, by the durations mutmut
-    measured (mutmut-stats.json, in the folder it runs from): with ``-x`` the first failure
-    ends a mutant's run, so a fast guard test spares the slow ones. Otherwise the order stays."""
+    """Under mutmut (bench/mutation.sh), the mutation guards (test_mutation_guards_*.py) first,
+    then the other tests, each group fastest first by the durations mutmut measured
+    (mutmut-stats.json, in the folder it runs from): with ``-x`` the first failure ends a
+    mutant's run, so a guard spares the slow tests. Guards go first whatever their measured
+    time: a test measured fast on the code can hang on a mutant (a sweep waiting for a job the
+    mutant calls alive). Otherwise the order stays."""
     stats = Path("mutmut-stats.json")
     if not os.environ.get("MUTANT_UNDER_TEST") or not stats.is_file():
         return
     durations = json.loads(stats.read_text()).get("duration_by_test", {})
-    items.sort(key=lambda item: durations.get(item.nodeid, math.inf))
+    items.sort(
+        key=lambda item: (
+            not item.path.name.startswith("test_mutation_guards_"),
+            durations.get(item.nodeid, math.inf),
+        )
+    )
 
 
 BACKENDS = [
