@@ -210,6 +210,51 @@ def test_a_slurm_job_is_alive_while_sacct_knows_it_unfinished(tmp_path, monkeypa
     assert job_alive(status) is False
 
 
+def fake_sacct(bin_dir: Path, rows: str = "") -> None:
+    """A ``sacct`` on PATH that answers ``rows`` (JobID|State|NodeList lines) to any query."""
+    bin_dir.mkdir(exist_ok=True)
+    answer = f"JobID|State|NodeList\n{rows}" if rows else ""
+    (bin_dir / "sacct").write_text(f"#!/bin/sh\nprintf '{answer}'\n")
+    (bin_dir / "sacct").chmod(0o755)
+
+
+def test_a_slurm_job_whose_result_is_in_its_folder_is_done(tmp_path, monkeypatch):
+    """submitit reads a job's result file in the status's folder (not the working directory),
+    named by the status's job id: once it is there, the job is no longer alive."""
+    pytest.importorskip("submitit")
+    fake_sacct(tmp_path / "bin")  # knows no job: pending
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    status = {"job_id": "42_1", "cluster": "slurm", "folder": str(folder)}
+    assert job_alive(status) is True
+    (folder / "42_1_0_result.pkl").write_bytes(b"")
+    assert job_alive(status) is False
+
+
+def test_a_slurm_status_without_a_folder_looks_in_the_working_directory(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    fake_sacct(tmp_path / "bin")  # knows no job: pending
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    status = {"job_id": "42_1", "cluster": "slurm"}
+    assert job_alive(status) is True
+    (tmp_path / "42_1_0_result.pkl").write_bytes(b"")
+    assert job_alive(status) is False
+
+
+def test_a_slurm_jobs_state_is_asked_anew_each_time(tmp_path, monkeypatch):
+    """submitit caches sacct's answers for minutes; the sweep forces a fresh one, so a job
+    that just ended is seen ended."""
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    status = {"job_id": "4077", "cluster": "slurm", "folder": str(tmp_path)}
+    fake_sacct(tmp_path / "bin", "4077|RUNNING|node1\n")
+    assert job_alive(status) is True
+    fake_sacct(tmp_path / "bin", "4077|COMPLETED|node1\n")
+    assert job_alive(status) is False
+
+
 # -------------------------------------------------------------- logs, checkpoint, outcome
 def test_final_test_error_is_the_last_test_record_of_the_last_epoch(tmp_path):
     assert final_test_error(tmp_path, 2) is None  # no log
