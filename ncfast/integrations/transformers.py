@@ -130,10 +130,12 @@ def _batch_parts(
     return parts[0], parts[1], parts[2]  # type: ignore[return-value]
 
 
-def _check_token_ids(ids: torch.Tensor, vocab_size: int, name: str, where: str) -> None:
-    """Token ids within the vocabulary (read on the host: an out-of-range id would fail deep in
-    the embedding, on CUDA as a device-side assert)."""
-    valid = ids[ids != IGNORE_INDEX] if name == "labels" else ids
+def _check_token_ids(
+    ids: torch.Tensor, vocab_size: int, name: str, where: str, ignore_index: int
+) -> None:
+    """Token ids within the vocabulary, ``ignore_index`` allowed in labels (read on the host: an
+    out-of-range id would fail deep in the embedding, on CUDA as a device-side assert)."""
+    valid = ids[ids != ignore_index] if name == "labels" else ids
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
         raise BadBatchError(
             f"{where}: batch[{name!r}] holds token ids outside the vocabulary [0, {vocab_size}) "
@@ -153,9 +155,9 @@ def _forward_batch(
     """One forward pass: (features [B, T, P], aligned labels [B, T], the model's output)."""
     device = next(model.parameters()).device
     ids, mask, given = _batch_parts(batch, device, where)
-    _check_token_ids(ids, vocab_size, "input_ids", where)
+    _check_token_ids(ids, vocab_size, "input_ids", where, ignore_index)
     if given is not None:
-        _check_token_ids(given, vocab_size, "labels", where)
+        _check_token_ids(given, vocab_size, "labels", where, ignore_index)
     labels = next_token_labels(
         ids if given is None else given, mask if given is None else None, ignore_index
     )
