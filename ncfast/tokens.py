@@ -217,18 +217,24 @@ class TokenMeasurement:
         second_pass: PairSource[torch.Tensor, torch.Tensor] | None = None,
         distributed: bool = False,
         nc4: bool = True,
+        on_degenerate: str = "raise",
     ) -> NCMetrics:
-        """The SPEC dict of the measured positions (:meth:`ncfast.Measurement.compute`);
-        ``second_pass`` yields the same ``(features [B, T, P], labels [B, T])`` batches again
-        (or is a callable returning such an iterable), needed only past the NC4 buffer."""
+        """The SPEC dict of the measured positions (:meth:`ncfast.Measurement.compute`, whose
+        ``on_degenerate`` this passes on); ``second_pass`` yields the same ``(features
+        [B, T, P], labels [B, T])`` batches again (or is a callable returning such an
+        iterable), needed only past the NC4 buffer."""
         if second_pass is None:
-            return self.measurement.compute(None, distributed=distributed, nc4=nc4)
+            return self.measurement.compute(
+                None, distributed=distributed, nc4=nc4, on_degenerate=on_degenerate
+            )
         source = second_pass
 
         def rows() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             return self._rows(source)  # a fresh iterator per call, as a DataLoader gives
 
-        return self.measurement.compute(rows, distributed=distributed, nc4=nc4)
+        return self.measurement.compute(
+            rows, distributed=distributed, nc4=nc4, on_degenerate=on_degenerate
+        )
 
     def reset(self) -> None:
         """Forget every position (a new pass); keep the head and settings."""

@@ -8,6 +8,8 @@ TensorBoard itself is optional (``pip install 'ncfast[tensorboard]'``) and impor
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ncfast.measure import flat_scalars
 
 __all__ = ["TensorBoardWriter", "log_to_tensorboard"]
@@ -16,6 +18,8 @@ __all__ = ["TensorBoardWriter", "log_to_tensorboard"]
 def log_to_tensorboard(writer, metrics: dict, step: int, prefix: str = "nc") -> int:
     """Write every scalar of ``metrics`` (a SPEC dict) as ``{prefix}/{key}`` at ``step``, and each
     entry of a vector value (``snr_singular_values``) as ``{prefix}/{key}/{j}``, j from 1.
+    A row of NaN metrics (``on_degenerate="nan"``) is written as NaN, without its reason
+    (``nc_undefined``, text); any other text value is a TypeError.
     ``writer``: anything with ``add_scalar(tag, value, step)`` (a
     ``torch.utils.tensorboard.SummaryWriter``). Returns the number of scalars written.
     """
@@ -24,6 +28,9 @@ def log_to_tensorboard(writer, metrics: dict, step: int, prefix: str = "nc") -> 
             "log_to_tensorboard: writer must have add_scalar(tag, value, step), e.g. a "
             f"torch.utils.tensorboard.SummaryWriter; got {type(writer).__name__}"
         )
+    if isinstance(metrics, Mapping) and isinstance(metrics.get("nc_undefined"), str):
+        # The row of on_degenerate="nan": its metrics are written (NaN), the reason is text.
+        metrics = {key: value for key, value in metrics.items() if key != "nc_undefined"}
     values = flat_scalars(
         metrics, f"{prefix}/" if prefix else "", "log_to_tensorboard", text_allowed=False
     )

@@ -45,7 +45,6 @@ from transformers import TrainerCallback
 from ncfast.checks import check_weight_decay
 from ncfast.errors import NCFastError
 from ncfast.measure import scalars
-from ncfast.metrics import DegenerateFeaturesError, undefined_metrics
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
 from ncfast.tokens import IGNORE_INDEX, TokenMeasurement, next_token_labels
 
@@ -409,10 +408,11 @@ class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
 
         distributed = dist.is_available() and dist.is_initialized()
         nc4 = self.nc4 and not tokens.measurement.needs_second_pass
-        try:
-            result: dict[str, Any] = dict(tokens.compute(distributed=distributed, nc4=nc4))
-        except DegenerateFeaturesError as error:
-            result = undefined_metrics(tokens.stats, self.weight_decay, error.reason)
+        # Fewer than two next-token classes seen, or means that do not separate: a NaN row
+        # with the reason (nc_undefined), never a training run stopped at its evaluation.
+        result: dict[str, Any] = dict(
+            tokens.compute(distributed=distributed, nc4=nc4, on_degenerate="nan")
+        )
         result["num_tokens"] = result.pop("num_samples")
         return result
 

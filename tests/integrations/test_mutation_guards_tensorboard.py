@@ -79,13 +79,28 @@ def test_every_scalar_under_the_prefix_at_the_step_in_order():
 
 
 def test_text_is_refused_naming_its_key():
-    """Text values raise (tests/library/test_monitor.py pins it too), a NaN row's
-    ``nc_undefined`` included: nothing of the row is written."""
+    """Text values raise (tests/library/test_monitor.py pins it too): nothing of the row is
+    written."""
     writer = Recorder()
-    row = {"nc1": math.nan, "nc_undefined": "1 of 3 classes had samples", "num_samples": 4}
-    with pytest.raises(TypeError, match=r"log_to_tensorboard: metrics\['nc_undefined'\] is a str"):
+    row = {"nc1": 0.5, "run": "a", "num_samples": 4}
+    with pytest.raises(TypeError, match=r"log_to_tensorboard: metrics\['run'\] is a str"):
         log_to_tensorboard(writer, row, 2)
     assert writer.calls == []
+
+
+def test_a_nan_row_is_written_without_its_reason():
+    """The row of ``on_degenerate="nan"`` (what a monitor or the Lightning callback gives for
+    a pass with one class) is written as NaN; ``nc_undefined`` (its reason, text) is left
+    out, and the row passed in is not changed."""
+    writer = Recorder()
+    row = {"nc1": math.nan, "nc_undefined": "1 of 3 classes had samples", "num_samples": 4}
+    assert log_to_tensorboard(writer, row, 2) == 2
+    assert [tag for tag, _, _ in writer.calls] == ["nc/nc1", "nc/num_samples"]
+    assert math.isnan(writer.calls[0][1]) and writer.calls[1][1:] == (4.0, 2)
+    assert "nc_undefined" in row
+    with pytest.raises(TypeError, match=r"metrics\['run'\] is a str"):
+        log_to_tensorboard(writer, {**row, "run": "a"}, 3)  # other text still refused
+    assert len(writer.calls) == 2
 
 
 def test_bad_arguments_name_the_function_and_the_argument():

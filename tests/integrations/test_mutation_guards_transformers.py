@@ -550,6 +550,25 @@ def test_callback_degenerate_evaluation_is_a_nan_row(seed):
     assert logged["eval_nc/num_tokens"] == 2 * (SEQ - 1)
 
 
+def test_callback_evaluation_of_one_next_token_class_is_a_nan_row(seed):
+    """An evaluation whose next tokens are all one class (a short eval set, a constant
+    sequence) has no Neural Collapse metrics: a NaN row with the reason, not an error that
+    would stop the Trainer at its evaluation."""
+    model = Tiny(seed)
+    trainer, state = stand_ins(model)
+    callback = NeuralCollapseCallback().attach(trainer)
+    ids = torch.full((2, SEQ), 3)
+    evaluation_loop(callback, model, state, [{"input_ids": ids, "attention_mask": ids * 0 + 1}])
+    callback.on_evaluate(None, state, None)
+    (row,) = callback.history
+    assert row["nc_undefined"] == (
+        f"1 of {VOCAB} classes had samples (at least two are needed; {2 * (SEQ - 1)} samples)"
+    )
+    assert math.isnan(row["nc1"]) and row["num_tokens"] == 2 * (SEQ - 1)
+    (logged,) = trainer.logs
+    assert math.isnan(logged["eval_nc/nc1"]) and "eval_nc/nc_undefined" not in logged
+
+
 def test_callback_hooks_close_and_bad_models(seed):
     model, other = gpt2(seed), gpt2(seed + 1)
     batches = batches_of(seed)
