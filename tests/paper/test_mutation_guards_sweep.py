@@ -147,8 +147,9 @@ def test_write_status_writes_indented_json_in_the_status_file(tmp_path):
 
 
 # ------------------------------------------------------------------ lock, owner, job alive
-def test_in_use_and_the_sweeps_owner_follow_the_lock(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.mark.parametrize("name", ["run", "a is in use by b; c"])
+def test_in_use_and_the_sweeps_owner_follow_the_lock(tmp_path, name):
+    run_dir = tmp_path / name
     assert in_use(run_dir) is False and sweep_owner(run_dir) is None
     lock = RunDirectory(run_dir, command="sweep").lock()
     try:

@@ -171,7 +171,8 @@ def sweep_owner(out: Path) -> str | None:
     try:
         RunDirectory(out).check_not_in_use()
     except RunDirectoryError as exc:
-        return str(exc).split(" is in use by ", 1)[-1].split(";")[0]
+        # The last " is in use by ": the folder's own name may hold the phrase.
+        return str(exc).rsplit(" is in use by ", 1)[-1].split(";")[0]
     return None
 
 
