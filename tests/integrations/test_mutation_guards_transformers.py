@@ -550,6 +550,16 @@ def test_callback_degenerate_evaluation_is_a_nan_row(seed):
     assert logged["eval_nc/num_tokens"] == 2 * (SEQ - 1)
 
 
+def test_callback_evaluation_before_any_model_logs_nothing(seed):
+    """A callback the Trainer has not yet given a model (no hook, nothing measured) lets an
+    evaluation pass: no row, nothing logged, no error."""
+    callback = NeuralCollapseCallback()
+    _, state = stand_ins(None)
+    callback.on_prediction_step(None, state, None)
+    callback.on_evaluate(None, state, None, metrics={"eval_runtime": 1.0})
+    assert callback.history == [] and state.log_history == []
+
+
 def test_callback_evaluation_of_one_next_token_class_is_a_nan_row(seed):
     """An evaluation whose next tokens are all one class (a short eval set, a constant
     sequence) has no Neural Collapse metrics: a NaN row with the reason, not an error that
