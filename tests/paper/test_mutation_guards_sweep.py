@@ -75,6 +75,22 @@ def test_shown_cuts_a_long_value_and_says_its_length():
 
 
 # ------------------------------------------------------------------------- read_status
+def test_a_status_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """A run's reason with non-ASCII text reads back the same under an ASCII locale (C, with
+    Python's UTF-8 mode and locale coercion off): the file is UTF-8, not the locale's."""
+    (tmp_path / "sweep_status.json").write_text('{"reason": "é"}', encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = (
+        "import sys; from ncfast.paper.sweep.status import read_status; "
+        "print(ascii(read_status(sys.argv[1]).get('reason')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ascii("é")
+
+
 def test_a_missing_or_unreadable_status_reads_as_empty(tmp_path):
     assert read_status(tmp_path / "none") == {}
     for raw in (b"{", b"[1, 2]", b'"done"', b"\xff\xfe{}", b"null"):
