@@ -550,6 +550,35 @@ def test_callback_degenerate_evaluation_is_a_nan_row(seed):
     assert logged["eval_nc/num_tokens"] == 2 * (SEQ - 1)
 
 
+def test_callback_measures_a_head_with_a_bias(seed):
+    """A head with a bias (Tiny's; GPT-2's has none): the callback measures the classifier
+    (W, b) as measure_language_model does, bias included (NC4's classifier uses it)."""
+    model = Tiny(seed)
+    batches = batches_of(seed)
+    trainer, state = stand_ins(model)
+    callback = NeuralCollapseCallback().attach(trainer)
+    evaluation_loop(callback, model, state, batches, with_labels=False)
+    callback.on_evaluate(None, state, None)
+    assert_same_metrics(callback.history[0], {"step": 7, **expected_row(model, batches)})
+
+
+def test_callback_ignores_an_attention_mask_of_another_shape(seed):
+    """Without labels, next tokens come from input_ids and the attention mask; a mask that
+    does not match input_ids (one that also covers cached past tokens) is not used."""
+    model = Tiny(seed)
+    (batch,) = batches_of(seed, sizes=(4,))
+    ids = batch["input_ids"].clamp(min=1)  # no padding: the mask would only add past tokens
+    trainer, state = stand_ins(model)
+    callback = NeuralCollapseCallback().attach(trainer)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones(4, SEQ + 2, dtype=torch.long))
+    callback.on_prediction_step(None, state, None)
+    callback.on_evaluate(None, state, None)
+    full = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    assert_same_metrics(callback.history[0], {"step": 7, **expected_row(model, full)})
+
+
 def test_callback_evaluation_before_any_model_logs_nothing(seed):
     """A callback the Trainer has not yet given a model (no hook, nothing measured) lets an
     evaluation pass: no row, nothing logged, no error."""
