@@ -33,6 +33,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -47,6 +48,8 @@ from ncfast.integrations.transformers import (  # noqa: E402
 from ncfast.measure import scalars  # noqa: E402
 from ncfast.tokens import TokenMeasurement, next_token_labels  # noqa: E402
 from tests.helpers.assertions import assert_same_metrics  # noqa: E402
+from tests.helpers.process_group import free_port, gloo_group  # noqa: E402
+from tests.helpers.tolerances import oracle_rtol  # noqa: E402
 
 VOCAB, DIM, SEQ = 24, 8, 10
 F64 = torch.float64
@@ -577,6 +580,38 @@ def test_callback_ignores_an_attention_mask_of_another_shape(seed):
     callback.on_evaluate(None, state, None)
     full = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
     assert_same_metrics(callback.history[0], {"step": 7, **expected_row(model, full)})
+
+
+def _evaluate_a_share(rank: int, world: int, port: int, seed: int, out: str) -> None:
+    """One rank of a distributed evaluation: the callback sees this rank's batch only."""
+    with gloo_group(rank, world, port):
+        model = Tiny(seed)
+        trainer, state = stand_ins(model)
+        callback = NeuralCollapseCallback().attach(trainer)
+        evaluation_loop(callback, model, state, batches_of(seed)[rank : rank + 1])
+        callback.on_evaluate(None, state, None)
+        torch.save(callback.history[0], f"{out}/rank{rank}.pt")
+
+
+def test_gloo_callback_reports_every_ranks_tokens(tmp_path, seed):
+    """Under torch.distributed (two gloo ranks, one batch each) every rank logs the metrics of
+    all ranks' tokens: those of one process that saw both batches."""
+    mp.spawn(_evaluate_a_share, args=(2, free_port(), seed, str(tmp_path)), nprocs=2, join=True)
+    model = Tiny(seed)
+    batches = batches_of(seed)
+    expected = {"step": 7, **expected_row(model, batches)}
+    # The ranks' float64 sums are added in another order than one process's: the metrics agree
+    # to the relative bound N·eps·κ of the features (tests/helpers/tolerances.py).
+    with torch.no_grad():
+        hidden = [torch.tanh(model.embed(b["input_ids"])) for b in batches]
+    labels = [next_token_labels(b["input_ids"], b["attention_mask"], -100) for b in batches]
+    kept = [lab >= 0 for lab in labels]
+    features = torch.cat([h[k] for h, k in zip(hidden, kept, strict=True)])
+    classes = torch.cat([lab[k] for lab, k in zip(labels, kept, strict=True)])
+    rtol = oracle_rtol(features, classes, VOCAB)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert_same_metrics(got, expected, rtol=rtol)
 
 
 def test_callback_evaluation_before_any_model_logs_nothing(seed):
