@@ -215,8 +215,12 @@ def measure_language_model(
     loss_sum = torch.zeros((), dtype=torch.float64)
     model.eval()
     try:
-        with torch.no_grad():
-            for batch in tqdm(dataloader, desc="measuring tokens", disable=not progress):
+        # The bar counts the batches; it does not iterate the dataloader: tqdm.auto's class
+        # calls iter() once on construction, which would start a DataLoader's workers twice.
+        bar = tqdm(total=_length(dataloader), desc="measuring tokens", disable=not progress)
+        with torch.no_grad(), bar:
+            for batch in dataloader:
+                bar.update(1)
                 features, labels, output = _forward_batch(
                     model, tap, batch, vocab_size, ignore_index, where
                 )
@@ -415,6 +419,14 @@ class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
         )
         result["num_tokens"] = result.pop("num_samples")
         return result
+
+
+def _length(dataloader: Any) -> int | None:
+    """The number of batches, or None (a generator; an IterableDataset's DataLoader raises)."""
+    try:
+        return len(dataloader)
+    except TypeError:
+        return None
 
 
 def _split_of(metrics: object) -> str:

@@ -182,9 +182,19 @@ class Twice:
         self.batches, self.iterations = batches, 0
 
     def __iter__(self):
-        # Counted when the first batch is taken (tqdm also calls iter() once without taking one).
+        # Counted at iter(), as a DataLoader starts its workers there.
         self.iterations += 1
-        yield from self.batches
+        return iter(self.batches)
+
+
+class Streamed(torch.utils.data.IterableDataset):
+    """Batches from an iterable dataset: its DataLoader has no length."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
 
 
 def test_nc4_second_pass_iterates_the_dataloader_again(seed):
@@ -194,6 +204,13 @@ def test_nc4_second_pass_iterates_the_dataloader_again(seed):
     two = measure_language_model(model, loader, memory_budget_bytes=0)
     one = measure_language_model(model, batches)
     assert (two["passes"], loader.iterations) == (2, 2)
+    once = Twice(batches)
+    measure_language_model(model, once, progress=True)
+    assert once.iterations == 1  # the progress bar does not iterate it again
+    streamed = torch.utils.data.DataLoader(Streamed(batches), batch_size=None)
+    assert_same_metrics(
+        metrics_only(measure_language_model(model, streamed, progress=True)), metrics_only(one)
+    )
     assert_same_metrics(metrics_only(two), metrics_only(one))
     assert two["loss"] == one["loss"]  # the loss of the first pass only
 
