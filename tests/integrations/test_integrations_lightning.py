@@ -187,6 +187,11 @@ def test_ddp_on_two_processes_gives_every_rank_the_one_process_metrics(tmp_path,
     """examples/lightning_callback.py --devices 2 (DDP, gloo): each rank validates half of the
     360 held-out digits; every rank's measurements are identical and hold all 360, equal to one
     process measuring the trained model on the whole set; rank 0 alone writes the log."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if env.get("MUTANT_UNDER_TEST") == "stats":
+        # mutmut's stats run: its recorder needs mutmut's config, which a process started in
+        # tmp_path cannot find; a mutant (a name) runs there as in the test's own process.
+        del env["MUTANT_UNDER_TEST"]
     run = subprocess.run(
         [
             sys.executable,
@@ -208,7 +213,7 @@ def test_ddp_on_two_processes_gives_every_rank_the_one_process_metrics(tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env=env,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"history.rank{r}.json").read_text()) for r in range(2)]
