@@ -151,7 +151,29 @@ def test_defaults_loss_and_bookkeeping(seed, capsys):
     assert result["loss"] == pytest.approx(loss_by_hand(model, batches), rel=LOSS_RTOL)
     assert capsys.readouterr().err == ""  # no progress bar by default
     measure_language_model(model, batches, progress=True)
-    assert re.search(r"(^|\r)measuring tokens: ", capsys.readouterr().err)  # tqdm's "desc: "
+    # tqdm's "desc: ", and the batches counted against the dataloader's length to the end.
+    err = capsys.readouterr().err
+    assert re.search(r"(^|\r)measuring tokens: ", err) and " 2/2 [" in err, err
+
+
+class ChangingLoader:
+    """Good batches on the first pass, a batch with an id outside the vocabulary after."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        if self.passes == 1:
+            return iter(self.batches)
+        bad = dict(self.batches[0], input_ids=self.batches[0]["input_ids"] + 10**6)
+        return iter([bad])
+
+
+def test_a_bad_batch_in_the_second_pass_names_the_function(seed):
+    model = gpt2(seed)
+    with pytest.raises(BadBatchError, match=r"^measure_language_model: batch\['input_ids'\]"):
+        measure_language_model(model, ChangingLoader(batches_of(seed)), memory_budget_bytes=0)
 
 
 def test_options_reach_the_result(seed):
