@@ -19,17 +19,13 @@ from ncfast.integrations.transformers import (  # noqa: E402
 )
 from ncfast.tokens import TokenMeasurement, next_token_labels  # noqa: E402
 from tests.helpers.assertions import assert_same_metrics  # noqa: E402
+from tests.helpers.language_models import tiny_gpt2  # noqa: E402
 
 VOCAB, DIM, SEQ = 40, 12, 16
 
 
-def gpt2(seed):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=SEQ, n_embd=DIM, n_layer=1, n_head=2, bos_token_id=0,
-        eos_token_id=0,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config).double().eval()
+def gpt2(seed: int) -> nn.Module:
+    return tiny_gpt2(seed, VOCAB, DIM, SEQ)
 
 
 def llama(seed):

@@ -48,6 +48,7 @@ from ncfast.integrations.transformers import (  # noqa: E402
 from ncfast.measure import scalars  # noqa: E402
 from ncfast.tokens import TokenMeasurement, next_token_labels  # noqa: E402
 from tests.helpers.assertions import assert_same_metrics  # noqa: E402
+from tests.helpers.language_models import tiny_gpt2  # noqa: E402
 from tests.helpers.process_group import free_port, gloo_group  # noqa: E402
 from tests.helpers.tolerances import oracle_rtol  # noqa: E402
 
@@ -58,13 +59,7 @@ BOOKKEEPING = ("loss", "num_tokens", "ignored_tokens", "passes", "token_counts")
 
 
 def gpt2(seed: int) -> nn.Module:
-    """A tiny float64 GPT-2 in eval mode, head tied to the input embedding, dropout 0.1."""
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=SEQ, n_embd=DIM, n_layer=1, n_head=2, bos_token_id=0,
-        eos_token_id=0,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config).double().eval()
+    return tiny_gpt2(seed, VOCAB, DIM, SEQ)
 
 
 def batches_of(seed: int, sizes=(3, 5), left_pad: bool = False) -> list[dict]:
