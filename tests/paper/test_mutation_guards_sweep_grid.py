@@ -423,3 +423,58 @@ def test_the_difference_names_each_key_that_differs():
         "train_options: {} there, {'epochs': 2} now",
     ]
     assert first.difference(first) == []
+
+
+def test_check_resolves_each_cell_and_each_value_once(monkeypatch):
+    # check() resolves each (dataset, network, loss) at the first run's rate and seed, and each
+    # (loss, rate, seed) at the first run's dataset and network: every run's options, each once.
+    calls = []
+    from_preset = TrainConfig.from_preset.__func__
+
+    def recorded(cls, preset=None, **options):
+        calls.append(
+            (options["dataset"], options["net"], options["loss"], options["lr"], options["seed"])
+        )
+        return from_preset(cls, preset, **options)
+
+    monkeypatch.setattr(TrainConfig, "from_preset", classmethod(recorded))
+    grid = small(datasets="mnist5k,svhn", nets="vgg,resnet18", losses="mse,ce", lrs="0.2,0.1")
+    grid = dataclasses.replace(grid, seeds=(1, 0))
+    config = grid.check()
+    assert (config.dataset, config.net, config.loss, config.lr, config.seed) == (
+        "mnist5k",
+        "vgg11",
+        "mse",
+        0.2,
+        1,
+    )
+    cells = [
+        (d, n, loss, 0.2, 1)
+        for d, nets in (("mnist5k", ("vgg11", "resnet18")), ("svhn", ("vgg13", "resnet18")))
+        for n in nets
+        for loss in ("mse", "ce")
+    ]
+    values = [
+        ("mnist5k", "vgg11", loss, lr, s)
+        for loss in ("mse", "ce")
+        for lr in (0.2, 0.1)
+        for s in (1, 0)
+    ]
+    # In run order; the first run is both a cell and a value, so resolved twice.
+    assert sorted(calls) == sorted(cells + values)
+    assert calls[:2] == [cells[0], values[0]]
+
+
+def test_check_names_the_cell_whose_options_fail(monkeypatch):
+    # One cell (not the first run's) refused: the error names that cell's first run.
+    from_preset = TrainConfig.from_preset.__func__
+
+    def failing(cls, preset=None, **options):
+        if (options["dataset"], options["net"]) == ("svhn", "resnet18"):
+            raise ValueError("net: refused here")
+        return from_preset(cls, preset, **options)
+
+    monkeypatch.setattr(TrainConfig, "from_preset", classmethod(failing))
+    grid = small(datasets="mnist5k,svhn", nets="vgg,resnet18", lrs="0.01")
+    with pytest.raises(SweepError, match="^run svhn-resnet18-mse-lr0.01-seed0: net: refused here$"):
+        grid.check()

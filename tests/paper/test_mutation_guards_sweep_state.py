@@ -210,3 +210,39 @@ def test_the_selection_takes_the_lowest_mean_error_per_cell(tmp_path):
         ],
     }
     assert json.loads((sweep.out / "selected.json").read_text()) == selection
+
+
+def test_the_run_loop_counts_queued_and_locked_runs_as_running_elsewhere(tmp_path, stand_in_child):
+    sweep = make_sweep(tmp_path, lrs="0.01,0.02,0.03")
+    specs = sweep.specs
+    job = subprocess.Popen(["submitit-job", "60"], executable="/bin/sleep")
+    lock = None
+    try:
+        cmdline = Path(f"/proc/{job.pid}/cmdline")
+        while b"submitit" not in cmdline.read_bytes():
+            pass
+        status = {"job_id": str(job.pid), "cluster": "local", "submit_host": platform.node()}
+        write_status(run_dir_of(sweep, 0), {**status, "state": "submitted"})
+        lock = RunDirectory(run_dir_of(sweep, 1), command="train").lock()
+        lines: list[str] = []
+        counts = sweep.run(QUIET, echo=lines.append)
+    finally:
+        if lock is not None:
+            lock.unlock()
+        job.kill()
+        job.wait()
+    assert lines[0].endswith(": 0 done, 0 failed, 2 running elsewhere, 1 to run")
+    assert stand_in_child == [specs[2].name]
+    assert counts == {"done": 1, "running": 1, "failed": 0, "queued": 1, "waiting": 0}
+
+
+def test_the_selection_leaves_out_a_failed_run_that_logged_its_final_error(tmp_path):
+    # A run that logged its last epoch's test error and then failed (e.g. killed while writing
+    # its checkpoint) is failed: its error, the lowest here, is not selected.
+    sweep = make_sweep(tmp_path, lrs="0.01,0.02")
+    (run_dir_of(sweep, 0) / "metrics.jsonl").write_text(rows(2, 0.0625))
+    write_status(run_dir_of(sweep, 0), {"state": "failed", "reason": "boom"})
+    (run_dir_of(sweep, 1) / "metrics.jsonl").write_text(rows(2, 0.5))
+    (entry,) = sweep.select()["selected"]
+    assert (entry["lrs_finished"], entry["lrs_failed"]) == ([0.02], [0.01])
+    assert (entry["lr"], entry["test_error"], entry["seeds"]) == (0.02, 0.5, [0])
