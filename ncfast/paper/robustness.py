@@ -292,7 +292,12 @@ def out_of_range_fractions(
     to the bound, at least 1): normalising in float32 rounds a clean pixel at 0 or 255 by a few
     ulps (≈ 1e-7) past the bound computed in float64, and that is no excursion.
     """
-    channels = points.shape[1] if points.dim() > 1 else 1
+    if points.dim() < 2:
+        raise ValueError(
+            f"out_of_range_fractions: points must be [B, C, ...] (a batch of images or of flat "
+            f"vectors), got shape {tuple(points.shape)}"
+        )
+    channels = points.shape[1]
     if low.numel() not in (1, channels):
         raise ValueError(
             f"valid_range: {low.numel()} values for images with {channels} channels "

@@ -12,6 +12,7 @@ Tiny models on CPU; the whole file runs in a few seconds."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -445,6 +446,25 @@ def test_out_of_range_of_flat_points_takes_the_second_dimension_as_channels():
     assert out_of_range_fractions(points, low, high).tolist() == [0.0, 1 / 3]
 
 
+def test_out_of_range_reads_float32_bounds_in_float64():
+    """Bounds given in float32 are compared in float64: ±2.75 ± the slack rounds inward in
+    float32 (by 8e-8), so values exactly on the float64 edges count as outside only if the
+    edges are computed in float32."""
+    low, high = torch.tensor([-2.75]), torch.tensor([2.75])
+    edge = 2.75 + 1e-5 * 2.75
+    points = torch.tensor([[[-edge, edge]]], dtype=F64)
+    assert torch.tensor(edge, dtype=torch.float32).double() < edge  # the inward rounding
+    assert out_of_range_fractions(points, low, high).tolist() == [0.0]
+    assert out_of_range_fractions(points * (1 + 1e-15), low, high).tolist() == [1.0]
+
+
+def test_out_of_range_refuses_points_without_a_channel_dimension():
+    with pytest.raises(
+        ValueError, match=r"^out_of_range_fractions: points must be \[B, C, \.\.\.\]"
+    ):
+        out_of_range_fractions(torch.zeros(4), torch.zeros(1), torch.ones(1))
+
+
 # ------------------------------------------------------------------------- the sample
 def test_sample_indices_are_seeded_in_range_and_distinct(seed):
     n = 40
@@ -511,15 +531,16 @@ def test_robustness_summary_against_a_float64_recomputation(seed):
     images = torch.randn(20, 6, generator=gen, dtype=F64)
     with torch.no_grad():
         predicted = model(images.float()).argmax(1)
+    index = sample_indices(20, 7, seed)
     labels = predicted.clone()
-    labels[::3] = (predicted[::3] + 1) % 3  # a third misclassified
+    wrong = index[::3]  # 3 of the 7 sampled images misclassified, whatever the seed
+    labels[wrong] = (predicted[wrong] + 1) % 3
     split = _Split(images, labels)
     bounds = (torch.tensor([-1.0], dtype=F64), torch.tensor([1.0], dtype=F64))
     out = robustness(
         model, split, samples=7, seed=seed, overshoot=0.05, batch_size=7,
         device="cpu", valid_range=(-1.0, 1.0), progress=False,
     )  # fmt: skip
-    index = sample_indices(20, 7, seed)
     expected = _summary_reference(images[index].float(), labels[index], model, 0.05, bounds)
     expected["robustness_seed"] = seed
     assert set(out) == set(expected)
@@ -531,7 +552,7 @@ def test_robustness_summary_against_a_float64_recomputation(seed):
     perturbation, _, _ = _linear_attack(model, images[index], 0.05)
     rel = np.linalg.norm(perturbation, axis=1) / images[index].norm(dim=1).numpy()
     assert out["robustness"] == pytest.approx(rel.mean(), rel=1e-4)
-    assert 0 < out["robustness_correct_samples"] < 7 and out["robustness_not_fooled"] == 0
+    assert out["robustness_correct_samples"] == 4 and out["robustness_not_fooled"] == 0
     # In batches of 2 (the last one of 1): the same numbers up to float32 sums of other length.
     small = robustness(
         model, split, samples=7, seed=seed, overshoot=0.05, batch_size=2,
@@ -685,3 +706,68 @@ def test_robustness_argument_checks():
         model, split, samples=1, max_iter=1, batch_size=1, overshoot=0.0, progress=False
     )
     assert out["robustness_samples"] == 1 and out["robustness_overshoot"] == 0.0
+
+
+def test_robustness_reads_the_valid_range_in_float64():
+    """2**24 and 2**24 + 1 are one float32: read in float64 they are a valid range."""
+    images = torch.full((2, 1, 2), 2.0**24, dtype=F64)
+    split = _Split(images, torch.zeros(2, dtype=torch.long))
+    out = robustness(
+        _Flat(), split, samples=2, device="cpu", valid_range=(2.0**24, 2.0**24 + 1), progress=False
+    )
+    assert out["robustness_out_of_range"] == 0.0
+
+
+def test_robustness_names_itself_in_a_bad_valid_range():
+    split = _Split(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^robustness: valid_range must have finite low < high"):
+        robustness(_linear(3, 2, 0), split, valid_range=(1.0, 0.0), progress=False)
+
+
+def test_robustness_batches_32_images_by_default():
+    class Counting(_Split):
+        def __init__(self, images, labels):
+            super().__init__(images, labels)
+            self.sizes: list[int] = []
+
+        def batch(self, index):
+            self.sizes.append(len(index))
+            return super().batch(index)
+
+    split = Counting(
+        torch.randn(70, 3, generator=torch.Generator().manual_seed(6)), torch.zeros(70)
+    )
+    robustness(_linear(3, 2, 0, dtype=torch.float32), split, samples=70, progress=False)
+    assert split.sizes == [32, 32, 6]
+
+
+def test_robustness_of_one_sample_warns_nothing():
+    """One sample (and no fooled image): the standard errors are NaN without a warning."""
+    images = torch.linspace(-1, 1, 3, dtype=F64).reshape(3, 1)
+    split = _Split(images, torch.ones(3, dtype=torch.long))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = robustness(_Unreachable(), split, samples=1, max_iter=2, progress=False)
+    assert math.isnan(out["robustness_stderr"]) and math.isnan(out["robustness_tight_stderr"])
+
+
+def test_robustness_of_data_without_an_images_tensor_runs_on_the_cpu():
+    """Data that only provides ``batch`` and ``labels`` (no ``images`` tensor): its index is a
+    CPU tensor, and a model without parameters runs on the CPU."""
+
+    class BatchOnly:
+        def __init__(self, images, labels):
+            self._images, self.labels = images, labels
+            self.devices: list[torch.device] = []
+
+        def batch(self, index):
+            self.devices.append(index.device)
+            return self._images[index], self.labels[index]
+
+    for images_attribute in (False, True):
+        split = BatchOnly(torch.tensor([[[0.0, 1.9]], [[-2.1, 2.0]]], dtype=F64), torch.zeros(2))
+        if images_attribute:
+            split.images = "not a tensor"
+        out = robustness(_Flat(), split, samples=2, valid_range=(-2.0, 2.0), progress=False)
+        assert out["robustness_out_of_range"] == 0.25
+        assert split.devices == [torch.device("cpu")]
