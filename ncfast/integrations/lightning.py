@@ -73,6 +73,13 @@ except ImportError:
 __all__ = ["NeuralCollapseCallback"]
 
 
+def _warn(message: str) -> None:
+    """A RuntimeWarning pointing at the user's line (past ncfast's and Lightning's frames)."""
+    warnings.warn(
+        message, RuntimeWarning, stacklevel=user_stacklevel("lightning", "pytorch_lightning")
+    )
+
+
 def _second_item(batch):
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[1]
@@ -233,7 +240,7 @@ class NeuralCollapseCallback(Callback):
             return
         if dataloader_idx != self.dataloader_idx:
             # Another validation dataloader: its forward passes must not reach the hook.
-            self._finish_validation_pass(pl_module)
+            self._finish_validation_pass()
             return
         if self._pass is None:
             self._pass = self.monitor.measure().open()
@@ -242,23 +249,21 @@ class NeuralCollapseCallback(Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._measuring:
-            self._finish_validation_pass(pl_module)
+            self._finish_validation_pass()
             self._measuring = False
             self._record(trainer, pl_module)
 
-    def _finish_validation_pass(self, pl_module) -> None:
+    def _finish_validation_pass(self) -> None:
         nc = self._pass
         if nc is None or not nc.is_open:
             return
         nc.close()
         if nc.needs_second_pass:
             # The validation loop cannot be run again from here: NC4 is left NaN.
-            warnings.warn(
+            _warn(
                 "NeuralCollapseCallback: the validation features exceeded "
                 f"memory_budget_bytes={self.memory_budget_bytes}, so nc4_ncc_mismatch is "
                 "NaN; raise the budget or pass dataloader= (which can run a second pass)",
-                RuntimeWarning,
-                stacklevel=user_stacklevel("lightning", "pytorch_lightning"),
             )
             self._result = {**nc.compute(nc4=False), "nc4_ncc_mismatch": math.nan}
         else:
@@ -285,11 +290,9 @@ class NeuralCollapseCallback(Callback):
         if row is None:
             return
         if "nc_undefined" in row:
-            warnings.warn(
+            _warn(
                 f"NeuralCollapseCallback: metrics of the training passes undefined at step "
                 f"{row['step']}, logged as NaN: {row['nc_undefined']}",
-                RuntimeWarning,
-                stacklevel=user_stacklevel("lightning", "pytorch_lightning"),
             )
         self.online_history.append(row)
         values = {
@@ -322,11 +325,9 @@ class NeuralCollapseCallback(Callback):
             return
         epoch = trainer.current_epoch
         if "nc_undefined" in result:
-            warnings.warn(
+            _warn(
                 f"NeuralCollapseCallback: metrics undefined at epoch {epoch}, logged as NaN: "
                 f"{result['nc_undefined']}",
-                RuntimeWarning,
-                stacklevel=user_stacklevel("lightning", "pytorch_lightning"),
             )
         self.metrics = result
         self.history.append({"epoch": epoch, **result})
