@@ -52,7 +52,7 @@ class DeepFoolResult:
     ``total`` is the sum of DeepFool's steps ``r``; ``perturbation`` the attack
     ``(1 + overshoot)·r``; ``original`` the class predicted on the clean input; ``adversarial``
     the class predicted on ``x + perturbation``; ``fooled`` whether they differ; ``iterations``
-    the DeepFool steps taken.
+    the DeepFool steps taken (int64).
     """
 
     perturbation: torch.Tensor

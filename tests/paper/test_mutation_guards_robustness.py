@@ -373,6 +373,32 @@ def test_the_grid_ends_at_the_attacks_own_perturbation():
     assert scale.item() == pytest.approx(0.971, abs=4 * EPS)
 
 
+@pytest.mark.parametrize(
+    "batch, tolerance, scan_points, sizes",
+    [
+        # steps = 102 (1.02/0.01 is 102.00000000000001 in floats): 16 scanned points 6 or 7
+        # apart, one pass of 16·5 images, then ⌈log2 7⌉ = 3 bisection passes of 5.
+        (5, 0.01, 16, [80, 5, 5, 5]),
+        # steps = 5 ≤ scan_points: every grid point is scanned, nothing left to bisect.
+        (5, 0.25, 16, [25]),
+        # steps = 17 exactly (1.02/0.06 is 17.0 in floats), scanned whole by 17 points.
+        (5, 0.06, 17, [85]),
+        # A batch above 256 images: one copy of the batch per pass.
+        (300, 0.01, 16, [300] * 16 + [300] * 3),
+        # One image: 256 copies per pass; steps 1020, 300 points 3 or 4 apart: 2 bisections.
+        (1, 0.001, 300, [256, 44, 1, 1]),
+    ],
+)
+def test_tight_scales_makes_a_fixed_number_of_forward_passes(batch, tolerance, scan_points, sizes):
+    inner = _linear(3, 2, 0, dtype=torch.float32)
+    images = torch.randn(batch, 3, generator=torch.Generator().manual_seed(7))
+    result = deepfool(inner, images, overshoot=0.02)
+    assert result.iterations.dtype == torch.long
+    model = _Recording(inner)
+    tight_scales(model, images, result, tolerance=tolerance, scan_points=scan_points)
+    assert model.sizes == sizes
+
+
 def test_tight_scales_argument_checks():
     model = _Intervals([[(0.5, math.inf)]])
     images, total = _unit_rays(1)
