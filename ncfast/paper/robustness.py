@@ -140,8 +140,7 @@ def deepfool(
         with torch.no_grad():
             logits = model(x)
         still = logits.argmax(dim=1) == label
-        if not bool(still.all()):
-            active[idx[~still]] = False
+        active[idx[~still]] = False
         if not bool(still.any()):
             break
         # Only the images still on their original side are linearised again.
