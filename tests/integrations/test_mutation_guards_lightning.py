@@ -362,6 +362,8 @@ def test_only_the_chosen_validation_dataloader_is_measured(seed, chosen):
 
 def test_an_epoch_without_batches_of_the_chosen_loader_records_nothing(seed):
     callback, model, batches = setup(seed)
+    validate(callback, model, [[], batches], epoch=0)  # the very first epoch: nothing to record
+    assert callback.history == [] and len(model.logged) == 0
     validate(callback, model, [batches], epoch=0)
     validate(callback, model, [[], batches], epoch=1)  # loader 0 is empty this time
     assert [row["epoch"] for row in callback.history] == [0] and len(model.logged) == 1
