@@ -399,6 +399,25 @@ def test_tight_scales_makes_a_fixed_number_of_forward_passes(batch, tolerance, s
     assert model.sizes == sizes
 
 
+def test_tight_scales_stays_on_the_images_device_without_a_host_synchronisation():
+    """On the meta device (shapes only, no values: any host synchronisation or CPU tensor
+    mixed in raises), the scan and the bisection stay on the images' device."""
+    meta = torch.device("meta")
+    model = _linear(3, 2, 0).to(meta)
+    images = torch.empty(4, 3, dtype=F64, device=meta)
+    result = DeepFoolResult(
+        perturbation=torch.empty(4, 3, dtype=F64, device=meta),
+        total=torch.empty(4, 3, dtype=F64, device=meta),
+        original=torch.empty(4, dtype=torch.long, device=meta),
+        adversarial=torch.empty(4, dtype=torch.long, device=meta),
+        fooled=torch.empty(4, dtype=torch.bool, device=meta),
+        iterations=torch.empty(4, dtype=torch.long, device=meta),
+        overshoot=0.02,
+    )
+    scales = tight_scales(model, images, result)
+    assert (scales.device, scales.dtype, scales.shape) == (meta, F64, (4,))
+
+
 def test_tight_scales_argument_checks():
     model = _Intervals([[(0.5, math.inf)]])
     images, total = _unit_rays(1)
@@ -482,6 +501,12 @@ def test_out_of_range_reads_float32_bounds_in_float64():
     assert torch.tensor(edge, dtype=torch.float32).double() < edge  # the inward rounding
     assert out_of_range_fractions(points, low, high).tolist() == [0.0]
     assert out_of_range_fractions(points * (1 + 1e-15), low, high).tolist() == [1.0]
+
+
+def test_out_of_range_moves_the_bounds_to_the_points_device():
+    points = torch.empty(2, 3, 4, 4, device="meta")
+    got = out_of_range_fractions(points, torch.zeros(3), torch.ones(3))
+    assert (got.device.type, got.dtype, got.shape) == ("meta", F64, (2,))
 
 
 def test_out_of_range_refuses_points_without_a_channel_dimension():
