@@ -109,3 +109,151 @@ def test_the_state_layout_and_its_keys():
 def test_the_state_is_allocated_on_the_device_asked_for(device):
     state = new_state(2, 3, device)
     assert {k: v.device.type for k, v in state.items()} == dict.fromkeys(STATE_KEYS, "meta")
+
+
+# ------------------------------------------------------------------------- build_info.py
+def _fake_gpus(monkeypatch, capabilities):
+    """``torch.cuda`` answering for GPUs of the given capabilities (named GPU0, GPU1, ...)."""
+    from ncfast.backend import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU{i}")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
+    precision._auto_precision.cache_clear()  # it caches per device; the fake GPUs must not stay
+    monkeypatch.setattr(precision, "_auto_precision", precision._auto_precision.__wrapped__)
+
+
+def test_build_info_of_this_cpu_installation(monkeypatch):
+    import ncfast._C as compiled
+
+    from ncfast._version import __version__
+    from ncfast.backend.build_info import build_info
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("NCFAST_BACKEND", "native")
+    info = build_info()
+    assert info == {
+        "ncfast": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": False,
+        "devices": [],
+        "backend": ops.BACKEND,
+        "backend_requested": "native",
+        "native_unavailable_reason": ops.NATIVE_UNAVAILABLE_REASON or None,
+        "device_kernels": [],
+        "stats_precision": [
+            {
+                "device": "cpu",
+                "auto": "exact",
+                "why": "CPU: float64 GEMM at 1/2 of the float32 rate, affordable",
+            }
+        ],
+        "extension": True,
+        "extension_path": compiled.__file__,
+        "extension_error": None,
+        "extension_cuda": bool(compiled.with_cuda),
+        "extension_cuda_version": (
+            f"{compiled.cuda_version_int // 1000}.{compiled.cuda_version_int % 1000 // 10}"
+            if compiled.cuda_version_int
+            else None
+        ),
+        "extension_arch_list": compiled.cuda_arch_list or None,
+        "extension_torch": compiled.torch_version,
+        "extension_compiler": compiled.compiler,
+    }
+    monkeypatch.delenv("NCFAST_BACKEND")
+    assert build_info()["backend_requested"] is None
+    monkeypatch.setattr(compiled, "cuda_arch_list", "")  # a build without CUDA kernels
+    assert build_info()["extension_arch_list"] is None
+
+
+def test_build_info_without_the_extension(monkeypatch):
+    from ncfast.backend.build_info import build_info
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delattr(sys.modules["ncfast"], "_C")
+    monkeypatch.setitem(sys.modules, "ncfast._C", None)
+    monkeypatch.setattr(ops, "NATIVE_UNAVAILABLE_REASON", "ImportError: no _C here")
+    info = build_info()
+    assert info["extension"] is False and info["extension_path"] is None
+    assert info["extension_error"] == "import of ncfast._C halted; None in sys.modules"
+    assert info["native_unavailable_reason"] == "ImportError: no _C here"
+    assert "extension_cuda" not in info and "extension_compiler" not in info
+
+
+def test_build_info_lists_each_gpu_with_its_kernels_and_precision(monkeypatch):
+    from ncfast.backend.build_info import build_info
+
+    _fake_gpus(monkeypatch, [(7, 5), (6, 1), (9, 0), (8, 6)])
+    monkeypatch.setattr(ops, "BACKEND", "native")
+    monkeypatch.setattr(native, "WITH_CUDA", True)
+    monkeypatch.setattr(
+        native, "COMPILED_TARGETS", native.parse_arch_list("sm_75;sm_80;compute_90")
+    )
+    info = build_info()
+    assert info["devices"] == ["GPU0", "GPU1", "GPU2", "GPU3"] and info["cuda_available"]
+    assert info["device_kernels"] == [
+        {
+            "device": "cuda:0",
+            "name": "GPU0",
+            "capability": "7.5",
+            "kernel_image": "sm_75",
+            "uses": "native kernels, machine code sm_75",
+        },
+        {
+            "device": "cuda:1",
+            "name": "GPU1",
+            "capability": "6.1",
+            "kernel_image": None,
+            "uses": "no kernel image: the reference backend",
+        },
+        {
+            "device": "cuda:2",
+            "name": "GPU2",
+            "capability": "9.0",
+            "kernel_image": "compute_90",
+            "uses": "native kernels from PTX compute_90 (JIT-compiled by the driver at first use)",
+        },
+        {
+            "device": "cuda:3",
+            "name": "GPU3",
+            "capability": "8.6",
+            "kernel_image": "sm_80",
+            "uses": "native kernels, machine code sm_80",
+        },
+    ]
+    assert [(e["device"], e["auto"]) for e in info["stats_precision"]] == [
+        ("cpu", "exact"),
+        ("cuda:0", "fast"),
+        ("cuda:1", "fast"),
+        ("cuda:2", "exact"),
+        ("cuda:3", "fast"),
+    ]
+    assert info["stats_precision"][3]["why"] == (
+        "GPU2 (compute capability 9.0): float64 at ≥ 1/4 of the float32 rate"
+    )
+
+
+@pytest.mark.parametrize(
+    "backend, with_cuda, uses",
+    [
+        ("reference", True, "the reference backend (native not in use)"),
+        ("native", False, "the reference backend (the extension has no CUDA kernels)"),
+    ],
+)
+def test_a_gpu_without_native_kernels_says_why(monkeypatch, backend, with_cuda, uses):
+    from ncfast.backend.build_info import build_info
+
+    _fake_gpus(monkeypatch, [(9, 0)])
+    monkeypatch.setattr(ops, "BACKEND", backend)
+    monkeypatch.setattr(native, "WITH_CUDA", with_cuda)
+    (entry,) = build_info()["device_kernels"]
+    assert entry == {
+        "device": "cuda:0",
+        "name": "GPU0",
+        "capability": "9.0",
+        "kernel_image": None,
+        "uses": uses,
+    }
