@@ -257,3 +257,19 @@ def test_a_gpu_without_native_kernels_says_why(monkeypatch, backend, with_cuda, 
         "kernel_image": None,
         "uses": uses,
     }
+
+
+# -------------------------------------------------------------------------- precision.py
+def test_resolve_precision_names_itself_in_its_error():
+    from ncfast.backend.precision import resolve_precision
+
+    assert [resolve_precision(p, "cpu") for p in ("exact", "fast", "auto")] == [
+        "exact",
+        "fast",
+        "exact",
+    ]
+    with pytest.raises(ValueError) as caught:
+        resolve_precision("float64", "cpu")
+    assert str(caught.value) == (
+        "resolve_precision: precision must be one of exact, fast, auto, got 'float64'"
+    )
