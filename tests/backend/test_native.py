@@ -338,9 +338,11 @@ def test_each_op_signature_is_the_reference_signature(name):
     same arguments written in place (those the reference's docstring says it updates)."""
     registered = getattr(torch.ops.ncfast, name).default._schema
     written = [a.name for a in registered.arguments if a.alias_info and a.alias_info.is_write]
+    # unwrap: under mutmut each function is a trampoline defined in mutmut's module, whose
+    # globals cannot resolve the reference's (string) annotations.
     inferred = torch._C.parse_schema(
         f"ncfast::{name}"
-        + torch.library.infer_schema(getattr(reference, name), mutates_args=written)
+        + torch.library.infer_schema(inspect.unwrap(getattr(reference, name)), mutates_args=written)
     )
     assert _alias_free(inferred) == _alias_free(registered)
     assert [str(r.type) for r in inferred.returns] == [str(r.type) for r in registered.returns]
