@@ -130,7 +130,10 @@ def test_build_info_of_this_cpu_installation(monkeypatch):
     from ncfast._version import __version__
     from ncfast.backend.build_info import build_info
 
+    # A GPU that CUDA cannot use (e.g. a driver too old for this torch) is not listed.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU{i}")
     monkeypatch.setenv("NCFAST_BACKEND", "native")
     info = build_info()
     assert info == {
