@@ -655,3 +655,18 @@ def test_a_warning_in_a_lightning_fit_points_at_the_fit_call(seed):
         line = inspect.currentframe().f_lineno + 1
         fit.fit(TinyModule(), data, data)
     assert_points_here(w, line)
+
+
+def test_logged_values_are_tensors_on_the_modules_device(seed, monkeypatch):
+    """Lightning logs tensors on the module's device: the validation and the online values
+    are made there (the meta device stands in for a GPU: the model itself stays on the CPU)."""
+    monkeypatch.setattr(Tiny, "device", property(lambda self: torch.device("meta")))
+    callback, model, batches = setup(seed, online_every=4)
+    validate(callback, model, [batches], epoch=0)
+    trainer = stand_in()
+    callback.on_train_start(trainer, model)
+    train_epoch(callback, model, trainer, batches)
+    callback.on_train_end(trainer, model)
+    assert [options for _, options in model.logged] == [EPOCH_LOG, STEP_LOG]
+    for values, _ in model.logged:
+        assert values and {(v.device.type, v.dtype) for v in values.values()} == {("meta", F64)}
