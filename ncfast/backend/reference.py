@@ -167,21 +167,6 @@ def _kept(s: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
     return (s > rtol * s.max()) & (s > atol)
 
 
-def class_space_svd(
-    mbar: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of M̄ ``[P, C]`` keeping singular values above ``rtol · max`` and ``atol``:
-    (U, s, V).
-
-    Thin SVD costs O(P·C·min(P, C)): never a P×P decomposition when C < P, and fine for C ≥ P.
-    (A C×C Gram eigendecomposition would square the condition number and could not honour
-    rtol = 1e-10: the exact null direction of M̄ would show up as an eigenvalue ~ eps·max.)
-    """
-    u, s, vh = torch.linalg.svd(mbar, full_matrices=False)
-    keep = _kept(s, rtol, atol)
-    return u[:, keep], s[keep], vh[keep].T
-
-
 def left_singular_pairs(
     mbar: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,92 @@
+"""Mutation guards of the reference backend (ncfast/backend/reference.py, the tests' oracle and
+the CPU/fallback path) for what the value tests of test_stats/test_metrics do not reach: the
+update on the input's device without a host synchronisation, NC4 near a decision boundary
+under a large common offset (the reason the distances are centred), a float32 classifier, a
+re-shift with a non-finite new shift for an absent class, and the minimum-norm least-squares
+solve at λ = 0 when Cholesky succeeds on rounding noise. Each against numpy float64 or an exact
+count; seeds printed (tests/helpers/seeds.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ncfast.backend import ops, reference
+from ncfast.backend.state import STATE_KEYS, new_state
+
+F64 = torch.float64
+
+
+def test_the_update_runs_on_the_inputs_device_without_a_host_synchronisation():
+    """On the meta device (any CPU tensor mixed in, or any host synchronisation, raises)."""
+    state = new_state(3, 4, "meta")
+    features = torch.empty(5, 4, device="meta")
+    labels = torch.empty(5, dtype=torch.long, device="meta")
+    reference.update_stats_(features, labels, *(state[k] for k in STATE_KEYS))
+    assert {v.device.type for v in state.values()} == {"meta"}
+
+
+def test_nc4_near_a_decision_boundary_under_a_large_offset(seed):
+    """Two class means 2e-3 apart at (1e4, 1e4), rows 1e-6 to 1e-5 on either side of the
+    boundary between them. Centred on the mean of the means the distances are exact; centred
+    anywhere farther (tens of thousands) their difference, 4e-8 or less, drowns in the rounding
+    of squares of 1e9. The classifier (float32) always says class 0, so the count is the number
+    of rows on class 1's side, exactly."""
+    rng = np.random.default_rng(seed)
+    delta = 1e-3
+    means = torch.tensor([[1e4 + delta, 1e4], [1e4 - delta, 1e4]], dtype=F64)
+    side = rng.choice([-1.0, 1.0], size=400)
+    offset = side * rng.uniform(1e-6, 1e-5, size=400)
+    features = torch.tensor(np.stack([1e4 + offset, np.full(400, 1e4)], axis=1))
+    assert ((features[:, 0] - 1e4).sign() == torch.tensor(side)).all()  # sides kept exactly
+    weight = torch.zeros(2, 2, dtype=torch.float32)
+    bias = torch.tensor([1.0, 0.0], dtype=torch.float32)
+    valid = torch.ones(400, dtype=torch.bool)
+    present = torch.ones(2, dtype=torch.bool)
+    expected = int((side < 0).sum())
+    for backend in ("reference", "native"):
+        with ops.use_backend(backend):
+            got = ops.ncc_mismatch_count(features, valid, weight, bias, means, present)
+        assert int(got) == expected, backend
+
+
+def test_a_reshift_ignores_the_new_shift_of_an_absent_class():
+    """An absent class (count 0) adds nothing, whatever its new shift (here infinite)."""
+    counts = torch.tensor([3, 0])
+    shift = torch.tensor([[1.0, 2.0], [0.0, 0.0]], dtype=F64)
+    sums = torch.tensor([[0.5, -0.5], [0.0, 0.0]], dtype=F64)
+    scatter = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=F64)
+    new_shift = torch.tensor([[1.5, 1.0], [np.inf, -np.inf]], dtype=F64)
+    new_sums, new_scatter = reference.reshift(counts, shift, sums, scatter, new_shift)
+    d = np.array([-0.5, 1.0])  # s_0 − s'_0
+    s0 = np.array([0.5, -0.5])
+    assert np.allclose(new_sums.numpy(), [s0 + 3 * d, [0.0, 0.0]], rtol=0, atol=1e-15)
+    want = scatter.numpy() + np.outer(d, s0) + np.outer(s0, d) + 3 * np.outer(d, d)
+    assert np.allclose(new_scatter.numpy(), want, rtol=0, atol=1e-15)
+
+
+def test_least_squares_at_lambda_zero_is_the_minimum_norm_solution(seed):
+    """Collapsed features (Σ_W = 0) and C = 3 < P = 4: Σ_T has rank 2. Without λ the solve must
+    not trust a Cholesky factorisation that succeeds on rounding noise (a huge W along the null
+    space); numpy's pseudo-inverse in centred coordinates is the reference: W = R Σ_T⁺,
+    b = π − W μ_G. Twenty random problems, so that some factorisations succeed."""
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        means = rng.normal(size=(3, 4))
+        priors = rng.dirichlet(np.ones(3))
+        mu_g = priors @ means
+        centred = means - mu_g
+        sigma_t = (centred * priors[:, None]).T @ centred
+        r = (np.eye(3) * priors[:, None]) @ centred
+        w_ref = r @ np.linalg.pinv(sigma_t, rcond=1e-10)
+        b_ref = priors - w_ref @ mu_g
+        weight, bias = reference.least_squares(
+            torch.tensor(means), torch.tensor(priors), torch.zeros(4, 4, dtype=F64), 0.0
+        )
+        # A backward-stable solve on Σ_T's range: error ≲ P·eps·cond·‖W‖, with cond the ratio
+        # of Σ_T's extreme non-zero eigenvalues (up to 1e5 here); 64·eps·cond·max|W| holds it.
+        evals = np.linalg.eigvalsh(sigma_t)
+        kept = evals[evals > 1e-10 * evals.max()]
+        tol = 64 * np.finfo(float).eps * (kept.max() / kept.min()) * max(1.0, np.abs(w_ref).max())
+        assert np.allclose(weight.numpy(), w_ref, rtol=0, atol=tol)
+        assert np.allclose(bias.numpy(), b_ref, rtol=0, atol=tol * max(1.0, np.abs(mu_g).sum()))
