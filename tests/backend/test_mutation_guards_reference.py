@@ -9,6 +9,7 @@ count; seeds printed (tests/helpers/seeds.py)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from ncfast.backend import ops, reference
@@ -90,3 +91,81 @@ def test_least_squares_at_lambda_zero_is_the_minimum_norm_solution(seed):
         tol = 64 * np.finfo(float).eps * (kept.max() / kept.min()) * max(1.0, np.abs(w_ref).max())
         assert np.allclose(weight.numpy(), w_ref, rtol=0, atol=tol)
         assert np.allclose(bias.numpy(), b_ref, rtol=0, atol=tol * max(1.0, np.abs(mu_g).sum()))
+        # The SPEC §3 terms of that exact LS classifier: nothing off the LS solution.
+        terms = reference.mse_decomposition(
+            torch.tensor(w_ref),
+            torch.tensor(b_ref),
+            torch.tensor(means),
+            torch.tensor(priors),
+            torch.zeros(4, 4, dtype=F64),
+            0.0,
+        )
+        assert abs(terms["loss_ls_perp"]) < 1e-12 and abs(terms["loss_nc1"]) < 1e-12, terms
+
+
+def test_least_squares_at_lambda_zero_on_large_features_is_the_minimum_norm_solution(seed):
+    """As above with the means scaled by 1e3 (Σ_T of size 1e6): the threshold that decides
+    whether to trust Cholesky is relative to the largest pivot, so scale does not change it.
+    The SPEC §3 terms of the reference classifier (the exact LS solution): loss_ls_perp 0 and
+    loss_nc1 0 (collapsed, λ = 0)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        means = 1e3 * rng.normal(size=(3, 4))
+        priors = rng.dirichlet(np.ones(3))
+        mu_g = priors @ means
+        centred = means - mu_g
+        sigma_t = (centred * priors[:, None]).T @ centred
+        w_ref = ((np.eye(3) * priors[:, None]) @ centred) @ np.linalg.pinv(sigma_t, rcond=1e-10)
+        evals = np.linalg.eigvalsh(sigma_t)
+        kept = evals[evals > 1e-10 * evals.max()]
+        tol = 64 * np.finfo(float).eps * (kept.max() / kept.min()) * np.abs(w_ref).max()
+        args = (torch.tensor(means), torch.tensor(priors), torch.zeros(4, 4, dtype=F64), 0.0)
+        weight, _ = reference.least_squares(*args)
+        assert np.allclose(weight.numpy(), w_ref, rtol=0, atol=tol)
+        terms = reference.mse_decomposition(
+            torch.tensor(w_ref), torch.tensor(priors - w_ref @ mu_g), *args
+        )
+        assert abs(terms["loss_ls_perp"]) < 1e-12 and abs(terms["loss_nc1"]) < 1e-12, terms
+
+
+def test_least_squares_is_differentiable_where_sigma_t_has_repeated_eigenvalues():
+    """λ = 0 and Σ_W = I (P = 4 > C − 1 = 2: Σ_T repeats an eigenvalue): the gradient of the LS
+    loss through the solve is finite and matches central differences (the Cholesky path; the
+    eigendecomposition's backward is undefined on repeated eigenvalues)."""
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(3, 4, generator=gen, dtype=F64, requires_grad=True)
+    priors = torch.full((3,), 1 / 3, dtype=F64)
+    sigma_w = torch.eye(4, dtype=F64)
+
+    def loss(m):
+        weight, bias = reference.least_squares(m, priors, sigma_w, 0.0)
+        return reference.mse_loss(weight, bias, m, priors, sigma_w, 0.0)
+
+    (grad,) = torch.autograd.grad(loss(means), means)
+    assert torch.isfinite(grad).all()
+    step = 1e-6
+    numeric = torch.zeros_like(means)
+    with torch.no_grad():
+        for i in range(3):
+            for j in range(4):
+                e = torch.zeros_like(means)
+                e[i, j] = step
+                numeric[i, j] = (loss(means + e) - loss(means - e)) / (2 * step)
+    # Central differences: O(step²) truncation and eps/step rounding, 1e-8 absolute here.
+    assert torch.allclose(grad, numeric, rtol=0, atol=1e-7)
+
+
+def test_the_mse_terms_of_a_float32_classifier_are_computed_in_float64(seed):
+    """A float32 classifier gives the terms of its float64 copy (the same values), to float64
+    rounding: nothing is squared or summed in float32."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(5, 6, generator=gen, dtype=F64)
+    priors = torch.full((5,), 0.2, dtype=F64)
+    a = torch.randn(6, 6, generator=gen, dtype=F64)
+    sigma_w = a @ a.T / 6
+    weight = torch.randn(5, 6, generator=gen)
+    bias = torch.randn(5, generator=gen)
+    got = reference.mse_decomposition(weight, bias, means, priors, sigma_w, 0.05)
+    want = reference.mse_decomposition(weight.double(), bias.double(), means, priors, sigma_w, 0.05)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-13, abs=1e-15), key
