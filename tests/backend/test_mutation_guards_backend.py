@@ -276,3 +276,87 @@ def test_resolve_precision_names_itself_in_its_error():
     assert str(caught.value) == (
         "resolve_precision: precision must be one of exact, fast, auto, got 'float64'"
     )
+
+
+# ----------------------------------------------------------------------------- native.py
+# _schema, _fake, _contiguous_call and _compiled run at import (the ops are registered then):
+# called here in-process so that their mutants are reached.
+def test_the_schema_and_the_shape_only_kernels():
+    for name in ("update_stats_", "ncc_mismatch_count"):
+        assert native._schema(name) is getattr(torch.ops.ncfast, name).default._schema
+    assert native._fake("update_stats_")(torch.empty(2, 3, device="meta"), 1, k=2) is None
+    count = native._fake("ncc_mismatch_count")(torch.empty(2, 3, device="meta"), 1, k=2)
+    assert (count.shape, count.dtype, count.device.type) == ((), torch.int64, "meta")
+
+
+def test_a_shape_only_kernel_for_an_unknown_kind_of_op_is_refused(monkeypatch):
+    pair = torch._C.parse_schema("ncfast::pair(Tensor x) -> (Tensor, Tensor)")
+    monkeypatch.setattr(native, "_schema", lambda name: pair)
+    with pytest.raises(RuntimeError) as caught:
+        native._fake("pair")
+    assert str(caught.value) == (
+        "ncfast::pair returns ['Tensor', 'Tensor']: native._fake knows no such op"
+    )
+
+
+def test_the_contiguous_call_orders_the_arguments_and_copies_back_the_written_ones(monkeypatch):
+    received = []
+
+    def op(*values):
+        received.append(values)
+        for tensor in values[2:7]:  # the state, written in place
+            tensor.add_(1)
+        return "result"
+
+    call = native._contiguous_call("update_stats_")  # reads the schema: before the patch
+    monkeypatch.setattr(torch.ops.ncfast, "update_stats_", op)
+    features, labels = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    counts = torch.zeros(4, dtype=torch.int64)
+    scatter_t = torch.zeros(3, 3).T  # not contiguous (strides (1, 3))
+    shift_wide = torch.zeros(4, 6)[:, ::2]  # not contiguous
+    sums, invalid = torch.zeros(4, 3), torch.zeros(2, dtype=torch.int64)
+    args = (features, labels, counts, shift_wide)
+    kwargs = {"scatter": scatter_t, "sums": sums, "invalid": invalid}
+    assert call(args, kwargs) == "result"
+    (values,) = received
+    assert len(values) == 8 and values[7] is False  # fast's default, made positional
+    assert values[0] is features and values[1] is labels and values[2] is counts
+    assert values[4] is sums and values[6] is invalid  # contiguous: not copied
+    assert values[3] is not shift_wide and values[3].is_contiguous()
+    assert values[5] is not scatter_t and values[5].is_contiguous()
+    for tensor in (counts, shift_wide, sums, scatter_t, invalid):  # written back
+        assert (tensor == 1).all()
+    assert call(args, {**kwargs, "fast": True}) == "result" and received[1][7] is True
+    with pytest.raises(TypeError) as caught:
+        call(args, {**kwargs, "bogus": 1, "also": 2})
+    assert str(caught.value) == "ncfast::update_stats_ got unexpected arguments ['also', 'bogus']"
+
+
+def test_a_compiled_op_has_the_references_name_signature_and_its_own_docstring():
+    for name in ("update_stats_", "ncc_mismatch_count"):
+        op = getattr(native, name)
+        assert op.__name__ == name
+        assert inspect.signature(op) == inspect.signature(getattr(reference, name))
+        assert op.__doc__ == f"The compiled ``ncfast::{name}`` (see :func:`.reference.{name}`)."
+
+
+def test_a_compiled_op_runs_the_kernel_or_falls_back(monkeypatch):
+    """On the CPU the compiled op runs (keyword features too); a RuntimeError that is not a
+    failed kernel image is raised as is; on a GPU the driver cannot load, the reference runs."""
+    calls = []
+    monkeypatch.setattr(torch.ops.ncfast, "ncc_mismatch_count", lambda *v: calls.append("op") or 7)
+    monkeypatch.setattr(reference, "ncc_mismatch_count", lambda *a, **k: calls.append("ref") or 9)
+    features = torch.zeros(2, 3)
+    rest = (torch.ones(2, dtype=torch.bool),) + (torch.zeros(1),) * 4
+    assert native.ncc_mismatch_count(features, *rest) == 7
+    names = ("valid", "weight", "bias", "class_means", "present")
+    assert native.ncc_mismatch_count(features=features, **dict(zip(names, rest, strict=True))) == 7
+    assert calls == ["op", "op"]
+
+    def broken(*values):
+        raise RuntimeError("a kernel bug")
+
+    monkeypatch.setattr(torch.ops.ncfast, "ncc_mismatch_count", broken)
+    with pytest.raises(RuntimeError, match="^a kernel bug$"):
+        native.ncc_mismatch_count(features, *rest)
+    assert calls == ["op", "op"]
