@@ -360,3 +360,45 @@ def test_a_compiled_op_runs_the_kernel_or_falls_back(monkeypatch):
     with pytest.raises(RuntimeError, match="^a kernel bug$"):
         native.ncc_mismatch_count(features, *rest)
     assert calls == ["op", "op"]
+
+
+def _fake_gpus_for_native(monkeypatch, capabilities, targets):
+    _fake_gpus(monkeypatch, capabilities)
+    monkeypatch.setattr(native, "WITH_CUDA", True)
+    monkeypatch.setattr(native, "COMPILED_TARGETS", native.parse_arch_list(targets))
+    monkeypatch.setattr(native, "_DEVICE_KERNELS", {})
+
+
+@pytest.mark.parametrize(
+    "targets, listed", [("sm_80;compute_80", "sm_80, compute_80"), ("", "no GPU")]
+)
+def test_the_fallback_warning_names_the_compiled_images_and_the_fix(monkeypatch, targets, listed):
+    _fake_gpus_for_native(monkeypatch, [(7, 0)], targets)
+    with pytest.warns(native.NativeKernelFallbackWarning) as record:
+        assert native.kernels_for(torch.device("cuda", 0)) is False
+    assert str(record[0].message) == (
+        f"ncfast: the CUDA kernels of ncfast._C are compiled for {listed}, none of which runs "
+        "on compute capability 7.0. Rebuild with TORCH_CUDA_ARCH_LIST=7.0 to use the kernels; "
+        "ncfast uses its reference backend for tensors on cuda:0 (GPU0) (correct, slower)."
+    )
+
+
+def test_a_failed_image_on_the_current_device_is_remembered_by_its_index(monkeypatch):
+    _fake_gpus_for_native(monkeypatch, [(9, 0), (9, 0)], "sm_90")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    failure = RuntimeError(f"{native.NO_IMAGE}: the driver is too old")
+    with pytest.warns(native.NativeKernelFallbackWarning, match="cuda:1 \\(GPU1\\)"):
+        assert native._image_failed(torch.device("cuda"), failure)
+    assert native._DEVICE_KERNELS == {1: False}
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_an_arch_specific_image_is_preferred_to_the_plain_one(order):
+    targets = native.parse_arch_list("sm_90;sm_90a")[::order]
+    assert str(native.kernel_image_for((9, 0), targets)) == "sm_90a"
+
+
+def test_version_parts_drop_a_local_version_label():
+    assert native._version_parts("2.11+cu128", 2) == (2, 11)
+    assert native._version_parts("12.8", 1) == (12,)
+    assert native._version_parts(None, 2) is None and native._version_parts("", 2) is None
