@@ -14,7 +14,8 @@
 # (reuse the scratch copy and mutmut's cache: rerun only the mutants whose code changed),
 # MUTATION_RECHECK=0 (skip the recheck below), MUTATION_RECHECK_ONLY=1 (with MUTATION_KEEP=1: no
 # mutmut run, only the recheck of the last run's survivors against the checkout's current tests:
-# for tests written after the run).
+# for tests written after the run), MUTATION_RECHECK_TESTS="FILE..." (the recheck runs these test
+# files instead of the module's whole selection: a faster recheck against the guards alone).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -74,6 +75,7 @@ EOF
     # the checkout has them now (tests written after the run).
     selection="gloo"
     [ "${MUTATION_RECHECK_ONLY:-0}" = 1 ] && selection="gloo or mutation_guards"
+    tests=${MUTATION_RECHECK_TESTS:-$tests}
     if [ "${MUTATION_RECHECK:-1}" = 1 ] && { [ "${MUTATION_RECHECK_ONLY:-0}" = 1 ] ||
         (cd "$root" && grep -lq "gloo" $tests); }; then
         # The selected test files and what they import (tests/helpers), as the checkout has them.
