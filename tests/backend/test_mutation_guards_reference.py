@@ -169,3 +169,16 @@ def test_the_mse_terms_of_a_float32_classifier_are_computed_in_float64(seed):
     want = reference.mse_decomposition(weight.double(), bias.double(), means, priors, sigma_w, 0.05)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-13, abs=1e-15), key
+
+
+def test_the_rank_thresholds_default_to_a_relative_1e_10_and_no_absolute_floor():
+    """nc1, snr_singular_values and left_singular_pairs keep singular values above 1e-10 of
+    the largest and above 0 by default: a spectrum 1, 1e-9, 1e-11 keeps its first two."""
+    u = torch.linalg.qr(torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=F64))[0]
+    mbar = u @ torch.diag(torch.tensor([1.0, 1e-9, 1e-11], dtype=F64))
+    _, s = reference.left_singular_pairs(mbar)
+    assert s.numel() == 2 and s[1] == pytest.approx(1e-9, rel=1e-6)
+    eye = torch.eye(4, dtype=F64)
+    assert reference.snr_singular_values(eye, mbar).numel() == 2
+    assert reference.nc1(eye, mbar) == reference.nc1(eye, mbar, 1e-10, 0.0)
+    assert reference.nc1(eye, mbar)[1] == 2
