@@ -182,3 +182,15 @@ def test_the_rank_thresholds_default_to_a_relative_1e_10_and_no_absolute_floor()
     assert reference.snr_singular_values(eye, mbar).numel() == 2
     assert reference.nc1(eye, mbar) == reference.nc1(eye, mbar, 1e-10, 0.0)
     assert reference.nc1(eye, mbar)[1] == 2
+
+
+def test_pairwise_cosines_of_float32_vectors_are_computed_in_float64(seed):
+    """Near a simplex ETF (the cosines' deviations ~1e-6) float32 arithmetic would lose them:
+    float32 rows give exactly the statistics of their float64 copy."""
+    gen = torch.Generator().manual_seed(seed)
+    c = 10
+    etf = torch.eye(c, dtype=F64) - 1.0 / c  # a simplex ETF in R^c
+    vectors = (etf + 1e-6 * torch.randn(c, c, generator=gen, dtype=F64)).float()
+    got = reference.pairwise_cosine_stats(vectors)
+    want = reference.pairwise_cosine_stats(vectors.double())
+    assert got == want  # the same float64 values in: the same arithmetic, exactly
