@@ -15,6 +15,8 @@ import torch
 from ncfast.backend import ops, reference
 from ncfast.backend.state import INVALID_LABEL, INVALID_NONFINITE, STATE_KEYS, new_state
 
+F64 = torch.float64
+
 native = pytest.importorskip("ncfast.backend.native", reason="needs the compiled extension")
 
 
@@ -402,3 +404,47 @@ def test_version_parts_drop_a_local_version_label():
     assert native._version_parts("2.11+cu128", 2) == (2, 11)
     assert native._version_parts("12.8", 1) == (12,)
     assert native._version_parts(None, 2) is None and native._version_parts("", 2) is None
+
+
+def test_kernels_run_on_the_cpu_and_on_cuda_devices_with_an_image_only(monkeypatch):
+    _fake_gpus_for_native(monkeypatch, [(9, 0), (7, 0)], "sm_90")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert native.kernels_for(torch.device("cpu"))
+    assert not native.kernels_for(torch.device("meta"))
+    assert native.kernels_for(torch.device("cuda"))  # no index: device 0, as the ops take it
+    monkeypatch.setattr(native, "WITH_CUDA", False)  # an extension built without CUDA
+    monkeypatch.setattr(native, "_DEVICE_KERNELS", {})
+    assert not native.kernels_for(torch.device("cuda", 0))
+    assert native._DEVICE_KERNELS == {}
+
+
+def test_an_arch_list_with_empty_entries_keeps_every_image():
+    assert [str(t) for t in native.parse_arch_list(";sm_80,, 9.0+PTX;")] == [
+        "sm_80",
+        "sm_90",
+        "compute_90",
+    ]
+
+
+def test_the_ops_have_shape_only_kernels_for_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        features = torch.empty(4, 3)
+        count = torch.ops.ncfast.ncc_mismatch_count(
+            features,
+            torch.empty(4, dtype=torch.bool),
+            torch.empty(2, 3),
+            torch.empty(2),
+            torch.empty(2, 3, dtype=F64),
+            torch.empty(2, dtype=torch.bool),
+        )
+        assert (count.shape, count.dtype) == ((), torch.int64)
+        state = [
+            torch.empty(2, dtype=torch.long),
+            torch.empty(2, 3, dtype=F64),
+            torch.empty(2, 3, dtype=F64),
+            torch.empty(3, 3, dtype=F64),
+            torch.empty(2, dtype=torch.long),
+        ]
+        torch.ops.ncfast.update_stats_(features, torch.empty(4, dtype=torch.long), *state, False)
