@@ -33,6 +33,7 @@ ignored.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ncfast.checks import check_weight_decay
-from ncfast.errors import NCFastError
+from ncfast.errors import NCFastError, user_stacklevel
 from ncfast.measure import scalars
 from ncfast.nc4 import DEFAULT_MEMORY_BUDGET
 from ncfast.tokens import IGNORE_INDEX, TokenMeasurement, next_token_labels
@@ -272,7 +273,8 @@ class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
     ``trainer.evaluate()`` returns (so ``metric_for_best_model`` can name them) and, when the
     callback knows the trainer (:meth:`attach`), through ``trainer.log`` to every logger and
     ``state.log_history``; without it, into ``state.log_history`` only. Degenerate features
-    (early in training every position may predict alike) log NaN with ``nc_undefined``.
+    (early in training every position may predict alike) log NaN with ``nc_undefined``, and a
+    ``RuntimeWarning`` says why.
 
     NC4 buffers the features of the pass up to ``memory_budget_bytes``; past it (the loop cannot
     be replayed) NC4 is left out of that evaluation. Under ``torch.distributed`` the statistics of
@@ -398,6 +400,13 @@ class NeuralCollapseCallback(TrainerCallback):  # type: ignore[misc]
         split = _split_of(metrics)
         result = self._compute(tokens)
         self._tokens = None  # the next evaluation measures the head as it is then
+        if "nc_undefined" in result:
+            warnings.warn(
+                f"NeuralCollapseCallback: metrics undefined at step {state.global_step}, "
+                f"logged as NaN: {result['nc_undefined']}",
+                RuntimeWarning,
+                stacklevel=user_stacklevel("transformers"),
+            )
         logged = scalars(result, f"{split}_{self.prefix}")
         self.history.append({"step": state.global_step, **result})
         if isinstance(metrics, dict):

@@ -39,6 +39,8 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from transformers.trainer_callback import CallbackHandler, TrainerControl  # noqa: E402
+
 from ncfast.integrations.transformers import (  # noqa: E402
     BadBatchError,
     NeuralCollapseCallback,
@@ -51,6 +53,7 @@ from tests.helpers.assertions import assert_same_metrics  # noqa: E402
 from tests.helpers.language_models import tiny_gpt2  # noqa: E402
 from tests.helpers.process_group import free_port, gloo_group  # noqa: E402
 from tests.helpers.tolerances import oracle_rtol  # noqa: E402
+from tests.helpers.warning_origin import assert_warned_from  # noqa: E402
 
 VOCAB, DIM, SEQ = 24, 8, 10
 F64 = torch.float64
@@ -577,7 +580,13 @@ def test_callback_degenerate_evaluation_is_a_nan_row(seed):
     callback = NeuralCollapseCallback(weight_decay=0.5).attach(trainer)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
     evaluation_loop(callback, model, state, [{"input_ids": ids, "attention_mask": ids * 0 + 1}])
-    callback.on_evaluate(None, state, None)
+    # A NaN row is also said at once (as Lightning's callback does: a logged NaN alone is easy
+    # to miss), pointing past transformers' frames at the line that ran the evaluation.
+    handler = CallbackHandler([callback], model, None, None, None)
+    with pytest.warns(RuntimeWarning, match="undefined at step 7, logged as NaN: ") as caught:
+        handler.on_evaluate(None, state, TrainerControl(), metrics={})
+    (said,) = [w for w in caught if "undefined at step" in str(w.message)]
+    assert_warned_from(said, __file__)
     row = callback.history[0]
     assert isinstance(row["nc_undefined"], str) and row["weight_decay"] == 0.5
     assert math.isnan(row["nc1"]) and row["num_tokens"] == 2 * (SEQ - 1)
@@ -667,7 +676,8 @@ def test_callback_evaluation_of_one_next_token_class_is_a_nan_row(seed):
     callback = NeuralCollapseCallback().attach(trainer)
     ids = torch.full((2, SEQ), 3)
     evaluation_loop(callback, model, state, [{"input_ids": ids, "attention_mask": ids * 0 + 1}])
-    callback.on_evaluate(None, state, None)
+    with pytest.warns(RuntimeWarning, match=r"logged as NaN: 1 of \d+ classes had samples"):
+        callback.on_evaluate(None, state, None)
     (row,) = callback.history
     assert row["nc_undefined"] == (
         f"1 of {VOCAB} classes had samples (at least two are needed; {2 * (SEQ - 1)} samples)"
