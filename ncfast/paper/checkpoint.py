@@ -302,10 +302,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return payload
 
 
-def check_payload(payload, path: str | os.PathLike = "checkpoint") -> None:
+def check_payload(payload, path: str | os.PathLike | None = None) -> None:
     """CheckpointError naming the first field of ``payload`` that is missing or of the wrong
-    type or shape (the checks that need the network are :func:`load_state_checked`'s)."""
-    where = f"checkpoint {path}"
+    type or shape (the checks that need the network are :func:`load_state_checked`'s); the
+    messages name ``path``, the file it was read from, when given."""
+    where = "checkpoint" if path is None else f"checkpoint {path}"
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(

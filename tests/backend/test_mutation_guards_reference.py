@@ -194,3 +194,88 @@ def test_pairwise_cosines_of_float32_vectors_are_computed_in_float64(seed):
     got = reference.pairwise_cosine_stats(vectors)
     want = reference.pairwise_cosine_stats(vectors.double())
     assert got == want  # the same float64 values in: the same arithmetic, exactly
+
+
+def test_kept_singular_values_are_strictly_above_both_thresholds():
+    """SPEC §2: a singular value counts when it is *above* rtol · max and *above* atol, so one
+    equal to either threshold is dropped, as is one that passes only one of them. M̄ = diag(4,
+    2, 1) has these singular values exactly (the SVD of a diagonal matrix is exact), so each
+    threshold can sit on a singular value."""
+    eye = torch.eye(3, dtype=F64)
+    mbar = torch.diag(torch.tensor([4.0, 2.0, 1.0], dtype=F64))
+    assert torch.linalg.svdvals(mbar).tolist() == [4.0, 2.0, 1.0]  # the premise: exact
+
+    def kept(m, rtol, atol):
+        return reference.snr_singular_values(torch.eye(m.shape[0], dtype=F64), m, rtol, atol)
+
+    assert kept(mbar, 0.25, 0.0).tolist() == [4.0, 2.0]  # 1 = 0.25 · 4: dropped
+    assert kept(mbar, 0.0, 2.0).tolist() == [4.0]  # 2 = atol: dropped
+    assert kept(mbar, 0.125, 2.0).tolist() == [4.0]  # 2 passes rtol only, 1 neither
+    assert kept(mbar, 0.5, 0.5).tolist() == [4.0]  # 2 and 1 pass atol only
+    assert kept(2.0 * mbar, 0.25, 0.0).tolist() == [8.0, 4.0]  # rtol scales with the max
+    # One singular value under atol; none at all (C = 0): nothing kept, no error.
+    assert kept(eye[:, :1], 1e-10, 2.0).numel() == 0
+    assert kept(eye[:, :0], 1e-10, 0.0).numel() == 0
+    # NC1 counts the same directions.
+    assert reference.nc1(eye, mbar, 0.25, 0.0)[1] == 2
+    assert reference.nc1(eye, mbar, 0.0, 2.0)[1] == 1
+
+
+def test_psd_inv_sqrt_edge_cases_against_the_exact_result():
+    """The pseudo-inverse square root where its definition decides: a zero matrix (every
+    eigenvalue is ≤ rel_eps · λ_max = 0, so none is inverted), an empty one, a float32 input
+    (worked in float64), and P = 1100, past two of its 512-row tiles. Diagonal inputs have
+    the exact answer diag(d^{-1/2}); eigh's error on them is of order eps · ‖A‖ / gap, with
+    gaps ≥ 1e-3 here, so 1e-10 relative is a wide margin."""
+    out, rank = reference.psd_inv_sqrt(torch.zeros(3, 3, dtype=F64))
+    assert rank == 0 and torch.equal(out, torch.zeros(3, 3, dtype=F64))
+    out, rank = reference.psd_inv_sqrt(torch.zeros(0, 0, dtype=F64))
+    assert rank == 0 and out.shape == (0, 0)
+    d32 = torch.tensor([1.0, 3.0, 7.0], dtype=torch.float32)
+    out, rank = reference.psd_inv_sqrt(torch.diag(d32))
+    assert rank == 3 and out.dtype == F64
+    want = torch.diag(d32.to(F64).rsqrt())  # float32's 1/√3 is off by 1e-8: float64 is needed
+    assert torch.allclose(out, want, rtol=1e-14, atol=1e-15)
+    d = torch.linspace(1.0, 2.0, 1100, dtype=F64)
+    out, rank = reference.psd_inv_sqrt(torch.diag(d))
+    assert rank == 1100
+    assert torch.allclose(out, torch.diag(d.rsqrt()), rtol=0, atol=1e-10)
+
+
+def test_finalize_stats_follows_its_formula_on_any_state(seed):
+    """Means = shift + sums / n (zero rows for absent classes) and Σ_W = (S − Σ_c d_c d_cᵀ / n_c)
+    / N, checked in numpy on a random state: classes seen once (whose sums are nonzero after a
+    re-shift), absent classes with a nonzero shift, and a state of one sample in all."""
+    rng = np.random.default_rng(seed)
+    counts = np.array([0, 1, 1, 2, 5, 0])
+    shift = rng.normal(size=(6, 3))
+    sums = rng.normal(size=(6, 3)) * (counts > 0)[:, None]  # an absent class sums nothing
+    scatter = rng.normal(size=(3, 3))
+    scatter = scatter @ scatter.T + 10 * np.eye(3)
+    for n in (counts, np.array([0, 1, 0, 0, 0, 0])):
+        s = sums * (n > 0)[:, None]
+        means, within = reference.finalize_stats(
+            torch.tensor(n), torch.tensor(shift), torch.tensor(s), torch.tensor(scatter)
+        )
+        safe = np.maximum(n, 1)[:, None]
+        want_means = np.where((n > 0)[:, None], shift + s / safe, 0.0)
+        want_within = (scatter - (s / safe).T @ s) / n.sum()
+        # A few float64 operations on values of order 10: 1e-13 absolute is ~100 eps.
+        np.testing.assert_allclose(means.numpy(), want_means, rtol=0, atol=1e-13)
+        np.testing.assert_allclose(within.numpy(), want_within, rtol=0, atol=1e-13)
+        assert torch.equal(within, within.T)
+
+
+def test_the_least_squares_solve_drops_an_eigenvalue_at_its_cut_off():
+    """K = diag(1, t): Cholesky succeeds but its pivots (ratio t) are far below 1e-8, so the
+    eigendecomposition decides. An eigenvalue at the cut-off (P+1) · eps · λ_max = 2 eps counts
+    as zero (the minimum-norm solution leaves that direction out); one at twice it is inverted.
+    The eigendecomposition of a diagonal matrix is exact, so t sits on the cut-off."""
+    eps = torch.finfo(F64).eps
+    rhs = torch.tensor([[1.0, 1.0]], dtype=F64)
+    at = reference._solve_psd_right(torch.diag(torch.tensor([1.0, 2 * eps], dtype=F64)), rhs, False)
+    assert at.tolist() == [[1.0, 0.0]]
+    above = reference._solve_psd_right(
+        torch.diag(torch.tensor([1.0, 4 * eps], dtype=F64)), rhs, False
+    )
+    assert above.tolist() == [[1.0, 1.0 / (4 * eps)]]

@@ -279,8 +279,8 @@ def test_a_dict_of_another_format_is_not_an_ncfast_checkpoint():
 
 
 def test_a_payload_checked_without_a_file_is_named_by_the_default():
-    """check_payload(payload) with no path: the messages say "checkpoint checkpoint"."""
-    with pytest.raises(CheckpointError, match=r"^checkpoint checkpoint: 'epoch' must be"):
+    """check_payload(payload) with no path: the messages say "checkpoint: ..."."""
+    with pytest.raises(CheckpointError, match=r"^checkpoint: 'epoch' must be"):
         check_payload(valid_payload(epoch=-1))
 
 
