@@ -158,10 +158,9 @@ def format_table(report: dict) -> str:
 def summary_markdown(report: dict, out: Path) -> str:
     """``summary.md`` of a report written to ``out``: the table, the facts and the figures."""
     cfg = report.get("config", {})
-    title = (
-        f"# ncfast analysis: {cfg.get('dataset')} · {cfg.get('net')} · {cfg.get('loss')}, "
-        f"epoch {report['epoch']}"
-    )
+    # The run's known fields only: a report without its config (made by hand) has none.
+    run = " · ".join(str(cfg[k]) for k in ("dataset", "net", "loss") if cfg.get(k) is not None)
+    title = f"# ncfast analysis{': ' + run if run else ''}, epoch {report['epoch']}"
     table = ["| | train | test |", "|---|---:|---:|"]
     table += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(report)]
     facts = [f"- {line}" for line in summary_lines(report)]

@@ -649,8 +649,13 @@ def test_summary_markdown_exactly(tmp_path):
     assert summary_markdown(report, tmp_path) == "\n".join(head + tail) + "\n"
     pdf_only = analyze_report(files={"figures": [str(figures[1])]})
     assert summary_markdown(pdf_only, tmp_path) == "\n".join(head) + "\n"
-    # A report without its config (made by hand): written, the title's fields unknown.
+    # A report without its config (made by hand), or with part of it: written, the title
+    # naming what is known.
     bare = {k: v for k, v in pdf_only.items() if k != "config"}
     lines = summary_markdown(bare, tmp_path).splitlines()
-    assert lines[0] == "# ncfast analysis: None · None · None, epoch 40"
+    assert lines[0] == "# ncfast analysis, epoch 40"
+    part = {**bare, "config": {"dataset": "mnist5k", "net": None, "loss": "mse"}}
+    assert summary_markdown(part, tmp_path).splitlines()[0] == (
+        "# ncfast analysis: mnist5k · mse, epoch 40"
+    )
     assert lines[1:7] == head[1:7]
