@@ -86,7 +86,8 @@ def temporary_prefix(name: str) -> str:
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Create ``path`` through ``write(file)`` atomically: a temporary file in the same folder
     (named by :func:`temporary_prefix`), flushed to disk, then renamed over ``path``, so a
-    killed process leaves the old or the new file, never half of one."""
+    killed process leaves the old or the new file, never half of one. The folder is flushed
+    after the rename, so that the new name also survives a crash of the machine."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = temporary_prefix(path.name)
@@ -101,7 +102,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename lives there) to disk, where the system allows it
+    (Windows cannot open a folder; some file systems refuse to flush one)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -10,8 +10,10 @@ hand, nothing trains (see bench/results/mutation.md)."""
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import re
+import stat
 import struct
 import warnings
 import zipfile
@@ -507,6 +509,59 @@ def test_the_temporary_file_is_a_hidden_tmp_file_beside_the_target(tmp_path):
     atomic_write(tmp_path / "checkpoint.pt", write)
     assert len(seen) == 1 and re.fullmatch(r"\.checkpoint\.pt\.[^.]+\.tmp", seen[0])
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_an_atomic_write_flushes_the_file_then_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """The file's bytes before the rename, the folder holding the new name after it: without
+    the second flush a crash of the machine can lose the rename (POSIX leaves it in memory)."""
+    events: list[tuple[str, object]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        events.append(("fsync", "folder" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace",))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = atomic_write(tmp_path / "sub" / "checkpoint.pt", lambda f: f.write(b"x"))
+    folder = os.stat(tmp_path / "sub").st_ino
+    assert events == [
+        ("fsync", "file", os.stat(path).st_ino),
+        ("replace",),
+        ("fsync", "folder", folder),
+    ]
+    assert path.read_bytes() == b"x"
+
+
+def test_an_atomic_write_on_a_folder_that_cannot_be_flushed_still_writes(tmp_path, monkeypatch):
+    """Where a folder cannot be opened (Windows) or flushed (some network file systems), the
+    write is done, as far as the system allows: no error, the file in place, no fd left."""
+    real_open, real_fsync = os.open, os.fsync
+    opened: list[int] = []
+
+    def refuse_folder(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            opened.append(fd)
+            raise OSError(22, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", refuse_folder)
+    assert write_text_atomic(tmp_path / "a.txt", "a").read_text() == "a"
+    with pytest.raises(OSError):  # the folder's descriptor was closed
+        os.fstat(opened[0])
+
+    def no_folders(path, flags, *args):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_folders)
+    assert write_text_atomic(tmp_path / "b.txt", "b").read_text() == "b"
 
 
 class _WriteFailed(Exception):
