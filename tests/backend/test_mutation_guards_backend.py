@@ -14,6 +14,7 @@ import torch
 
 from ncfast.backend import ops, reference
 from ncfast.backend.state import INVALID_LABEL, INVALID_NONFINITE, STATE_KEYS, new_state
+from tests.helpers.fake_gpus import fake_cuda_devices
 
 F64 = torch.float64
 
@@ -115,15 +116,8 @@ def test_the_state_is_allocated_on_the_device_asked_for(device):
 
 # ------------------------------------------------------------------------- build_info.py
 def _fake_gpus(monkeypatch, capabilities):
-    """``torch.cuda`` answering for GPUs of the given capabilities (named GPU0, GPU1, ...)."""
-    from ncfast.backend import precision
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU{i}")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
-    precision._auto_precision.cache_clear()  # it caches per device; the fake GPUs must not stay
-    monkeypatch.setattr(precision, "_auto_precision", precision._auto_precision.__wrapped__)
+    """GPUs of the given capabilities, named GPU0, GPU1, ..."""
+    fake_cuda_devices(monkeypatch, [(f"GPU{i}", cap) for i, cap in enumerate(capabilities)])
 
 
 def test_build_info_of_this_cpu_installation(monkeypatch):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ncfast.backend import reference
+from tests.helpers.fake_gpus import fake_cuda_devices
 from tests.helpers.warning_origin import assert_warned_from
 
 try:
@@ -73,10 +74,7 @@ def mocked_gpus(monkeypatch):
         monkeypatch.setattr(native_backend, "WITH_CUDA", True)
         monkeypatch.setattr(native_backend, "COMPILED_TARGETS", _targets(targets))
         monkeypatch.setattr(native_backend, "_DEVICE_KERNELS", {})
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(devices))
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: devices[i][0])
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: devices[i][1])
+        fake_cuda_devices(monkeypatch, [devices[i] for i in range(len(devices))])
 
     return install
 
