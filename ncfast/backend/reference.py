@@ -313,9 +313,8 @@ def _solve_psd_right(k: torch.Tensor, rhs: torch.Tensor, positive_definite: bool
 def _centered_classifier(
     weight: torch.Tensor, bias: torch.Tensor, mu_g: torch.Tensor
 ) -> torch.Tensor:
-    """V = W̃ T = [W, b + W μ_G] ``[C, P+1]``: the classifier in centered coordinates."""
-    weight = weight.to(torch.float64)
-    return torch.cat([weight, (bias.to(torch.float64) + weight @ mu_g)[:, None]], dim=1)
+    """V = W̃ T = [W, b + W μ_G] ``[C, P+1]``: the classifier (float64) in centered coordinates."""
+    return torch.cat([weight, (bias + weight @ mu_g)[:, None]], dim=1)
 
 
 def _squared_error_terms(
@@ -361,6 +360,8 @@ def mse_loss(
     ``[C]``) from the class statistics, as a differentiable float64 scalar tensor:
     ½ (Σ_c π_c ‖V g̃_c − e_c‖² + tr(W Σ_W Wᵀ) + λ ‖W̃‖²) (the ``loss_mse`` of
     :func:`mse_decomposition`; at (W_LS, b_LS), ``loss_ls``)."""
+    weight = weight.to(torch.float64)  # a float32 classifier's terms are float64's too
+    bias = bias.to(torch.float64)
     mu_g = priors @ class_means
     fit, spread = _squared_error_terms(
         _centered_classifier(weight, bias, mu_g), class_means, priors, sigma_w, mu_g

@@ -279,3 +279,20 @@ def test_the_least_squares_solve_drops_an_eigenvalue_at_its_cut_off():
         torch.diag(torch.tensor([1.0, 4 * eps], dtype=F64)), rhs, False
     )
     assert above.tolist() == [[1.0, 1.0 / (4 * eps)]]
+
+
+def test_the_mse_loss_of_a_float32_classifier_is_its_float64_loss(seed):
+    """mse_loss (the LS loss the theory differentiates) of a float32 classifier: the float64
+    loss of the same (exactly widened) values, a float64 tensor, not an error of mixed
+    dtypes. Both sides run the same float64 operations, so they agree to the last bit."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(3, 5, dtype=F64, generator=gen)
+    priors = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
+    a = torch.randn(5, 5, dtype=F64, generator=gen)
+    sigma_w = a @ a.T / 5
+    weight = torch.randn(3, 5, generator=gen)
+    bias = torch.randn(3, generator=gen)
+    for lam in (0.0, 0.1):
+        got = reference.mse_loss(weight, bias, means, priors, sigma_w, lam)
+        want = reference.mse_loss(weight.double(), bias.double(), means, priors, sigma_w, lam)
+        assert got.dtype == F64 and torch.equal(got, want)
