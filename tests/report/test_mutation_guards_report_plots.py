@@ -7,6 +7,7 @@ training passes' figure's guards are in test_mutation_guards_report_figures.py.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from ncfast.report.figure_layout import DECOMPOSITION_TERMS, LOSS_COLORS, OTHER_
 from ncfast.report.plots import (
     FIGURE_NAMES,
     METRIC_FIGURES,
+    Curve,
+    MetricFigure,
     decomposition_figure,
     figure,
     metric_figure,
@@ -674,3 +677,100 @@ def test_plot_runs_makes_the_folder_and_refuses_bad_arguments(tmp_path):
         plot_runs([], tmp_path)
     with pytest.raises(ValueError, match=r"got \['jpg'\]"):
         plot_runs([make_run()], tmp_path, formats=("png", "jpg"))
+
+
+# ------------------------------------------------- boundaries of what is drawn (mutation run)
+def test_every_figure_is_drawn_without_a_warning():
+    """matplotlib warns where a call contradicts itself (a grid turned off while its line
+    properties are given, which it then turns on; an unknown line style): the figures of
+    ordinary runs raise none."""
+    runs = [make_run("c", "ce", factor=2.0), make_run("m", "mse")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drawn = [name for name in FIGURE_NAMES if figure(runs, name) is not None]
+        assert snr_figure(snr_runs(), {0: FIT}) is not None
+    assert drawn == [name for name in FIGURE_NAMES if name != "snr"]
+
+
+def test_a_run_measured_at_one_epoch_is_drawn():
+    """One measured epoch is data: its point is drawn (the marker tells curves apart)."""
+    run = make_run(online=False)
+    run.records[:] = [r for r in run.records if r["epoch"] == 1]
+    (ax,) = figure([run], "nc1").axes
+    assert lines(ax)[0][0] == [[1.0, value("nc1", "train", 1)]]
+
+
+def test_zero_training_error_from_the_first_epoch_is_marked():
+    run = make_run()
+    for record in run.records:
+        if record["split"] == "train" and record["epoch"] == 1:
+            record["error"] = 0.0
+    assert run.zero_error_epoch == 1
+    (ax,) = figure([run], "self_duality").axes
+    assert lines(ax)[-1] == vline(1.0, RED, "-")
+
+
+def test_values_of_zero_are_left_out_on_log_axes_only():
+    """A log axis cannot show 0: the point is left out of the line (the decomposition's terms,
+    NC1, the SNR singular values); on a linear axis (the out-of-range share) 0 is drawn."""
+    run = make_run()
+    for record in run.records:
+        if record["epoch"] == 2:
+            record.update(nc1=0.0, loss_nc1=0.0, robustness_out_of_range=0.0)
+    without_2 = [[x, y] for x, y in series("nc1", "train") if x != 2.0]
+    (ax,) = figure([run], "nc1").axes
+    assert lines(ax)[0][0] == without_2
+    (ax,) = decomposition_figure([run]).axes
+    by_color = {line[1]: line[0] for line in lines(ax)}
+    term_color = {key: color for key, _, color in DECOMPOSITION_TERMS}
+    assert by_color[term_color["loss_nc1"]] == [
+        [x, y] for x, y in series("loss_nc1", "train") if x != 2.0
+    ]
+    assert by_color[term_color["loss_mse"]] == series("loss_mse", "train")
+    _, twin = figure([run], "robustness").axes
+    assert lines(twin)[0][0] == [
+        [x, 0.0 if x == 2.0 else y] for x, y in series("robustness_out_of_range", "test", 1, 100)
+    ]
+    omegas = [[1.0, 0.5], [2.0, 0.0], [3.0, 0.25]]
+    (ax,) = snr_figure([snr_run("z", omegas)], {}).axes
+    assert [line[0] for line in lines(ax)[:2]] == [
+        [[1.0, 1.0], [2.0, 2.0], [4.0, 3.0]],
+        [[1.0, 0.5], [4.0, 0.25]],
+    ]
+
+
+def test_a_missing_right_curve_leaves_the_next_one():
+    """A figure of one's own with two right-axis curves: the first missing from a run, the
+    second is still drawn."""
+    spec = MetricFigure(
+        "two_right",
+        "two right curves",
+        "NC1",
+        (Curve("nc1", "train", "-", "NC1"),),
+        right=(
+            Curve("robustness_tight", "test", ":", "tight"),
+            Curve("robustness_out_of_range", "test", "-.", "out of range", 100.0, "s"),
+        ),
+        right_ylabel="share (%)",
+    )
+    run = make_run(keys=[k for k in KEYS if k != "robustness_tight"])
+    _, twin = metric_figure([run], spec).axes
+    assert [line[0] for line in lines(twin)] == [series("robustness_out_of_range", "test", 1, 100)]
+
+
+def test_the_decomposition_tells_four_variants_apart_by_line_style():
+    runs = [
+        make_run(loss, loss, factor=k + 1.0) for k, loss in enumerate(["mse", "ce", "l1", "hb"])
+    ]
+    entries = legend(decomposition_figure(runs))[len(DECOMPOSITION_TERMS) : -1]
+    assert [(label, style) for label, _, style, *_ in entries] == [
+        ("MSE", "-"),
+        ("CE", "--"),
+        ("L1", ":"),
+        ("HB", "-."),
+    ]
+
+
+def test_a_fit_from_the_first_epoch_says_so():
+    (ax,) = snr_figure([snr_run("a", THREE)], {0: {**FIT, "start_epoch": 1}}).axes
+    assert note(ax).startswith("fit from epoch 1: R²(ω) = 0.988")
