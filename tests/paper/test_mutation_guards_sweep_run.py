@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pytest
 
 from ncfast.paper.rundir import RunDirectory
 from ncfast.paper.sweep.grid import RunSpec
-from ncfast.paper.sweep.run import TrainingRun, child_command
+from ncfast.paper.sweep.run import TrainingRun, _exited, child_command
 from ncfast.paper.sweep.status import read_status, write_status
 from tests.helpers.sweep_runs import finished_rows, write_checkpoint, write_config
 
@@ -342,6 +343,36 @@ def test_stop_terminates_then_kills_the_child(tmp_path):
     assert run._process.wait() == -signal.SIGKILL
     run.stop()  # an exited child: nothing to do
     assert run._stopping is True
+
+
+def test_stop_of_a_child_reaped_elsewhere_returns_at_once(tmp_path):
+    """A child reaped behind Popen's back (its returncode still None) and gone before the
+    signal: stop neither raises (ProcessLookupError) nor waits (the wait asks the system,
+    which says there is no such child any more)."""
+    run = shell_run(tmp_path, "true")
+    child = subprocess.Popen(["true"])
+    os.waitpid(child.pid, 0)
+    assert _exited(child.pid) is True
+
+    def gone() -> None:
+        raise ProcessLookupError(child.pid)
+
+    child.terminate = child.kill = gone  # what signalling a reaped pid raises
+    run._process = child
+    outcome: list[object] = []
+
+    def stop() -> None:
+        try:
+            run.stop(grace_s=30)
+            outcome.append("returned")
+        except BaseException as exc:  # reported by the assertion below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=stop, daemon=True)  # a hang must fail, not block pytest
+    worker.start()
+    worker.join(timeout=10)
+    child.returncode = 0  # Popen would otherwise warn that it is still running
+    assert outcome == ["returned"]
 
 
 def test_the_checkpoint_hook_stops_the_child_and_requeues_the_same_run(tmp_path):
