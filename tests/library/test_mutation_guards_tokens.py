@@ -215,3 +215,29 @@ def test_the_second_pass_is_read_afresh_and_its_batches_checked(seed):
         "length 3",
     ):
         streamed.compute([(features[0], labels[0], None)])
+
+
+def test_a_second_pass_compute_passes_on_its_options():
+    """compute(second_pass, ...) hands distributed, nc4 and on_degenerate to the measurement,
+    as compute() without one does."""
+    features = torch.eye(3)[:2].repeat(3, 1)
+    labels = torch.arange(6) % 2
+    streamed = TokenMeasurement(4, 3, torch.randn(4, 3), memory_budget_bytes=0)
+    streamed.update(features, labels)
+    batches = [(features, labels)]
+    assert "nc4_ncc_mismatch" in streamed.compute(batches)
+    assert "nc4_ncc_mismatch" not in streamed.compute(batches, nc4=False)
+    with pytest.raises(RuntimeError, match="torch.distributed to be initialised"):
+        streamed.compute(batches, distributed=True)
+    one_class = TokenMeasurement(4, 3, torch.randn(4, 3), memory_budget_bytes=0)
+    one_class.update(features, torch.zeros(6, dtype=torch.long))
+    row = one_class.compute([(features, torch.zeros(6, dtype=torch.long))], on_degenerate="nan")
+    assert row["nc_undefined"].startswith("1 of 4 classes had samples")
+
+
+def test_next_token_labels_are_int64_whatever_the_ids_dtype():
+    """int32 ids (some tokenizers' output) give int64 labels: the dtype of class indices, which
+    holds any ignore_index."""
+    ids = torch.tensor([[5, 6, 7]], dtype=torch.int32)
+    labels = next_token_labels(ids, ignore_index=-(2**40))
+    assert labels.dtype == torch.int64 and labels.tolist() == [[6, 7, -(2**40)]]
