@@ -241,3 +241,10 @@ def test_next_token_labels_are_int64_whatever_the_ids_dtype():
     ids = torch.tensor([[5, 6, 7]], dtype=torch.int32)
     labels = next_token_labels(ids, ignore_index=-(2**40))
     assert labels.dtype == torch.int64 and labels.tolist() == [[6, 7, -(2**40)]]
+
+
+def test_the_statistics_live_on_the_device_asked_for():
+    """device= reaches the statistics (the meta device stands for a GPU here: nothing is
+    computed, the accumulators are placed)."""
+    assert TokenMeasurement(4, 3, device="meta").stats.device == torch.device("meta")
+    assert TokenMeasurement(4, 3).stats.device in (None, torch.device("cpu"))
