@@ -1,10 +1,13 @@
 """Assertions that two results of ncfast agree: statistics (``assert_same_stats``), metric
-dicts (``assert_same_metrics``), and a result against tests/helpers/oracle.py
-(``assert_matches_oracle``)."""
+dicts (``assert_same_metrics``), a result against tests/helpers/oracle.py
+(``assert_matches_oracle``), and an error's exact message (``raises_exactly``)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import pytest
 import torch
 
 import ncfast
@@ -59,3 +62,8 @@ def assert_matches_oracle(result, expected, rtol, keys=SCALAR_KEYS):
     )
     assert result["classes_present"] == expected["classes_present"]
     assert result["num_samples"] == expected["num_samples"]
+
+
+def raises_exactly(kind: type[BaseException], message: str):
+    """``pytest.raises`` of ``kind`` whose message is ``message``, whole (not a pattern)."""
+    return pytest.raises(kind, match="^" + re.escape(message) + "$")

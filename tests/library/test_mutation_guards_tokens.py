@@ -6,52 +6,48 @@ float64 oracle."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 from ncfast.stats import InvalidInputError
 from ncfast.tokens import IGNORE_INDEX, TokenMeasurement, next_token_labels, token_rows
+from tests.helpers.assertions import raises_exactly
 
 I = IGNORE_INDEX  # the ignored label, short in the tables below
 
 
-def raises(kind, message: str):
-    """The exact message, whole."""
-    return pytest.raises(kind, match="^" + re.escape(message) + "$")
-
-
 # ----------------------------------------------------------------------- next_token_labels
 def test_next_token_labels_refuses_what_is_not_a_batch_of_ids():
-    with raises(
+    with raises_exactly(
         ValueError,
         "next_token_labels: input_ids must be a [B, T] tensor of token ids, got <class 'list'>",
     ):
         next_token_labels([[1, 2]])
-    with raises(
+    with raises_exactly(
         ValueError, "next_token_labels: input_ids must be a [B, T] tensor of token ids, got [3]"
     ):
         next_token_labels(torch.tensor([1, 2, 3]))
-    with raises(
+    with raises_exactly(
         TypeError, "next_token_labels: input_ids must be integer class indices, got torch.float32"
     ):
         next_token_labels(torch.ones(1, 3))
-    with raises(TypeError, "next_token_labels: ignore_index must be an integer, got float -100.0"):
+    with raises_exactly(
+        TypeError, "next_token_labels: ignore_index must be an integer, got float -100.0"
+    ):
         next_token_labels(torch.ones(1, 3, dtype=torch.long), ignore_index=-100.0)
-    with raises(
+    with raises_exactly(
         ValueError,
         f"next_token_labels: ignore_index must be an integer ≥ {-(2**62)}, got {-(2**62) - 1}",
     ):
         next_token_labels(torch.ones(1, 3, dtype=torch.long), ignore_index=-(2**62) - 1)
     ids = torch.ones(2, 3, dtype=torch.long)
-    with raises(
+    with raises_exactly(
         ValueError,
         "next_token_labels: attention_mask must be a tensor of the shape of input_ids [2, 3], "
         "got torch.Size([2, 2])",
     ):
         next_token_labels(ids, torch.ones(2, 2))
-    with raises(
+    with raises_exactly(
         ValueError,
         "next_token_labels: attention_mask must be a tensor of the shape of input_ids [2, 3], "
         "got list",
@@ -91,11 +87,11 @@ def _second_pass(features, labels):
 )
 def test_every_entry_point_refuses_a_bad_batch_in_its_own_name(call, where):
     features, labels = torch.randn(2, 5, 3), torch.zeros(2, 5, dtype=torch.long)
-    with raises(
+    with raises_exactly(
         TypeError, f"{where}: features and labels must be torch.Tensors, got list and Tensor"
     ):
         call(features.tolist(), labels)
-    with raises(
+    with raises_exactly(
         TypeError, f"{where}: features and labels must be torch.Tensors, got Tensor and list"
     ):
         call(features, labels.tolist())
@@ -105,15 +101,17 @@ def test_every_entry_point_refuses_a_bad_batch_in_its_own_name(call, where):
         (features, torch.zeros(2, 4, dtype=torch.long)),  # labels of another length
     ]
     for f, y in bad_shapes:
-        with raises(
+        with raises_exactly(
             ValueError,
             f"{where}: features must be [B, T, P] with labels [B, T] (or [N, P] with [N]); got "
             f"features {list(f.shape)} and labels {list(y.shape)}",
         ):
             call(f, y)
-    with raises(TypeError, f"{where}: labels must be integer class indices, got torch.float32"):
+    with raises_exactly(
+        TypeError, f"{where}: labels must be integer class indices, got torch.float32"
+    ):
         call(features, labels.float())
-    with raises(ValueError, f"{where}: labels are on meta but features on cpu"):
+    with raises_exactly(ValueError, f"{where}: labels are on meta but features on cpu"):
         call(features, labels.to("meta"))
 
 
@@ -132,7 +130,7 @@ def test_token_rows_keeps_the_positions_not_ignored_in_order():
 # ------------------------------------------------------------------------ TokenMeasurement
 def test_ignore_index_must_lie_outside_the_vocabulary_on_both_sides():
     for inside in (0, 9):
-        with raises(
+        with raises_exactly(
             ValueError,
             f"TokenMeasurement: ignore_index={inside} is a token id of the vocabulary [0, 10); "
             "use a value outside it (-100 by default)",
@@ -140,12 +138,12 @@ def test_ignore_index_must_lie_outside_the_vocabulary_on_both_sides():
             TokenMeasurement(10, 3, ignore_index=inside)
     for outside in (-1, 10, -(2**62)):
         assert TokenMeasurement(10, 3, ignore_index=outside).ignore_index == outside
-    with raises(
+    with raises_exactly(
         ValueError,
         f"TokenMeasurement: ignore_index must be an integer ≥ {-(2**62)}, got {-(2**62) - 1}",
     ):
         TokenMeasurement(10, 3, ignore_index=-(2**62) - 1)
-    with raises(ValueError, "TokenMeasurement: vocab_size must be an integer ≥ 1, got 0"):
+    with raises_exactly(ValueError, "TokenMeasurement: vocab_size must be an integer ≥ 1, got 0"):
         TokenMeasurement(0, 3)
     assert TokenMeasurement(1, 3).vocab_size == 1
 
@@ -154,7 +152,7 @@ def test_labels_outside_the_vocabulary_are_refused_with_an_example():
     tokens = TokenMeasurement(4, 2)
     features = torch.randn(1, 6, 2)
     tokens.update(features, torch.tensor([[0, 3, I, 3, 0, I]]))  # the bounds' inside
-    with raises(
+    with raises_exactly(
         InvalidInputError,
         "TokenMeasurement.update: labels must be token ids in [0, vocab_size=4) or "
         "ignore_index=-100; 2 label(s) are not, e.g. -1 (does the tokenizer's vocabulary "
@@ -204,12 +202,12 @@ def test_the_second_pass_is_read_afresh_and_its_batches_checked(seed):
     want = buffered.compute()
     assert streamed.compute(batches)["nc4_ncc_mismatch"] == want["nc4_ncc_mismatch"]
     assert streamed.compute(lambda: iter(batches))["nc4_ncc_mismatch"] == want["nc4_ncc_mismatch"]
-    with raises(
+    with raises_exactly(
         TypeError,
         "TokenMeasurement.compute: batches must be an iterable of (features, labels), got int",
     ):
         streamed.compute(7)
-    with raises(
+    with raises_exactly(
         ValueError,
         "TokenMeasurement.compute: each batch must be a (features, labels) pair, got tuple of "
         "length 3",

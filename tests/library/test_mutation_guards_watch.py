@@ -4,17 +4,11 @@ restores. The online values themselves are test_online.py's."""
 
 from __future__ import annotations
 
-import re
-
-import pytest
 import torch
 from torch import nn
 
 from ncfast.monitor import NCMonitor
-
-
-def raises(kind, message: str):
-    return pytest.raises(kind, match="^" + re.escape(message) + "$")
+from tests.helpers.assertions import raises_exactly
 
 
 def watched(every: int = 2):
@@ -37,20 +31,20 @@ def test_load_state_dict_refuses_a_state_of_another_watch():
     model, watch = watched()
     trained(model, watch, 3)
     good = watch.state_dict()
-    with raises(KeyError, f"\"{where}: the state lacks ['window_start', 'counting']\""):
+    with raises_exactly(KeyError, f"\"{where}: the state lacks ['window_start', 'counting']\""):
         watch.load_state_dict(
             {k: v for k, v in good.items() if k not in ("window_start", "counting")}
         )
-    with raises(
+    with raises_exactly(
         ValueError,
         f"{where}: the state is of windows of every=3 steps, this watch has every=2",
     ):
         watch.load_state_dict({**good, "every": 3})
-    with raises(TypeError, f"{where}: step must be an integer, got float 3.0"):
+    with raises_exactly(TypeError, f"{where}: step must be an integer, got float 3.0"):
         watch.load_state_dict({**good, "step": 3.0})
-    with raises(ValueError, f"{where}: step must be an integer ≥ 0, got -1"):
+    with raises_exactly(ValueError, f"{where}: step must be an integer ≥ 0, got -1"):
         watch.load_state_dict({**good, "step": -1})
-    with raises(ValueError, f"{where}: window_start must be an integer in 0..3, got 4"):
+    with raises_exactly(ValueError, f"{where}: window_start must be an integer in 0..3, got 4"):
         watch.load_state_dict({**good, "window_start": 4})
     shape_message = (
         f"{where}: previous_means must be a tensor of shape [3, 5] with previous_present of "
@@ -63,11 +57,11 @@ def test_load_state_dict_refuses_a_state_of_another_watch():
         (torch.zeros(3, 5), torch.ones(2, dtype=torch.bool)),
         (torch.zeros(3, 5).tolist(), torch.ones(3, dtype=torch.bool)),
     ):
-        with raises(ValueError, shape_message):
+        with raises_exactly(ValueError, shape_message):
             watch.load_state_dict({**good, "previous_means": means, "previous_present": present})
-    with raises(ValueError, f"{where}: nc4_counts must be a tensor of 2 counts"):
+    with raises_exactly(ValueError, f"{where}: nc4_counts must be a tensor of 2 counts"):
         watch.load_state_dict({**good, "nc4_counts": [0, 0]})
-    with raises(ValueError, f"{where}: window must be a ClassStats state_dict"):
+    with raises_exactly(ValueError, f"{where}: window must be a ClassStats state_dict"):
         watch.load_state_dict({**good, "window": None})
     watch.close()
 
